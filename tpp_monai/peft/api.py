@@ -1,0 +1,147 @@
+"""Functions users call: insert a method, list/save/load its target parameters, count them."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from tpp_monai.peft.base import PeftConfig, PeftMethod
+from tpp_monai.peft.registry import PEFT_METHODS
+
+PEFT_ATTR = "tpp_peft"
+
+
+class TargetParameterMismatch(ValueError):
+    """A set of target parameters does not fit the model it is loaded into."""
+
+
+def apply_peft(
+    model: nn.Module, method: str | PeftMethod, config: PeftConfig | dict | None = None, **kwargs: Any
+) -> PeftMethod:
+    """Insert ``method`` into ``model``, freeze every other parameter and return the method object.
+
+    Only the target parameters require grad afterwards; heads live outside the backbone and are
+    left to the caller (they are not target parameters).
+    """
+    if getattr(model, PEFT_ATTR, None) is not None:
+        raise RuntimeError(
+            f"This model already carries PEFT method '{get_peft(model).name}'; build a fresh backbone "
+            "to insert another one."
+        )
+    m = method if isinstance(method, PeftMethod) else PEFT_METHODS.get(method)(config, **kwargs)
+    m.inject(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(m.is_target(name))
+    object.__setattr__(model, PEFT_ATTR, m)  # plain attribute: not a sub-module, not in state_dict
+    return m
+
+
+def get_peft(model: nn.Module) -> PeftMethod:
+    m = getattr(model, PEFT_ATTR, None)
+    if m is None:
+        raise RuntimeError("No PEFT method has been applied to this model; call apply_peft(model, name) first.")
+    return m
+
+
+def target_parameter_names(model: nn.Module) -> list[str]:
+    m = get_peft(model)
+    return [n for n, _ in model.named_parameters() if m.is_target(n)]
+
+
+def target_parameters(model: nn.Module) -> list[nn.Parameter]:
+    m = get_peft(model)
+    return [p for n, p in model.named_parameters() if m.is_target(n)]
+
+
+def target_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of the target parameters, by name."""
+    m = get_peft(model)
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if m.is_target(n)}
+
+
+def check_target_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`TargetParameterMismatch` naming every missing, unexpected or mis-shaped tensor."""
+    params = dict(model.named_parameters())
+    expected = set(target_parameter_names(model))
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(params[k].shape)}"
+        for k in expected & set(state)
+        if tuple(state[k].shape) != tuple(params[k].shape)
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {_preview(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {_preview(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatch {len(shapes)}: {_preview(shapes)}")
+        raise TargetParameterMismatch(
+            "Target parameters do not fit this model (" + "; ".join(parts) + "). Build the model with the "
+            "same backbone and PEFT method/config as the run that saved them."
+        )
+
+
+def load_target_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy target parameters into ``model`` after checking names and shapes (never a partial load)."""
+    check_target_state_dict(model, state)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v.to(params[k].device, params[k].dtype))
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over names, shapes and values of every non-target tensor (parameters and buffers).
+
+    Identifies the frozen backbone a set of target parameters was trained on.
+    """
+    m = getattr(model, PEFT_ATTR, None)
+    h = hashlib.sha256()
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, t in sorted(tensors, key=lambda kv: kv[0]):
+        if m is not None and m.is_target(name):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class ParameterReport:
+    """Counts like the paper's "Ratio": trainable / all parameters in %, task head included."""
+
+    trainable: int
+    total: int
+    target: int
+    head: int
+
+    @property
+    def ratio(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"trainable {self.trainable:,} / {self.total:,} ({self.ratio:.3f}%): "
+            f"target {self.target:,}, head {self.head:,}"
+        )
+
+
+def parameter_report(backbone: nn.Module, head: nn.Module | None = None) -> ParameterReport:
+    """Trainable/total parameters of backbone (+ injected target params) and head."""
+    bb_total = sum(p.numel() for p in backbone.parameters())
+    bb_train = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+    head_n = sum(p.numel() for p in head.parameters()) if head is not None else 0
+    head_train = sum(p.numel() for p in head.parameters() if p.requires_grad) if head is not None else 0
+    return ParameterReport(bb_train + head_train, bb_total + head_n, bb_train, head_n)
+
+
+def _preview(names: list[str], k: int = 6) -> str:
+    return ", ".join(names[:k]) + (f", ... (+{len(names) - k})" if len(names) > k else "")
