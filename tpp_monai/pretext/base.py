@@ -35,3 +35,14 @@ class PretextTask(nn.Module):
     def head_state_dict(self) -> dict[str, Any]:
         """State of the pretext head (everything but the backbone), for resuming the TPP stage."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def load_head_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`head_state_dict` (resuming the TPP stage); names every missing/extra key."""
+        expected = set(self.head_state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"Pretext head state does not fit this {type(self).__name__}: missing {missing[:6]}, "
+                f"unexpected {unexpected[:6]}. Resume with the same pretext task and options."
+            )
+        self.load_state_dict(state, strict=False)

@@ -1,0 +1,249 @@
+"""The TPP stage as a MONAI workflow (ignite engine): pretext loss -> AdamW step on the target
+parameters (+ trainable pretext head) -> ``task.after_step`` (EMA teacher, centre).
+
+Handlers: per-iteration LR/weight-decay schedule, loss logging (``StatsHandler``,
+``TensorBoardStatsHandler``), optional progress bar, and :class:`TargetCheckpointHandler`, which
+writes the target-parameter checkpoint (only target parameters, atomic) and a resume file
+(target parameters, pretext head, optimiser, schedule, iteration, epoch, RNG; atomic).
+``resume=True`` restarts from the resume file when it exists. With ``seed`` set, every iteration
+seeds the RNG with ``seed + iteration``, so a resumed run draws the same masks/crops as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from ignite.engine import Engine, Events
+from monai.engines import Trainer
+from torch import nn
+
+from tpp_monai.checkpoint import CheckpointMismatch, atomic_save, safe_load, save_target_checkpoint
+from tpp_monai.engines.optim import WarmupCosineSchedule
+from tpp_monai.peft.api import backbone_fingerprint, get_peft, load_target_state_dict, target_state_dict
+
+TARGET_NAME = "target_params.pt"
+RESUME_NAME = "tpp_resume.pt"
+RESUME_FORMAT = "tpp-resume-state"
+
+logger = logging.getLogger("tpp_monai.tpp")
+
+
+def _batch_images(batch: Any, image_key: str) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        if image_key not in batch:
+            raise KeyError(f"Batch has no key '{image_key}' (keys: {list(batch)}); set image_key")
+        return batch[image_key]
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise TypeError(f"Cannot find images in a batch of type {type(batch).__name__}")
+
+
+class TargetCheckpointHandler:
+    """Saves target parameters (``target_params.pt``) and the resume state every ``every_iters``
+    iterations and/or ``every_epochs`` epochs, and at the end of training."""
+
+    def __init__(
+        self, output_dir: str | os.PathLike, every_iters: int | None = None, every_epochs: int | None = 1,
+        target_name: str = TARGET_NAME, resume_name: str = RESUME_NAME, meta: dict | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.every_iters, self.every_epochs = every_iters, every_epochs
+        self.target_path = self.output_dir / target_name
+        self.resume_path = self.output_dir / resume_name
+        self.meta = dict(meta or {})
+        self._last_saved = -1
+
+    def attach(self, engine: "TPPTrainer") -> None:
+        if self.every_iters:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=int(self.every_iters)), self)
+        if self.every_epochs:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=int(self.every_epochs)), self)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: "TPPTrainer") -> None:
+        it = engine.state.iteration
+        if it == self._last_saved:
+            return
+        self._last_saved = it
+        task, backbone = engine.task, engine.task.backbone
+        meta = {**self.meta, "iteration": it, "epoch": engine.state.epoch, "pretext": task.name,
+                "pretext_config": task.config() if hasattr(task, "config") else {}}
+        save_target_checkpoint(self.target_path, backbone, meta=meta)
+        state = {
+            "format": RESUME_FORMAT,
+            "iteration": it,
+            "epoch": it // engine.state.epoch_length if engine.state.epoch_length else engine.state.epoch,
+            "max_epochs": engine.state.max_epochs,
+            "peft": get_peft(backbone).describe(),
+            "pretext": task.name,
+            "backbone_fingerprint": backbone_fingerprint(backbone),
+            "target_state": target_state_dict(backbone),
+            "head_state": {k: v.detach().cpu() for k, v in task.head_state_dict().items()},
+            "optimizer": engine.optimizer.state_dict(),
+            "schedule": engine.schedule.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+        atomic_save(state, self.resume_path)
+
+
+class TPPTrainer(Trainer):
+    """Ignite/MONAI trainer of the TPP stage.
+
+    Args:
+        device: "cpu", "cuda", ...
+        max_epochs: epochs to train.
+        data_loader: iterable of batches (tensor, ``(images, ...)`` or dict with ``image_key``).
+        task: a :class:`~tpp_monai.pretext.PretextTask` (backbone with PEFT applied inside).
+        optimizer: e.g. :func:`tpp_monai.engines.optim.build_optimizer`.
+        schedule: a :class:`WarmupCosineSchedule` or a dict of its/``build_schedule`` fields
+            (``lr``, ``warmup_epochs``, ``min_lr``, ``weight_decay``, ``weight_decay_end``);
+            None: constant lr of the optimiser.
+        output_dir: where ``target_params.pt``, ``tpp_resume.pt`` and ``tb/`` go.
+        checkpoint_every_iters / checkpoint_every_epochs: checkpoint frequency.
+        resume: restart from ``output_dir/tpp_resume.pt`` when it exists.
+        seed: per-iteration RNG seed (``seed + iteration``); None keeps the global RNG running.
+        clip_grad: max gradient norm (None: no clipping). amp: bfloat16 autocast on CUDA.
+    """
+
+    def __init__(
+        self, device: str | torch.device, max_epochs: int, data_loader: Iterable, task: nn.Module,
+        optimizer: torch.optim.Optimizer, output_dir: str | os.PathLike, schedule: WarmupCosineSchedule | dict | None = None,
+        epoch_length: int | None = None, checkpoint_every_iters: int | None = None,
+        checkpoint_every_epochs: int | None = 1, resume: bool = False, seed: int | None = None,
+        image_key: str = "image", clip_grad: float | None = None, amp: bool = False, progress_bar: bool = False,
+        tensorboard: bool = True, log_every: int = 10, handlers: Sequence | None = None, meta: dict | None = None,
+    ) -> None:
+        super().__init__(
+            device=device, max_epochs=max_epochs, data_loader=data_loader, epoch_length=epoch_length,
+            handlers=None, decollate=False, amp=False,
+        )
+        if self.state.epoch_length is None:
+            raise ValueError("epoch_length is needed for a data loader without len()")
+        self.task = task.to(self.state.device)
+        self.optimizer = optimizer
+        self.total_steps = int(max_epochs * self.state.epoch_length)
+        self.schedule = self._make_schedule(schedule)
+        self.output_dir = Path(output_dir)
+        self.seed, self.image_key, self.clip_grad = seed, image_key, clip_grad
+        self.use_amp = bool(amp) and self.state.device.type == "cuda"
+        self.add_event_handler(Events.ITERATION_STARTED, self._apply_schedule)
+        self.checkpointer = TargetCheckpointHandler(output_dir, checkpoint_every_iters, checkpoint_every_epochs, meta=meta)
+        self.checkpointer.attach(self)
+        self._attach_logging(progress_bar, tensorboard, log_every)
+        for h in handlers or []:
+            h.attach(self)
+        self._finished = False
+        if hasattr(task, "set_schedule_position"):
+            task.set_schedule_position(0, self.total_steps)
+        if resume:
+            self.resume_from(self.checkpointer.resume_path, missing_ok=True)
+
+    # ------------------------------------------------------------------ set-up
+    def _make_schedule(self, schedule: WarmupCosineSchedule | dict | None) -> WarmupCosineSchedule:
+        if isinstance(schedule, WarmupCosineSchedule):
+            return schedule
+        s = dict(schedule or {})
+        lr = s.pop("lr", self.optimizer.param_groups[0]["lr"])
+        warm_epochs = s.pop("warmup_epochs", None)
+        warm = s.pop("warmup_steps", None)
+        if warm is None:
+            warm = int(round((warm_epochs or 0) * self.state.epoch_length))
+        wd = s.pop("weight_decay", None)
+        min_lr = s.pop("min_lr", lr if schedule is None else 0.0)
+        wd_end = s.pop("weight_decay_end", None)
+        if s:
+            raise TypeError(f"Unknown schedule option(s) {sorted(s)}; use lr, warmup_epochs/warmup_steps, min_lr, "
+                            "weight_decay, weight_decay_end")
+        return WarmupCosineSchedule(
+            lr=lr, total_steps=self.total_steps, warmup_steps=min(int(warm), self.total_steps), min_lr=min_lr,
+            weight_decay=wd, weight_decay_end=wd_end,
+        )
+
+    def _apply_schedule(self, engine: Engine) -> None:
+        self.schedule.apply(self.optimizer, engine.state.iteration - 1)
+
+    def _attach_logging(self, progress_bar: bool, tensorboard: bool, log_every: int) -> None:
+        from monai.handlers import StatsHandler, TensorBoardStatsHandler
+
+        every = max(int(log_every), 1)
+        StatsHandler(
+            iteration_log=lambda e, i: i % every == 0, name=logger.name, tag_name="loss",
+            output_transform=lambda o: o["loss"],
+        ).attach(self)
+        if tensorboard:
+            TensorBoardStatsHandler(
+                log_dir=str(self.output_dir / "tb"), iteration_log=every, tag_name="loss",
+                output_transform=lambda o: o["loss"],
+            ).attach(self)
+        if progress_bar:
+            from ignite.handlers import ProgressBar
+
+            ProgressBar(persist=True).attach(self, output_transform=lambda o: {"loss": o["loss"]})
+
+    # ------------------------------------------------------------------ iteration
+    def _iteration(self, engine: Engine, batchdata: Any) -> dict[str, float]:
+        i = engine.state.iteration - 1
+        if self.seed is not None:
+            torch.manual_seed(self.seed + i)
+        images = _batch_images(batchdata, self.image_key).to(self.state.device, non_blocking=self.non_blocking)
+        self.task.train()
+        with torch.autocast(self.state.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            out = self.task(images)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"TPP loss is {loss.item()} at iteration {i + 1}; lower the lr or check inputs")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.task.trainable_parameters(), self.clip_grad)
+        self.optimizer.step()
+        self.task.after_step(i, self.total_steps)
+        return {"loss": float(loss.detach()), "lr": float(self.optimizer.param_groups[0]["lr"])}
+
+    # ------------------------------------------------------------------ resume
+    def resume_from(self, path: str | os.PathLike, missing_ok: bool = False) -> bool:
+        """Load a resume file written by :class:`TargetCheckpointHandler`; False if absent and ``missing_ok``."""
+        path = Path(path)
+        if not path.is_file():
+            if missing_ok:
+                return False
+            raise FileNotFoundError(f"No resume state at {path}")
+        obj = safe_load(path)
+        if not isinstance(obj, dict) or obj.get("format") != RESUME_FORMAT:
+            raise CheckpointMismatch(f"{path} is not a tpp-monai resume state")
+        backbone = self.task.backbone
+        here = get_peft(backbone).describe()
+        if obj["peft"] != here:
+            raise CheckpointMismatch(f"{path}: PEFT {obj['peft']} differs from this run's {here}")
+        if obj["pretext"] != self.task.name:
+            raise CheckpointMismatch(f"{path}: pretext '{obj['pretext']}' differs from this run's '{self.task.name}'")
+        if obj["backbone_fingerprint"] != backbone_fingerprint(backbone):
+            raise CheckpointMismatch(f"{path} was written with a different backbone; load the same backbone weights")
+        load_target_state_dict(backbone, obj["target_state"])
+        self.task.load_head_state_dict(obj["head_state"])
+        self.optimizer.load_state_dict(obj["optimizer"])
+        self.schedule.load_state_dict({**obj["schedule"], "total_steps": self.total_steps})
+        torch.set_rng_state(obj["rng"])
+        it = int(obj["iteration"])
+        self.state.iteration = it
+        self.state.epoch = it // self.state.epoch_length
+        self.checkpointer._last_saved = it
+        if hasattr(self.task, "set_schedule_position"):
+            self.task.set_schedule_position(it, self.total_steps)
+        self._finished = it >= self.total_steps
+        logger.info("Resumed TPP from %s at iteration %d (epoch %d)", path, it, self.state.epoch)
+        return True
+
+    def run(self) -> None:  # type: ignore[override]
+        if self._finished:
+            logger.info("TPP already finished (%d iterations); nothing to do", self.state.iteration)
+            return
+        super().run()
+

@@ -1,0 +1,269 @@
+"""DINO pretext task for the TPP stage: self-distillation between a student (backbone + target
+parameters + projection head) and its EMA teacher, over multi-crop views of 2D images.
+
+Trainable: the student's target parameters and projection head. The teacher is an EMA copy
+(``requires_grad=False``) updated in :meth:`DINOPretext.after_step` with a cosine momentum schedule
+(0.996 -> 1). The teacher's frozen backbone tensors are *the same tensors* as the student's (shared,
+never updated), so only target parameters and the head are averaged. Centring (EMA 0.9 of the
+teacher outputs) and sharpening (student temperature 0.1, teacher 0.04 -> 0.07 warm-up).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tpp_monai.peft.api import get_peft
+from tpp_monai.pretext.base import PretextTask
+from tpp_monai.pretext.registry import PRETEXT_TASKS
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free Linear with ``W = g * v / ||v||`` per output row; names ``weight_g``/``weight_v`` as DINO's."""
+
+    def __init__(self, in_dim: int, out_dim: int, freeze_norm: bool = True) -> None:
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not freeze_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return F.linear(x, w)
+
+
+class DINOHead(nn.Module):
+    """MLP (``nlayers`` Linear + GELU, last to ``bottleneck``) -> L2 normalise -> weight-normed Linear."""
+
+    def __init__(
+        self, in_dim: int, out_dim: int = 4096, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+        nlayers: int = 3, norm_last_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        if nlayers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            for _ in range(nlayers - 2):
+                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+            self.mlp = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, freeze_norm=norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1, p=2)
+        return self.last_layer(x)
+
+
+class MultiCropAugment(nn.Module):
+    """DINO multi-crop for a batch of 2D images (B, C, H, W) with values in [0, 1].
+
+    Two global crops (scale ``global_scale``) and ``n_local`` local crops (scale ``local_scale``),
+    each with horizontal flip, colour jitter (p 0.8; hue/saturation only for RGB), random grayscale
+    (RGB), Gaussian blur (p 1.0 / 0.1 for the two global views, 0.5 for locals) and solarisation
+    (second global view, p 0.2). ``mean``/``std`` normalise after augmentation if given.
+    """
+
+    def __init__(
+        self, global_size: int, local_size: int, n_local: int = 6,
+        global_scale: Sequence[float] = (0.4, 1.0), local_scale: Sequence[float] = (0.05, 0.4),
+        mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        from torchvision.transforms import v2
+
+        self.v2 = v2
+        self.n_local = n_local
+        self.global_size, self.local_size = global_size, local_size
+        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+        self.mean, self.std = mean, std
+
+    def _one(self, img: torch.Tensor, size: int, scale, blur_p: float, solar_p: float) -> torch.Tensor:
+        v2 = self.v2
+        rgb = img.shape[0] == 3
+        jitter = v2.ColorJitter(0.4, 0.4, 0.2, 0.1) if rgb else v2.ColorJitter(0.4, 0.4)
+        k = max(3, (size // 10) | 1)
+        ops = [
+            v2.RandomResizedCrop(size, scale=scale, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([jitter], p=0.8),
+        ]
+        if rgb:
+            ops.append(v2.RandomGrayscale(p=0.2))
+        ops += [v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=blur_p), v2.RandomSolarize(0.5, p=solar_p)]
+        out = v2.Compose(ops)(img).clamp(0, 1)
+        if self.mean is not None and self.std is not None:
+            out = v2.functional.normalize(out, list(self.mean), list(self.std))
+        return out
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        views: list[list[torch.Tensor]] = [[] for _ in range(2 + self.n_local)]
+        for img in images:
+            views[0].append(self._one(img, self.global_size, self.global_scale, 1.0, 0.0))
+            views[1].append(self._one(img, self.global_size, self.global_scale, 0.1, 0.2))
+            for j in range(self.n_local):
+                views[2 + j].append(self._one(img, self.local_size, self.local_scale, 0.5, 0.0))
+        return [torch.stack(v) for v in views]
+
+
+def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
+    """Teacher momentum: ``final - (final - base) * (cos(pi * step / total) + 1) / 2``."""
+    t = min(max(step, 0), max(total_steps, 1)) / max(total_steps, 1)
+    return final - (final - base) * (math.cos(math.pi * t) + 1) / 2
+
+
+@PRETEXT_TASKS.register("dino")
+class DINOPretext(PretextTask):
+    """DINO self-distillation on the CLS token of the backbone with target parameters.
+
+    ``forward(images)`` takes a batch in [0, 1] (B, C, H, W), makes the crops, and returns the loss;
+    pass ``views`` (a list: 2 global then local crops) to :meth:`loss_from_views` to skip augmentation.
+    """
+
+    name = "dino"
+
+    def __init__(
+        self, backbone: nn.Module, out_dim: int = 4096, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+        nlayers: int = 3, norm_last_layer: bool = True, n_local_crops: int = 6, global_crop_size: int | None = None,
+        local_crop_size: int | None = None, global_scale: Sequence[float] = (0.4, 1.0),
+        local_scale: Sequence[float] = (0.05, 0.4), student_temp: float = 0.1, teacher_temp: float = 0.07,
+        warmup_teacher_temp: float = 0.04, teacher_temp_warmup_frac: float = 0.3, center_momentum: float = 0.9,
+        momentum_teacher: float = 0.996, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(backbone)
+        cfg = getattr(backbone, "cfg", None)
+        if cfg is None:
+            raise TypeError("DINO pretext needs a tpp_monai VisionTransformer-like backbone (cfg, embed_dim)")
+        peft = get_peft(backbone)  # clear error if no PEFT method is applied
+        self.head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, nlayers, norm_last_layer)
+        gsize = global_crop_size or cfg.img_size
+        lsize = local_crop_size or max(cfg.patch_size, int(round(gsize * 96 / 224 / cfg.patch_size)) * cfg.patch_size)
+        self.augment = MultiCropAugment(gsize, lsize, n_local_crops, global_scale, local_scale, mean, std)
+        self.student_temp, self.teacher_temp, self.warmup_teacher_temp = student_temp, teacher_temp, warmup_teacher_temp
+        self.teacher_temp_warmup_frac = teacher_temp_warmup_frac
+        self.center_momentum, self.momentum_teacher = center_momentum, momentum_teacher
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self._step, self._total = 0, 1
+        self._pending_center: torch.Tensor | None = None
+
+        # teacher: deep copy, then share the frozen backbone tensors with the student
+        self.teacher_backbone = copy.deepcopy(backbone)
+        self.teacher_head = copy.deepcopy(self.head)
+        self._share_frozen(backbone, self.teacher_backbone, peft)
+        for p in list(self.teacher_backbone.parameters()) + list(self.teacher_head.parameters()):
+            p.requires_grad_(False)
+        self._ema_names = [n for n, _ in backbone.named_parameters() if peft.is_target(n)]
+
+    @staticmethod
+    def _share_frozen(student: nn.Module, teacher: nn.Module, peft) -> None:
+        for name, p in student.named_parameters():
+            if peft.is_target(name):
+                continue
+            mod_name, _, attr = name.rpartition(".")
+            mod = teacher.get_submodule(mod_name) if mod_name else teacher
+            mod._parameters[attr] = p
+
+    # ------------------------------------------------------------------ schedules
+    def current_teacher_temp(self) -> float:
+        warm = int(self.teacher_temp_warmup_frac * self._total)
+        if warm <= 0 or self._step >= warm:
+            return self.teacher_temp
+        return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * self._step / warm
+
+    # ------------------------------------------------------------------ forward
+    def _cls(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return backbone.forward_features(x).tokens[:, 0]
+
+    def _student(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for v in _group_by_size(views):  # views of one size go through the network together
+            out.extend(self.head(self._cls(self.backbone, torch.cat(v))).chunk(len(v)))
+        return out
+
+    @torch.no_grad()
+    def _teacher(self, views: list[torch.Tensor]) -> torch.Tensor:
+        return self.teacher_head(self._cls(self.teacher_backbone, torch.cat(views[:2])))
+
+    def loss_from_views(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        t_out = self._teacher(views)  # (2B, K)
+        s_out = self._student(views)
+        temp = self.current_teacher_temp()
+        t_prob = F.softmax((t_out - self.center) / temp, dim=-1).detach().chunk(2)
+        total, n = 0.0, 0
+        for iq, q in enumerate(t_prob):
+            for v, s in enumerate(s_out):
+                if v == iq:
+                    continue
+                total = total + torch.sum(-q * F.log_softmax(s / self.student_temp, dim=-1), dim=-1).mean()
+                n += 1
+        loss = total / n
+        if self.training:
+            self._pending_center = t_out.mean(dim=0, keepdim=True).detach()
+        return {"loss": loss, "teacher_temp": torch.tensor(temp)}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.loss_from_views(self.augment(images))
+
+    # ------------------------------------------------------------------ after the optimiser step
+    @torch.no_grad()
+    def update_center(self) -> None:
+        if self._pending_center is not None:
+            self.center.mul_(self.center_momentum).add_(self._pending_center * (1 - self.center_momentum))
+            self._pending_center = None
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        s_params = dict(self.backbone.named_parameters())
+        t_params = dict(self.teacher_backbone.named_parameters())
+        pairs = [(t_params[n], s_params[n]) for n in self._ema_names]
+        pairs += list(zip(self.teacher_head.parameters(), self.head.parameters()))
+        for t, s in pairs:
+            t.mul_(momentum).add_(s.detach() * (1 - momentum))
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """EMA teacher with the cosine momentum of ``step`` (0-based, the step just taken), then the centre."""
+        self._step, self._total = step + 1, total_steps
+        self.update_teacher(cosine_momentum(step, total_steps, self.momentum_teacher))
+        self.update_center()
+
+    def set_schedule_position(self, step: int, total_steps: int) -> None:
+        """Where training stands (for the teacher-temperature warm-up when resuming)."""
+        self._step, self._total = step, total_steps
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in list(self.backbone.parameters()) + list(self.head.parameters()) if p.requires_grad]
+
+    def head_state_dict(self) -> dict[str, Any]:
+        """Student head, teacher head, teacher target parameters and centre (no frozen backbone copy)."""
+        targets = set(self._ema_names)
+        out = {}
+        for k, v in self.state_dict().items():
+            if k.startswith("backbone."):
+                continue
+            if k.startswith("teacher_backbone.") and k[len("teacher_backbone."):] not in targets:
+                continue
+            out[k] = v
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "out_dim": self.center.shape[1], "n_local_crops": self.augment.n_local}
+
+
+def _group_by_size(views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: list[list[torch.Tensor]] = []
+    for v in views:
+        if groups and groups[-1][0].shape[-2:] == v.shape[-2:]:
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return groups
