@@ -1,0 +1,87 @@
+"""Target-parameter checkpoint: round trip, refusal cases, atomic writes, safe loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tpp_monai.backbones.vit import build_vit
+from tpp_monai.checkpoint import (
+    CheckpointMismatch,
+    atomic_save,
+    load_target_checkpoint,
+    read_target_checkpoint,
+    safe_load,
+    save_target_checkpoint,
+)
+from tpp_monai.peft import apply_peft, target_state_dict
+
+
+def model(seed: int = 0, bottleneck: int = 8):
+    torch.manual_seed(seed)
+    vit = build_vit("tiny", depth=2, img_size=32, patch_size=8)
+    apply_peft(vit, "adapter", {"bottleneck": bottleneck})
+    return vit
+
+
+def trained(seed: int = 0):
+    vit = model(seed)
+    with torch.no_grad():
+        for n, p in vit.named_parameters():
+            if "peft_" in n:
+                p.add_(torch.randn_like(p))
+    return vit
+
+
+def test_round_trip_into_fresh_model(tmp_path):
+    src = trained()
+    path = save_target_checkpoint(tmp_path / "t.pt", src, meta={"data": "x"})
+    obj = read_target_checkpoint(path)
+    assert obj["peft"] == {"method": "adapter", "config": {"bottleneck": 8}}
+    assert set(obj["state_dict"]) == {n for n, _ in src.named_parameters() if "peft_" in n}
+    dst = model()
+    assert load_target_checkpoint(path, dst) == {"data": "x"}
+    a, b = target_state_dict(src), target_state_dict(dst)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(src(x), dst(x))
+
+
+def test_refusals_name_the_mismatch(tmp_path):
+    path = save_target_checkpoint(tmp_path / "t.pt", trained())
+    with pytest.raises(CheckpointMismatch, match="different backbone"):
+        load_target_checkpoint(path, model(seed=1))
+    with pytest.raises(CheckpointMismatch, match="bottleneck: checkpoint 8 vs model 4"):
+        load_target_checkpoint(path, model(bottleneck=4))
+    fresh = model()
+    before = target_state_dict(fresh)
+    obj = torch.load(path, weights_only=True)
+    obj["peft"]["method"] = "lora"
+    torch.save(obj, tmp_path / "m.pt")
+    with pytest.raises(CheckpointMismatch, match="'lora'.*'adapter'"):
+        load_target_checkpoint(tmp_path / "m.pt", fresh)
+    obj = torch.load(path, weights_only=True)
+    obj["state_dict"].pop(next(iter(obj["state_dict"])))
+    torch.save(obj, tmp_path / "s.pt")
+    with pytest.raises(CheckpointMismatch, match="missing 1"):
+        load_target_checkpoint(tmp_path / "s.pt", fresh)
+    after = target_state_dict(fresh)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # never a partial load
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointMismatch, match="not a tpp-monai target-parameter checkpoint"):
+        load_target_checkpoint(tmp_path / "other.pt", fresh)
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path):
+    path = atomic_save({"a": torch.ones(2)}, tmp_path / "x.pt")
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save({"a": Boom()}, path)
+    assert torch.equal(safe_load(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]  # no temporary file left
+    with pytest.raises(FileNotFoundError):
+        safe_load(tmp_path / "missing.pt")
