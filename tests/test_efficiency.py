@@ -1,0 +1,53 @@
+import math
+
+import pytest
+import torch
+
+from tpp_monai.backbones.vit import build_vit
+from tpp_monai.metrics import efficiency as eff
+from tpp_monai.peft import apply_peft
+
+
+def test_ppe_worked_example_uses_a_fraction():
+    # METHOD.md: AUC 87.12 with 1.03 % parameters -> PPE 86.73; r must be the fraction 0.0103
+    assert round(eff.ppe(87.12, 0.0103), 2) == 86.73
+    assert round(eff.ppe(87.12, 1.03), 2) == 64.06  # what a percentage would give (wrong)
+    assert eff.ppe(87.12, 0.0) == 87.12
+    # full fine-tuning: r = 1 -> score * exp(-log10 2)
+    assert eff.pme(88.82, 1.0) == pytest.approx(88.82 * math.exp(-math.log10(2.0)))
+    # FPT+ memory 736 MB vs 23,128 MB
+    assert eff.pme(87.12, 736 / 23128) == pytest.approx(87.12 * math.exp(-math.log10(1 + 736 / 23128)))
+    with pytest.raises(ValueError):
+        eff.ppe(1.0, -0.1)
+
+
+def test_parameter_ratio_is_fraction_of_report():
+    vit = build_vit("tiny", img_size=32, depth=2)
+    apply_peft(vit, "ln_tuning")
+    head = torch.nn.Linear(192, 3)
+    n_ln = sum(p.numel() for n, p in vit.named_parameters() if "norm" in n)
+    total = sum(p.numel() for p in vit.parameters()) + sum(p.numel() for p in head.parameters())
+    assert eff.parameter_ratio(vit, head) == pytest.approx((n_ln + 579) / total)
+
+
+def test_peak_memory_cpu_sees_a_large_allocation():
+    def step():
+        x = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
+        return float(x.sum())
+
+    peak = eff.measure_peak_memory(step, "cpu")
+    assert peak >= 48 * 2 ** 20
+    assert eff.current_rss_bytes() > 0
+
+
+def test_attn_and_ln_tuning_targets():
+    vit = build_vit("tiny", img_size=32, depth=2)
+    apply_peft(vit, "attn_tuning")
+    names = {n for n, p in vit.named_parameters() if p.requires_grad}
+    assert names == {f"blocks.{i}.attn.{m}.{k}" for i in range(2) for m in ("qkv", "proj") for k in ("weight", "bias")}
+    vit = build_vit("tiny", img_size=32, depth=2)
+    m = apply_peft(vit, "ln_tuning")
+    names = {n for n, p in vit.named_parameters() if p.requires_grad}
+    assert names == {f"blocks.{i}.norm{j}.{k}" for i in range(2) for j in (1, 2) for k in ("weight", "bias")} | {
+        "norm.weight", "norm.bias"}
+    assert m.is_target("backbone.blocks.0.norm1.weight") and not m.is_target("blocks.0.attn.qkv.weight")
