@@ -92,7 +92,8 @@ class _RefVideoEmbed(nn.Module):
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(img).flatten(2).transpose(1, 2)
         n = x.shape[1]
-        pos = self.embeddings_st_pos_2D.spatial_pos_embed.weight[:n] + self.embeddings_st_pos_2D.temporal_pos_embed.weight[0]
+        st = self.embeddings_st_pos_2D
+        pos = st.spatial_pos_embed.weight[:n] + st.temporal_pos_embed.weight[0]  # eval: temporal row 0
         return self.embeddings_norm(x + pos)
 
 
@@ -342,3 +343,14 @@ def test_bad_format_argument():
         load_vit_checkpoint({}, format="beit")
     with pytest.raises(CheckpointFormatError, match="look like 'timm'"):
         load_vit_checkpoint(_timm_vit().state_dict(), format="medcoss")
+
+
+def test_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+
+    ref = _timm_vit(seed=7)
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    model, loaded = build_vit_from_checkpoint(path, num_heads=HEADS)
+    assert loaded.format == "timm" and loaded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert _compare_timm(ref, model) < TOL

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import pickle
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -184,7 +185,9 @@ def _read_file(path: Path, allow_pickle: bool) -> Any:
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:  # noqa: BLE001
-            raise CheckpointFormatError(f"Could not read safetensors checkpoint {path} (corrupt or truncated?): {e}") from e
+            raise CheckpointFormatError(
+                f"Could not read safetensors checkpoint {path} (corrupt or truncated?): {e}"
+            ) from e
     try:
         return safe_load(path, allow_pickle=allow_pickle)
     except FileNotFoundError:
@@ -192,13 +195,13 @@ def _read_file(path: Path, allow_pickle: bool) -> Any:
     except Exception as e:  # noqa: BLE001 - re-raised with the file name and the fix
         cause = e.__cause__ if e.__cause__ is not None else e
         msg = str(cause)
-        pickled = isinstance(cause, __import__("pickle").UnpicklingError) and (
+        pickled = isinstance(cause, pickle.UnpicklingError) and (
             "weights only" in msg.lower() or "weights_only" in msg or "global" in msg.lower()
         )
         if pickled and not allow_pickle:
             raise CheckpointFormatError(
-                f"{path} contains pickled Python objects (MedCoSS/MAE .pth files store an argparse.Namespace "
-                f"under 'args'), which safe loading refuses. If you trust this file, pass allow_pickle=True. "
+                f"{path} contains pickled Python objects (MedCoSS/MAE/DINO training .pth files store an "
+                f"argparse.Namespace under 'args'), which safe loading refuses. If you trust this file, pass allow_pickle=True. "
                 f"(torch: {msg.splitlines()[0] if msg else type(cause).__name__})"
             ) from e
         raise CheckpointFormatError(
