@@ -255,7 +255,7 @@ class nnUNetTrainer_STUNet_TPP_ConvAdapter(nnUNetTrainer_STUNet_ConvAdapter):
 
 
 class _Debug:
-    """Tiny budgets: small STU-Net, 1 epoch of 2 iterations, 1 validation iteration, 2 TPP iterations."""
+    """Tiny budgets: small STU-Net, 1 epoch of 2 iterations, 1 validation iteration, 2 TPP iterations, no mirroring."""
 
     stunet_size = "small"
     default_num_epochs = 1
@@ -264,6 +264,12 @@ class _Debug:
     default_tpp_iters = 2
     tpp_n_local_crops = 2
     tpp_head = {"out_dim": 256, "hidden_dim": 128, "bottleneck_dim": 64}
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """No mirroring (augmentation and test-time), so validation/prediction stay fast on CPU."""
+        rot, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return rot, dummy_2d, initial_patch_size, None
 
 
 class nnUNetTrainer_STUNet_FT_debug(_Debug, nnUNetTrainer_STUNet_FT):
