@@ -35,8 +35,24 @@ def test_peak_memory_cpu_sees_a_large_allocation():
         x = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
         return float(x.sum())
 
-    peak = eff.measure_peak_memory(step, "cpu")
+    peak = eff.measure_peak_memory(step, "cpu", cpu_method="rss")
     assert peak >= 48 * 2 ** 20
+    assert 64 * 2 ** 20 <= eff.measure_peak_memory(step, "cpu") <= 64 * 2 ** 20 + 64  # profiler: the tensor bytes
+
+
+def test_profiler_peak_of_a_training_step_counts_grads_and_adam_state():
+    lin = torch.nn.Linear(256, 256, bias=False)  # 256 KiB of weights, not counted (exist before)
+    opt = torch.optim.AdamW(lin.parameters())
+    x = torch.randn(8, 256)  # created before: not counted
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        lin(x).pow(2).sum().backward()
+        opt.step()
+
+    peak = eff.measure_peak_memory(step, "cpu")
+    w = 256 * 256 * 4
+    assert 3 * w <= peak <= 6 * w  # gradient + exp_avg + exp_avg_sq (+ AdamW temporaries)
     assert eff.current_rss_bytes() > 0
 
 

@@ -10,7 +10,12 @@ Peak training memory
 --------------------
 * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` -- every tensor the
   caching allocator handed out on that device, weights included (exact, in-process).
-* CPU: the peak resident set size of the process (``VmHWM`` in ``/proc/self/status``). The kernel's
+* CPU, ``cpu_method="profiler"`` (default): ``torch.profiler`` with ``profile_memory=True`` records every
+  tensor allocation and free inside the block; the peak of their running sum is the peak of tensor
+  memory allocated *during* the block (activations, gradients, optimiser state; tensors that existed
+  before entering, such as the weights, are not counted). Exact for tensors, deterministic, works
+  in a long-lived process; it does not see non-tensor memory (allocator slack, Python objects).
+* CPU, ``cpu_method="rss"``: the peak resident set size of the process (``VmHWM`` in ``/proc/self/status``). The kernel's
   high-water mark is reset on entry by writing ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0),
   and the reported value is ``VmHWM - baseline`` where ``baseline`` defaults to the RSS on entry.
   In a long-lived process this under-counts when the C allocator reuses memory it kept from earlier
@@ -100,8 +105,14 @@ class PeakMemory:
 
     device: torch.device | str = "cpu"
     baseline_bytes: int | None = None
+    cpu_method: str = "profiler"
     peak_bytes: int = 0
     method: str = field(default="", init=False)
+
+    def __post_init__(self) -> None:
+        if self.cpu_method not in ("profiler", "rss"):
+            raise ValueError(f"cpu_method must be 'profiler' or 'rss'; got {self.cpu_method!r}")
+        self._prof = None
 
     def __enter__(self) -> "PeakMemory":
         self.device = torch.device(self.device)
@@ -109,6 +120,12 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.method = "cuda.max_memory_allocated"
+        elif self.cpu_method == "profiler":
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
+            self.method = "torch.profiler tensor peak"
         else:
             reset_peak_rss()
             if self.baseline_bytes is None:
@@ -120,6 +137,10 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device)) - int(self.baseline_bytes or 0)
+        elif self._prof is not None:
+            self._prof.__exit__(*exc)
+            self.peak_bytes = _profiler_peak(self._prof)
+            self._prof = None
         else:
             self.peak_bytes = max(0, peak_rss_bytes() - int(self.baseline_bytes or 0))
 
@@ -128,10 +149,21 @@ class PeakMemory:
         return self.peak_bytes / 2 ** 20
 
 
+def _profiler_peak(prof) -> int:
+    """Peak of the running sum of the profiler's allocation (+) / free (-) events."""
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += int(e.nbytes())
+        peak = max(peak, cur)
+    return peak
+
+
 def measure_peak_memory(step: Callable[[], object], device: torch.device | str = "cpu", repeats: int = 1,
-                        baseline_bytes: int | None = None) -> int:
+                        baseline_bytes: int | None = None, cpu_method: str = "profiler") -> int:
     """Peak memory (bytes) of running ``step()`` ``repeats`` times (e.g. forward + backward + optimiser step)."""
-    with PeakMemory(device, baseline_bytes) as pm:
+    with PeakMemory(device, baseline_bytes, cpu_method) as pm:
         for _ in range(repeats):
             step()
     return pm.peak_bytes

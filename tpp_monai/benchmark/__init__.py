@@ -1,0 +1,1 @@
+"""Benchmark grid: methods x datasets x seeds (with or without TPP) from one spec; see :mod:`.grid`."""
