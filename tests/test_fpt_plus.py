@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from tpp_monai.backbones.vit import build_vit
 from tpp_monai.peft import PEFT_METHODS, apply_peft, target_parameter_names
-from tpp_monai.peft.fpt_plus import FeatureCache, FPTPlusClassifier, frozen_features, num_kept_tokens
+from tpp_monai.peft.fpt_plus import CachedFeatureDataset, FeatureCache, collate_cached, FPTPlusClassifier, frozen_features, num_kept_tokens
 
 CFG = dict(reduction=8, side_depth=2, side_num_heads=2, side_img_size=32, side_patch_size=8, num_prompts=4,
            keep_ratio=0.2)
@@ -107,10 +107,16 @@ def test_training_from_cache_updates_side_only(tmp_path):
     opt = torch.optim.AdamW(params, lr=1e-2)
     model.train()
     lr_images = model.low_res(images)
+    ds = CachedFeatureDataset(cache, [(i, lr_images[i], labels[i]) for i in range(4)])
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_cached)
+    batch = next(iter(loader))
+    for (kb, vb), (kc, vc) in zip(batch["features"], cache.get(range(4))):
+        assert torch.equal(kb, kc) and torch.equal(vb, vc)
     losses = []
     for _ in range(5):
         opt.zero_grad()
-        loss = F.cross_entropy(model(image_lr=lr_images, features=cache.get(range(4))), labels)
+        b = next(iter(loader))
+        loss = F.cross_entropy(model(image_lr=b["image_lr"], features=b["features"]), b["label"])
         loss.backward()
         opt.step()
         losses.append(loss.item())

@@ -345,3 +345,37 @@ class FeatureCache:
         items = [self.get_one(i) for i in ids]
         n = sum(1 for key in items[0] if key.startswith("idx"))
         return [torch.stack([it[f"idx{j}"] for it in items]) for j in range(n)]
+
+
+class CachedFeatureDataset(torch.utils.data.Dataset):
+    """Streams cached frozen features during training: item ``i`` is
+    ``{"id", "image_lr", "label", "features": [(k, v), ...]}`` read from the cache on access
+    (so only a mini-batch of features is in memory). ``items``: sequence of ``(id, image_lr, label)``
+    or dicts with ``id`` / ``image_lr`` / ``label``. Batch with :func:`collate_cached`.
+    """
+
+    def __init__(self, cache: FeatureCache, items: Sequence[Any], dtype: torch.dtype = torch.float32) -> None:
+        self.cache, self.items, self.dtype = cache, list(items), dtype
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        it = self.items[i]
+        image_id, image_lr, label = (it["id"], it["image_lr"], it["label"]) if isinstance(it, dict) else it
+        raw = self.cache.get_one(image_id)
+        n = sum(1 for key in raw if key.startswith("k"))
+        feats = [(raw[f"k{j}"].to(self.dtype), raw[f"v{j}"].to(self.dtype)) for j in range(n)]
+        return {"id": image_id, "image_lr": torch.as_tensor(image_lr), "label": torch.as_tensor(label), "features": feats}
+
+
+def collate_cached(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a list of :class:`CachedFeatureDataset` items into a batch."""
+    n = len(batch[0]["features"])
+    return {
+        "id": [b["id"] for b in batch],
+        "image_lr": torch.stack([b["image_lr"] for b in batch]),
+        "label": torch.stack([b["label"] for b in batch]),
+        "features": [(torch.stack([b["features"][j][0] for b in batch]), torch.stack([b["features"][j][1] for b in batch]))
+                     for j in range(n)],
+    }
