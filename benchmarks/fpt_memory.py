@@ -150,15 +150,17 @@ def run(size: str, device: str, img: int, side_img: int, steps: int, configs=CON
 
 def table(rows: list[dict], size: str, device: str, img: int, side_img: int) -> str:
     full = next((r["peak_bytes"] for r in rows if r["config"] == "full"), None)
+    n_all = next((r["trainable"] for r in rows if r["config"] == "full"), None)
     lines = [
         f"Peak training memory, ViT-{size} at {img} px (side branch {side_img} px), batch 1, {device}",
         "",
-        "| configuration | trainable params | peak memory (MB) | memory vs full FT |",
-        "|---|---:|---:|---:|",
+        "| configuration | trainable params | params (% of full) | peak memory (MB) | memory vs full FT |",
+        "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio = f"{100 * r['peak_bytes'] / full:.2f}%" if full else "-"
-        lines.append(f"| {r['config']} | {r['trainable']:,} | {r['peak_bytes'] / 2 ** 20:,.1f} | {ratio} |")
+        pr = f"{100 * r['trainable'] / n_all:.2f}%" if n_all else "-"
+        lines.append(f"| {r['config']} | {r['trainable']:,} | {pr} | {r['peak_bytes'] / 2 ** 20:,.1f} | {ratio} |")
     return "\n".join(lines)
 
 

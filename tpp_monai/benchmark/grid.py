@@ -27,7 +27,8 @@ trains with :class:`~tpp_monai.peft.sh_peft.MaskedAdamW`; "fpt_plus" trains an
 TPP cells call ``tpp_hook(backbone, cell, spec, train_images, work_dir)`` before fine-tuning; the
 default hook is :func:`default_tpp_hook` (``tpp_monai.tpp.tpp_pretrain`` with MAE, the method's
 target parameters stay in the backbone). Methods whose targets TPP cannot pre-train here (full,
-linear, sh_peft, fpt_plus) are recorded with ``status: "unsupported"``.
+linear, and methods with ``tpp_supported = False``: sh_peft, fpt_plus) are recorded with
+``status: "unsupported"``.
 
 Memory: ``memory_mb`` is the peak memory during training above what was held once the model was
 built (CUDA ``max_memory_allocated``; CPU peak RSS via ``VmHWM``, approximate in a long process, see
@@ -286,6 +287,15 @@ def _prepare(cell: Cell, spec: dict, split: Split, backbone: nn.Module, device: 
     return model.to(device), backbone, head, adamw
 
 
+def tpp_supported(method: str) -> bool:
+    """False for methods the TPP stage cannot pre-train here (``TPP_UNSUPPORTED`` or ``tpp_supported = False``)."""
+    from tpp_monai.peft import PEFT_METHODS
+
+    if method in TPP_UNSUPPORTED:
+        return False
+    return method not in PEFT_METHODS or bool(getattr(PEFT_METHODS.get(method), "tpp_supported", True))
+
+
 def run_cell(cell: Cell, spec: dict, out_dir: str | os.PathLike, tpp_hook: Callable | None = None) -> dict:
     """Train and evaluate one cell; returns the result row (also what is written to the cell file)."""
     from tpp_monai.metrics.classification import classification_metrics
@@ -297,7 +307,7 @@ def run_cell(cell: Cell, spec: dict, out_dir: str | os.PathLike, tpp_hook: Calla
         "cell": cell.cell_id, "index": cell.index, "method": cell.label, "dataset": cell.dataset["name"],
         "seed": cell.seed, "tpp": cell.tpp, "metric": spec.get("metric", "f1"), "status": "ok", "error": "",
     }
-    if cell.tpp and cell.method in TPP_UNSUPPORTED:
+    if cell.tpp and not tpp_supported(cell.method):
         row.update(status="unsupported", error=f"TPP is not available for '{cell.method}' in this runner")
         return row
     device = torch.device(spec.get("device", "cpu"))

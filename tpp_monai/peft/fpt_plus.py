@@ -32,7 +32,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -190,6 +190,8 @@ class FPTPlus(PeftMethod):
 
     name = "fpt_plus"
     config_cls = FPTPlusConfig
+    #: the generic MAE/DINO TPP stage cannot train it (the side branch is not on backbone.forward's path)
+    tpp_supported: ClassVar[bool] = False
 
     def inject(self, model: nn.Module) -> None:
         blocks = vit_blocks(model)

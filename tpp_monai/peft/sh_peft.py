@@ -36,7 +36,7 @@ import math
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -151,6 +151,8 @@ class SHPeft(PeftMethod):
 
     name = "sh_peft"
     config_cls = SHPeftConfig
+    #: needs a mask from a task loss before injection; the generic TPP stage cannot build one
+    tpp_supported: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, mask: Mapping[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
