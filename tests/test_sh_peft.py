@@ -131,3 +131,19 @@ def test_sparse_delta_round_trip_exact(tmp_path):
 def test_inject_without_mask_is_a_clear_error():
     with pytest.raises(RuntimeError, match="needs a mask"):
         apply_peft(build_vit("tiny", img_size=32, depth=1), "sh_peft")
+
+
+def test_protect_makes_a_stock_optimizer_exact():
+    vit, head, x, y, loss_fn, mask = _setup()
+    before = {n: p.detach().clone() for n, p in vit.named_parameters()}
+    m = apply_peft(vit, "sh_peft", mask=mask)
+    params = [p for p in vit.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.1)
+    m.protect(vit, opt)
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn(vit, (x, y)).backward()
+        opt.step()
+    for n, p in vit.named_parameters():
+        assert torch.equal(p.detach()[~mask[n]], before[n][~mask[n]]), n
+    assert any(not torch.equal(p.detach()[mask[n]], before[n][mask[n]]) for n, p in vit.named_parameters())

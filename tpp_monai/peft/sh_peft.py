@@ -20,7 +20,8 @@ top-k selection). Usage::
 Exactness: the gradient hooks zero the unselected entries of the gradients, and :class:`MaskedAdamW`
 keeps Adam state only for the selected entries and writes only those (``index_copy_`` into the flat
 weight), so unselected entries are never written -- weight decay included -- and stay bit-identical.
-(A stock optimiser would still decay unselected entries; use :class:`MaskedAdamW`.)
+(A stock optimiser would still decay unselected entries; use :class:`MaskedAdamW`, or call
+``method.protect(model, optimizer)`` to restore them after every step of any optimiser.)
 
 The saved "delta" holds, per tensor, the flat indices and the trained *values* (not differences),
 so re-applying it reproduces the trained weights exactly.
@@ -141,6 +142,12 @@ def _mask_grad(mask: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return grad * mask.to(grad.device, grad.dtype)
 
 
+@torch.no_grad()
+def _restore_unselected(saved, optimizer, args, kwargs) -> None:
+    for p, ref, m in saved:
+        p.copy_(torch.where(m, p, ref))
+
+
 @PEFT_METHODS.register("sh_peft")
 class SHPeft(PeftMethod):
     """Selected backbone tensors become target parameters; their unselected entries get zero gradient.
@@ -181,6 +188,17 @@ class SHPeft(PeftMethod):
 
     def is_target(self, name: str) -> bool:
         return name in self.mask or super().is_target(name)
+
+    def protect(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+        """Make any optimiser exact: after each ``optimizer.step()`` the unselected entries of the selected
+        tensors are restored from a copy taken now (costs one copy of those tensors). Returns the hook handle.
+
+        Use it with stock optimisers (SGD with momentum, AdamW with weight decay, ...);
+        :class:`MaskedAdamW` needs no protection.
+        """
+        params = dict(model.named_parameters())
+        saved = [(params[n], params[n].detach().clone(), m.to(params[n].device)) for n, m in self.mask.items()]
+        return optimizer.register_step_post_hook(partial(_restore_unselected, saved))
 
     def indices(self) -> dict[str, torch.Tensor]:
         return {n: m.reshape(-1).nonzero().squeeze(1) for n, m in self.mask.items()}
