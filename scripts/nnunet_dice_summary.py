@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     s = dice_summary(a.pred, a.ref, labels, meta.get("file_ending", ".nii.gz"))
     for k, v in s["per_label"].items():
         print(f"{k:>12}: {'n/a' if v is None else f'{100 * v:.2f}'}")
-    print(f"{'mean':>12}: {'n/a' if s['mean_dice'] is None else f'{100 * s['mean_dice']:.2f}'} ({s['n_cases']} cases)")
+    mean = "n/a" if s["mean_dice"] is None else f"{100 * s['mean_dice']:.2f}"
+    print(f"{'mean':>12}: {mean} ({s['n_cases']} cases)")
     if a.out:
         a.out.write_text(json.dumps(s, indent=2))
     return 0
