@@ -80,3 +80,14 @@ def test_default_tpp_hook_runs_tpp_pretrain(tmp_path):
     row = json.loads(next((tmp_path / "cells").glob("*.json")).read_text())
     assert row["status"] == "ok", row["error"]
     assert list((tmp_path / "work").rglob("*.pt")) or list((tmp_path / "work").iterdir())
+
+
+def test_spec_expansion_order_and_per_method_train_overrides():
+    spec = json.loads((ROOT / "benchmarks" / "specs" / "tiny_grid.json").read_text())
+    cells = expand_cells(spec)
+    n = len(spec["methods"]) * len(spec["datasets"]) * len(spec["tpp"]) * len(spec["seeds"])
+    assert [c.index for c in cells] == list(range(n))
+    assert (cells[0].method, cells[0].tpp, cells[0].seed) == ("linear", False, 0)
+    full = [c for c in cells if c.method == "full"]
+    assert full and all(c.train == {"lr": 3e-4} for c in full)
+    assert len({c.cell_id for c in cells}) == n

@@ -3,7 +3,8 @@
 One JSON/YAML spec describes the grid (see ``benchmarks/specs/tiny_grid.json``)::
 
     {"backbone": {"size": "tiny", "img_size": 32, "patch_size": 8, "depth": 2, "checkpoint": null},
-     "methods": ["adapter", {"name": "sh_peft", "config": {"top_percent": 1.0}}, "full"],
+     "methods": ["adapter", {"name": "sh_peft", "config": {"top_percent": 1.0}},
+                 {"name": "full", "train": {"lr": 1e-4}}],
      "datasets": [{"name": "synthetic", "num_classes": 2, "n_train": 64, "n_val": 32},
                   {"name": "mhist", "datalist": "data/mhist.json", "num_classes": 2}],
      "seeds": [0, 1], "tpp": [false, true], "metric": "f1",
@@ -70,6 +71,7 @@ class Cell:
     dataset: dict
     seed: int
     tpp: bool
+    train: dict = field(default_factory=dict)  # per-method overrides of spec["train"] (e.g. a learning rate)
 
     @property
     def label(self) -> str:
@@ -91,14 +93,14 @@ def load_spec(spec: str | os.PathLike | dict) -> dict:
     return json.loads(text)
 
 
-def _method_entry(m: Any) -> tuple[str, dict]:
+def _method_entry(m: Any) -> tuple[str, dict, dict]:
     if isinstance(m, str):
-        return m, {}
+        return m, {}, {}
     if isinstance(m, dict) and "name" in m:
         cfg = dict(m.get("config", {}))
         if "label" in m:
             cfg["label"] = m["label"]
-        return m["name"], cfg
+        return m["name"], cfg, dict(m.get("train", {}))
     raise ValueError(f"method entries are names or {{'name', 'config'}} dicts; got {m!r}")
 
 
@@ -112,8 +114,8 @@ def expand_cells(spec: dict) -> list[Cell]:
     tpp = [bool(t) for t in (tpp if isinstance(tpp, list) else [tpp])]
     seeds = [int(s) for s in spec.get("seeds", [0])]
     cells = []
-    for i, ((m, cfg), d, t, s) in enumerate(itertools.product(methods, datasets, tpp, seeds)):
-        cells.append(Cell(i, m, cfg, d, s, t))
+    for i, ((m, cfg, tr), d, t, s) in enumerate(itertools.product(methods, datasets, tpp, seeds)):
+        cells.append(Cell(i, m, cfg, d, s, t, tr))
     return cells
 
 
@@ -242,7 +244,7 @@ def _prepare(cell: Cell, spec: dict, split: Split, backbone: nn.Module, device: 
     cfg = {k: v for k, v in cell.method_config.items() if k != "label"}
     name = cell.method
     head = nn.Linear(backbone.embed_dim, split.num_classes)
-    tr = spec.get("train", {})
+    tr = {**spec.get("train", {}), **cell.train}
     lr, wd = float(tr.get("lr", 1e-3)), float(tr.get("weight_decay", 0.05))
 
     def adamw(params):
@@ -326,7 +328,7 @@ def run_cell(cell: Cell, spec: dict, out_dir: str | os.PathLike, tpp_hook: Calla
     model, bb, head, make_opt = _prepare(cell, spec, split, backbone, device, tpp_done)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_opt(params)
-    tr = spec.get("train", {})
+    tr = {**spec.get("train", {}), **cell.train}
     iters, bs = int(tr.get("iterations", 30)), int(tr.get("batch_size", 16))
     g = torch.Generator().manual_seed(cell.seed)
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
