@@ -67,3 +67,13 @@ def test_attn_and_ln_tuning_targets():
     assert names == {f"blocks.{i}.norm{j}.{k}" for i in range(2) for j in (1, 2) for k in ("weight", "bias")} | {
         "norm.weight", "norm.bias"}
     assert m.is_target("backbone.blocks.0.norm1.weight") and not m.is_target("blocks.0.attn.qkv.weight")
+
+
+def test_parameter_ratio_counts_only_selected_entries_for_sh_peft():
+    from tpp_monai.peft.sh_peft import build_mask
+
+    vit = build_vit("tiny", img_size=32, depth=1)
+    imp = {n: torch.rand_like(p) for n, p in vit.named_parameters()}
+    apply_peft(vit, "sh_peft", mask=build_mask(imp, 1.0))
+    n = sum(p.numel() for p in vit.parameters())
+    assert eff.parameter_ratio(vit) == pytest.approx(math.ceil(n / 100) / n)

@@ -37,9 +37,18 @@ from tpp_monai.peft.api import ParameterReport, parameter_report
 
 
 def parameter_ratio(backbone: nn.Module, head: nn.Module | None = None) -> float:
-    """Trainable / all parameters as a *fraction* (``parameter_report(...).ratio`` is in %)."""
+    """Trainable / all parameters as a *fraction* (``parameter_report(...).ratio`` is in %).
+
+    For sparse methods (SH-PEFT: whole tensors require grad but only selected entries train) the
+    method's ``num_selected()`` replaces the count of the backbone's trainable parameters.
+    """
     rep: ParameterReport = parameter_report(backbone, head)
-    return rep.trainable / max(rep.total, 1)
+    trainable = rep.trainable
+    method = getattr(backbone, "tpp_peft", None)
+    if method is not None and hasattr(method, "num_selected"):
+        head_train = sum(p.numel() for p in head.parameters() if p.requires_grad) if head is not None else 0
+        trainable = method.num_selected() + head_train
+    return trainable / max(rep.total, 1)
 
 
 def _efficiency(score: float, fraction: float) -> float:
