@@ -91,3 +91,17 @@ def test_spec_expansion_order_and_per_method_train_overrides():
     full = [c for c in cells if c.method == "full"]
     assert full and all(c.train == {"lr": 3e-4} for c in full)
     assert len({c.cell_id for c in cells}) == n
+
+
+def test_backbone_checkpoint_is_loaded(tmp_path):
+    import torch
+
+    from tpp_monai.backbones.vit import build_vit
+    from tpp_monai.benchmark.grid import build_backbone
+
+    torch.manual_seed(7)
+    vit = build_vit("tiny", img_size=16, patch_size=8, depth=1)
+    torch.save({"model": vit.state_dict()}, tmp_path / "mae.pth")
+    spec = {**SPEC, "backbone": {**SPEC["backbone"], "checkpoint": str(tmp_path / "mae.pth")}}
+    loaded = build_backbone(spec)
+    assert all(torch.equal(a, b) for a, b in zip(vit.state_dict().values(), loaded.state_dict().values()))
