@@ -11,7 +11,7 @@ from tpp_monai.backbones.vit import build_vit
 from tpp_monai.checkpoint import CheckpointMismatch, read_target_checkpoint
 from tpp_monai.engines.optim import WarmupCosineSchedule, build_optimizer
 from tpp_monai.engines.tpp_trainer import TPPTrainer
-from tpp_monai.peft import PEFT_METHODS, apply_peft, target_state_dict
+from tpp_monai.peft import apply_peft, methods_for, target_state_dict
 from tpp_monai.pretext.dino import DINOPretext, cosine_momentum
 from tpp_monai.pretext.mae import MAEPretext, patchify, random_masking, unpatchify
 from tpp_monai.tpp import load_for_finetuning, tpp_pretrain
@@ -148,7 +148,7 @@ def test_load_decoder_state_errors_and_interpolation():
     assert t2(torch.rand(2, 3, IMG, IMG))["pred"].shape == (2, 16, 192)
 
 
-MASKED_METHODS = [m for m in PEFT_METHODS.names() if m not in ("linear", "full")]
+MASKED_METHODS = [m for m in methods_for("vit", tpp=True) if m not in ("linear", "full")]
 
 
 @pytest.mark.parametrize("method", MASKED_METHODS)
@@ -290,7 +290,7 @@ def test_tpp_pretrain_checkpoint_round_trip_and_refusals(real_patches, tmp_path)
         load_for_finetuning(tiny_vit(seed=1), "adapter", {"bottleneck": 8}, ckpt)
     with pytest.raises(CheckpointMismatch, match="bottleneck"):
         load_for_finetuning(tiny_vit(), "adapter", {"bottleneck": 4}, ckpt)
-    other = [m for m in PEFT_METHODS.names() if m not in ("adapter",)]
+    other = [m for m in methods_for("vit", tpp=True) if m not in ("adapter",)]
     if other:
         with pytest.raises(CheckpointMismatch, match="PEFT method 'adapter'"):
             load_for_finetuning(tiny_vit(), other[0], None, ckpt)

@@ -14,13 +14,13 @@ from tpp_monai.peft.api import (
     target_state_dict,
 )
 from tpp_monai.peft.base import TARGET_PREFIX, PeftConfig, PeftMethod
-from tpp_monai.peft.registry import PEFT_METHODS
+from tpp_monai.peft.registry import PEFT_METHODS, methods_for
 from tpp_monai.registry import import_submodules
 
 import_submodules(__name__, __path__)
 
 __all__ = [
-    "PEFT_METHODS", "PeftConfig", "PeftMethod", "TARGET_PREFIX", "ParameterReport", "TargetParameterMismatch",
+    "PEFT_METHODS", "methods_for", "PeftConfig", "PeftMethod", "TARGET_PREFIX", "ParameterReport", "TargetParameterMismatch",
     "apply_peft", "backbone_fingerprint", "check_target_state_dict", "get_peft", "load_target_state_dict",
     "parameter_report", "target_parameter_names", "target_parameters", "target_state_dict",
 ]

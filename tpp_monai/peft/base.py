@@ -28,6 +28,10 @@ class PeftMethod:
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[PeftConfig]] = PeftConfig
+    #: backbone families the method can be inserted into: "vit" (token models), "cnn" (conv nets)
+    applies_to: ClassVar[frozenset[str]] = frozenset({"vit"})
+    #: False where the TPP stage cannot train the target parameters (side networks, masks needing data)
+    tpp_supported: ClassVar[bool] = True
 
     def __init__(self, config: PeftConfig | dict | None = None, **kwargs: Any) -> None:
         if isinstance(config, dict):

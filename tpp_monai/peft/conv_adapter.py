@@ -82,6 +82,7 @@ class ConvAdapterConfig(PeftConfig):
 class ConvAdapter(PeftMethod):
     name = "conv_adapter"
     config_cls = ConvAdapterConfig
+    applies_to = frozenset({"cnn"})
 
     def inject(self, model: nn.Module) -> None:
         c = self.config

@@ -29,6 +29,7 @@ class NormTuningConfig(PeftConfig):
 class NormTuning(PeftMethod):
     name = "norm_tuning"
     config_cls = NormTuningConfig
+    applies_to = frozenset({"cnn"})
 
     def __init__(self, config=None, **kwargs) -> None:
         super().__init__(config, **kwargs)

@@ -35,6 +35,7 @@ class SSFCNNConfig(PeftConfig):
 class SSFCNN(PeftMethod):
     name = "ssf_cnn"
     config_cls = SSFCNNConfig
+    applies_to = frozenset({"cnn"})
 
     def inject(self, model: nn.Module) -> None:
         types = (_CONV if self.config.convs else ()) + (_NORM if self.config.norms else ())

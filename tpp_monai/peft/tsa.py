@@ -35,6 +35,7 @@ class TSAConfig(PeftConfig):
 class TSA(PeftMethod):
     name = "tsa"
     config_cls = TSAConfig
+    applies_to = frozenset({"cnn"})
 
     def inject(self, model: nn.Module) -> None:
         for conv in tsa_convs(model, self.config.min_kernel):
