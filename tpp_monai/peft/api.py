@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -45,6 +46,22 @@ def get_peft(model: nn.Module) -> PeftMethod:
     if m is None:
         raise RuntimeError("No PEFT method has been applied to this model; call apply_peft(model, name) first.")
     return m
+
+
+def merge_peft(model: nn.Module, inplace: bool = True) -> nn.Module:
+    """Fold the method's target parameters into the backbone (LoRA, SSF, ...) and return a plain model.
+
+    The returned model carries no PEFT method any more (no ``peft_`` parameters or hooks for methods
+    that merge); methods that cannot be merged raise ``NotImplementedError``. ``inplace=False``
+    merges a deep copy and leaves ``model`` untouched.
+    """
+    m = get_peft(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    merged = m.merge(model)
+    if getattr(merged, PEFT_ATTR, None) is not None:
+        object.__delattr__(merged, PEFT_ATTR)
+    return merged
 
 
 def target_parameter_names(model: nn.Module) -> list[str]:
