@@ -11,7 +11,8 @@ Two kinds of layers are supported:
   ``F.multi_head_attention_forward``, so a hook cannot reach them; instead the instance's class is
   switched to :class:`LoRAMultiheadAttention`, a module-level subclass whose ``forward`` uses
   ``in_proj_weight + scale * B A``. Tensor names do not change, the model deep-copies, pickles and
-  traces, and :meth:`LoRA.merge` switches the class back. (``out_proj`` of an MHA cannot take a
+  traces, and :meth:`LoRA.merge` switches the class back. A no-op pre-hook on the adapted MHA keeps
+  ``nn.TransformerEncoderLayer`` off its fused inference fast path, which would bypass LoRA. (``out_proj`` of an MHA cannot take a
   Linear LoRA for the same reason; asking for it is an error.)
 
 :meth:`LoRA.merge` folds ``scale * B A`` into the weights and removes parameters, hooks and the
@@ -50,6 +51,12 @@ class LoRAConfig(PeftConfig):
 def _lora_linear_hook(module: nn.Module, inputs, output):
     x = inputs[0]
     return output + F.linear(F.linear(x, module.peft_lora_A), module.peft_lora_B) * module.peft_lora_scale
+
+
+def _no_fast_path_hook(module: nn.Module, args):
+    """No-op pre-hook on an adapted MHA: ``nn.TransformerEncoderLayer`` skips its fused inference fast
+    path (which reads ``in_proj_weight`` directly and would bypass LoRA) when a sub-module has hooks."""
+    return None
 
 
 class LoRAMultiheadAttention(nn.MultiheadAttention):
@@ -135,6 +142,7 @@ class LoRA(PeftMethod):
         for m in mhas:
             _add_lora(m, 3 * m.embed_dim, m.embed_dim, cfg.r, scale, m.in_proj_weight)
             m.__class__ = LoRAMultiheadAttention
+            m.register_forward_pre_hook(_no_fast_path_hook)
 
     @torch.no_grad()
     def merge(self, model: nn.Module) -> nn.Module:
@@ -146,6 +154,7 @@ class LoRA(PeftMethod):
             if isinstance(m, LoRAMultiheadAttention):
                 m.in_proj_weight.add_(delta.to(m.in_proj_weight.dtype))
                 m.__class__ = nn.MultiheadAttention
+                remove_forward_hooks(m, (_no_fast_path_hook,))
             else:
                 m.weight.add_(delta.to(m.weight.dtype))
                 remove_forward_hooks(m, (_lora_linear_hook,))
