@@ -24,7 +24,13 @@ unexpected / mis-shaped key is an error). The official ``*_ep4k.model`` files ar
 Environment variables (read when the trainer is created; class attributes give the defaults):
 ``TPP_NNUNET_TPP_ITERS`` (TPP iterations, default 2500 = 10 nnU-Net epochs), ``TPP_NNUNET_TPP_LR`` (5e-4),
 ``TPP_NNUNET_NUM_EPOCHS`` (1000), ``TPP_NNUNET_ITERS_PER_EPOCH`` (250), ``TPP_NNUNET_VAL_ITERS`` (50),
-``TPP_NNUNET_LR`` (1e-3), ``TPP_NNUNET_ALLOW_PICKLE`` (0).
+``TPP_NNUNET_LR`` (1e-3), ``TPP_NNUNET_ALLOW_PICKLE`` (0), ``TPP_NNUNET_TPP_ONLY`` (0).
+
+**TPP-only runs.** With ``TPP_NNUNET_TPP_ONLY=1`` the TPP trainers stop right after the TPP stage (exit code 0):
+``<output_folder>/tpp_target_params.pt`` is written, no nnU-Net checkpoint and no validation. Running the same
+command again without the variable (same trainer, fold and ``-pretrained_weights``) loads that file instead of
+redoing the stage (it is reused only if its backbone fingerprint matches) and fine-tunes. Single-process
+training only (not with ``-num_gpus`` > 1).
 """
 
 from __future__ import annotations
@@ -56,6 +62,10 @@ def _env(name: str, default, cast=float):
 def _unwrap(network: nn.Module) -> nn.Module:
     mod = getattr(network, "module", network)  # DDP
     return getattr(mod, "_orig_mod", mod)  # torch.compile
+
+
+def tpp_only_from_env() -> bool:
+    return str(os.environ.get("TPP_NNUNET_TPP_ONLY", "0")).lower() in ("1", "true", "yes")
 
 
 def allow_pickle_from_env() -> bool:
@@ -177,10 +187,25 @@ class nnUNetTrainer_STUNet_TPP_ConvAdapter(nnUNetTrainer_STUNet_ConvAdapter):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.tpp_iters = _env("TPP_NNUNET_TPP_ITERS", self.default_tpp_iters, int)
         self.tpp_lr = _env("TPP_NNUNET_TPP_LR", self.default_tpp_lr)
+        self.tpp_only = tpp_only_from_env()
 
     def on_train_start(self):
         super().on_train_start()
         self.run_tpp_stage()
+        if self.tpp_only:
+            self.stop_after_tpp()
+
+    def stop_after_tpp(self) -> None:
+        """``TPP_NNUNET_TPP_ONLY=1``: shut the data loaders down and leave the process (exit code 0)."""
+        from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+        from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+
+        for dl in (self.dataloader_train, self.dataloader_val):
+            if isinstance(dl, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
+                dl._finish()
+        self.print_to_log_file(f"TPP_NNUNET_TPP_ONLY=1: stopping after the TPP stage; run the same command without "
+                               f"it to fine-tune from {join(self.output_folder, TPP_FILE)}")
+        raise SystemExit(0)
 
     # ------------------------------------------------------------------ TPP stage
     def _crop_sizes(self) -> tuple[list[int], list[int]]:
@@ -293,4 +318,4 @@ for _base in (nnUNetTrainer_STUNet_FT, nnUNetTrainer_STUNet_ConvAdapter, nnUNetT
 del _base, _size, _name
 
 __all__ = [n for n in list(globals()) if n.startswith("nnUNetTrainer_")] + [
-    "install_pretrained_loader", "load_pretrained_stunet", "frozen_fingerprint", "TPP_FILE", "TPP_RECORD"]
+    "install_pretrained_loader", "load_pretrained_stunet", "tpp_only_from_env", "frozen_fingerprint", "TPP_FILE", "TPP_RECORD"]

@@ -1,0 +1,157 @@
+"""3D bundles (LiTS / KiTS, nnU-Net path): configs parse, metadata has the bundle-spec fields, the runner builds
+the right nnU-Net commands and environments. The real nnU-Net run is tests/test_nnunet_trainer.py."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from monai.bundle import ConfigParser
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = {"lits_convadapter_tpp": (501, "LiTS", "liver"), "kits_convadapter_tpp": (502, "KiTS", "kidney")}
+STAGES = {"tpp_pretrain": ["plan", "tpp"], "train": ["plan", "train"], "evaluate": ["evaluate"], "inference": ["predict"]}
+SPEC_FIELDS = ("schema", "version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+               "required_packages_version", "task", "description", "authors", "copyright", "network_data_format",
+               "intended_use", "data_source", "references")
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)  # bundle macros are paths relative to the repository root
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "TPP_NNUNET_TPP_ONLY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+
+
+def _parse(bundle, stage, **settings):
+    p = ConfigParser()
+    p.read_config(str(REPO / "bundles" / bundle / "configs" / f"{stage}.json"))
+    for k, v in settings.items():
+        p[f"settings::{k}"] = v
+    p.parse()
+    return p
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_metadata_spec_fields(bundle):
+    meta = json.loads((REPO / "bundles" / bundle / "configs" / "metadata.json").read_text())
+    assert all(f in meta for f in SPEC_FIELDS), [f for f in SPEC_FIELDS if f not in meta]
+    assert meta["monai_version"] == "1.6.1" and meta["pytorch_version"] == "2.14.1"
+    assert meta["version"] in meta["changelog"] and meta["schema"].startswith("https://")
+    assert meta["required_packages_version"]["nnunetv2"] == "2.8.1"
+    refs = " ".join(meta["references"])
+    assert "Target Parameter Pre-training" in refs and "STU-Net" in refs
+    organ = BUNDLES[bundle][2]
+    out = meta["network_data_format"]["outputs"]["pred"]
+    assert out["channel_def"] == {"0": "background", "1": organ, "2": "tumour"} and out["num_channels"] == 3
+    assert meta["network_data_format"]["inputs"]["image"]["modality"] == "CT"
+    assert (REPO / "bundles" / bundle / "docs" / "README.md").is_file()
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+@pytest.mark.parametrize("stage", STAGES)
+def test_configs_parse_and_build_commands(bundle, stage, tmp_path):
+    did, name, _ = BUNDLES[bundle]
+    p = _parse(bundle, stage, device="cpu", dry_run=True, fold=2, pretrained_weights="small_ep4k.model",
+               allow_pickle=True)
+    runner = p.get_parsed_content("runner")
+    assert runner.dataset_id == did and runner.dataset_name == name and runner.fold == 2
+    assert runner.nnunet_raw == str(tmp_path / "raw")  # $nnUNet_raw wins over the default
+    assert runner.nnunet_results == str(REPO / "data" / "nnUNet_results")  # defaults: absolute, under the repo
+    assert runner.raw_dataset_dir == tmp_path / "raw" / f"Dataset{did}_{name}"
+    cmds = runner.commands(STAGES[stage])
+    assert [c[0] for c in cmds] == STAGES[stage]
+    ran = p.get_parsed_content("run")  # dry run: prints, runs nothing
+    assert list(ran) == STAGES[stage]
+    for s, cmd, env in cmds:
+        if s == "evaluate":
+            assert cmd is None
+            continue
+        assert env["nnUNet_raw"] == str(tmp_path / "raw")
+        assert env["nnUNet_extTrainer"].split(os.pathsep)[0] == str(REPO / "tpp_monai" / "nnunet")
+        assert env["TPP_NNUNET_ALLOW_PICKLE"] == "1"
+        assert (env.get("TPP_NNUNET_TPP_ONLY") == "1") == (s == "tpp")
+        if s == "plan":
+            assert Path(cmd[0]).name == "nnUNetv2_plan_and_preprocess"
+            assert cmd[1:] == ["-d", str(did), "-c", "3d_fullres", "-np", "4", "--verify_dataset_integrity"]
+        elif s in ("tpp", "train"):
+            assert cmd[:4] == [sys.executable, "-m", "tpp_monai.cli", "nnunet-train"]
+            assert cmd[4:] == [str(did), "3d_fullres", "2", "-tr", "nnUNetTrainer_STUNet_TPP_ConvAdapter", "-p",
+                               "nnUNetPlans", "-device", "cpu", "-pretrained_weights", "small_ep4k.model"]
+        else:
+            assert cmd[3] == "nnunet-predict"
+            args = dict(zip(cmd[4::2], cmd[5::2]))
+            assert args["-i"] == str(tmp_path / "raw" / f"Dataset{did}_{name}" / "imagesTs")
+            assert args["-o"] == str(runner.fold_dir / "predictions") and args["-d"] == str(did)
+            assert args["-tr"] == "nnUNetTrainer_STUNet_TPP_ConvAdapter" and args["-f"] == "2"
+
+
+def test_bundles_share_everything_but_the_dataset():
+    a, b = (REPO / "bundles" / "lits_convadapter_tpp" / "configs", REPO / "bundles" / "kits_convadapter_tpp" / "configs")
+    for stage in STAGES:
+        ta, tb = json.loads((a / f"{stage}.json").read_text()), json.loads((b / f"{stage}.json").read_text())
+        assert {k: v for k, v in ta.items() if k != "dataset"} == {k: v for k, v in tb.items() if k != "dataset"}
+        assert all(str(v).startswith("%bundles/common/nnunet_tpp.json::") for k, v in ta.items()
+                   if k not in ("dataset", "settings"))
+
+
+def test_runner_options_and_errors(tmp_path):
+    from tpp_monai.nnunet.runner import NnUNetTPPRunner
+
+    r = NnUNetTPPRunner(7, "Demo", tmp_path / "raw", tmp_path / "pre", tmp_path / "res", trainer="nnUNetTrainer_STUNet_FT",
+                        continue_training=True, disable_tta=True, predict_input="in", predict_output="out",
+                        trainer_env={"TPP_NNUNET_NUM_EPOCHS": 3, "TPP_NNUNET_LR": None})
+    env = r.env(base={"nnUNet_extTrainer": "/other", "TPP_NNUNET_TPP_ONLY": "1"})
+    assert env["nnUNet_extTrainer"] == os.pathsep.join([str(REPO / "tpp_monai" / "nnunet"), "/other"])
+    assert env["TPP_NNUNET_NUM_EPOCHS"] == "3" and "TPP_NNUNET_LR" not in env and "TPP_NNUNET_TPP_ONLY" not in env
+    assert "TPP_NNUNET_ALLOW_PICKLE" not in env
+    assert r.train_cmd()[-1] == "--c" and "-pretrained_weights" not in r.train_cmd()
+    assert r.predict_cmd()[-1] == "--disable_tta" and r.predict_cmd()[5:8] == ["in", "-o", "out"]
+    assert r.fold_dir == tmp_path / "res" / "Dataset007_Demo" / "nnUNetTrainer_STUNet_FT__nnUNetPlans__3d_fullres" / "fold_0"
+    with pytest.raises(ValueError, match="needs a TPP trainer"):
+        r.commands(["tpp"])
+    with pytest.raises(ValueError, match="unknown stage"):
+        r.commands(["plan", "fit"])
+    with pytest.raises(ValueError, match="1..999"):
+        NnUNetTPPRunner(1000, "X", "a", "b", "c")
+    assert [s for s, *_ in r.commands(["evaluate", "plan", "train"])] == ["plan", "train", "evaluate"]  # run order
+
+
+def test_evaluate_stage_dice(tmp_path):
+    """evaluate: Dice of <fold>/validation against labelsTr with the dataset.json labels."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from tpp_monai.nnunet.runner import NnUNetTPPRunner
+
+    r = NnUNetTPPRunner(501, "LiTS", tmp_path / "raw", tmp_path / "pre", tmp_path / "res", device="cpu")
+    (r.raw_dataset_dir / "labelsTr").mkdir(parents=True)
+    (r.fold_dir / "validation").mkdir(parents=True)
+    (r.raw_dataset_dir / "dataset.json").write_text(json.dumps(
+        {"labels": {"background": 0, "liver": 1, "tumour": 2}, "file_ending": ".nii.gz", "numTraining": 1,
+         "channel_names": {"0": "CT"}}))
+    ref = np.zeros((4, 4, 4), np.uint8)
+    ref[0, :2] = 1  # 8 liver voxels
+    ref[3, 0, :2] = 2  # 2 tumour voxels
+    pred = ref.copy()
+    pred[0, 0] = 0  # 4 liver voxels found
+    sitk.WriteImage(sitk.GetImageFromArray(ref), str(r.raw_dataset_dir / "labelsTr" / "lits_0000.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(pred), str(r.fold_dir / "validation" / "lits_0000.nii.gz"))
+    s = r.run(["evaluate"])["evaluate"]
+    assert s["per_label"] == {"liver": pytest.approx(2 * 4 / 12), "tumour": 1.0}
+    assert s["mean_dice"] == pytest.approx((2 / 3 + 1) / 2)
+    assert json.loads((r.fold_dir / "dice_summary.json").read_text())["n_cases"] == 1
+
+
+def test_monai_bundle_cli_dry_run():
+    r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                        "bundles/kits_convadapter_tpp/configs/tpp_pretrain.json", "--meta_file",
+                        "bundles/kits_convadapter_tpp/configs/metadata.json", "--settings::dry_run", "true",
+                        "--settings::device", "cpu"], capture_output=True, text=True, cwd=REPO,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "stage plan:" in r.stdout and "nnUNetv2_plan_and_preprocess -d 502" in r.stdout
+    assert "stage tpp:" in r.stdout and "'TPP_NNUNET_TPP_ONLY': '1'" in r.stdout

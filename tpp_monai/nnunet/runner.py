@@ -1,0 +1,198 @@
+"""Run the nnU-Net v2 stages of the LiTS / KiTS bundles with the tpp-monai trainers.
+
+Stages (in this order when several are asked for):
+
+- ``plan``: ``nnUNetv2_plan_and_preprocess -d ID -c CONFIG -np N --verify_dataset_integrity``;
+- ``tpp``: ``tpp-monai nnunet-train ...`` with ``TPP_NNUNET_TPP_ONLY=1``: the trainer runs only its TPP stage
+  (3D DINO on the fold's training cases) and writes ``<fold folder>/tpp_target_params.pt``;
+- ``train``: ``tpp-monai nnunet-train ID CONFIG FOLD -tr TRAINER -device DEV [-pretrained_weights W]``: TPP
+  (skipped if ``tpp`` already wrote its file for the same backbone) then fine-tuning and nnU-Net's validation;
+- ``predict``: ``tpp-monai nnunet-predict -i IN -o OUT -d ID -c CONFIG -f FOLD -tr TRAINER -device DEV``;
+- ``evaluate``: mean / per-label Dice (:mod:`tpp_monai.metrics.nnunet_dice`) of the fold's validation
+  predictions (``<fold folder>/validation``, written by ``train``) against ``labelsTr``.
+
+Why not ``monai.apps.nnunet.nnUNetV2Runner`` (monai 1.6.1)? It converts MONAI datalists (our prepare scripts
+already write nnU-Net raw datasets), rewrites ``os.environ`` when constructed, always adds ``-num_gpus`` and
+passes extra options as ``--key`` (nnUNetv2_train needs ``-device``), and has no way to set
+``nnUNet_extTrainer``. This module builds the same command lines explicitly; :meth:`NnUNetTPPRunner.commands`
+returns them (with their environments) without running anything, which the tests check.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from tpp_monai.nnunet import trainer_path
+
+STAGES = ("plan", "tpp", "train", "predict", "evaluate")
+
+
+def _bin(tool: str) -> str:
+    """``tool`` next to this interpreter (the venv's nnUNetv2_* scripts), else the bare name (PATH)."""
+    exe = Path(sys.executable).parent / tool
+    return str(exe) if exe.exists() else tool
+
+
+@dataclass
+class NnUNetTPPRunner:
+    """Command lines and environments for one dataset / configuration / fold / trainer."""
+
+    dataset_id: int
+    dataset_name: str
+    nnunet_raw: str
+    nnunet_preprocessed: str
+    nnunet_results: str
+    configuration: str = "3d_fullres"
+    fold: int | str = 0
+    trainer: str = "nnUNetTrainer_STUNet_TPP_ConvAdapter"
+    plans: str = "nnUNetPlans"
+    device: str = "cuda"
+    pretrained_weights: str | None = None
+    allow_pickle: bool = False
+    num_processes: int = 4
+    continue_training: bool = False
+    predict_input: str | None = None
+    predict_output: str | None = None
+    disable_tta: bool = False
+    evaluate_output: str | None = None
+    dry_run: bool = False  # run(): print the commands, run nothing
+    trainer_env: dict = field(default_factory=dict)  # e.g. {"TPP_NNUNET_TPP_ITERS": 2500}; None values dropped
+
+    def __post_init__(self):
+        self.dataset_id = int(self.dataset_id)
+        for k in ("nnunet_raw", "nnunet_preprocessed", "nnunet_results"):
+            setattr(self, k, os.path.abspath(os.path.expanduser(str(getattr(self, k)))))
+        if not 1 <= self.dataset_id <= 999:
+            raise ValueError(f"dataset_id {self.dataset_id} must be in 1..999")
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def dataset_folder_name(self) -> str:
+        return f"Dataset{self.dataset_id:03d}_{self.dataset_name}"
+
+    @property
+    def raw_dataset_dir(self) -> Path:
+        return Path(self.nnunet_raw) / self.dataset_folder_name
+
+    @property
+    def fold_dir(self) -> Path:
+        return (Path(self.nnunet_results) / self.dataset_folder_name /
+                f"{self.trainer}__{self.plans}__{self.configuration}" / f"fold_{self.fold}")
+
+    @property
+    def tpp_file(self) -> Path:
+        return self.fold_dir / "tpp_target_params.pt"
+
+    def _predict_io(self) -> tuple[str, str]:
+        src = self.predict_input or str(self.raw_dataset_dir / "imagesTs")
+        dst = self.predict_output or str(self.fold_dir / "predictions")
+        return src, dst
+
+    # ------------------------------------------------------------------ environment and commands
+    def env(self, tpp_only: bool = False, base: dict | None = None) -> dict[str, str]:
+        env = dict(os.environ if base is None else base)
+        env.update(nnUNet_raw=str(self.nnunet_raw), nnUNet_preprocessed=str(self.nnunet_preprocessed),
+                   nnUNet_results=str(self.nnunet_results))
+        paths = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+        if trainer_path() not in paths:
+            paths.insert(0, trainer_path())
+        env["nnUNet_extTrainer"] = os.pathsep.join(paths)
+        for k, v in (self.trainer_env or {}).items():
+            if v is not None:
+                env[str(k)] = str(v)
+        if self.allow_pickle:
+            env["TPP_NNUNET_ALLOW_PICKLE"] = "1"
+        if tpp_only:
+            env["TPP_NNUNET_TPP_ONLY"] = "1"
+        else:
+            env.pop("TPP_NNUNET_TPP_ONLY", None)
+        return env
+
+    def plan_cmd(self) -> list[str]:
+        return [_bin("nnUNetv2_plan_and_preprocess"), "-d", str(self.dataset_id), "-c", self.configuration,
+                "-np", str(self.num_processes), "--verify_dataset_integrity"]
+
+    def train_cmd(self) -> list[str]:
+        cmd = [sys.executable, "-m", "tpp_monai.cli", "nnunet-train", str(self.dataset_id), self.configuration,
+               str(self.fold), "-tr", self.trainer, "-p", self.plans, "-device", self.device]
+        if self.pretrained_weights:
+            cmd += ["-pretrained_weights", str(self.pretrained_weights)]
+        if self.continue_training:
+            cmd.append("--c")
+        return cmd
+
+    def predict_cmd(self) -> list[str]:
+        src, dst = self._predict_io()
+        cmd = [sys.executable, "-m", "tpp_monai.cli", "nnunet-predict", "-i", src, "-o", dst, "-d",
+               str(self.dataset_id), "-c", self.configuration, "-f", str(self.fold), "-tr", self.trainer, "-p",
+               self.plans, "-device", self.device]
+        if self.disable_tta:
+            cmd.append("--disable_tta")
+        return cmd
+
+    def commands(self, stages: Sequence[str] | str) -> list[tuple[str, list[str] | None, dict[str, str] | None]]:
+        """``[(stage, argv, env)]`` in run order; ``evaluate`` runs in-process (argv and env None)."""
+        stages = [stages] if isinstance(stages, str) else list(stages)
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; choose from {STAGES}")
+        if "tpp" in stages and "TPP" not in self.trainer:
+            raise ValueError(f"stage 'tpp' needs a TPP trainer (nnUNetTrainer_STUNet_TPP_ConvAdapter*), not {self.trainer}")
+        out = []
+        for s in STAGES:
+            if s not in stages:
+                continue
+            if s == "plan":
+                out.append((s, self.plan_cmd(), self.env()))
+            elif s == "tpp":
+                out.append((s, self.train_cmd(), self.env(tpp_only=True)))
+            elif s == "train":
+                out.append((s, self.train_cmd(), self.env()))
+            elif s == "predict":
+                out.append((s, self.predict_cmd(), self.env()))
+            else:
+                out.append((s, None, None))
+        return out
+
+    def evaluate(self, pred_dir: str | None = None) -> dict:
+        from tpp_monai.metrics.nnunet_dice import dice_summary_for_dataset
+
+        pred = Path(pred_dir) if pred_dir else self.fold_dir / "validation"
+        out = self.evaluate_output or str(self.fold_dir / "dice_summary.json")
+        print(f"[tpp-monai] Dice of {pred} against {self.raw_dataset_dir / 'labelsTr'} -> {out}")
+        return dice_summary_for_dataset(pred, self.raw_dataset_dir / "labelsTr", self.raw_dataset_dir / "dataset.json",
+                                        out)
+
+    def run(self, stages: Sequence[str] | str, dry_run: bool | None = None) -> dict:
+        """Run the stages in order (stop at the first failure). ``dry_run`` (default ``self.dry_run``): print the
+        commands only."""
+        dry_run = self.dry_run if dry_run is None else dry_run
+        results: dict = {}
+        for stage, cmd, env in self.commands(stages):
+            if cmd is None:
+                print(f"[tpp-monai] stage {stage}: Dice summary (in-process)")
+                results[stage] = None if dry_run else self.evaluate()
+                continue
+            extra = {k: v for k, v in env.items() if k.startswith(("nnUNet_", "TPP_NNUNET_"))}
+            print(f"[tpp-monai] stage {stage}: {' '.join(cmd)}\n  env: {extra}", flush=True)
+            if dry_run:
+                results[stage] = cmd
+                continue
+            r = subprocess.run(cmd, env=env)
+            if r.returncode != 0:
+                raise RuntimeError(f"stage {stage} failed with exit code {r.returncode}: {' '.join(cmd)}")
+            results[stage] = r.returncode
+        return results
+
+
+def run_nnunet(stages: Sequence[str] | str, dry_run: bool | None = None, **kwargs) -> dict:
+    """``NnUNetTPPRunner(**kwargs).run(stages, dry_run)``."""
+    return NnUNetTPPRunner(**kwargs).run(stages, dry_run=dry_run)
+
+
+__all__ = ["NnUNetTPPRunner", "run_nnunet", "STAGES"]
