@@ -1,0 +1,61 @@
+"""Datalist loading for the bundles: clear errors, relative paths resolved against the datalist's folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class BundleDataError(FileNotFoundError):
+    """The datalist named by the bundle (``--dataset_dir`` / ``--datalist``) is missing or malformed."""
+
+
+def default_bundle_root(config_file: str | os.PathLike | None = None) -> str:
+    """The bundle folder (parent of ``configs/``) of ``config_file``; the CWD when not given."""
+    if not config_file:
+        return os.getcwd()
+    return str(Path(config_file).resolve().parent.parent)
+
+
+def load_datalist(datalist: str | os.PathLike, split: str = "training", base_dir: str | os.PathLike | None = None,
+                  image_only: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
+    """Entries of ``split`` in a MONAI datalist JSON written by ``scripts/prepare_<dataset>.py``.
+
+    Relative ``image``/``label`` paths are joined with ``base_dir`` (default: the datalist's folder).
+    ``image_only``: entries ``{"image": path, "label": 0}`` (pretext stages use images only; the dummy
+    label keeps the classification transforms usable for any task). ``limit``: first N entries.
+    """
+    p = Path(datalist)
+    if not p.is_file():
+        raise BundleDataError(
+            f"datalist not found: {p}. Prepare it first, e.g. `python scripts/prepare_<dataset>.py --root "
+            f"<download folder> --out {p}` (see the bundle's docs/README.md), or pass --dataset_dir / --datalist."
+        )
+    try:
+        obj = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleDataError(f"datalist {p} is not valid JSON ({e}); re-run the prepare script") from e
+    if not isinstance(obj, dict) or split not in obj:
+        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise BundleDataError(f"datalist {p} has no '{split}' list (found {keys}); re-run the prepare script")
+    base = Path(base_dir) if base_dir else p.parent
+    out = []
+    for e in obj[split]:
+        if not isinstance(e, dict) or "image" not in e:
+            raise BundleDataError(f"datalist {p}: entry {e!r} of '{split}' has no 'image'")
+        e = dict(e)
+        for k in ("image", "label"):
+            v = e.get(k)
+            if isinstance(v, str) and not os.path.isabs(v):
+                e[k] = str(base / v)
+        out.append({"image": e["image"], "label": 0} if image_only else e)
+    if not out:
+        raise BundleDataError(f"datalist {p}: split '{split}' is empty")
+    return out[:limit] if limit else out
+
+
+def with_paths(entries: list[dict[str, Any]], key: str = "image", name: str = "path") -> list[dict[str, Any]]:
+    """Copy each entry's ``key`` path into ``name`` so it survives loading (inference file names)."""
+    return [{**e, name: str(e[key])} for e in entries]

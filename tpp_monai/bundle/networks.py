@@ -1,0 +1,183 @@
+"""Network factories used by the bundles' ``network_def`` (plain arguments, type hints, loud errors).
+
+    backbone  = build_backbone(backbone_ckpt, size="base", img_size=224)          # "" -> random init (warned)
+    backbone  = build_peft_backbone(backbone_ckpt, ..., peft_method="adapter", peft_config={...},
+                                    tpp_ckpt="models/tpp_target_params.pt")       # stage-2 hand-over
+    network   = build_classifier(...) / build_segmenter(...)                       # backbone + task head
+    network   = load_target_params(network, tpp_ckpt)                             # bundles' ``network`` id
+
+A backbone built without a checkpoint is seeded (``init_seed``), so the TPP stage and the
+fine-tuning stage build the *same* random backbone and the target-parameter checkpoint's
+fingerprint check passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from tpp_monai.backbones.vit import VisionTransformer, ViTConfig
+
+logger = logging.getLogger("tpp_monai.bundle")
+
+TPP_MISSING_HELP = (
+    "Run the TPP stage first (python -m monai.bundle run --config_file <bundle>/configs/tpp_pretrain.json "
+    "--dataset_dir ... --backbone_ckpt ...), point --tpp_ckpt to its models/tpp_target_params.pt, "
+    "or pass --tpp_ckpt \"\" to fine-tune from the method's own initialisation (\"without TPP\")."
+)
+
+
+class TPPCheckpointMissing(FileNotFoundError):
+    """The stage-2 target-parameter checkpoint named by ``tpp_ckpt`` does not exist."""
+
+
+def _is_empty(path: str | os.PathLike | None) -> bool:
+    return path is None or str(path).strip() in ("", "None", "none")
+
+
+def build_backbone(
+    backbone_ckpt: str | os.PathLike | None = "",
+    size: str = "base",
+    img_size: int = 224,
+    in_chans: int = 3,
+    patch_size: int = 16,
+    allow_pickle: bool = False,
+    ckpt_format: str = "auto",
+    init_seed: int = 0,
+    vit_overrides: Mapping[str, Any] | None = None,
+) -> VisionTransformer:
+    """A ViT from a pre-trained checkpoint (MedCoSS / MAE / DINO / timm), or a seeded random one.
+
+    ``backbone_ckpt`` empty: random initialisation with a loud warning (smoke tests only).
+    With a checkpoint, the architecture is inferred from its tensors (``size``/``vit_overrides``
+    are then ignored, except ``img_size``; ``vit_overrides`` e.g. ``{"depth": 4}``); ``allow_pickle`` opts into legacy pickled files
+    (MedCoSS ``.pth``) from trusted sources only.
+    """
+    if _is_empty(backbone_ckpt):
+        msg = ("No --backbone_ckpt given: the ViT backbone is RANDOMLY INITIALISED (seed %d). This is only useful "
+               "for smoke tests; pass --backbone_ckpt /path/to/medcoss_or_mae.pth for real results." % init_seed)
+        warnings.warn(msg, stacklevel=2)
+        cfg = ViTConfig.from_size(size, img_size=img_size, in_chans=in_chans, patch_size=patch_size,
+                                  **dict(vit_overrides or {}))
+        state = torch.random.get_rng_state()
+        torch.manual_seed(init_seed)
+        try:
+            return VisionTransformer(cfg)
+        finally:
+            torch.random.set_rng_state(state)
+    from tpp_monai.backbones.checkpoints import build_vit_from_checkpoint
+
+    p = Path(backbone_ckpt)  # type: ignore[arg-type]
+    if not p.is_file():
+        raise FileNotFoundError(f"--backbone_ckpt {p} does not exist; give the pre-trained ViT checkpoint "
+                                "(MedCoSS/MAE/DINO/timm) or \"\" for a random backbone (smoke tests only).")
+    model, loaded = build_vit_from_checkpoint(p, format=ckpt_format, allow_pickle=allow_pickle, img_size=img_size)
+    logger.info("backbone: %s", loaded.summary())
+    return model
+
+
+def read_decoder_state(backbone_ckpt: str | os.PathLike | None, allow_pickle: bool = False,
+                       ckpt_format: str = "auto") -> dict[str, torch.Tensor]:
+    """The MAE decoder stored with a backbone checkpoint (timm-MAE names); {} when there is none."""
+    if _is_empty(backbone_ckpt):
+        return {}
+    from tpp_monai.backbones.checkpoints import load_vit_checkpoint
+
+    return dict(load_vit_checkpoint(backbone_ckpt, format=ckpt_format, allow_partial=True,
+                                    allow_pickle=allow_pickle).decoder_state)
+
+
+def load_target_params(network: nn.Module, tpp_ckpt: str | os.PathLike | None) -> nn.Module:
+    """Load the TPP stage's target parameters into ``network`` (or ``network.backbone``), checked.
+
+    ``tpp_ckpt`` empty: nothing is loaded (fine-tuning without TPP). A missing file is a
+    :class:`TPPCheckpointMissing` telling how to produce it.
+    """
+    if _is_empty(tpp_ckpt):
+        logger.info("no --tpp_ckpt: fine-tuning WITHOUT TPP (target parameters keep their default init)")
+        return network
+    p = Path(tpp_ckpt)  # type: ignore[arg-type]
+    if not p.is_file():
+        raise TPPCheckpointMissing(f"TPP target-parameter checkpoint not found: {p}. {TPP_MISSING_HELP}")
+    from tpp_monai.checkpoint import load_target_checkpoint
+
+    backbone = getattr(network, "backbone", network)
+    meta = load_target_checkpoint(p, backbone)
+    logger.info("loaded TPP target parameters from %s (pretext %s, iteration %s)", p, meta.get("pretext"),
+                meta.get("iteration"))
+    return network
+
+
+def build_peft_backbone(
+    backbone_ckpt: str | os.PathLike | None = "",
+    size: str = "base",
+    img_size: int = 224,
+    in_chans: int = 3,
+    peft_method: str = "adapter",
+    peft_config: Mapping[str, Any] | None = None,
+    tpp_ckpt: str | os.PathLike | None = "",
+    allow_pickle: bool = False,
+    init_seed: int = 0,
+    vit_overrides: Mapping[str, Any] | None = None,
+) -> VisionTransformer:
+    """:func:`build_backbone` + ``apply_peft`` (+ the TPP target parameters when ``tpp_ckpt`` is set)."""
+    from tpp_monai.peft.api import apply_peft
+
+    backbone = build_backbone(backbone_ckpt, size=size, img_size=img_size, in_chans=in_chans,
+                              allow_pickle=allow_pickle, init_seed=init_seed, vit_overrides=vit_overrides)
+    apply_peft(backbone, peft_method, dict(peft_config or {}))
+    return load_target_params(backbone, tpp_ckpt)  # type: ignore[return-value]
+
+
+def build_classifier(backbone: nn.Module, num_classes: int, pool: str = "mean", fc_norm: bool = True) -> nn.Module:
+    """ViT (+ PEFT) + linear head: ``forward(image) -> logits (B, num_classes)``."""
+    from tpp_monai.networks import build_vit_classifier
+
+    return build_vit_classifier(backbone, num_classes, pool=pool, fc_norm=fc_norm)
+
+
+def build_segmenter(backbone: nn.Module, num_classes: int, feature_size: int = 16,
+                    norm_name: str = "instance") -> nn.Module:
+    """ViT (+ PEFT) + UNETR 2D decoder: ``forward(image) -> logits (B, num_classes, H, W)``."""
+    from tpp_monai.heads.segmentation import build_vit_segmenter
+
+    return build_vit_segmenter(backbone, num_classes, feature_size=feature_size, norm_name=norm_name)
+
+
+def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in network.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("The network has no trainable parameters (PEFT froze everything and no head?)")
+    return params
+
+
+def build_optimizer(network: nn.Module, lr: float = 1e-4, weight_decay: float = 0.05,
+                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (target parameters + task head), no decay on norms/biases."""
+    from tpp_monai.engines.optim import param_groups
+
+    named = [(n, p) for n, p in network.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("The network has no trainable parameters (PEFT froze everything and no head?)")
+    return torch.optim.AdamW(param_groups(named, weight_decay), lr=lr, betas=tuple(betas))
+
+
+def trainable_report(network: nn.Module) -> dict[str, float]:
+    """Trainable / total parameters (the paper's "Ratio", task head included)."""
+    total = sum(p.numel() for p in network.parameters())
+    train = sum(p.numel() for p in network.parameters() if p.requires_grad)
+    return {"trainable": train, "total": total, "ratio_percent": 100.0 * train / max(total, 1)}
+
+
+def log_trainable(network: nn.Module) -> nn.Module:
+    r = trainable_report(network)
+    logger.info("trainable parameters: %d / %d (%.3f%%)", r["trainable"], r["total"], r["ratio_percent"])
+    print(f"[tpp-monai] trainable parameters: {r['trainable']:,} / {r['total']:,} ({r['ratio_percent']:.3f}%)",
+          flush=True)
+    return network

@@ -1,0 +1,111 @@
+"""Stage 2 (TPP) and the demo's stage 1 (upstream MAE pre-training) for the bundles' JSON."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from tpp_monai.bundle.networks import _is_empty, read_decoder_state
+
+logger = logging.getLogger("tpp_monai.bundle")
+
+TARGET_FILE = "tpp_target_params.pt"
+
+
+def build_pretext(
+    backbone: nn.Module, pretext: str = "mae", decoder_mode: str = "inherit_frozen",
+    backbone_ckpt: str | os.PathLike | None = "", allow_pickle: bool = False,
+    pretext_config: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """The pretext task around a PEFT backbone.
+
+    MAE: ``decoder_mode`` ``inherit_frozen`` (classification) / ``inherit_trainable``
+    (segmentation) take the MAE decoder stored with ``backbone_ckpt``; when the checkpoint has no
+    decoder (DINO/timm backbone, or no checkpoint) a fresh decoder (``"new"``) is used, with a warning.
+    Other pretexts (``dino``) get ``pretext_config`` only.
+    """
+    from tpp_monai.pretext import PRETEXT_TASKS
+
+    cfg = dict(pretext_config or {})
+    if pretext == "mae":
+        if decoder_mode != "new":
+            dec = read_decoder_state(backbone_ckpt, allow_pickle=allow_pickle)
+            if dec:
+                cfg.update(decoder_mode=decoder_mode, decoder_state=dec)
+            else:
+                logger.warning("backbone checkpoint %r has no MAE decoder: using a new, trainable decoder instead of "
+                               "'%s'", backbone_ckpt, decoder_mode)
+                cfg["decoder_mode"] = "new"
+        else:
+            cfg["decoder_mode"] = "new"
+    return PRETEXT_TASKS.get(pretext)(backbone, **cfg)
+
+
+def build_tpp_optimizer(task: nn.Module, lr: float | None = None, batch_size: int = 64,
+                        weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """AdamW over target parameters + trainable pretext head; paper defaults per pretext when None."""
+    from tpp_monai.engines.optim import PRETEXT_DEFAULTS, build_optimizer, default_lr
+
+    name = getattr(task, "name", "mae")
+    d = PRETEXT_DEFAULTS.get(name, PRETEXT_DEFAULTS["mae"])
+    lr = default_lr(name if name in PRETEXT_DEFAULTS else "mae", batch_size) if lr is None else lr
+    wd = d["weight_decay"] if weight_decay is None else weight_decay
+    return build_optimizer(task, lr=lr, weight_decay=wd, betas=tuple(d["betas"]))
+
+
+def build_tpp_trainer(
+    task: nn.Module, optimizer: torch.optim.Optimizer, data_loader: Iterable, output_dir: str | os.PathLike,
+    device: str | torch.device = "cpu", max_epochs: int = 1, epoch_length: int | None = None,
+    lr: float | None = None, warmup_epochs: float = 40, min_lr: float = 0.0, weight_decay: float | None = None,
+    weight_decay_end: float | None = None, target_name: str = TARGET_FILE, seed: int | None = 0,
+    progress_bar: bool = True, log_every: int = 10, handlers: Sequence | None = None, resume: bool = False,
+    checkpoint_every_epochs: int | None = 1,
+):
+    """A :class:`~tpp_monai.engines.TPPTrainer` writing ``output_dir/<target_name>`` (default
+    ``tpp_target_params.pt``), warm-up + cosine schedule; warm-up is capped at half the run."""
+    from tpp_monai.engines.optim import PRETEXT_DEFAULTS
+    from tpp_monai.engines.tpp_trainer import TPPTrainer
+
+    name = getattr(task, "name", "mae")
+    d = PRETEXT_DEFAULTS.get(name, PRETEXT_DEFAULTS["mae"])
+    lr = optimizer.param_groups[0]["lr"] if lr is None else lr
+    wd = d["weight_decay"] if weight_decay is None else weight_decay
+    wd_end = d["weight_decay_end"] if weight_decay_end is None else weight_decay_end
+    os.makedirs(output_dir, exist_ok=True)
+    warm = min(float(warmup_epochs), max_epochs / 2)
+    trainer = TPPTrainer(
+        device=torch.device(device), max_epochs=int(max_epochs), data_loader=data_loader, task=task,
+        optimizer=optimizer, output_dir=output_dir, epoch_length=epoch_length,
+        schedule={"lr": lr, "warmup_epochs": warm, "min_lr": min_lr, "weight_decay": wd, "weight_decay_end": wd_end},
+        seed=seed, progress_bar=progress_bar, log_every=log_every, handlers=handlers, resume=resume,
+        checkpoint_every_epochs=checkpoint_every_epochs,
+    )
+    trainer.checkpointer.target_path = Path(output_dir) / target_name
+    return trainer
+
+
+def save_mae_checkpoint(task: nn.Module, path: str | os.PathLike) -> Path:
+    """Write an upstream MAE checkpoint in the timm-MAE layout ``{'model': encoder + decoder tensors}``.
+
+    The encoder tensors keep the timm names (``patch_embed.*``, ``blocks.N.*``, ...), PEFT-inserted
+    tensors (``peft_*``) are left out, the decoder keeps ``decoder_*``/``mask_token``; so
+    :func:`tpp_monai.backbones.checkpoints.load_vit_checkpoint` reads it like a released MAE file.
+    """
+    from tpp_monai.checkpoint import atomic_save
+
+    enc = {k: v.detach().cpu().clone() for k, v in task.backbone.state_dict().items() if "peft_" not in k}
+    dec = {k: v.detach().cpu().clone() for k, v in task.decoder.state_dict().items()}
+    cfg = task.backbone.cfg.to_dict() if hasattr(task.backbone, "cfg") else {}
+    out = atomic_save({"model": {**enc, **dec}, "config": cfg, "source": "tpp-monai upstream MAE (demo)"}, path)
+    logger.info("wrote MAE backbone checkpoint %s", out)
+    print(f"[tpp-monai] wrote MAE backbone checkpoint {out}", flush=True)
+    return out
+
+
+def exists_or_empty(path: str | os.PathLike | None) -> bool:
+    return _is_empty(path) or Path(path).is_file()  # type: ignore[arg-type]
