@@ -69,10 +69,18 @@ def test_plan_train_tpp_predict(demo_raw, tmp_path):
     ck = tmp_path / "small_pretrained.pth"
     pre = STUNet(1, 105, size="small", strides=[[2, 2, 2]] * 3 + [[1, 1, 1]] * 2)
     torch.save({"network_weights": pre.state_dict()}, ck)
-    log = run([sys.executable, "-m", "tpp_monai.cli", "nnunet-train", "990", "3d_fullres", "0", "-tr", tr,
-               "-device", "cpu", "-pretrained_weights", str(ck)], nnUNet_n_proc_DA="0")
-    assert "loaded" in log and "skipped 10 (seg_outputs)" in log
+    train = [sys.executable, "-m", "tpp_monai.cli", "nnunet-train", "990", "3d_fullres", "0", "-tr", tr,
+             "-device", "cpu", "-pretrained_weights", str(ck)]
     out = tmp_path / "res" / "Dataset990_DemoLungCT" / f"{tr}__nnUNetPlans__3d_fullres" / "fold_0"
+    # TPP only (the bundles' tpp_pretrain stage): TPP file, no nnU-Net checkpoint, no validation
+    log = run(train, nnUNet_n_proc_DA="0", TPP_NNUNET_TPP_ONLY="1")
+    assert "skipped 10 (seg_outputs)" in log and "TPP iteration 2/2" in log and "stopping after the TPP stage" in log
+    assert (out / "tpp_target_params.pt").is_file() and not list(out.glob("checkpoint_*.pth"))
+    tpp_only = torch.load(out / "tpp_target_params.pt", map_location="cpu", weights_only=True)["state_dict"]
+    # fine-tuning: the same command reuses the TPP file (same backbone fingerprint) instead of redoing TPP
+    log = run(train, nnUNet_n_proc_DA="0")
+    assert "loaded" in log and "skipped 10 (seg_outputs)" in log
+    assert "Loaded TPP target parameters from" in log and "TPP iteration" not in log
     assert (out / "tpp_target_params.pt").is_file() and (out / "checkpoint_final.pth").is_file()
     final = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["init_args"]["tpp_stage"]["done"] and final["init_args"]["tpp_stage"]["iterations"] == 2
@@ -83,6 +91,7 @@ def test_plan_train_tpp_predict(demo_raw, tmp_path):
             assert torch.equal(w[k], v), k
     tpp = torch.load(out / "tpp_target_params.pt", map_location="cpu", weights_only=True)
     assert tpp["meta"]["pretext"] == "dino3d" and all("peft_conv_adapter" in k for k in tpp["state_dict"])
+    assert all(torch.equal(tpp["state_dict"][k], v) for k, v in tpp_only.items())  # the file was reused as is
     assert any(not torch.equal(tpp["state_dict"][k], w[k]) for k in tpp["state_dict"])  # fine-tuning moved them
 
     # prediction: nnU-Net rebuilds the network (adapters included) through our trainer
