@@ -1,0 +1,361 @@
+"""2D ViT + PEFT segmentation for annotation servers (MONAI Label): build, save, load, predict, TPP + PEFT train.
+
+Nothing here imports ``monailabel``; the app in ``apps/tpp_label`` is a thin wrapper around it.
+
+Model file (``model.pt``, written atomically, readable with ``weights_only=True``)::
+
+    {"format": "tpp-label-seg2d", "version": 1,
+     "config": Seg2DConfig.to_dict(),          # enough to rebuild the network
+     "backbone_fingerprint": sha256,            # the frozen ViT the weights belong to
+     "state_dict": {name: tensor},              # trainable tensors only: PEFT target params + decoder
+     "meta": {"trained": bool, "version": int, "tpp_ckpt": ..., "num_labelled": ..., "dice": ...}}
+
+Only the target parameters and the decoder are stored (the TPP idea: the backbone never changes);
+the backbone is rebuilt from ``config.backbone_ckpt`` (or the seeded random ViT when it is empty)
+and checked against the fingerprint, so a model file never silently loads onto another backbone.
+
+Images: 2D PNG/JPG/TIF (grey or RGB) or 2D NIfTI (a single slice, trailing size-1 axes allowed).
+They are scaled to [0, 1] (uint8 by /255, other types by min-max), repeated/reduced to
+``in_chans`` channels and resized to ``img_size`` x ``img_size``; predictions are resized back
+to the input's size and written in the input's format and orientation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tpp_monai.checkpoint import CheckpointMismatch, atomic_save, safe_load
+
+logger = logging.getLogger("tpp_monai.label")
+
+MODEL_FORMAT = "tpp-label-seg2d"
+PNG_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+NIFTI_EXT = (".nii", ".nii.gz")
+
+
+class ImageReadError(ValueError):
+    """An image or label file could not be read as a 2D image (message names the file and why)."""
+
+
+@dataclass
+class Seg2DConfig:
+    """Everything needed to rebuild the segmentation network (stored inside the model file)."""
+
+    labels: dict[str, int] = field(default_factory=lambda: {"soft_tissue": 1, "bone": 2})
+    size: str = "tiny"
+    img_size: int = 96
+    in_chans: int = 3
+    backbone_ckpt: str = ""
+    allow_pickle: bool = False
+    init_seed: int = 0
+    peft_method: str = "adapter"
+    peft_config: dict[str, Any] = field(default_factory=dict)
+    feature_size: int = 16
+    vit_overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return max([0, *self.labels.values()]) + 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Seg2DConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown Seg2DConfig keys {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**dict(d))
+
+
+def parse_labels(spec: str | Sequence[str] | Mapping[str, int]) -> dict[str, int]:
+    """``"soft_tissue,bone"`` / ``["a", "b"]`` -> {"soft_tissue": 1, "bone": 2}; ``'{"a": 1}'`` or a dict as is."""
+    if isinstance(spec, Mapping):
+        out = {str(k): int(v) for k, v in spec.items()}
+    elif isinstance(spec, str) and spec.strip().startswith("{"):
+        out = {str(k): int(v) for k, v in json.loads(spec).items()}
+    else:
+        names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+        out = {n: i + 1 for i, n in enumerate(names)}
+    if not out or any(v < 1 for v in out.values()):
+        raise ValueError(f"labels must name at least one foreground class with index >= 1 (0 is background); got {spec!r}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ network
+def build_backbone(cfg: Seg2DConfig) -> nn.Module:
+    from tpp_monai.bundle.networks import build_backbone as _bb
+
+    return _bb(cfg.backbone_ckpt, size=cfg.size, img_size=cfg.img_size, in_chans=cfg.in_chans,
+               allow_pickle=cfg.allow_pickle, init_seed=cfg.init_seed, vit_overrides=cfg.vit_overrides or None)
+
+
+def build_model(cfg: Seg2DConfig, tpp_ckpt: str | os.PathLike | None = None) -> nn.Module:
+    """Backbone (+ PEFT method, + TPP target parameters if ``tpp_ckpt``) + UNETR 2D decoder."""
+    from tpp_monai.bundle.networks import build_segmenter
+    from tpp_monai.peft.api import apply_peft
+    from tpp_monai.tpp import load_for_finetuning
+
+    backbone = build_backbone(cfg)
+    if tpp_ckpt:
+        load_for_finetuning(backbone, cfg.peft_method, dict(cfg.peft_config), tpp_ckpt)
+    else:
+        apply_peft(backbone, cfg.peft_method, dict(cfg.peft_config))
+    return build_segmenter(backbone, cfg.num_classes, feature_size=cfg.feature_size)
+
+
+def _fingerprint(model: nn.Module) -> str:
+    from tpp_monai.peft.api import backbone_fingerprint
+
+    return backbone_fingerprint(model.backbone)
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if k in names or k.startswith("decoder.")}
+
+
+def save_model(path: str | os.PathLike, model: nn.Module, cfg: Seg2DConfig, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write the model file atomically (temporary file + rename): readers never see half a file."""
+    obj = {
+        "format": MODEL_FORMAT, "version": 1, "config": cfg.to_dict(),
+        "backbone_fingerprint": _fingerprint(model), "state_dict": trainable_state_dict(model),
+        "meta": {"saved_at": time.time(), **dict(meta or {})},
+    }
+    return atomic_save(obj, path)
+
+
+def read_model_file(path: str | os.PathLike) -> dict:
+    obj = safe_load(path)
+    if not isinstance(obj, dict) or obj.get("format") != MODEL_FORMAT:
+        raise CheckpointMismatch(f"{path} is not a tpp-monai label model (format '{MODEL_FORMAT}'); "
+                                 "write one with tpp_monai.label.seg2d.save_model or the app's train task.")
+    return obj
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               overrides: Mapping[str, Any] | None = None) -> tuple[nn.Module, Seg2DConfig, dict]:
+    """Rebuild the network from the file's config, check the backbone fingerprint, load the weights.
+
+    ``overrides``: config fields to replace (e.g. ``{"backbone_ckpt": "/new/place/of/vit.pth"}``).
+    """
+    obj = read_model_file(path)
+    cfg = Seg2DConfig.from_dict({**obj["config"], **dict(overrides or {})})
+    model = build_model(cfg)
+    fp = _fingerprint(model)
+    if fp != obj["backbone_fingerprint"]:
+        raise CheckpointMismatch(f"{path} was trained on another backbone (fingerprint {obj['backbone_fingerprint'][:12]} "
+                                 f"vs {fp[:12]} for backbone_ckpt={cfg.backbone_ckpt!r}); use the same backbone checkpoint.")
+    missing, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
+    expected = set(trainable_state_dict(model))
+    lacking = sorted(expected - set(obj["state_dict"]))
+    if unexpected or lacking:
+        raise CheckpointMismatch(f"{path}: tensors do not fit the network (missing {lacking[:5]}, unexpected {list(unexpected)[:5]})")
+    model.to(device).eval()
+    return model, cfg, dict(obj.get("meta", {}))
+
+
+# ----------------------------------------------------------------------------------------------- io
+def _ext(path: str | os.PathLike) -> str:
+    p = str(path).lower()
+    return ".nii.gz" if p.endswith(".nii.gz") else os.path.splitext(p)[1]
+
+
+def read_image_2d(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """(H, W) or (H, W, C) array plus what :func:`write_mask_2d` needs to write a matching mask."""
+    ext = _ext(path)
+    try:
+        if ext in NIFTI_EXT:
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            arr = np.asarray(img.dataobj)
+            while arr.ndim > 2 and arr.shape[-1] == 1:
+                arr = arr[..., 0]
+            if arr.ndim != 2:
+                raise ImageReadError(f"{path}: a 2D slice is expected, got shape {arr.shape}")
+            return arr, {"format": "nifti", "affine": np.asarray(img.affine)}
+        from PIL import Image
+
+        with Image.open(str(path)) as im:
+            im.load()
+            if im.mode in ("P", "CMYK", "LA", "RGBA"):
+                im = im.convert("RGB")
+            arr = np.asarray(im)
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim not in (2, 3):
+            raise ImageReadError(f"{path}: a 2D image is expected, got shape {arr.shape}")
+        return arr, {"format": "png"}
+    except ImageReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised with the file and the reason
+        raise ImageReadError(f"cannot read {Path(path).name} as a 2D image ({type(e).__name__}: {e})") from e
+
+
+def write_mask_2d(mask: np.ndarray, path: str | os.PathLike, info: Mapping[str, Any]) -> Path:
+    """Write a (H, W) class-index mask in the input's format (PNG uint8 or NIfTI with its affine)."""
+    path = Path(path)
+    mask = np.asarray(mask).astype(np.uint8)
+    if info.get("format") == "nifti":
+        import nibabel as nib
+
+        nib.save(nib.Nifti1Image(mask, info.get("affine", np.eye(4))), str(path))
+    else:
+        from PIL import Image
+
+        Image.fromarray(mask).save(str(path))
+    return path
+
+
+def to_model_input(arr: np.ndarray, img_size: int, in_chans: int = 3) -> torch.Tensor:
+    """(H, W[, C]) array -> (in_chans, img_size, img_size) float tensor in [0, 1]."""
+    a = np.asarray(arr)
+    x = torch.from_numpy(a.astype(np.float32))
+    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+    if a.dtype == np.uint8:
+        x = x / 255.0
+    else:
+        lo, hi = float(x.min()), float(x.max())
+        x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+    if x.shape[0] != in_chans:
+        x = x.mean(0, keepdim=True).repeat(in_chans, 1, 1)
+    return F.interpolate(x[None], size=(img_size, img_size), mode="bilinear", align_corners=False)[0]
+
+
+def to_model_label(arr: np.ndarray, img_size: int, num_classes: int) -> torch.Tensor:
+    """(H, W) class-index mask -> (1, img_size, img_size) long tensor (nearest); values >= num_classes are an error."""
+    a = np.asarray(arr)
+    if a.ndim == 3:
+        a = a[..., 0]
+    if a.max(initial=0) >= num_classes:
+        raise ValueError(f"label has class {int(a.max())} but the model has {num_classes} classes (0..{num_classes - 1})")
+    y = torch.from_numpy(a.astype(np.int64))[None, None].float()
+    return F.interpolate(y, size=(img_size, img_size), mode="nearest")[0].long()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, arr: np.ndarray, cfg: Seg2DConfig, device: str | torch.device = "cpu") -> np.ndarray:
+    """Class-index mask (H, W) uint8 at the input's size."""
+    x = to_model_input(arr, cfg.img_size, cfg.in_chans)[None].to(device)
+    logits = model(x)
+    logits = F.interpolate(logits, size=tuple(np.asarray(arr).shape[:2]), mode="bilinear", align_corners=False)
+    return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+
+
+# -------------------------------------------------------------------------------------------- train
+def _dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """Mean foreground Dice over classes present in target or prediction."""
+    ds = []
+    for c in range(1, num_classes):
+        p, t = pred == c, target == c
+        s = p.sum() + t.sum()
+        if s > 0:
+            ds.append(float(2 * (p & t).sum()) / float(s))
+    return float(np.mean(ds)) if ds else 1.0
+
+
+def train_tpp_peft(
+    cfg: Seg2DConfig,
+    images: Sequence[str | os.PathLike],
+    labelled: Sequence[tuple[str | os.PathLike, str | os.PathLike]],
+    output: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    *,
+    pretext: str = "mae",
+    pretext_config: Mapping[str, Any] | None = None,
+    tpp_epochs: int = 1,
+    ft_epochs: int = 1,
+    batch_size: int = 8,
+    tpp_lr: float | None = None,
+    ft_lr: float = 1e-3,
+    tpp: bool = True,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    version: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """TPP (pretext on every image, labelled or not) then PEFT fine-tuning on the labelled pairs.
+
+    Writes ``output`` atomically (infer tasks watching its mtime pick it up) and returns stats.
+    ``tpp=False`` skips the TPP stage (PEFT from the method's own initialisation).
+    """
+    from monai.losses import DiceCELoss
+
+    from tpp_monai.bundle.networks import build_optimizer
+    from tpp_monai.tpp import tpp_pretrain
+
+    log = log or logger.info
+    device = torch.device(device)
+    if not labelled:
+        raise ValueError("no labelled images in the datastore: save at least one label before training")
+    t0 = time.time()
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- TPP stage: backbone frozen, target parameters + pretext head train on all images
+    tpp_ckpt = None
+    tpp_seconds = 0.0
+    if tpp and tpp_epochs > 0:
+        pool = torch.stack([to_model_input(read_image_2d(p)[0], cfg.img_size, cfg.in_chans) for p in images])
+        log(f"TPP: {pretext} on {len(pool)} images, {tpp_epochs} epoch(s), PEFT {cfg.peft_method}")
+        backbone = build_backbone(cfg)
+        tpp_ckpt = tpp_pretrain(
+            backbone, cfg.peft_method, pretext, pool, peft_config=dict(cfg.peft_config),
+            pretext_config=dict(pretext_config or {}), epochs=tpp_epochs, batch_size=min(batch_size, len(pool)),
+            lr=tpp_lr, output_dir=work_dir / "tpp", seed=seed, device=device, tensorboard=False,
+            checkpoint_every_epochs=tpp_epochs, log_every=10**9,
+        )
+        tpp_seconds = time.time() - t0
+        log(f"TPP done in {tpp_seconds:.1f} s -> {tpp_ckpt}")
+
+    # --- fine-tuning: same target parameters (loaded) + decoder on the labelled images
+    torch.manual_seed(seed)
+    model = build_model(cfg, tpp_ckpt=tpp_ckpt).to(device)
+    xs = torch.stack([to_model_input(read_image_2d(i)[0], cfg.img_size, cfg.in_chans) for i, _ in labelled])
+    ys = torch.stack([to_model_label(read_image_2d(lbl)[0], cfg.img_size, cfg.num_classes) for _, lbl in labelled])
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = build_optimizer(model, lr=ft_lr)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for ep in range(ft_epochs):
+        perm = torch.randperm(len(xs), generator=g)
+        tot = 0.0
+        for i in range(0, len(xs), batch_size):
+            idx = perm[i:i + batch_size]
+            x, y = xs[idx].to(device), ys[idx].to(device)
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(loss) * len(idx)
+        losses.append(tot / len(xs))
+        log(f"fine-tune epoch {ep + 1}/{ft_epochs}: loss {losses[-1]:.4f}")
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(xs[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(xs), batch_size)])
+    dice = _dice(pred, ys[:, 0], cfg.num_classes)
+    stats = {
+        "trained": True, "version": int(version if version is not None else time.time_ns()),
+        "tpp": bool(tpp_ckpt), "tpp_ckpt": str(tpp_ckpt) if tpp_ckpt else "", "pretext": pretext if tpp_ckpt else "",
+        "tpp_epochs": tpp_epochs if tpp_ckpt else 0, "ft_epochs": ft_epochs, "num_images": len(images),
+        "num_labelled": len(labelled), "final_loss": losses[-1] if losses else None, "train_dice": dice,
+        "tpp_seconds": round(tpp_seconds, 2), "total_seconds": round(time.time() - t0, 2),
+    }
+    save_model(output, model, cfg, meta=stats)
+    log(f"saved {output}: {json.dumps(stats)}")
+    return stats
