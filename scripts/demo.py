@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = "bundles/demo_ct_adapter_tpp"
 CFG = f"{BUNDLE}/configs"
 
-DEFAULTS = dict(image_size=96, vit_size="tiny", depth=6, up_epochs=60, tpp_epochs=30, iters=300, batch=8, val_interval=5)
+DEFAULTS = dict(image_size=96, vit_size="tiny", depth=6, up_epochs=30, tpp_epochs=20, iters=240, batch=8, val_interval=5)
 QUICK = dict(image_size=64, vit_size="tiny", depth=4, up_epochs=3, tpp_epochs=2, iters=12, batch=8, val_interval=1)
 
 
