@@ -159,7 +159,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if fp != obj["backbone_fingerprint"]:
         raise CheckpointMismatch(f"{path} was trained on another backbone (fingerprint {obj['backbone_fingerprint'][:12]} "
                                  f"vs {fp[:12]} for backbone_ckpt={cfg.backbone_ckpt!r}); use the same backbone checkpoint.")
-    missing, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
+    _, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
     expected = set(trainable_state_dict(model))
     lacking = sorted(expected - set(obj["state_dict"]))
     if unexpected or lacking:
