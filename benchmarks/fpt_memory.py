@@ -26,48 +26,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tpp_monai.benchmark.workers import run_workers  # noqa: E402
+
 CONFIGS = ("full", "adapter", "fpt_plus_online", "fpt_plus_cached")
-
-
-def _warm_up(dev) -> None:
-    import torch
-
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 2, 2), torch.nn.Flatten(), torch.nn.LayerNorm(16),
-                              torch.nn.GELU(), torch.nn.Linear(16, 2)).to(dev)
-    opt = torch.optim.AdamW(net.parameters())
-    q = torch.randn(1, 2, 4, 8, device=dev)
-    for _ in range(2):
-        out = net(torch.randn(2, 3, 4, 4, device=dev)).sum()
-        out = out + torch.nn.functional.scaled_dot_product_attention(q, q, q).sum() * 0
-        torch.nn.functional.interpolate(torch.randn(1, 3, 8, 8, device=dev), size=(4, 4), mode="bicubic")
-        out.backward()
-        opt.step()
-    del net, opt
 
 
 def _worker(config: str, size: str, device: str, img: int, side_img: int, steps: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from tpp_monai.metrics.efficiency import current_rss_bytes, peak_rss_bytes, reset_peak_rss
-
+    from tpp_monai.metrics.efficiency import PeakMemory, warm_up_runtime
     from tpp_monai.backbones.vit import build_vit
     from tpp_monai.peft import apply_peft, parameter_report
     from tpp_monai.peft.fpt_plus import FPTPlusClassifier, FPTPlusConfig, FPTSideNetwork, num_kept_tokens
 
     dev = torch.device(device)
     torch.manual_seed(0)
-    _warm_up(dev)  # lazy library initialisation (kernels, thread pools) is not training memory
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-        baseline = torch.cuda.memory_allocated(dev)
-    else:
-        reset_peak_rss()
-        baseline = current_rss_bytes()
+    warm_up_runtime(dev)  # lazy library initialisation (kernels, thread pools) is not training memory
+    memory = PeakMemory(dev, cpu_method="rss").__enter__()  # baseline: before any model is built
     t0 = time.perf_counter()
 
     x = torch.randn(1, 3, img, img, device=dev)
@@ -121,11 +101,8 @@ def _worker(config: str, size: str, device: str, img: int, side_img: int, steps:
         loss = F.cross_entropy(logits(), y)
         loss.backward()
         opt.step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev) - baseline
-    else:
-        peak = peak_rss_bytes() - baseline
+    memory.__exit__(None, None, None)
+    peak = memory.peak_bytes
     trainable = sum(p.numel() for p in params)
     return {
         "config": config, "peak_bytes": int(peak), "trainable": trainable,
@@ -135,17 +112,8 @@ def _worker(config: str, size: str, device: str, img: int, side_img: int, steps:
 
 
 def run(size: str, device: str, img: int, side_img: int, steps: int, configs=CONFIGS) -> list[dict]:
-    rows = []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                       os.environ.get("PYTHONPATH", "")])}
-    for c in configs:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", c, "--size", size, "--device", device,
-               "--img", str(img), "--side-img", str(side_img), "--steps", str(steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            raise RuntimeError(f"configuration {c} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return rows
+    args = ["--size", size, "--device", device, "--img", str(img), "--side-img", str(side_img), "--steps", str(steps)]
+    return run_workers(__file__, {c: args for c in configs})
 
 
 def table(rows: list[dict], size: str, device: str, img: int, side_img: int) -> str:

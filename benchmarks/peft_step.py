@@ -32,28 +32,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tpp_monai.benchmark.workers import run_workers  # noqa: E402
+
 DEFAULT_METHODS = ("full", "linear", "adapter", "adaptformer", "vpt", "evp", "ssf", "bitfit", "lora", "dtl")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _warm_up(dev) -> None:
-    import torch
-
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 2, 2), torch.nn.Flatten(), torch.nn.LayerNorm(16),
-                              torch.nn.GELU(), torch.nn.Linear(16, 2)).to(dev)
-    opt = torch.optim.AdamW(net.parameters())
-    q = torch.randn(1, 2, 4, 8, device=dev)
-    for _ in range(2):
-        out = net(torch.randn(2, 3, 4, 4, device=dev)).sum()
-        out = out + torch.nn.functional.scaled_dot_product_attention(q, q, q).sum() * 0
-        out = out + torch.fft.fft2(torch.randn(1, 3, 4, 4, device=dev)).real.sum() * 0
-        out.backward()
-        opt.step()
-    del net, opt
 
 
 def worker(method: str, size: str, device: str, img: int, batch: int, steps: int) -> dict:
@@ -61,19 +47,13 @@ def worker(method: str, size: str, device: str, img: int, batch: int, steps: int
     import torch.nn.functional as F
 
     from tpp_monai.backbones.vit import build_vit
-    from tpp_monai.metrics.efficiency import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+    from tpp_monai.metrics.efficiency import PeakMemory, warm_up_runtime
     from tpp_monai.peft import apply_peft, parameter_report
 
     dev = torch.device(device)
     torch.manual_seed(0)
-    _warm_up(dev)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        baseline = torch.cuda.memory_allocated(dev)
-    else:
-        reset_peak_rss()
-        baseline = current_rss_bytes()
+    warm_up_runtime(dev)
+    memory = PeakMemory(dev, cpu_method="rss").__enter__()  # baseline: before the model is built
 
     vit = build_vit(size, img_size=img)
     apply_peft(vit, method)
@@ -100,26 +80,14 @@ def worker(method: str, size: str, device: str, img: int, batch: int, steps: int
 
     step()  # warm-up
     times = [step() for _ in range(steps)]
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev) - baseline
-    else:
-        peak = peak_rss_bytes() - baseline
+    memory.__exit__(None, None, None)
     return {"method": method, "trainable_percent": rep.ratio, "trainable": rep.trainable, "total": rep.total,
-            "step_s": statistics.median(times), "peak_bytes": int(peak)}
+            "step_s": statistics.median(times), "peak_bytes": int(memory.peak_bytes)}
 
 
 def run(methods, size: str, device: str, img: int, batch: int, steps: int) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    rows = []
-    for m in methods:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", m, "--size", size, "--device", device,
-               "--img", str(img), "--batch", str(batch), "--steps", str(steps)]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if res.returncode != 0:
-            raise RuntimeError(f"method {m} failed:\n{res.stderr[-3000:]}")
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        print(f"  {m}: {rows[-1]['step_s']:.3f} s, {rows[-1]['peak_bytes'] / 2**20:.0f} MB", file=sys.stderr)
-    return rows
+    args = ["--size", size, "--device", device, "--img", str(img), "--batch", str(batch), "--steps", str(steps)]
+    return run_workers(__file__, {m: args for m in methods})
 
 
 def table(rows: list[dict], header: str) -> str:

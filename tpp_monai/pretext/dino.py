@@ -144,11 +144,24 @@ class DINOPretext(PretextTask):
         cfg = getattr(backbone, "cfg", None)
         if cfg is None:
             raise TypeError("DINO pretext needs a tpp_monai VisionTransformer-like backbone (cfg, embed_dim)")
-        peft = get_peft(backbone)  # clear error if no PEFT method is applied
-        self.head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, nlayers, norm_last_layer)
         gsize = global_crop_size or cfg.img_size
         lsize = local_crop_size or max(cfg.patch_size, int(round(gsize * 96 / 224 / cfg.patch_size)) * cfg.patch_size)
-        self.augment = MultiCropAugment(gsize, lsize, n_local_crops, global_scale, local_scale, mean, std)
+        self._setup_distillation(
+            backbone.embed_dim, MultiCropAugment(gsize, lsize, n_local_crops, global_scale, local_scale, mean, std),
+            out_dim, hidden_dim, bottleneck_dim, nlayers, norm_last_layer, student_temp, teacher_temp,
+            warmup_teacher_temp, teacher_temp_warmup_frac, center_momentum, momentum_teacher,
+        )
+
+    def _setup_distillation(
+        self, feat_dim: int, augment: nn.Module, out_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int,
+        norm_last_layer: bool, student_temp: float, teacher_temp: float, warmup_teacher_temp: float,
+        teacher_temp_warmup_frac: float, center_momentum: float, momentum_teacher: float,
+    ) -> None:
+        """Projection head, temperatures, centre and the EMA teacher (shared by the 2D and 3D tasks)."""
+        backbone = self.backbone
+        peft = get_peft(backbone)  # clear error if no PEFT method is applied
+        self.head = DINOHead(feat_dim, out_dim, hidden_dim, bottleneck_dim, nlayers, norm_last_layer)
+        self.augment = augment
         self.student_temp, self.teacher_temp, self.warmup_teacher_temp = student_temp, teacher_temp, warmup_teacher_temp
         self.teacher_temp_warmup_frac = teacher_temp_warmup_frac
         self.center_momentum, self.momentum_teacher = center_momentum, momentum_teacher

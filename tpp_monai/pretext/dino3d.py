@@ -12,16 +12,14 @@ Trainable: target parameters + projection head.
 
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpp_monai.peft.api import get_peft
 from tpp_monai.pretext.base import PretextTask
-from tpp_monai.pretext.dino import DINOHead, DINOPretext
+from tpp_monai.pretext.dino import DINOPretext
 from tpp_monai.pretext.registry import PRETEXT_TASKS
 
 
@@ -97,24 +95,14 @@ class DINO3DPretext(DINOPretext):
         PretextTask.__init__(self, backbone)  # not DINOPretext.__init__ (ViT-specific); reuse its methods
         if not hasattr(backbone, "forward_encoder"):
             raise TypeError("dino3d needs a CNN backbone with forward_encoder(x) (e.g. tpp_monai STUNet)")
-        peft = get_peft(backbone)
         dim = getattr(backbone, "encoder_dim", None) or backbone.cfg.dims[-1]
         gs = (global_size,) * spatial_dims if isinstance(global_size, int) else tuple(global_size)
         ls = (local_size,) * spatial_dims if isinstance(local_size, int) else tuple(local_size)
-        self.head = DINOHead(dim, out_dim, hidden_dim, bottleneck_dim, nlayers, norm_last_layer)
-        self.augment = MultiCrop3D(gs, ls, n_local_crops, global_scale, local_scale)
-        self.student_temp, self.teacher_temp, self.warmup_teacher_temp = student_temp, teacher_temp, warmup_teacher_temp
-        self.teacher_temp_warmup_frac = teacher_temp_warmup_frac
-        self.center_momentum, self.momentum_teacher = center_momentum, momentum_teacher
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self._step, self._total = 0, 1
-        self._pending_center: torch.Tensor | None = None
-        self.teacher_backbone = copy.deepcopy(backbone)
-        self.teacher_head = copy.deepcopy(self.head)
-        self._share_frozen(backbone, self.teacher_backbone, peft)
-        for p in list(self.teacher_backbone.parameters()) + list(self.teacher_head.parameters()):
-            p.requires_grad_(False)
-        self._ema_names = [n for n, _ in backbone.named_parameters() if peft.is_target(n)]
+        self._setup_distillation(
+            dim, MultiCrop3D(gs, ls, n_local_crops, global_scale, local_scale), out_dim, hidden_dim, bottleneck_dim,
+            nlayers, norm_last_layer, student_temp, teacher_temp, warmup_teacher_temp, teacher_temp_warmup_frac,
+            center_momentum, momentum_teacher,
+        )
 
     def _cls(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
         feat = backbone.forward_encoder(x)[-1]
