@@ -81,13 +81,15 @@ def tpp_pretrain(
     tensorboard: bool = True,
     log_every: int = 10,
     max_iterations: int | None = None,
+    handlers: Sequence | None = None,
 ) -> Path:
     """Run the TPP stage and return the path of the target-parameter checkpoint.
 
     ``peft``: a method name (applied with ``peft_config``) or None when the backbone already carries
     one. ``pretext``: "mae", "dino" (``pretext_config`` goes to its constructor) or a built task.
     Defaults of lr / weight decay / warm-up / betas follow the paper for the pretext task.
-    ``max_iterations`` limits the iterations per epoch (quick runs).
+    ``max_iterations`` limits the iterations per epoch (quick runs). ``handlers``: extra objects with
+    ``attach(engine)`` (MONAI/ignite handlers, e.g. a loss recorder).
     """
     device = torch.device(device)
     if peft is not None:
@@ -114,6 +116,7 @@ def tpp_pretrain(
         epoch_length=epoch_length, checkpoint_every_iters=checkpoint_every_iters,
         checkpoint_every_epochs=checkpoint_every_epochs, resume=resume, seed=seed, image_key=image_key,
         clip_grad=clip_grad, amp=amp, progress_bar=progress_bar, tensorboard=tensorboard, log_every=log_every,
+        handlers=handlers,
     )
     trainer.run()
     return trainer.checkpointer.target_path

@@ -6,6 +6,13 @@ Trainable: the student's target parameters and projection head. The teacher is a
 (0.996 -> 1). The teacher's frozen backbone tensors are *the same tensors* as the student's (shared,
 never updated), so only target parameters and the head are averaged. Centring (EMA 0.9 of the
 teacher outputs) and sharpening (student temperature 0.1, teacher 0.04 -> 0.07 warm-up).
+
+Reading the loss in TPP: the target parameters start at their (zero) init and the teacher is a copy
+of the student, so the first iterations already sit near the distillation equilibrium, and the
+centre starts at zero (uncentred teacher). The logged loss therefore rises over the first tens of
+iterations while the centre catches up, then drifts down slowly; it is not comparable to a
+supervised loss. With the teacher held fixed (``momentum_teacher=1``, ``center_momentum=1``) the
+loss is stationary and falls as the target parameters and head learn (see tests/test_tpp.py).
 """
 
 from __future__ import annotations
