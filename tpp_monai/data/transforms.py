@@ -7,7 +7,7 @@ Bundle use::
     "val_transforms":   {"_target_": "tpp_monai.data.transforms.seg_transforms", "train": false,
                          "image_size": 224, "in_channels": 3, "num_classes": 2}
 
-Chain: ``LoadImaged`` (PIL/ITK readers: PNG, JPEG, BMP, TIFF, NIfTI) -> ``EnsureChannelFirstd``
+Chain: :func:`load_image_2d` (``LoadImaged``; PIL/ITK readers: PNG, JPEG, BMP, TIFF, NIfTI) -> ``EnsureChannelFirstd``
 -> :class:`EnsureChannelsd` (grayscale -> ``in_channels`` by repetition, RGBA -> RGB, RGB ->
 gray by averaging when the backbone wants 1 channel) -> ``ScaleIntensityRanged`` 0..255 -> 0..1
 (8-bit images; pass ``intensity_range`` otherwise) -> ``Resized`` (bilinear image, nearest
@@ -32,6 +32,20 @@ from monai.transforms import (
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_image_2d(keys: KeysCollection) -> LoadImaged:
+    """``LoadImaged`` that keeps PNG/JPEG/BMP pixels in row-major (H, W) order.
+
+    MONAI's PIL reader transposes to (W, H) by default (``reverse_indexing=True``, so PNGs line up
+    with ITK/NIfTI x-y order). The pre-trained ViTs (MedCoSS, MAE, DINO) saw upright images read
+    by PIL/torchvision, so the 2D pipelines read them upright; masks written back as PNG by
+    :class:`tpp_monai.bundle.handlers.PredictionWriter` then overlay their source image. NIfTI
+    slices keep MONAI's (x, y) order: do not mix PNG images with NIfTI labels in one datalist.
+    """
+    from monai.data import PILReader
+
+    return LoadImaged(keys, reader=PILReader(reverse_indexing=False), image_only=True)
 
 
 class EnsureChannelsd(MapTransform):
@@ -117,7 +131,7 @@ def cls_transforms(
     """Dict transforms for ``{"image": path, "label": int}`` entries -> float image (C, S, S), long label."""
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     t = [
-        LoadImaged("image", image_only=True),
+        load_image_2d("image"),
         EnsureChannelFirstd("image"),
         EnsureChannelsd("image", in_channels),
         ScaleIntensityRanged("image", a_min=intensity_range[0], a_max=intensity_range[1], b_min=0.0, b_max=1.0,
@@ -142,7 +156,7 @@ def seg_transforms(
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     keys = ["image", "label"]
     t = [
-        LoadImaged(keys, image_only=True),
+        load_image_2d(keys),
         EnsureChannelFirstd(keys),
         EnsureChannelsd("image", in_channels),
         MaskToIndexd("label", num_classes),
