@@ -6,7 +6,6 @@ Skipped only when a registry is unreachable.
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,15 +13,6 @@ from PIL import Image
 
 from tpp_monai.data import demo_data as dd
 
-CACHE = Path(__file__).resolve().parents[1] / ".tpp_cache" / "demo_ct"
-
-
-@pytest.fixture(scope="module")
-def cache():
-    try:
-        return dd.build_demo_cache(CACHE, size=96, verbose=False)
-    except dd.RegistryUnreachable as e:
-        pytest.skip(f"package registry unreachable, demo data not built: {e}")
 
 
 def _png(cache, rel):

