@@ -303,6 +303,17 @@ def test_tpp_run_on_real_images_lowers_loss_and_hands_over(pretext, real_patches
     assert all(p.requires_grad == ("peft_" in n) for n, p in fresh.named_parameters())
 
 
+@pytest.mark.parametrize("method,config", [("linear", None), ("fpt_plus", {"side_depth": 2})])
+def test_pretext_refuses_methods_tpp_cannot_train(method, config):
+    vit = tiny_vit()
+    apply_peft(vit, method, config)
+    with pytest.raises(ValueError, match=f"'{method}' cannot be pre-trained by a pretext task.*adapter"):
+        MAEPretext(vit, **SMALL_DEC)
+    full = tiny_vit()
+    apply_peft(full, "full")
+    assert MAEPretext(full, **SMALL_DEC)  # whole-backbone pre-training (the demo's stage 1) stays allowed
+
+
 # ---------------------------------------------------------------------------------------- schedules
 def test_warmup_cosine_schedule():
     s = WarmupCosineSchedule(lr=1.0, total_steps=10, warmup_steps=2, weight_decay=0.04, weight_decay_end=0.4)

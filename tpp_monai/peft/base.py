@@ -32,6 +32,8 @@ class PeftMethod:
     applies_to: ClassVar[frozenset[str]] = frozenset({"vit"})
     #: False where the TPP stage cannot train the target parameters (side networks, masks needing data)
     tpp_supported: ClassVar[bool] = True
+    #: why not, shown when a pretext task is built on a method with ``tpp_supported = False``
+    tpp_refusal: ClassVar[str] = ""
 
     def __init__(self, config: PeftConfig | dict | None = None, **kwargs: Any) -> None:
         if isinstance(config, dict):

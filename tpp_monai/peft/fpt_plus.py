@@ -192,6 +192,7 @@ class FPTPlus(PeftMethod):
     config_cls = FPTPlusConfig
     #: the generic MAE/DINO TPP stage cannot train it (the side branch is not on backbone.forward's path)
     tpp_supported: ClassVar[bool] = False
+    tpp_refusal: ClassVar[str] = "its side network is not on the backbone's forward path that MAE/DINO train"
 
     def inject(self, model: nn.Module) -> None:
         blocks = vit_blocks(model)

@@ -25,6 +25,7 @@ class LinearProbe(PeftMethod):
     config_cls = LinearProbeConfig
     applies_to = frozenset({"vit", "cnn"})
     tpp_supported = False
+    tpp_refusal = "a linear probe adds no target parameters to the backbone (the head is not one)"
 
     def inject(self, model: nn.Module) -> None:
         return None

@@ -160,6 +160,7 @@ class SHPeft(PeftMethod):
     config_cls = SHPeftConfig
     #: needs a mask from a task loss before injection; the generic TPP stage cannot build one
     tpp_supported: ClassVar[bool] = False
+    tpp_refusal: ClassVar[str] = "its weight mask comes from the downstream task's gradients, which a pretext task lacks"
 
     def __init__(self, config: Any = None, mask: Mapping[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)

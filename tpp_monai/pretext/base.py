@@ -21,6 +21,7 @@ class PretextTask(nn.Module):
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
+        _refuse_non_tpp_method(backbone)
         self.backbone = backbone
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -46,3 +47,22 @@ class PretextTask(nn.Module):
                 f"unexpected {unexpected[:6]}. Resume with the same pretext task and options."
             )
         self.load_state_dict(state, strict=False)
+
+
+def _refuse_non_tpp_method(backbone: nn.Module) -> None:
+    """A pretext task trains target parameters; methods whose parameters TPP cannot train are refused.
+
+    ``full`` passes: a pretext task over the whole backbone is ordinary (upstream) pre-training.
+    """
+    from tpp_monai.peft.api import PEFT_ATTR
+    from tpp_monai.peft.registry import methods_for
+
+    method = getattr(backbone, PEFT_ATTR, None)
+    if method is None or method.tpp_supported or method.name == "full":
+        return
+    family = "cnn" if "cnn" in method.applies_to and "vit" not in method.applies_to else "vit"
+    raise ValueError(
+        f"PEFT method '{method.name}' cannot be pre-trained by a pretext task (TPP): "
+        f"{method.tpp_refusal or 'it has no target parameters of its own to pre-train'}. "
+        f"Use it without the TPP stage, or pick a TPP-capable method: {', '.join(methods_for(family, tpp=True))}."
+    )
