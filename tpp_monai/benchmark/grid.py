@@ -154,13 +154,13 @@ def datalist_dataset(path: str | os.PathLike, img_size: int, in_chans: int = 3, 
                      label_key: str = "label", max_items: int | None = None) -> Split:
     """A MONAI datalist JSON (``{"training": [{"image": path, "label": int}], "validation": [...]}``),
     loaded with MONAI, scaled to [0, 1] and resized to ``img_size``; grey images are repeated to 3 channels."""
-    from monai.data import PILReader
     from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Resize, ScaleIntensity
+
+    from tpp_monai.data.transforms import upright_image_reader
 
     lists = json.loads(Path(path).read_text())
     base = Path(path).parent
-    upright = PILReader(reverse_indexing=False)  # PNG rows stay rows, as in tpp_monai.data.transforms
-    tf = Compose([LoadImage(reader=upright, image_only=True), EnsureChannelFirst(), ScaleIntensity(),
+    tf = Compose([LoadImage(reader=upright_image_reader(), image_only=True), EnsureChannelFirst(), ScaleIntensity(),
                   Resize((img_size, img_size))])
 
     def load(items):

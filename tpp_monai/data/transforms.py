@@ -24,6 +24,7 @@ from typing import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import PILReader
 from monai.transforms import (
     Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform, NormalizeIntensityd, RandAffined,
     RandFlipd, RandGaussianNoised, RandRotate90d, RandScaleIntensityd, RandShiftIntensityd, Resized,
@@ -32,6 +33,11 @@ from monai.transforms import (
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def upright_image_reader() -> PILReader:
+    """MONAI's PIL reader without its default transpose: PNG/JPEG/BMP arrays come out (H, W)."""
+    return PILReader(reverse_indexing=False)
 
 
 def load_image_2d(keys: KeysCollection) -> LoadImaged:
@@ -43,9 +49,7 @@ def load_image_2d(keys: KeysCollection) -> LoadImaged:
     :class:`tpp_monai.bundle.handlers.PredictionWriter` then overlay their source image. NIfTI
     slices keep MONAI's (x, y) order: do not mix PNG images with NIfTI labels in one datalist.
     """
-    from monai.data import PILReader
-
-    return LoadImaged(keys, reader=PILReader(reverse_indexing=False), image_only=True)
+    return LoadImaged(keys, reader=upright_image_reader(), image_only=True)
 
 
 class EnsureChannelsd(MapTransform):

@@ -71,7 +71,7 @@ def frozen_features(vit: nn.Module, image: torch.Tensor, layers: Sequence[int], 
 
     Returns a list of ``(k, v)`` (B, 1 + K, D) in layer order, the class token first and the kept
     patch tokens in decreasing importance; with ``return_indices`` also the kept patch indices (B, K).
-    The blocks are evaluated with the same operations as ``Block.forward`` so hidden states match.
+    Each block runs its own ``forward``; the keys/values are read off its ``attn.qkv`` output.
     """
     blocks = vit_blocks(vit)
     wanted = sorted(layers)
@@ -87,11 +87,13 @@ def frozen_features(vit: nn.Module, image: torch.Tensor, layers: Sequence[int], 
             continue
         b, n, c = h.shape
         attn = blk.attn
-        qkv = attn.qkv(blk.norm1(h)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
-        h = h + blk.ls1(attn.proj(x.transpose(1, 2).reshape(b, n, c)))
-        h = h + blk.ls2(blk.mlp(blk.norm2(h)))
+        captured: list[torch.Tensor] = []
+        handle = attn.qkv.register_forward_hook(lambda mod, inp, out: captured.append(out))
+        try:
+            h = blk(h)
+        finally:
+            handle.remove()
+        q, k, v = attn.split_heads(captured[0])
         # importance: class-token attention to each patch, averaged over heads
         scores = (q[:, :, :1] @ k[:, :, 1:].transpose(-1, -2)) * attn.head_dim ** -0.5  # (B, H, 1, n-1)
         imp = scores.softmax(-1).mean(1).squeeze(1)  # (B, n-1)

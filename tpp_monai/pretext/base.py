@@ -60,7 +60,7 @@ def _refuse_non_tpp_method(backbone: nn.Module) -> None:
     method = getattr(backbone, PEFT_ATTR, None)
     if method is None or method.tpp_supported or method.name == "full":
         return
-    family = "cnn" if "cnn" in method.applies_to and "vit" not in method.applies_to else "vit"
+    family = "vit" if isinstance(getattr(backbone, "blocks", None), nn.ModuleList) else "cnn"
     raise ValueError(
         f"PEFT method '{method.name}' cannot be pre-trained by a pretext task (TPP): "
         f"{method.tpp_refusal or 'it has no target parameters of its own to pre-train'}. "
