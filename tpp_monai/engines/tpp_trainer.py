@@ -23,7 +23,7 @@ from monai.engines import Trainer
 from torch import nn
 
 from tpp_monai.checkpoint import CheckpointMismatch, atomic_save, safe_load, save_target_checkpoint
-from tpp_monai.engines.optim import WarmupCosineSchedule
+from tpp_monai.engines.schedules import WarmupCosineSchedule
 from tpp_monai.peft.api import backbone_fingerprint, get_peft, load_target_state_dict, target_state_dict
 
 TARGET_NAME = "target_params.pt"

@@ -48,6 +48,7 @@ from torch import nn
 
 from tpp_monai.backbones.stunet import STUNet, load_stunet_checkpoint
 from tpp_monai.checkpoint import CheckpointMismatch, load_target_checkpoint, read_target_checkpoint, save_target_checkpoint
+from tpp_monai.engines.schedules import warmup_cosine_value
 from tpp_monai.peft.api import apply_peft, get_peft
 
 TPP_FILE = "tpp_target_params.pt"
@@ -252,8 +253,7 @@ class nnUNetTrainer_STUNet_TPP_ConvAdapter(nnUNetTrainer_STUNet_ConvAdapter):
         task.train()
         t0, losses = time.time(), []
         for it in range(iters):
-            lr = self.tpp_lr * ((it + 1) / warm if it < warm else
-                                0.5 * (1 + math.cos(math.pi * (it - warm) / max(iters - warm, 1))))
+            lr = warmup_cosine_value(it, iters, self.tpp_lr, warm)
             for g in opt.param_groups:
                 g["lr"] = lr
             data = next(self.dataloader_train)["data"]

@@ -18,13 +18,13 @@ loss is stationary and falls as the target parameters and head learn (see tests/
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tpp_monai.engines.schedules import cosine_value
 from tpp_monai.peft.api import get_peft
 from tpp_monai.pretext.base import PretextTask
 from tpp_monai.pretext.registry import PRETEXT_TASKS
@@ -124,9 +124,8 @@ class MultiCropAugment(nn.Module):
 
 
 def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
-    """Teacher momentum: ``final - (final - base) * (cos(pi * step / total) + 1) / 2``."""
-    t = min(max(step, 0), max(total_steps, 1)) / max(total_steps, 1)
-    return final - (final - base) * (math.cos(math.pi * t) + 1) / 2
+    """Teacher momentum: cosine from ``base`` to ``final`` (:func:`tpp_monai.engines.schedules.cosine_value`)."""
+    return cosine_value(step, total_steps, base, final)
 
 
 @PRETEXT_TASKS.register("dino")
