@@ -15,10 +15,11 @@ def _tiny(depth=4, in_chans=3):
 
 
 def test_default_layers():
-    assert default_layers(12) == (3, 6, 9, 12)
-    assert default_layers(4) == (1, 2, 3, 4)
-    assert default_layers(8) == (2, 4, 6, 8)
-    assert default_layers(24) == (6, 12, 18, 24)
+    # MONAI UNETR / MedCoSS: hidden_states_out[3, 6, 9] (0-based) + the last block, i.e. 1-based 4/7/10/12
+    assert default_layers(12) == (4, 7, 10, 12)
+    assert default_layers(24) == (7, 13, 19, 24)
+    assert default_layers(4) == (2, 3, 4, 4)
+    assert UNETRDecoder2D().layers == (4, 7, 10, 12)
 
 
 def test_registered():
@@ -28,7 +29,7 @@ def test_registered():
 @pytest.mark.parametrize("hw", [(32, 32), (48, 64)])
 def test_output_shape_any_multiple_of_16(hw):
     seg = build_vit_segmenter(_tiny(), num_classes=3, feature_size=8)
-    assert seg.decoder.layers == (1, 2, 3, 4)
+    assert seg.decoder.layers == (2, 3, 4, 4)
     x = torch.randn(2, 3, *hw)
     assert seg(x).shape == (2, 3, *hw)
 
@@ -55,10 +56,11 @@ def test_decoder_reads_the_chosen_layers():
     seg = build_vit_segmenter(vit, num_classes=2, layers=(1, 2, 3, 4), feature_size=8).eval()
     x = torch.randn(1, 3, 32, 32)
     out = vit.forward_features(x, return_layers=(1, 2, 3, 4))
-    ref = seg.decoder(x, [out.hidden_states[i] for i in (1, 2, 3, 4)], out.grid)
+    # the last block is read after the final norm (the encoder output), as MONAI UNETR does
+    ref = seg.decoder(x, [out.hidden_states[i] for i in (1, 2, 3)] + [out.tokens], out.grid)
     assert torch.allclose(seg(x), ref)
     # perturbing layer 4's hidden state changes the logits: it really is read
-    feats = [out.hidden_states[i].clone() for i in (1, 2, 3, 4)]
+    feats = [out.hidden_states[i].clone() for i in (1, 2, 3)] + [out.tokens.clone()]
     feats[3] += 1.0
     assert not torch.allclose(seg.decoder(x, feats, out.grid), ref)
 
@@ -89,3 +91,72 @@ def test_grayscale_backbone():
     seg = build_vit_segmenter(_tiny(in_chans=1), num_classes=2, feature_size=8)
     assert seg(torch.randn(1, 1, 32, 32)).shape == (1, 2, 32, 32)
     assert isinstance(seg, ViTSegmenter)
+
+
+class _ViTAsMonai(torch.nn.Module):
+    """Our ViT dressed as MONAI's ``ViT`` for ``monai.networks.nets.UNETR``: returns the encoder output
+    and the list of *every* block's output, patch tokens only (MONAI's ViT has no class token)."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        h = torch.cat([self.vit.class_token(x.shape[0]), self.vit.embed(x)[0]], 1)
+        hidden = []
+        for blk in self.vit.blocks:
+            h = blk(h)
+            hidden.append(h[:, 1:])
+        return self.vit.norm(h)[:, 1:], hidden
+
+
+@pytest.mark.parametrize("final_norm", [False, True])  # MedCoSS layout (no final norm) and timm layout
+def test_matches_monai_unetr_taps(final_norm):
+    """The segmenter equals MONAI's own UNETR forward (taps hidden_states_out[3, 6, 9] + encoder output,
+    no class token) run on the same 12-block ViT with the same decoder weights."""
+    from monai.networks.nets import UNETR
+
+    torch.manual_seed(0)
+    vit = build_vit("tiny", depth=12, img_size=32, final_norm=final_norm).eval()
+    seg = build_vit_segmenter(vit, num_classes=2, feature_size=8).eval()
+    assert seg.decoder.layers == (4, 7, 10, 12)
+    ref = UNETR(in_channels=3, out_channels=2, img_size=(32, 32), feature_size=8, hidden_size=vit.embed_dim,
+                mlp_dim=4 * vit.embed_dim, num_heads=3, spatial_dims=2, norm_name="instance", res_block=True).eval()
+    ref.vit = _ViTAsMonai(vit)
+    missing = ref.load_state_dict(seg.decoder.state_dict(), strict=False)
+    assert not missing.unexpected_keys
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got, want = seg(x), ref(x)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    # the old taps (1-based blocks 3/6/9) give a different output: the test can fail
+    old = build_vit_segmenter(vit, num_classes=2, layers=(3, 6, 9, 12), feature_size=8).eval()
+    old.decoder.load_state_dict(seg.decoder.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(old(x), want, atol=1e-3)
+
+
+def test_class_token_and_prompts_never_reach_decoder():
+    """Changing the class token (and VPT prompts, which sit right after it) leaves the logits unchanged only
+    if the decoder reads patch tokens; the encoder blocks still mix cls into patches, so compare at the
+    decoder input: the maps are built from the last h*w tokens."""
+    from tpp_monai.peft.api import apply_peft
+
+    torch.manual_seed(0)
+    vit = build_vit("tiny", depth=4, img_size=32).eval()
+    apply_peft(vit, "vpt", {"num_tokens": 3})
+    seg = build_vit_segmenter(vit, num_classes=2, feature_size=8).eval()
+    x = torch.randn(1, 3, 32, 32)
+    feats, grid = seg.features(x)
+    assert all(f.shape[1] == 1 + 4 for f in feats)  # cls + 2x2 patches: prompts already dropped by VPT
+    seen = []
+    orig = seg.decoder.encoder2.forward
+
+    def spy(z):
+        seen.append(z)
+        return orig(z)
+
+    seg.decoder.encoder2.forward = spy
+    with torch.no_grad():
+        seg(x)
+    assert torch.equal(seen[0], feats[0][:, 1:].transpose(1, 2).reshape(1, -1, *grid))

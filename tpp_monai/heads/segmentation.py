@@ -1,9 +1,12 @@
 """UNETR-style 2D segmentation decoder for the ViT, built from MONAI's UNETR blocks.
 
 As in MONAI ``UNETR`` and the MedCoSS downstream segmentation model, the decoder gets the image
-itself (a full-resolution convolutional skip) and the hidden states of four transformer layers
-(3, 6, 9, 12 for a 12-layer ViT; evenly spaced layers for other depths, see
-:func:`default_layers`).  With patch size 16 the token grid is H/16 x W/16; the deepest hidden
+itself (a full-resolution convolutional skip) and the hidden states of four transformer layers:
+``hidden_states_out[3, 6, 9]`` counted from 0 -- the outputs of blocks **4, 7 and 10** (1-based) --
+plus the encoder output after the **last** block (12 for a 12-layer ViT; see
+:func:`default_layers` for other depths).  The last one is taken after the backbone's final norm,
+as MONAI's ``UNETR`` does (``x`` of ``ViT.forward``); MedCoSS has no final norm, so there it is the
+output of block 12 itself.  With patch size 16 the token grid is H/16 x W/16; the deepest hidden
 state is upsampled x2 four times and fused with the three shallower hidden states (projected
 and upsampled to H/8, H/4, H/2) and the image skip (H):
 
@@ -37,11 +40,16 @@ from torch import nn
 from tpp_monai.heads.registry import HEADS
 
 
-def default_layers(depth: int, n: int = 4) -> tuple[int, ...]:
-    """Evenly spaced 1-based layer indices ending at the last layer: depth 12 -> (3, 6, 9, 12)."""
+def default_layers(depth: int) -> tuple[int, int, int, int]:
+    """1-based blocks read by the decoder: MONAI/MedCoSS taps ``hidden_states_out[3, 6, 9]`` + the last.
+
+    Depth 12 -> (4, 7, 10, 12), exactly MONAI ``UNETR`` and MedCoSS; other depths scale the taps
+    (``k * depth // 4 + 1`` for k = 1, 2, 3, capped at ``depth``), e.g. 24 -> (7, 13, 19, 24).
+    """
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
-    return tuple(max(1, round(depth * (k + 1) / n)) for k in range(n))
+    taps = tuple(min(depth, k * depth // 4 + 1) for k in (1, 2, 3))
+    return taps + (depth,)  # type: ignore[return-value]
 
 
 def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -59,7 +67,7 @@ class UNETRDecoder2D(nn.Module):
         in_channels: image channels (the ViT's ``in_chans``).
         embed_dim: ViT width (hidden size).
         num_classes: output channels (background included).
-        layers: the four 1-based ViT layers to read, shallow to deep (default (3, 6, 9, 12)).
+        layers: the four 1-based ViT layers to read, shallow to deep (default (4, 7, 10, 12), MONAI UNETR).
         feature_size: UNETR base width F (MONAI default 16).
         patch_size: must be 16 (four x2 upsamplings).
         norm_name: MONAI norm for the conv blocks ("instance", "batch", ...).
@@ -71,7 +79,7 @@ class UNETRDecoder2D(nn.Module):
         in_channels: int = 3,
         embed_dim: int = 768,
         num_classes: int = 2,
-        layers: Sequence[int] = (3, 6, 9, 12),
+        layers: Sequence[int] = (4, 7, 10, 12),
         feature_size: int = 16,
         patch_size: int = 16,
         norm_name: str | tuple = "instance",
@@ -106,7 +114,11 @@ class UNETRDecoder2D(nn.Module):
 
     def forward(self, image: torch.Tensor, hidden_states: Sequence[torch.Tensor],
                 grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """``hidden_states``: the four (B, N, D) token tensors of ``self.layers``, shallow to deep."""
+        """``hidden_states``: the four (B, N, D) token tensors of ``self.layers``, shallow to deep.
+
+        Only the last ``h * w`` tokens (the patches) of each are used: the class token and VPT prompts
+        (``[cls, prompts, patches]``) never reach the decoder.
+        """
         hh, ww = image.shape[-2:]
         if hh % self.patch_size or ww % self.patch_size:
             raise ValueError(f"input size {(hh, ww)} must be divisible by {self.patch_size}")
@@ -133,9 +145,18 @@ class ViTSegmenter(nn.Module):
         self.decoder = decoder
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        out = self.backbone.forward_features(image, return_layers=self.decoder.layers)
-        feats = [out.hidden_states[i] for i in self.decoder.layers]
-        return self.decoder(image, feats, tuple(out.grid))
+        feats, grid = self.features(image)
+        return self.decoder(image, feats, grid)
+
+    def features(self, image: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int]]:
+        """The four token tensors fed to the decoder and the patch grid.  The deepest is the encoder
+        output (final norm applied, if the backbone has one) when it is the last block, as in MONAI
+        ``UNETR``."""
+        layers = self.decoder.layers
+        out = self.backbone.forward_features(image, return_layers=layers)
+        feats = [out.hidden_states[i] for i in layers[:-1]]
+        feats.append(out.tokens if layers[-1] == len(self.backbone.blocks) else out.hidden_states[layers[-1]])
+        return feats, tuple(out.grid)
 
 
 def build_vit_segmenter(
