@@ -7,8 +7,9 @@ Configurations (one training iteration = forward, cross-entropy backward, AdamW 
 
 * ``full``: every ViT parameter trains on the 512 px image.
 * ``adapter``: Adapter (bottleneck 64) on the frozen ViT at 512 px (activations of the whole ViT kept).
-* ``fpt_plus_online``: FPT+, frozen ViT run under ``torch.no_grad()`` at 512 px each step, side network
-  (width D/8, 6 layers, 128 px) trains.
+* ``fpt_plus_online``: FPT+, frozen ViT run under ``torch.no_grad()`` at 512 px each step (keys/values of
+  its top 6 layers, top 20% tokens per head by mean attention received), side network (width D/8,
+  6 layers, 128 px) with the fusion module (16 prompts per layer at the frozen width) trains.
 * ``fpt_plus_cached``: FPT+ as trained in practice: the frozen features were pre-computed once
   (``FeatureCache``), so training holds only the side network, the head and one batch of cached
   key/value features (here random tensors of the cached shape); the frozen ViT is not in memory.
@@ -83,7 +84,7 @@ def _worker(config: str, size: str, device: str, img: int, side_img: int, steps:
         side = FPTSideNetwork(cfg, d, heads).to(dev)
         head = torch.nn.Linear(side.embed_dim, 2).to(dev)
         model = torch.nn.ModuleDict({"side": side, "head": head})
-        n_tok = 1 + num_kept_tokens((img // 16) ** 2, cfg.keep_ratio)
+        n_tok = num_kept_tokens(1 + (img // 16) ** 2, cfg.keep_ratio)  # per head, class token ranked too
         feats = [(torch.randn(1, n_tok, d, device=dev), torch.randn(1, n_tok, d, device=dev)) for _ in range(cfg.side_depth)]
         x_lr = torch.randn(1, 3, side_img, side_img, device=dev)
 

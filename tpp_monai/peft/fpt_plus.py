@@ -1,17 +1,22 @@
 """FPT+ (Huang et al.): memory-efficient side tuning for high-resolution classification.
 
+Structure as published (paper + reference code YijinHuang/FPT, ``configs/network/FPT+.yaml``); the
+choices are written down in ``docs/FPT_PLUS.md``.
+
 * The frozen ViT sees the high-resolution image (e.g. 512 px) once, under ``torch.no_grad()``.
-  For each of its top ``side_depth`` layers we take the keys/values of its own self-attention
-  (``blocks.i.attn.qkv`` applied to ``norm1`` of the block input) and keep only the class token
-  plus the top ``ceil(keep_ratio * n)`` patch tokens ranked by the importance "attention of the
-  class-token query to each patch, averaged over heads" of that layer (important-token selection).
+  For each of its top ``side_depth`` layers we take the keys/values of its own self-attention and
+  keep only the most important ``floor(keep_ratio * N)`` of its N tokens (class token included in the
+  ranking, not forced in), **per attention head**. The importance of a token is "the average attention
+  score of other tokens upon it": the attention probabilities of that layer averaged over all queries
+  (``importance="global"``, the default); ``importance="cls"`` ranks by the class-token query's row.
 * A light side network learns: its own patch embedding of the down-sampled image (e.g. 128 px),
   ``side_depth`` pre-norm ViT blocks of width ``embed_dim // reduction`` (default /8, 6 layers).
-* Before side layer j, ``num_prompts`` learnable fine-grained prompts (side width) go through a fusion
-  module: LayerNorm -> query projection to the frozen width -> multi-head cross-attention over the
-  frozen layer's selected keys/values -> one out-projector shared by all layers back to side width
-  (residual on the prompts). The fused prompts are concatenated to the side sequence, pass through
-  the side block, and are dropped again.
+* Fine-grained prompts live at the **frozen** width, ``num_prompts`` per side layer, initialised
+  N(0, 1e-6). One fusion module serves all layers: LayerNorm of the prompts (it replaces FPT's
+  in-projector) gives the queries of a multi-head cross-attention over the frozen layer's selected
+  keys/values; the prompts are added back (residual), one shared out-projector maps to the side
+  width, then dropout 0.5. The fused prompts are concatenated to the side sequence, pass through the
+  side block, and are dropped again.
 * Because the frozen features depend on the image only (no augmentation on the high-res branch),
   :class:`FeatureCache` pre-computes them once into safetensors files (one per image id) and training
   streams them: the frozen model is not even needed in memory while training.
@@ -32,7 +37,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,36 +47,89 @@ from tpp_monai.peft._common import vit_blocks
 from tpp_monai.peft.base import PeftConfig, PeftMethod
 from tpp_monai.peft.registry import PEFT_METHODS
 
-#: frozen features of one batch: per selected layer (k, v), each (B, 1 + K, D)
+#: frozen features of one batch: per selected layer (k, v), each (B, K, D); column block h*hd:(h+1)*hd
+#: of row t holds head h's t-th selected token (heads select their tokens independently)
 FrozenFeatures = list[tuple[torch.Tensor, torch.Tensor]]
+Importance = Literal["global", "cls"]
+IMPORTANCE_MODES = ("global", "cls")
+#: version tag of the cached feature files; bump when what a file holds changes
+CACHE_FORMAT = "tpp-fpt-plus-features/2"
 
 
 @dataclass
 class FPTPlusConfig(PeftConfig):
     reduction: int = 8
     side_depth: int = 6
-    side_num_heads: int = 4
+    #: heads of the side blocks; None = the frozen model's (the reference builds the side ViT from the
+    #: frozen model's config, 12 heads for ViT-B)
+    side_num_heads: int | None = None
     side_img_size: int = 128
     side_patch_size: int = 16
     num_prompts: int = 16
     keep_ratio: float = 0.2
     mlp_ratio: float = 4.0
+    #: "global": mean attention over all queries (paper); "cls": the class-token query's attention
+    importance: Importance = "global"
+    prompt_dropout: float = 0.5
+    prompt_init_std: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.importance not in IMPORTANCE_MODES:
+            raise ValueError(f"FPT+ importance {self.importance!r} is unknown; use one of {IMPORTANCE_MODES}")
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"FPT+ keep_ratio must be in (0, 1], got {self.keep_ratio}")
 
 
-def num_kept_tokens(n_patches: int, keep_ratio: float) -> int:
-    """Patch tokens kept per layer: ``ceil(keep_ratio * n)`` (at least 1); the class token is kept as well."""
-    return max(1, min(n_patches, math.ceil(keep_ratio * n_patches - 1e-9)))
+def num_kept_tokens(n_tokens: int, keep_ratio: float) -> int:
+    """Tokens kept per layer and head: ``floor(keep_ratio * N)`` of all N tokens (class token included), at least 1."""
+    return max(1, min(n_tokens, int(keep_ratio * n_tokens + 1e-9)))
+
+
+def token_importance(attn: torch.Tensor, mode: Importance = "global") -> torch.Tensor:
+    """Importance (B, H, N) of each key token from attention probabilities ``attn`` (B, H, N_query, N).
+
+    ``"global"``: the average attention score the queries give the token (mean over the query axis);
+    ``"cls"``: the attention the class token (query 0) gives it.
+    """
+    if mode == "global":
+        return attn.mean(dim=-2)
+    if mode == "cls":
+        return attn[:, :, 0]
+    raise ValueError(f"FPT+ importance {mode!r} is unknown; use one of {IMPORTANCE_MODES}")
+
+
+def select_tokens(k: torch.Tensor, v: torch.Tensor, importance: torch.Tensor, keep: int):
+    """Per head, the ``keep`` most important tokens of ``k``/``v`` (B, H, N, hd), most important first.
+
+    Returns ``k_sel``, ``v_sel`` (B, H, keep, hd) and the token indices (B, H, keep).
+    """
+    idx = importance.topk(keep, dim=-1).indices
+    gather = idx.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
+    return torch.gather(k, 2, gather), torch.gather(v, 2, gather), idx
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, hd) -> (B, T, H * hd)."""
+    b, h, t, hd = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * hd)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T, D) -> (B, H, T, D / H)."""
+    b, t, d = x.shape
+    return x.reshape(b, t, heads, d // heads).transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------ frozen branch
 @torch.no_grad()
 def frozen_features(vit: nn.Module, image: torch.Tensor, layers: Sequence[int], keep_ratio: float,
-                    return_indices: bool = False):
+                    return_indices: bool = False, importance: Importance = "global"):
     """Selected keys/values of ``layers`` (1-based) of the frozen ``vit`` for ``image``, without autograd.
 
-    Returns a list of ``(k, v)`` (B, 1 + K, D) in layer order, the class token first and the kept
-    patch tokens in decreasing importance; with ``return_indices`` also the kept patch indices (B, K).
-    Each block runs its own ``forward``; the keys/values are read off its ``attn.qkv`` output.
+    Returns a list of ``(k, v)`` (B, K, D) in layer order (see :data:`FrozenFeatures`: each head's
+    slice holds that head's own top-K tokens, most important first); with ``return_indices`` also the
+    selected token indices (B, H, K) per layer (0 = class token). Each block runs its own ``forward``;
+    the keys/values and the attention probabilities are computed from its ``attn.qkv`` output.
     """
     blocks = vit_blocks(vit)
     wanted = sorted(layers)
@@ -85,7 +143,6 @@ def frozen_features(vit: nn.Module, image: torch.Tensor, layers: Sequence[int], 
         if i not in wanted:
             h = blk(h)
             continue
-        b, n, c = h.shape
         attn = blk.attn
         captured: list[torch.Tensor] = []
         handle = attn.qkv.register_forward_hook(lambda mod, inp, out: captured.append(out))
@@ -94,38 +151,43 @@ def frozen_features(vit: nn.Module, image: torch.Tensor, layers: Sequence[int], 
         finally:
             handle.remove()
         q, k, v = attn.split_heads(captured[0])
-        # importance: class-token attention to each patch, averaged over heads
-        scores = (q[:, :, :1] @ k[:, :, 1:].transpose(-1, -2)) * attn.head_dim ** -0.5  # (B, H, 1, n-1)
-        imp = scores.softmax(-1).mean(1).squeeze(1)  # (B, n-1)
-        keep = num_kept_tokens(n - 1, keep_ratio)
-        idx = imp.topk(keep, dim=1).indices  # (B, K)
-        sel = torch.cat([torch.zeros_like(idx[:, :1]), idx + 1], dim=1)  # class token + kept patches
-        k_tok = k.transpose(1, 2).reshape(b, n, c)
-        v_tok = v.transpose(1, 2).reshape(b, n, c)
-        gather = sel.unsqueeze(-1).expand(-1, -1, c)
-        feats.append((torch.gather(k_tok, 1, gather), torch.gather(v_tok, 1, gather)))
+        probs = ((q @ k.transpose(-1, -2)) * attn.head_dim ** -0.5).softmax(-1)  # (B, H, N, N)
+        imp = token_importance(probs, importance)
+        del probs
+        k_sel, v_sel, idx = select_tokens(k, v, imp, num_kept_tokens(k.shape[2], keep_ratio))
+        feats.append((_merge_heads(k_sel), _merge_heads(v_sel)))
         kept.append(idx)
     return (feats, kept) if return_indices else feats
 
 
 # ------------------------------------------------------------------------------ side network
 class FusionModule(nn.Module):
-    """LayerNorm -> query projection (side -> frozen width) -> cross-attention over frozen k/v."""
+    """FPT+ fusion, one module for all side layers: fine-grained prompts at the frozen width.
 
-    def __init__(self, side_dim: int, frozen_dim: int, num_heads: int) -> None:
+    ``fused_j = Dropout(out_proj(CrossAttn(LN(P_j), K_j, V_j) + P_j))``: LayerNorm instead of FPT's
+    in-projector, heads of the frozen model, one shared LayerNorm/out-projector/dropout.
+    """
+
+    def __init__(self, num_layers: int, frozen_dim: int, side_dim: int, num_heads: int, num_prompts: int,
+                 dropout: float = 0.5, init_std: float = 1e-6) -> None:
         super().__init__()
+        if frozen_dim % num_heads:
+            raise ValueError(f"frozen width {frozen_dim} is not divisible by its {num_heads} heads")
         self.num_heads = num_heads
-        self.norm = nn.LayerNorm(side_dim)
-        self.q = nn.Linear(side_dim, frozen_dim)
+        self.prompts = nn.Parameter(torch.empty(num_layers, num_prompts, frozen_dim))
+        self.norm = nn.LayerNorm(frozen_dim)
+        self.out_proj = nn.Linear(frozen_dim, side_dim)
+        self.dropout = nn.Dropout(dropout)
+        nn.init.normal_(self.prompts, std=init_std)
 
-    def forward(self, prompts: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        b, p, _ = prompts.shape
-        d = k.shape[-1]
-        hd = d // self.num_heads
-        q = self.q(self.norm(prompts)).reshape(b, p, self.num_heads, hd).transpose(1, 2)
-        k = k.to(q.dtype).reshape(b, -1, self.num_heads, hd).transpose(1, 2)
-        v = v.to(q.dtype).reshape(b, -1, self.num_heads, hd).transpose(1, 2)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, p, d)
+    def forward(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Fused prompts (B, P, side_dim) of side layer ``layer`` from its frozen k/v (B, K, D)."""
+        prompts = self.prompts[layer].unsqueeze(0).expand(k.shape[0], -1, -1)
+        q = _split_heads(self.norm(prompts), self.num_heads)
+        k = _split_heads(k.to(q.dtype), self.num_heads)
+        v = _split_heads(v.to(q.dtype), self.num_heads)
+        ctx = _merge_heads(F.scaled_dot_product_attention(q, k, v))
+        return self.dropout(self.out_proj(ctx + prompts))
 
 
 class FPTSideNetwork(nn.Module):
@@ -138,7 +200,7 @@ class FPTSideNetwork(nn.Module):
         if frozen_dim % cfg.reduction:
             raise ValueError(f"frozen width {frozen_dim} is not divisible by reduction {cfg.reduction}")
         d = frozen_dim // cfg.reduction
-        heads = math.gcd(d, cfg.side_num_heads)
+        heads = math.gcd(d, cfg.side_num_heads or frozen_heads)
         self.cfg = cfg
         self.embed_dim = d
         self.patch_size = cfg.side_patch_size
@@ -148,16 +210,17 @@ class FPTSideNetwork(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, d))
         bcfg = ViTConfig(embed_dim=d, num_heads=heads, depth=cfg.side_depth, mlp_ratio=cfg.mlp_ratio)
         self.blocks = nn.ModuleList([Block(bcfg) for _ in range(cfg.side_depth)])
-        self.prompts = nn.Parameter(torch.zeros(cfg.side_depth, cfg.num_prompts, d))
-        self.fusion = nn.ModuleList([FusionModule(d, frozen_dim, frozen_heads) for _ in range(cfg.side_depth)])
-        self.out_proj = nn.Linear(frozen_dim, d)  # shared by all layers
         self.norm = nn.LayerNorm(d)
-        for t in (self.cls_token, self.pos_embed, self.prompts):
+        # side ViT initialised like a fresh (HF) ViT: trunc normal 0.02, zero biases
+        for t in (self.cls_token, self.pos_embed):
             nn.init.trunc_normal_(t, std=0.02)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        # the fusion module is a plain module in the reference: PyTorch's default Linear init
+        self.fusion = FusionModule(cfg.side_depth, frozen_dim, d, frozen_heads, cfg.num_prompts,
+                                   cfg.prompt_dropout, cfg.prompt_init_std)
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         t = self.patch_embed(image)
@@ -176,11 +239,9 @@ class FPTSideNetwork(nn.Module):
         if len(feats) != len(self.blocks):
             raise ValueError(f"side network has {len(self.blocks)} layers but got {len(feats)} frozen feature layers")
         x = self.embed(image_lr)
-        p_n = self.prompts.shape[1]
+        p_n = self.cfg.num_prompts
         for j, blk in enumerate(self.blocks):
-            k, v = feats[j]
-            prompts = self.prompts[j].unsqueeze(0).expand(x.shape[0], -1, -1)
-            fused = prompts + self.out_proj(self.fusion[j](prompts, k, v))
+            fused = self.fusion(j, *feats[j])
             x = blk(torch.cat([x, fused], dim=1))[:, :-p_n]
         return self.norm(x)[:, 0]
 
@@ -241,7 +302,8 @@ class FPTPlusClassifier(nn.Module):
         return self
 
     def extract(self, image_hr: torch.Tensor) -> FrozenFeatures:
-        return frozen_features(self.frozen, image_hr, self.layers, self.side.cfg.keep_ratio)
+        cfg = self.side.cfg
+        return frozen_features(self.frozen, image_hr, self.layers, cfg.keep_ratio, importance=cfg.importance)
 
     def low_res(self, image_hr: torch.Tensor) -> torch.Tensor:
         s = self.side.cfg.side_img_size
@@ -273,8 +335,11 @@ class FeatureCache:
 
     ``build(dataset)`` runs the frozen model once (no_grad, eval) over items ``(id, image_hr)`` or
     dicts with ``id_key``/``image_key`` (image (C, H, W)) and writes ``{id}.safetensors`` with
-    ``k{j}``, ``v{j}`` (1 + K, D) and ``idx{j}`` (K,) per side layer j; files are written atomically and
-    existing ones are skipped (resumable). ``get(ids)`` returns batched ``[(k, v), ...]``.
+    ``k{j}``, ``v{j}`` (K, D) and ``idx{j}`` (H, K) per side layer j (see :func:`frozen_features`); the
+    file's metadata records :data:`CACHE_FORMAT`, the importance mode, the keep ratio and the frozen layers.
+    Files are written atomically and existing ones with the same settings are skipped (resumable); a
+    file made with other settings or by an older version is an error naming it, never silently reused.
+    ``get(ids)`` returns batched ``[(k, v), ...]``.
     """
 
     def __init__(self, root: str | os.PathLike, model: FPTPlusClassifier | None = None,
@@ -298,11 +363,13 @@ class FeatureCache:
         model.eval()
         written: list[Path] = []
         pending: list[tuple[Any, torch.Tensor]] = []
+        settings = self.settings(model)
 
         def flush() -> None:
             ids = [i for i, _ in pending]
             imgs = torch.stack([im for _, im in pending]).to(device)
-            feats, kept = frozen_features(model.frozen, imgs, model.layers, model.side.cfg.keep_ratio, return_indices=True)
+            feats, kept = frozen_features(model.frozen, imgs, model.layers, model.side.cfg.keep_ratio,
+                                          return_indices=True, importance=model.side.cfg.importance)
             for b, image_id in enumerate(ids):
                 tensors = {}
                 for j, ((k, v), idx) in enumerate(zip(feats, kept)):
@@ -311,7 +378,7 @@ class FeatureCache:
                     tensors[f"idx{j}"] = idx[b].cpu().contiguous()
                 path = self.path(image_id)
                 tmp = path.with_name(f".{path.name}.tmp")
-                save_file(tensors, str(tmp), metadata={"format": "tpp-fpt-plus-features", "id": str(image_id)})
+                save_file(tensors, str(tmp), metadata={**settings, "id": str(image_id)})
                 os.replace(tmp, path)
                 written.append(path)
             pending.clear()
@@ -322,6 +389,7 @@ class FeatureCache:
             else:
                 image_id, image = item[0], item[1]
             if not overwrite and self.path(image_id).is_file():
+                self._read(self.path(image_id), tensors=False)
                 written.append(self.path(image_id))
                 continue
             pending.append((image_id, torch.as_tensor(image)))
@@ -332,10 +400,32 @@ class FeatureCache:
         model.train(was)
         return written
 
-    def get_one(self, image_id: Any) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
+    @staticmethod
+    def settings(model: FPTPlusClassifier) -> dict[str, str]:
+        """What the cached features depend on besides the image (stored in each file's metadata)."""
+        cfg = model.side.cfg
+        return {"format": CACHE_FORMAT, "importance": cfg.importance, "keep_ratio": repr(float(cfg.keep_ratio)),
+                "layers": ",".join(map(str, model.layers))}
 
-        return load_file(str(self.path(image_id)))
+    def _read(self, path: Path, tensors: bool = True) -> dict[str, torch.Tensor]:
+        """Tensors of one cache file after checking its metadata against this cache's settings."""
+        from safetensors import safe_open
+
+        if not path.is_file():
+            raise FileNotFoundError(f"FPT+ feature cache file {path} is missing; build the cache first "
+                                    f"(FeatureCache(root, model).build(dataset)).")
+        want = self.settings(self.model) if self.model is not None else {"format": CACHE_FORMAT}
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+            if diff:
+                found = ", ".join(f"{k}={a!r} (expected {b!r})" for k, (a, b) in diff.items())
+                raise ValueError(f"FPT+ feature cache file {path} was made with other settings: {found}. Rebuild "
+                                 f"it: FeatureCache(root, model).build(..., overwrite=True), or use a new cache folder.")
+            return {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+
+    def get_one(self, image_id: Any) -> dict[str, torch.Tensor]:
+        return self._read(self.path(image_id))
 
     def get(self, ids: Sequence[Any], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> FrozenFeatures:
         items = [self.get_one(i) for i in ids]
