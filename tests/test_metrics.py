@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from tpp_monai.metrics.classification import (
-    EpochClassificationMetric, accuracy, auc, classification_metrics, macro_f1,
+    EpochClassificationMetric, accuracy, auc, auc_ovr, classification_metrics, macro_f1,
 )
-from tpp_monai.metrics.segmentation import SegmentationMeter, dice_hd95_per_image, segmentation_metrics
+from tpp_monai.metrics.segmentation import (
+    MEDCOSS_EMPTY_HD95, SegmentationMeter, dice_hd95_per_image, hd95_medpy, segmentation_metrics,
+)
 
 # binary: positives scored 0.35, 0.8; negatives 0.1, 0.4 -> 3 of 4 pairs ranked right
 Y_BIN = [0, 0, 1, 1]
@@ -31,7 +33,7 @@ def test_binary_hand_computed():
 
 def test_multiclass_hand_computed():
     assert accuracy(Y_MC, S_MC) == pytest.approx(0.75)
-    # OvR AUC: class 0 -> 1, class 1 -> 1, class 2 -> (1 + 0.5 + 1 + 1) / 4 = 0.875
+    # OvO AUC: pairs (0,1) -> 1, (0,2) -> 1, (1,2) -> (1 + (0.5 + 1) / 2) / 2 = 0.875
     assert auc(Y_MC, S_MC) == pytest.approx((1 + 1 + 0.875) / 3)
     # F1: class 0 -> 1, class 1 -> 2/3, class 2 -> 2/3
     assert macro_f1(Y_MC, S_MC) == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
@@ -46,15 +48,43 @@ def test_multiclass_matches_sklearn_and_onehot_labels():
     y = rng.integers(0, 4, 50)
     s = rng.random((50, 4))
     s /= s.sum(1, keepdims=True)
-    assert auc(y, s) == pytest.approx(roc_auc_score(y, s, multi_class="ovr", average="macro"))
+    # the paper's AUC is MedCoSS's roc_auc_score(multi_class="ovo", average="macro")
+    ovo = roc_auc_score(y, s, multi_class="ovo", average="macro")
+    ovr = roc_auc_score(y, s, multi_class="ovr", average="macro")
+    assert abs(ovo - ovr) > 1e-3  # the data tell the two definitions apart
+    assert auc(y, s) == pytest.approx(ovo, abs=1e-12)
+    assert auc_ovr(y, s) == pytest.approx(ovr, abs=1e-12)
     assert auc(np.eye(4)[y], s) == pytest.approx(auc(y, s))
+    EpochClassificationMetric("auc_ovr")  # the alternative stays available by name
+
+
+def _ovo_restated(y, s):
+    """Hand & Till's M: mean over class pairs of (A(j|k) + A(k|j)) / 2, A by counting ordered pairs."""
+    y, s = np.asarray(y), np.asarray(s, float)
+    vals = []
+    for j in range(s.shape[1]):
+        for k in range(j + 1, s.shape[1]):
+            def a(c, o):
+                pos, neg = s[y == c, c], s[y == o, c]
+                return np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+            vals.append((a(j, k) + a(k, j)) / 2)
+    return float(np.mean(vals))
+
+
+def test_ovo_auc_matches_pairwise_restatement_with_ties():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 40)
+    s = np.round(rng.random((40, 3)), 1)  # many ties
+    s /= s.sum(1, keepdims=True)
+    assert auc(y, s) == pytest.approx(_ovo_restated(y, s), abs=1e-12)
 
 
 def test_auc_skips_absent_class():
-    y = [0, 0, 1, 1]  # class 2 never occurs
+    y = [0, 0, 1, 1]  # class 2 never occurs: only the pair (0, 1) counts
     s = [[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1]]
-    # class 0: pos {.7,.3} vs neg {.2,.1} -> 1; class 1: pos {.7,.8} vs neg {.2,.6} -> 1
+    # p0: class 0 {.7,.3} vs class 1 {.2,.1} -> 1; p1: class 1 {.7,.8} vs class 0 {.2,.6} -> 1
     assert auc(y, s) == pytest.approx(1.0)
+    assert auc_ovr(y, s) == pytest.approx(1.0)
 
 
 def test_ignite_epoch_metric_matches_functions():
@@ -98,9 +128,13 @@ def test_empty_mask_policy():
     some = _square(2, 2)
     diag = math.hypot(8, 8)
     assert [t.item() for t in dice_hd95_per_image(empty, empty, 2)] == [1.0, 0.0]
-    d, h = dice_hd95_per_image(some, empty, 2)  # false positive
+    # MedCoSS (evaluate.py compute_HD95): exactly one empty mask -> HD95 500, Dice 0
+    for a, b in ((some, empty), (empty, some)):
+        d, h = dice_hd95_per_image(a, b, 2)
+        assert d.item() == 0.0 and h.item() == MEDCOSS_EMPTY_HD95 == 500.0
+    d, h = dice_hd95_per_image(some, empty, 2, empty="diagonal")  # the former policy, kept by name
     assert d.item() == 0.0 and h.item() == pytest.approx(diag)
-    d, h = dice_hd95_per_image(empty, some, 2)  # missed
+    d, h = dice_hd95_per_image(empty, some, 2, empty="policy")
     assert d.item() == 0.0 and h.item() == pytest.approx(diag)
     d, h = dice_hd95_per_image(empty, some, 2, empty="nan")
     assert math.isnan(d.item()) and math.isnan(h.item())
@@ -109,7 +143,8 @@ def test_empty_mask_policy():
     gt = torch.cat([_square(2, 2), some])
     assert segmentation_metrics(pred, gt, empty="nan")["dice"] == pytest.approx(0.75)
     assert segmentation_metrics(pred, gt)["dice"] == pytest.approx(0.375)
-    assert segmentation_metrics(pred, gt)["hd95"] == pytest.approx((1.0 + diag) / 2)
+    assert segmentation_metrics(pred, gt)["hd95"] == pytest.approx((1.0 + 500.0) / 2)
+    assert segmentation_metrics(pred, gt, empty="diagonal")["hd95"] == pytest.approx((1.0 + diag) / 2)
 
 
 def test_multiclass_per_class_and_batches():
@@ -144,3 +179,36 @@ def test_matches_monai_meandice_when_not_empty():
 def test_bad_labels():
     with pytest.raises(ValueError, match="label values"):
         segmentation_metrics(torch.full((1, 4, 4), 3), torch.zeros(1, 4, 4, dtype=torch.long), num_classes=2)
+
+
+def _medpy_hd95_restated(a: np.ndarray, b: np.ndarray) -> float:
+    """medpy.metric.binary.hd95 (connectivity 1, spacing 1) by brute force: surface = pixels with a
+    4-neighbour outside the mask (outside the image counts as outside); all surface-to-surface
+    Euclidean distances; nearest per surface pixel in both directions; pooled 95th percentile."""
+    def border(m):
+        q = np.pad(m, 1)
+        inner = m & q[:-2, 1:-1] & q[2:, 1:-1] & q[1:-1, :-2] & q[1:-1, 2:]
+        return np.argwhere(m & ~inner).astype(float)
+
+    pa, pb = border(a), border(b)
+    d = np.sqrt(((pa[:, None] - pb[None]) ** 2).sum(-1))
+    return float(np.percentile(np.hstack([d.min(1), d.min(0)]), 95))
+
+
+def test_hd95_is_medpys_pooled_percentile():
+    rng = np.random.default_rng(0)
+    differs_from_monai = False
+    for i in range(6):
+        gt = np.zeros((24, 24), bool)
+        pred = np.zeros((24, 24), bool)
+        r, c = rng.integers(2, 12, 2)
+        gt[r:r + rng.integers(4, 10), c:c + rng.integers(4, 10)] = True
+        pred[rng.integers(0, 14):, rng.integers(0, 14):] = rng.random((1, 1)) > -1  # touches the image edge
+        pred &= rng.random((24, 24)) > 0.2  # ragged, with holes
+        want = _medpy_hd95_restated(pred, gt)
+        assert hd95_medpy(pred, gt) == pytest.approx(want, abs=1e-9)
+        pt, gtt = torch.from_numpy(pred).long()[None], torch.from_numpy(gt).long()[None]
+        assert dice_hd95_per_image(pt, gtt, 2)[1].item() == pytest.approx(want, abs=1e-5)
+        monai = dice_hd95_per_image(pt, gtt, 2, hd="monai")[1].item()
+        differs_from_monai |= abs(monai - want) > 1e-3
+    assert differs_from_monai  # the former (MONAI) definition is a different number

@@ -31,6 +31,9 @@ def _stack(x: Any) -> torch.Tensor:
 class SegmentationMetric(Metric):
     """``metric`` "dice" (fraction) or "hd95" (pixels) over an epoch; ``output_transform`` -> (pred, label).
 
+    Computed as the paper (MedCoSS) does: per-image Dice and medpy-style pooled HD95, 500 px when exactly
+    one mask is empty (see :mod:`tpp_monai.metrics.segmentation`).
+
     ``pred``: label maps (after ``AsDiscreted(argmax=True)``) or logits (B, C, H, W); ``label``: (B, 1, H, W).
     """
 

@@ -5,17 +5,20 @@ outputs; logits work for AUC, which only needs the ranking, but not for anything
 binary tasks, (N,) scores of the positive class.  Predictions are ``argmax`` of ``y_score``.
 
 * ACC: fraction of correct argmax predictions.
-* AUC: binary -> ROC AUC of the positive-class score; multi-class -> one-vs-rest ROC AUC
-  averaged over classes (macro), computed with MONAI ``compute_roc_auc(average="macro")`` on
-  one-hot labels.  A class absent from ``y_true`` has no defined AUC: it is skipped (MONAI
-  warns and returns NaN for it) and the mean is over the remaining classes.
+* AUC (the paper's, as MedCoSS computes it: ``sklearn.metrics.roc_auc_score(y, p,
+  multi_class="ovo", average="macro")``): binary -> ROC AUC of the positive-class score;
+  multi-class -> **one-vs-one** macro AUC (Hand & Till 2001): for every pair of classes (j, k) the
+  mean of AUC(j vs k, scored by p_j) and AUC(k vs j, scored by p_k) on the samples of j and k only,
+  averaged over pairs.  A pair with an absent class has no defined AUC and is skipped.
+  The former definition, one-vs-rest macro (MONAI ``compute_roc_auc``), stays available as
+  :func:`auc_ovr` / metric name ``"auc_ovr"``; it is *not* what the paper reports.
 * F1: macro F1 (``sklearn.metrics.f1_score(average="macro", zero_division=0)``).
 
 Engine use (MONAI/ignite handlers; bundles):
 * ``monai.handlers.ROCAUC(average="macro", output_transform=from_engine(["pred", "label"]))``
   with post-transforms ``Activationsd(keys="pred", softmax=True)`` and
-  ``AsDiscreted(keys="label", to_onehot=C)``: matches :func:`auc` (binary: C=2 one-hot gives
-  the same value as the positive-class AUC).
+  ``AsDiscreted(keys="label", to_onehot=C)``: matches :func:`auc_ovr` only (one-vs-rest), so the
+  bundles use :class:`EpochClassificationMetric` with ``metric="auc"`` (one-vs-one) instead.
 * ``ignite.metrics.Accuracy(output_transform=...)`` on (probabilities, integer labels) matches :func:`accuracy`.
 * MONAI ``ConfusionMatrix(metric_name="f1 score")`` computes per-class F1 with *micro-style*
   reductions by default and does not equal macro F1; use :class:`EpochClassificationMetric`
@@ -64,7 +67,36 @@ def accuracy(y_true, y_score) -> float:
     return float((predictions(y_score) == y).mean())
 
 
+def _binary_auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Mann-Whitney AUC: P(score of a positive > score of a negative), ties count 1/2."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([pos, neg]))
+    n1, n0 = len(pos), len(neg)
+    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
 def auc(y_true, y_score) -> float:
+    """The paper's AUC: binary ROC AUC, or one-vs-one macro AUC for more than two classes (MedCoSS)."""
+    y = _labels(y_true)
+    s = _scores(y_score)
+    if s.shape[1] == 2:
+        pos, neg = s[y == 1, 1], s[y == 0, 1]
+        return _binary_auc(pos, neg) if len(pos) and len(neg) else float("nan")
+    pair_aucs = []
+    for j in range(s.shape[1]):
+        for k in range(j + 1, s.shape[1]):
+            in_j, in_k = y == j, y == k
+            if not in_j.any() or not in_k.any():
+                continue
+            a_jk = _binary_auc(s[in_j, j], s[in_k, j])
+            a_kj = _binary_auc(s[in_k, k], s[in_j, k])
+            pair_aucs.append((a_jk + a_kj) / 2)
+    return float(np.mean(pair_aucs)) if pair_aucs else float("nan")
+
+
+def auc_ovr(y_true, y_score) -> float:
+    """One-vs-rest macro AUC (MONAI ``compute_roc_auc``); absent classes skipped. Not the paper's metric."""
     from monai.metrics import compute_roc_auc
 
     y = _labels(y_true)
@@ -84,11 +116,14 @@ def macro_f1(y_true, y_score) -> float:
                           zero_division=0))
 
 
+#: The paper's metrics (what :func:`classification_metrics` and the bundles report).
 METRICS: dict[str, Callable] = {"acc": accuracy, "auc": auc, "f1": macro_f1}
+#: Every metric available by name (``EpochClassificationMetric(metric=...)``), the paper's and alternatives.
+ALL_METRICS: dict[str, Callable] = {**METRICS, "auc_ovr": auc_ovr}
 
 
 def classification_metrics(y_true, y_score, percent: bool = False) -> dict[str, float]:
-    """``{"acc", "auc", "f1"}``; ``percent=True`` multiplies by 100 (the paper's tables)."""
+    """``{"acc", "auc", "f1"}`` as the paper reports them; ``percent=True`` multiplies by 100."""
     k = 100.0 if percent else 1.0
     return {name: k * fn(y_true, y_score) for name, fn in METRICS.items()}
 
@@ -100,16 +135,16 @@ except ImportError:  # pragma: no cover
 
 
 class EpochClassificationMetric(_EpochMetric):  # type: ignore[misc,valid-type]
-    """ignite ``EpochMetric`` computing ``metric`` ("acc", "auc", "f1") over the whole epoch.
+    """ignite ``EpochMetric`` computing ``metric`` ("acc", "auc", "f1", or "auc_ovr") over the whole epoch.
 
     ``output_transform`` must return ``(y_pred, y)``: probabilities (B, C) (lists of (C,) tensors
     from ``from_engine`` are fine) and integer or one-hot labels.
     """
 
     def __init__(self, metric: str = "f1", output_transform: Callable = lambda x: x, device="cpu") -> None:
-        if metric not in METRICS:
-            raise KeyError(f"unknown metric '{metric}'; choose from {sorted(METRICS)}")
-        fn = METRICS[metric]
+        if metric not in ALL_METRICS:
+            raise KeyError(f"unknown metric '{metric}'; choose from {sorted(ALL_METRICS)}")
+        fn = ALL_METRICS[metric]
         super().__init__(lambda p, t: fn(t, p), output_transform=self._stack(output_transform),
                          check_compute_fn=False, device=device)
 

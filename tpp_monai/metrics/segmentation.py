@@ -1,42 +1,43 @@
-"""Segmentation metrics: Dice and 95% Hausdorff distance (pixels), per class, via MONAI.
+"""Segmentation metrics as MedCoSS (and so the TPP paper) computes them: Dice and HD95 in pixels.
 
 Inputs are integer label maps ``(B, H, W)`` / ``(B, 1, H, W)`` (``pred`` may also be logits or
 probabilities ``(B, C, H, W)``, then ``argmax`` over C is taken), converted to one-hot with
 ``num_classes`` channels (background = class 0).  Scores are computed per image and per
-foreground class (``include_background=False``), then averaged over images; ``"mean"`` is the
-mean over foreground classes (for binary tasks it is the foreground value).
+foreground class, then averaged over images; ``"mean"`` is the mean over foreground classes
+(for binary tasks it is the foreground value).
 
-Empty-mask policy (per image and class; MONAI alone would return NaN for several of these):
+HD95 (default ``hd="medpy"``): medpy's ``hd95`` as MedCoSS's ``evaluate.py`` calls it (spacing 1):
+the surface of a mask is the mask minus its erosion by the 4-connected cross (pixels on the image
+edge count as surface); the directed surface distances pred->gt and gt->pred (Euclidean distance
+transform) are **pooled** and their 95th percentile (numpy's linear interpolation) is taken.
+``hd="monai"`` keeps the former definition (MONAI ``compute_hausdorff_distance(percentile=95)``:
+the larger of the two directed 95th percentiles, on MONAI's edges), not the paper's.
+
+Empty masks (per image and class), ``empty="medcoss"`` (default, MedCoSS ``compute_HD95`` /
+``dice_score``):
 
 ============================  =============  ==========================================
 ground truth / prediction      Dice           HD95
 ============================  =============  ==========================================
-both non-empty                 usual          usual (MONAI, Euclidean, in pixels)
-both empty                     1.0            0.0  (absence correctly predicted)
-gt empty, pred non-empty       0.0            image diagonal (false positive, worst case)
-gt non-empty, pred empty       0.0            image diagonal (missed structure, worst case)
+both non-empty                 usual          usual (pixels)
+both empty                     1.0            0.0
+exactly one empty              0.0            500.0 (MedCoSS's constant)
 ============================  =============  ==========================================
 
-So every image contributes finite values and misses are penalised instead of silently
-dropped.  Set ``empty="nan"`` to get NaN for every case involving an empty mask instead; those
-are then excluded from the means (``nanmean``), which is the MONAI ``ignore_empty`` behaviour.
+``empty="diagonal"`` (alias ``"policy"``, the former default) uses the image diagonal instead of
+500; ``empty="nan"`` gives NaN for every case involving an empty mask, then excluded from the
+means (``nanmean``), which is the MONAI ``ignore_empty`` behaviour.
 
-Engine use (bundles): ``monai.handlers.MeanDice(include_background=False,
-output_transform=from_engine(["pred", "label"]))`` and ``monai.handlers.HausdorffDistance(
-include_background=False, percentile=95, output_transform=...)`` with post-transforms
-``AsDiscreted(keys="pred", argmax=True, to_onehot=C)``, ``AsDiscreted(keys="label",
-to_onehot=C)``.  MeanDice's default ``ignore_empty=True`` drops images with an empty ground
-truth (NaN); pass ``ignore_empty=False`` to match this module's Dice (both empty -> 1,
-gt empty/pred non-empty -> 0).  The HausdorffDistance handler leaves NaN/inf for empty masks;
-for the paper's test numbers call :func:`segmentation_metrics` / :class:`SegmentationMeter`
-on the saved predictions.
+Engine use (bundles): :class:`tpp_monai.bundle.SegmentationMetric` (this module's defaults).
+MONAI's ``HausdorffDistance`` handler computes the ``hd="monai"`` variant and leaves NaN/inf for
+empty masks: do not use it for the paper's numbers.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -59,40 +60,86 @@ def to_onehot(x: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(x, num_classes).permute(0, 3, 1, 2).float()
 
 
+#: HD95 that MedCoSS's evaluation assigns when exactly one of prediction / ground truth is empty.
+MEDCOSS_EMPTY_HD95 = 500.0
+
+EmptyPolicy = Literal["medcoss", "diagonal", "policy", "nan"]
+HDMethod = Literal["medpy", "monai"]
+
+
+def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """Distances from every surface pixel of ``a`` to the surface of ``b`` (medpy ``__surface_distances``,
+    connectivity 1).  Both masks must be non-empty."""
+    from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
+
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    if not a.any() or not b.any():
+        raise ValueError("surface_distances needs two non-empty masks")
+    cross = generate_binary_structure(a.ndim, 1)
+    a_border = a ^ binary_erosion(a, structure=cross, iterations=1)
+    b_border = b ^ binary_erosion(b, structure=cross, iterations=1)
+    return distance_transform_edt(~b_border, sampling=spacing)[a_border]
+
+
+def hd95_medpy(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+    """medpy ``hd95(pred, ref)``: 95th percentile of the pooled directed surface distances."""
+    return float(np.percentile(np.hstack((surface_distances(pred, ref, spacing),
+                                          surface_distances(ref, pred, spacing))), 95))
+
+
+def _hd95_monai(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    from monai.metrics import compute_hausdorff_distance
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return compute_hausdorff_distance(p, y, include_background=False, percentile=95).float()
+
+
 def dice_hd95_per_image(
-    pred: torch.Tensor, label: torch.Tensor, num_classes: int, empty: Literal["policy", "nan"] = "policy"
+    pred: torch.Tensor, label: torch.Tensor, num_classes: int, empty: EmptyPolicy = "medcoss",
+    hd: HDMethod = "medpy",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C-1) Dice and HD95 (pixels) for the foreground classes, empty masks handled as documented."""
-    from monai.metrics import compute_dice, compute_hausdorff_distance
+    from monai.metrics import compute_dice
 
+    if empty not in ("medcoss", "diagonal", "policy", "nan"):
+        raise ValueError(f"empty must be 'medcoss', 'diagonal' or 'nan', got {empty!r}")
+    if hd not in ("medpy", "monai"):
+        raise ValueError(f"hd must be 'medpy' (the paper's) or 'monai', got {hd!r}")
     p = to_onehot(pred, num_classes)
     y = to_onehot(label, num_classes)
     if p.shape != y.shape:
         raise ValueError(f"pred {tuple(p.shape)} and label {tuple(y.shape)} differ")
     dice = compute_dice(p, y, include_background=False, ignore_empty=False).float()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hd = compute_hausdorff_distance(p, y, include_background=False, percentile=95).float()
     p_any = p[:, 1:].flatten(2).any(-1)
     y_any = y[:, 1:].flatten(2).any(-1)
-    both_empty = ~p_any & ~y_any
-    one_empty = p_any ^ y_any
+    both = p_any & y_any
+    if hd == "monai":
+        hd95 = _hd95_monai(p, y)
+    else:
+        hd95 = torch.full(dice.shape, float("nan"))
+        pn, yn = p[:, 1:].bool().numpy(), y[:, 1:].bool().numpy()
+        for b, c in zip(*np.nonzero(both.numpy())):
+            hd95[b, c] = hd95_medpy(pn[b, c], yn[b, c])
     if empty == "nan":
         nan = torch.tensor(float("nan"))
-        return torch.where(p_any & y_any, dice, nan), torch.where(p_any & y_any, hd, nan)
-    diag = math.hypot(*p.shape[-2:])
+        return torch.where(both, dice, nan), torch.where(both, hd95, nan)
+    both_empty = ~p_any & ~y_any
+    one_empty = p_any ^ y_any
+    worst = MEDCOSS_EMPTY_HD95 if empty == "medcoss" else math.hypot(*p.shape[-2:])
     dice = torch.where(both_empty, torch.ones_like(dice), torch.where(one_empty, torch.zeros_like(dice), dice))
-    hd = torch.where(both_empty, torch.zeros_like(hd), torch.where(one_empty, torch.full_like(hd, diag), hd))
-    return dice, hd
+    hd95 = torch.where(both_empty, torch.zeros_like(hd95), torch.where(one_empty, torch.full_like(hd95, worst), hd95))
+    return dice, hd95
 
 
 class SegmentationMeter:
     """Accumulates per-image scores over batches; :meth:`aggregate` -> dict of means."""
 
-    def __init__(self, num_classes: int, empty: Literal["policy", "nan"] = "policy",
-                 class_names: list[str] | None = None) -> None:
+    def __init__(self, num_classes: int, empty: EmptyPolicy = "medcoss",
+                 class_names: list[str] | None = None, hd: HDMethod = "medpy") -> None:
         self.num_classes = num_classes
         self.empty = empty
+        self.hd = hd
         self.class_names = class_names or [str(c) for c in range(1, num_classes)]
         self.reset()
 
@@ -101,7 +148,7 @@ class SegmentationMeter:
         self._hd: list[torch.Tensor] = []
 
     def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
-        d, h = dice_hd95_per_image(pred, label, self.num_classes, self.empty)
+        d, h = dice_hd95_per_image(pred, label, self.num_classes, self.empty, self.hd)
         self._dice.append(d)
         self._hd.append(h)
 
@@ -121,9 +168,9 @@ class SegmentationMeter:
         return out
 
 
-def segmentation_metrics(pred, label, num_classes: int = 2, empty: Literal["policy", "nan"] = "policy",
-                         percent_dice: bool = False) -> dict[str, float]:
+def segmentation_metrics(pred, label, num_classes: int = 2, empty: EmptyPolicy = "medcoss",
+                         percent_dice: bool = False, hd: HDMethod = "medpy") -> dict[str, float]:
     """One-shot :class:`SegmentationMeter`: ``{"dice", "hd95", "dice_<c>", "hd95_<c>"}``."""
-    m = SegmentationMeter(num_classes, empty)
+    m = SegmentationMeter(num_classes, empty, hd=hd)
     m.update(pred, label)
     return m.aggregate(percent_dice)
