@@ -4,6 +4,8 @@
   :mod:`tpp_monai.metrics.segmentation` (every image contributes a finite value).
 * :class:`JsonlLogger`: appends the training loss per iteration and the metrics per epoch to a
   JSON-lines file (the demo draws its curves from it).
+* :class:`GradClipHandler`: gradient-norm clipping between backward and the optimiser step (MedCoSS
+  fine-tunes with ``clip_grad_norm_(model.parameters(), 12)``).
 * :class:`PredictionWriter`: inference outputs as files: a CSV of class probabilities
   (classification) or one mask per image written with MONAI ``SaveImage`` (PNG or NIfTI).
 """
@@ -60,6 +62,32 @@ class SegmentationMetric(Metric):
         if not self._n:
             return float("nan")
         return float(self._meter.aggregate()[self.metric])
+
+
+class GradClipHandler:
+    """Clip the global gradient norm of the optimiser's parameters to ``max_norm`` every iteration.
+
+    Runs on MONAI's ``IterationEvents.BACKWARD_COMPLETED`` (after ``backward``, before ``optimizer.step``);
+    with AMP the gradients are unscaled first, as PyTorch's AMP recipe for clipping does.  Must run on
+    every DDP rank (the bundles list it among the first two train handlers).
+    """
+
+    def __init__(self, max_norm: float = 12.0) -> None:
+        if max_norm <= 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+        self.max_norm = float(max_norm)
+
+    def attach(self, engine: Engine) -> None:
+        from monai.engines.utils import IterationEvents
+
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        opt = engine.optimizer  # type: ignore[attr-defined]
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if getattr(engine, "amp", False) and getattr(engine, "scaler", None) is not None:
+            engine.scaler.unscale_(opt)  # type: ignore[attr-defined]
+        torch.nn.utils.clip_grad_norm_(params, self.max_norm)
 
 
 def _loss_of(output: Any) -> float | None:

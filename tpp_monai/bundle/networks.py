@@ -135,19 +135,25 @@ def build_peft_backbone(
     return load_target_params(backbone, tpp_ckpt)  # type: ignore[return-value]
 
 
-def build_classifier(backbone: nn.Module, num_classes: int, pool: str = "mean", fc_norm: bool = True) -> nn.Module:
-    """ViT (+ PEFT) + linear head: ``forward(image) -> logits (B, num_classes)``."""
+def build_classifier(backbone: nn.Module, num_classes: int, pool: str = "mean", fc_norm: bool = True,
+                     drop_path: float = 0.0) -> nn.Module:
+    """ViT (+ PEFT) + linear head: ``forward(image) -> logits (B, num_classes)``; ``drop_path``: stochastic
+    depth of the backbone's blocks while training (MedCoSS fine-tunes with 0.1)."""
+    from tpp_monai.backbones.drop_path import set_drop_path
     from tpp_monai.networks import build_vit_classifier
 
-    return build_vit_classifier(backbone, num_classes, pool=pool, fc_norm=fc_norm)
+    return build_vit_classifier(set_drop_path(backbone, drop_path), num_classes, pool=pool, fc_norm=fc_norm)
 
 
 def build_segmenter(backbone: nn.Module, num_classes: int, feature_size: int = 16,
-                    norm_name: str = "instance") -> nn.Module:
-    """ViT (+ PEFT) + UNETR 2D decoder: ``forward(image) -> logits (B, num_classes, H, W)``."""
+                    norm_name: str = "instance", drop_path: float = 0.0) -> nn.Module:
+    """ViT (+ PEFT) + UNETR 2D decoder: ``forward(image) -> logits (B, num_classes, H, W)``; ``drop_path`` as
+    in :func:`build_classifier`."""
+    from tpp_monai.backbones.drop_path import set_drop_path
     from tpp_monai.heads.segmentation import build_vit_segmenter
 
-    return build_vit_segmenter(backbone, num_classes, feature_size=feature_size, norm_name=norm_name)
+    return build_vit_segmenter(set_drop_path(backbone, drop_path), num_classes, feature_size=feature_size,
+                               norm_name=norm_name)
 
 
 def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
@@ -158,14 +164,35 @@ def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
 
 
 def build_optimizer(network: nn.Module, lr: float = 1e-4, weight_decay: float = 0.05,
-                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only (target parameters + task head), no decay on norms/biases."""
+                    betas: tuple[float, float] = (0.9, 0.999), decay_1d: bool = False) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (target parameters + task head).
+
+    ``decay_1d=False``: no decay on norms/biases/tokens (timm convention); ``True``: decay on every
+    trainable tensor, as MedCoSS's ``AdamW(model.parameters(), lr, weight_decay=1e-4)`` (the bundles' choice).
+    """
     from tpp_monai.engines.optim import param_groups
 
     named = [(n, p) for n, p in network.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("The network has no trainable parameters (PEFT froze everything and no head?)")
+    if decay_1d:
+        params = list({id(p): p for _, p in named}.values())
+        return torch.optim.AdamW([{"params": params, "weight_decay": weight_decay}], lr=lr, betas=tuple(betas))
     return torch.optim.AdamW(param_groups(named, weight_decay), lr=lr, betas=tuple(betas))
+
+
+def poly_lr(optimizer: torch.optim.Optimizer, num_iterations: int, epoch_length: int | None = None,
+            power: float = 0.9) -> torch.optim.lr_scheduler.LambdaLR:
+    """MedCoSS's fine-tuning schedule, stepped every iteration: ``lr * (1 - e / E) ** power`` with
+    ``e = iteration // epoch_length`` (MedCoSS sets the lr once per epoch) and ``E`` epochs covering
+    ``num_iterations``; ``epoch_length=None`` or 1 gives the smooth per-iteration poly decay.  No warm-up
+    (MedCoSS's warm-up branch is for negative epochs and never runs)."""
+    if num_iterations < 1:
+        raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+    step = max(1, int(epoch_length or 1))
+    epochs = max(1, -(-int(num_iterations) // step))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: max(0.0, 1.0 - min(i // step, epochs) / epochs) ** power)
 
 
 def trainable_report(network: nn.Module) -> dict[str, float]:

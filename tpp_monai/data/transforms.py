@@ -104,19 +104,13 @@ def _norm(in_channels: int, normalize: str | Sequence) -> tuple | None:
     return tuple(mean), tuple(std)
 
 
-def _tail(keys: list[str], train: bool, in_channels: int, normalize, seg: bool) -> list:
+def _tail(keys: list[str], train: bool, in_channels: int, normalize, seg: bool, augment: str = "medcoss",
+          image_size: int | Sequence[int] = 224) -> list:
     t: list = []
-    modes = ["bilinear", "nearest"] if seg else ["bilinear"]
-    if train:
-        t += [
-            RandFlipd(keys, prob=0.5, spatial_axis=0),
-            RandFlipd(keys, prob=0.5, spatial_axis=1),
-            RandRotate90d(keys, prob=0.5, max_k=3),
-            RandAffined(keys, prob=0.3, rotate_range=0.26, scale_range=0.1, mode=modes, padding_mode="zeros"),
-            RandScaleIntensityd("image", factors=0.1, prob=0.5),
-            RandShiftIntensityd("image", offsets=0.05, prob=0.5),
-            RandGaussianNoised("image", prob=0.2, std=0.02),
-        ]
+    if train:  # fine-tuning augmentation: MedCoSS's downstream recipe by default (tpp_monai.data.augment)
+        from tpp_monai.data.augment import cls_augmentations, seg_augmentations
+
+        t += seg_augmentations(keys, augment, image_size) if seg else cls_augmentations(augment)
     ms = _norm(in_channels, normalize)
     if ms is not None:
         mean, std = ms
@@ -131,8 +125,11 @@ def cls_transforms(
     in_channels: int = 3,
     normalize: str | Sequence = "auto",
     intensity_range: tuple[float, float] = (0.0, 255.0),
+    augment: str = "medcoss",
 ) -> Compose:
-    """Dict transforms for ``{"image": path, "label": int}`` entries -> float image (C, S, S), long label."""
+    """Dict transforms for ``{"image": path, "label": int}`` entries -> float image (C, S, S), long label.
+
+    ``augment`` (train only): "medcoss" (MedCoSS's downstream recipe), "legacy" or "none"."""
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     t = [
         load_image_2d("image"),
@@ -141,7 +138,7 @@ def cls_transforms(
         ScaleIntensityRanged("image", a_min=intensity_range[0], a_max=intensity_range[1], b_min=0.0, b_max=1.0,
                              clip=True),
         Resized("image", spatial_size=size, mode="bilinear"),
-        *_tail(["image"], train, in_channels, normalize, seg=False),
+        *_tail(["image"], train, in_channels, normalize, seg=False, augment=augment),
         EnsureTyped("image", dtype=torch.float32, track_meta=False),
         EnsureTyped("label", dtype=torch.long, track_meta=False),
     ]
@@ -155,8 +152,11 @@ def seg_transforms(
     num_classes: int = 2,
     normalize: str | Sequence = "auto",
     intensity_range: tuple[float, float] = (0.0, 255.0),
+    augment: str = "medcoss",
 ) -> Compose:
-    """Dict transforms for ``{"image": path, "label": mask path}`` -> image (C, S, S), mask (1, S, S) long."""
+    """Dict transforms for ``{"image": path, "label": mask path}`` -> image (C, S, S), mask (1, S, S) long.
+
+    ``augment`` (train only): "medcoss" (MedCoSS's downstream recipe), "legacy" or "none"."""
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     keys = ["image", "label"]
     t = [
@@ -167,7 +167,7 @@ def seg_transforms(
         ScaleIntensityRanged("image", a_min=intensity_range[0], a_max=intensity_range[1], b_min=0.0, b_max=1.0,
                              clip=True),
         Resized(keys, spatial_size=size, mode=["bilinear", "nearest"]),
-        *_tail(keys, train, in_channels, normalize, seg=True),
+        *_tail(keys, train, in_channels, normalize, seg=True, augment=augment, image_size=size),
         EnsureTyped("image", dtype=torch.float32, track_meta=False),
         EnsureTyped("label", dtype=torch.long, track_meta=False),
     ]

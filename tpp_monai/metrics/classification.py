@@ -118,8 +118,15 @@ def macro_f1(y_true, y_score) -> float:
 
 #: The paper's metrics (what :func:`classification_metrics` and the bundles report).
 METRICS: dict[str, Callable] = {"acc": accuracy, "auc": auc, "f1": macro_f1}
+
+
+def acc_auc_f1(y_true, y_score) -> float:
+    """ACC + AUC + F1: MedCoSS's model-selection score on the validation set (best epoch = highest sum)."""
+    return accuracy(y_true, y_score) + auc(y_true, y_score) + macro_f1(y_true, y_score)
+
+
 #: Every metric available by name (``EpochClassificationMetric(metric=...)``), the paper's and alternatives.
-ALL_METRICS: dict[str, Callable] = {**METRICS, "auc_ovr": auc_ovr}
+ALL_METRICS: dict[str, Callable] = {**METRICS, "auc_ovr": auc_ovr, "acc_auc_f1": acc_auc_f1}
 
 
 def classification_metrics(y_true, y_score, percent: bool = False) -> dict[str, float]:
@@ -135,7 +142,7 @@ except ImportError:  # pragma: no cover
 
 
 class EpochClassificationMetric(_EpochMetric):  # type: ignore[misc,valid-type]
-    """ignite ``EpochMetric`` computing ``metric`` ("acc", "auc", "f1", or "auc_ovr") over the whole epoch.
+    """ignite ``EpochMetric`` computing ``metric`` ("acc", "auc", "f1", "auc_ovr", or "acc_auc_f1") over the whole epoch.
 
     ``output_transform`` must return ``(y_pred, y)``: probabilities (B, C) (lists of (C,) tensors
     from ``from_engine`` are fine) and integer or one-hot labels.
