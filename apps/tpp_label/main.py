@@ -9,29 +9,42 @@ fine-tuning on the images with a ``final`` label; writes the new model file atom
 
 ``--conf`` keys (all optional; defaults in ``DEFAULTS``): models, labels, vit_size, img_size,
 backbone_ckpt, allow_pickle, peft, peft_config (JSON), vit_overrides (JSON), pretext,
-pretext_config (JSON), tpp, tpp_epochs, epochs, batch_size, lr, tpp_lr, model_dir, init_model.
-All model building, I/O and training live in the library (``tpp_monai.label``).
+pretext_config (JSON), tpp, tpp_epochs, epochs, batch_size, lr, tpp_lr, model_dir, init_model,
+expose, max_image_pixels, max_upload_mb.
+All model building, I/O and training live in the library (``tpp_monai.label``); the request checks
+(plain-name ids and tags, datastore-only images, train parameters, size caps, temp-file sweeping,
+client-safe errors) are in :mod:`tpp_monai.label.safety` and wired here. The server refuses to
+listen beyond loopback unless ``--conf expose true`` (see README: enable authentication first).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
-from typing import Any, Dict
+import traceback
+from typing import Any, Dict, Optional
 
 import torch
-from fastapi import HTTPException
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.responses import JSONResponse
+from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
+from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
-from monailabel.interfaces.exception import MONAILabelException
+from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import strtobool
+from starlette.middleware import Middleware
 
-from tpp_monai.label import seg2d
+from tpp_monai.label import safety, seg2d
+from tpp_monai.pretext import PRETEXT_TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +72,15 @@ DEFAULTS: Dict[str, str] = {
     "lr": "1e-3",
     "tpp_lr": "",
     "init_model": "true",
+    "expose": "false",
+    "max_image_pixels": str(seg2d.MAX_IMAGE_PIXELS),
+    "max_upload_mb": "256",
 }
+#: keys monailabel itself adds to a train request (not the client's)
+SERVER_TRAIN_KEYS = ("model", "bundle_path", "gpus", "local_rank", "multi_gpu")
+#: the one message for any image that is not a datastore id or an upload: never says whether a path exists
+NOT_A_DATASTORE_IMAGE = ("image must be the id of a datastore image (GET /datastore/?output=all lists them) "
+                         "or an uploaded file; server paths are not accepted")
 
 
 def _device(requested: Any) -> str:
@@ -72,11 +93,14 @@ def _device(requested: Any) -> str:
 class TPPSegInfer(InferTask):
     """2D segmentation with the ViT + PEFT model file; reloads it when its mtime changes."""
 
-    def __init__(self, name: str, path: str, labels: Dict[str, int], description: str):
+    def __init__(self, name: str, path: str, labels: Dict[str, int], description: str,
+                 roots: tuple = (), max_pixels: int | None = None):
         super().__init__(type=InferType.SEGMENTATION, labels=labels, dimension=2, description=description,
                          config={"device": ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]})
         self.name = name
         self.path = path
+        self.roots = roots  # the datastore and the upload folder: the only places images are read from
+        self.max_pixels = max_pixels
         self._lock = threading.Lock()
         self._cached: tuple | None = None  # (mtime_ns, device, model, cfg, meta)
 
@@ -101,9 +125,10 @@ class TPPSegInfer(InferTask):
     def __call__(self, request):
         device = _device(request.get("device"))
         image = request.get("image")
-        if not isinstance(image, str) or not os.path.isfile(image):
-            raise seg2d.ImageReadError(f"image {image!r} is not a file on the server")
-        arr, info = seg2d.read_image_2d(image)
+        if not isinstance(image, str) or (self.roots and not any(safety.inside(image, r) for r in self.roots)) \
+                or not os.path.isfile(image):
+            raise safety.RequestError(NOT_A_DATASTORE_IMAGE)
+        arr, info = seg2d.read_image_2d(image, max_pixels=self.max_pixels)
         mtime, _, model, cfg, meta = self._model(device)
         mask = seg2d.predict(model, arr, cfg, device=device)
         suffix = ".nii.gz" if info["format"] == "nifti" else ".png"
@@ -119,9 +144,10 @@ class TPPSegInfer(InferTask):
 class TPPSegTrain(TrainTask):
     """TPP on all datastore images, then PEFT fine-tuning on the labelled ones; atomic write of the model file."""
 
-    def __init__(self, name: str, path: str, cfg: seg2d.Seg2DConfig, conf: Dict[str, str]):
+    def __init__(self, name: str, path: str, cfg: seg2d.Seg2DConfig, conf: Dict[str, str], log_dir: str = ""):
         super().__init__(f"TPP ({conf['pretext']}) + PEFT ({cfg.peft_method}) fine-tuning of {name}")
         self.name, self.path, self.cfg, self.conf = name, path, cfg, conf
+        self.log_dir = log_dir or os.path.dirname(path)
 
     def config(self):
         c = self.conf
@@ -136,27 +162,118 @@ class TPPSegTrain(TrainTask):
             return {}
 
     def __call__(self, request, datastore: Datastore):
-        r = {**self.config(), **{k: v for k, v in request.items() if v is not None}}
+        """Runs in monailabel's train subprocess: clients see only our marked lines (no traceback, no paths)."""
+        try:
+            return self._train(request, datastore)
+        except Exception as e:  # noqa: BLE001 - the traceback goes to a server-side file, the client gets the reason
+            os.makedirs(self.log_dir, exist_ok=True)
+            with open(os.path.join(self.log_dir, "train_errors.log"), "a") as f:
+                f.write(traceback.format_exc() + "\n")
+            logger.error(f"{safety.CLIENT_MARK}training failed, the previous model is kept: {type(e).__name__}: "
+                         f"{safety.redact(str(e), (self.log_dir, os.path.dirname(self.path), datastore_root(datastore)))}"
+                         "; the traceback is in the server's logs/train_errors.log")
+            if "monailabel.app" in sys.modules:  # run_sync=true: inside the server, which must keep serving
+                raise safety.RequestError(f"training failed: {type(e).__name__}", status=422) from None
+            raise SystemExit(1) from None
+
+    def _train(self, request, datastore: Datastore):
+        client = {k: v for k, v in request.items() if v is not None}
+        ignore = (*SERVER_TRAIN_KEYS, *[k for k, v in client.items() if isinstance(v, dict)])  # POST /train/ nests by model
+        r = {**self.config(), **safety.validate_train_params(client, PRETEXT_TASKS.names(), ignore=ignore)}
+        say = lambda m: logger.info(safety.CLIENT_MARK + m)  # noqa: E731
         images = [datastore.get_image_uri(i) for i in datastore.list_images()]
         labelled = [(datastore.get_image_uri(i), datastore.get_label_uri(i, DefaultLabelTag.FINAL))
                     for i in datastore.get_labeled_images(DefaultLabelTag.FINAL)]
         prev = self.stats().get("version", 0)
-        logger.info(f"{self.name}: train on {len(images)} images ({len(labelled)} labelled), request {r}")
+        say(f"{self.name}: train on {len(images)} images ({len(labelled)} labelled), "
+            f"{json.dumps({k: r[k] for k in safety.TRAIN_KEYS if k in r})}")
         stats = seg2d.train_tpp_peft(
             self.cfg, images, labelled, self.path, os.path.join(os.path.dirname(self.path), f"{self.name}_work"),
             pretext=str(r["pretext"]), pretext_config=json.loads(self.conf["pretext_config"]),
             tpp=bool(strtobool(str(r["tpp"]))), tpp_epochs=int(r["tpp_epochs"]), ft_epochs=int(r["epochs"]),
             batch_size=int(r["batch_size"]), ft_lr=float(r["lr"]),
             tpp_lr=float(self.conf["tpp_lr"]) if self.conf["tpp_lr"] else None,
-            device=_device(r.get("device")), version=int(prev) + 1, log=logger.info,
+            device=_device(r.get("device")), version=int(prev) + 1, log=say,
         )
         return stats
+
+
+def datastore_root(datastore: Datastore) -> str:
+    return str(getattr(datastore, "_datastore_path", "") or "")
+
+
+class SafeDatastore(LocalDatastore):
+    """LocalDatastore that takes only plain-name image ids, label ids and tags, and only images the app can read.
+
+    monailabel joins these client-given names into paths (``tag=../../x`` wrote outside the datastore).
+    """
+
+    def __init__(self, *args, max_pixels: int | None = None, **kwargs):
+        self.max_pixels = max_pixels
+        super().__init__(*args, **kwargs)
+
+    def _upload(self, filename: str, what: str) -> None:
+        safety.check_upload_ext(filename, what)
+        try:
+            seg2d.read_image_2d(filename, max_pixels=self.max_pixels)
+        except seg2d.ImageTooLarge as e:
+            raise safety.RequestError(f"{what}: {e} (server limit: --conf max_image_pixels)", status=413) from e
+        except seg2d.ImageReadError as e:
+            raise safety.RequestError(f"{what}: {e}") from e
+
+    def add_image(self, image_id, image_filename, image_info):
+        if image_id:
+            safety.check_name(image_id, "image id")
+        self._upload(image_filename, "image upload")
+        return super().add_image(image_id, image_filename, image_info)
+
+    def save_label(self, image_id, label_filename, label_tag, label_info):
+        safety.check_name(image_id, "image id")
+        safety.check_name(label_tag, "label tag")
+        self._upload(label_filename, "label upload")
+        return super().save_label(image_id, label_filename, label_tag, label_info)
+
+    def remove_image(self, image_id):
+        return super().remove_image(safety.check_name(image_id, "image id"))
+
+    def remove_label(self, label_id, label_tag):
+        return super().remove_label(safety.check_name(label_id, "label id"), safety.check_name(label_tag, "label tag"))
+
+    def get_image_uri(self, image_id):
+        return super().get_image_uri(safety.check_name(image_id, "image id"))
+
+    def get_label_uri(self, label_id, label_tag):
+        return super().get_label_uri(safety.check_name(label_id, "label id"), safety.check_name(label_tag, "label tag"))
+
+    def get_image_info(self, image_id):
+        info = super().get_image_info(safety.check_name(image_id, "image id"))
+        info.pop("path", None)  # clients get ids, not server paths
+        return info
+
+    def get_label_info(self, label_id, label_tag):
+        return super().get_label_info(safety.check_name(label_id, "label id"), safety.check_name(label_tag, "label tag"))
+
+    def update_image_info(self, image_id, info):
+        return super().update_image_info(safety.check_name(image_id, "image id"), info)
+
+    def update_label_info(self, label_id, label_tag, info):
+        return super().update_label_info(safety.check_name(label_id, "label id"),
+                                         safety.check_name(label_tag, "label tag"), info)
 
 
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.tconf = {**DEFAULTS, **{k: str(v) for k, v in (conf or {}).items()}}
         c = self.tconf
+        self.serving = sys.modules.get("monailabel.app")  # None in the train subprocess and the CLI
+        if self.serving is not None:
+            argv_host = safety.host_from_argv(sys.argv)
+            host = argv_host if argv_host or "start_server" in sys.argv else "127.0.0.1"  # bare uvicorn: loopback
+            warning = safety.check_bind(host, bool(strtobool(c["expose"])), settings.MONAI_LABEL_AUTH_ENABLE)
+            if warning:
+                logger.warning(warning)
+        self.max_pixels = int(c["max_image_pixels"])
+        self.uploads: safety.UploadFolder | None = None
         self.model_dir = c.get("model_dir") or os.path.join(app_dir, "model")
         os.makedirs(self.model_dir, exist_ok=True)
         names = [m.strip() for m in c["models"].split(",") if m.strip()]
@@ -176,20 +293,46 @@ class MyApp(MONAILabelApp):
             if not os.path.isfile(path) and strtobool(c["init_model"]):
                 # untrained start (zero-init PEFT, random decoder) so clients can see the model before the first /train
                 seg2d.save_model(path, seg2d.build_model(self.seg_cfg), self.seg_cfg, meta={"trained": False, "version": 0})
+        self.sys_tmp = tempfile.gettempdir()
+        if self.serving is not None:
+            self.uploads = safety.UploadFolder()
+            tempfile.tempdir = self.uploads.path  # monailabel's uploads and results land in the swept folder
+            atexit.register(self.uploads.remove)
+        self.log_dir = os.path.join(app_dir, "logs")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="tpp_label",
                          description="tpp-monai: ViT + PEFT segmentation with Target Parameter Pre-training",
                          version="0.1.0", labels=self.seg_cfg.labels)
+        if self.serving is not None:
+            _harden(self, self.serving.app)
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return SafeDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY, max_pixels=self.max_pixels)
+
+    def roots(self) -> tuple:
+        """Server folders that must not appear in a client message."""
+        return tuple(r for r in (self.app_dir, self.studies, self.model_dir, self.uploads and self.uploads.path,
+                                 self.sys_tmp, os.path.expanduser("~")) if r)
+
+    def client_message(self, text: str) -> str:
+        return safety.redact(text, self.roots())
 
     def model_path(self, name: str) -> str:
         return os.path.join(self.model_dir, f"{name}.pt")
 
     def init_infers(self):
+        roots = tuple(r for r in (self.studies, self.uploads and self.uploads.path) if r)
         return {m: TPPSegInfer(m, self.model_path(m), self.seg_cfg.labels,
-                               f"ViT-{self.seg_cfg.size} + {self.seg_cfg.peft_method} 2D segmentation (tpp-monai)")
+                               f"ViT-{self.seg_cfg.size} + {self.seg_cfg.peft_method} 2D segmentation (tpp-monai)",
+                               roots=roots, max_pixels=self.max_pixels)
                 for m in self.model_names}
 
     def init_trainers(self):
-        return {m: TPPSegTrain(m, self.model_path(m), self.seg_cfg, self.tconf) for m in self.model_names}
+        return {m: TPPSegTrain(m, self.model_path(m), self.seg_cfg, self.tconf, log_dir=self.log_dir)
+                for m in self.model_names}
 
     def _known(self, model) -> None:
         if model is not None and model not in self._infers and model not in self._trainers:
@@ -201,20 +344,105 @@ class MyApp(MONAILabelApp):
         self._known(model)
         return super().bundle_path(model)
 
+    def _image_for_infer(self, image: Any, datastore: Datastore) -> str:
+        """An uploaded file in this server's upload folder, or a datastore id: never a path the client names."""
+        if isinstance(image, str) and self.uploads is not None and safety.inside(image, self.uploads.path) \
+                and os.path.isfile(image):
+            return image
+        try:
+            uri = datastore.get_image_uri(safety.check_name(image, "image id"))
+        except safety.RequestError:
+            raise safety.RequestError(NOT_A_DATASTORE_IMAGE) from None
+        if not uri:
+            raise safety.RequestError(NOT_A_DATASTORE_IMAGE, status=404)
+        return image
+
     def infer(self, request, datastore=None):
         self._known(request.get("model"))
         try:
+            request = {**request, "image": self._image_for_infer(request.get("image"), datastore or self.datastore())}
             return super().infer(request, datastore)
         except HTTPException:
             raise
+        except safety.RequestError as e:
+            raise HTTPException(status_code=e.status, detail=self.client_message(str(e))) from e
+        except seg2d.ImageTooLarge as e:
+            raise HTTPException(status_code=413, detail=self.client_message(
+                f"image too large: {e} (server limit: --conf max_image_pixels)")) from e
         except seg2d.ImageReadError as e:
-            raise HTTPException(status_code=400, detail=f"bad image: {e}") from e
+            raise HTTPException(status_code=400, detail=self.client_message(f"bad image: {e}")) from e
         except MONAILabelException as e:
-            raise HTTPException(status_code=400, detail=f"{e.error}: {e.msg}") from e
-        except Exception as e:  # noqa: BLE001 - the client gets the reason, the server keeps serving
+            raise HTTPException(status_code=400, detail=self.client_message(f"{e.error}: {e.msg}")) from e
+        except Exception as e:  # noqa: BLE001 - the traceback stays in the log, the server keeps serving
             logger.exception("infer failed")
-            raise HTTPException(status_code=500, detail=f"inference failed: {type(e).__name__}: {e}") from e
+            raise HTTPException(status_code=500, detail=f"inference failed ({type(e).__name__}); "
+                                                         "the traceback is in the server log") from e
 
     def train(self, request):
         self._known(request.get("model"))
         return super().train(request)
+
+
+# ------------------------------------------------------------------------ server hardening (issue 16)
+def _json_error(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+def _harden(app: MyApp, fastapi_app) -> None:
+    """Wire the request checks into monailabel's FastAPI app: error handlers, body cap + temp sweep, train routes.
+
+    monailabel builds its app before ours exists; the handlers and middleware are added here and the
+    middleware stack is rebuilt on the next request (nothing has been served yet: this runs at start-up).
+    """
+    from monailabel.endpoints import train as train_ep
+
+    fastapi_app.add_exception_handler(safety.RequestError, lambda r, e: _json_error(e.status, app.client_message(str(e))))
+    fastapi_app.add_exception_handler(json.JSONDecodeError, lambda r, e: _json_error(
+        400, f"a JSON form field (params / info) is not valid JSON: {e.msg} at character {e.pos}"))
+    for exc in (ImageNotFoundException, LabelNotFoundException):
+        fastapi_app.add_exception_handler(exc, lambda r, e: _json_error(404, app.client_message(str(e.msg))))
+    fastapi_app.add_exception_handler(Exception, lambda r, e: _json_error(
+        500, f"internal server error ({type(e).__name__}); the traceback is in the server log"))
+    fastapi_app.user_middleware.insert(0, Middleware(safety.RequestGuard, folder=app.uploads,
+                                                     max_body_bytes=int(float(app.tconf["max_upload_mb"]) * 2**20)))
+    fastapi_app.middleware_stack = None
+
+    router = APIRouter()
+    pretexts = PRETEXT_TASKS.names()
+
+    @router.post("/train/{model}", summary="Run Training Task for specific model (parameters checked first)")
+    async def train_model(model: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
+                          enqueue: Optional[bool] = False,
+                          user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+        app._known(model)
+        safety.validate_train_params(params, pretexts)
+        res = train_ep.run_model(model, params, run_sync, enqueue)
+        return res if run_sync else safety.client_task_view(res, app.roots())
+
+    @router.post("/train/", include_in_schema=False)
+    async def train_all(params: Optional[dict] = None, run_sync: Optional[bool] = False,
+                        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+        for m in app.model_names:
+            safety.validate_train_params((params or {}).get(m), pretexts)
+        return train_ep.run(params, run_sync)
+
+    @router.get("/train/", summary="Status of the training task (no tracebacks or server paths)")
+    async def train_status(all: bool = False, check_if_running: bool = False,
+                           user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+        res = train_ep.status(all, check_if_running)
+        if isinstance(res, list):
+            return [safety.client_task_view(t, app.roots()) for t in res]
+        return safety.client_task_view(res, app.roots())
+
+    if not settings.MONAI_LABEL_AUTH_ENABLE:
+        @router.get("/logs/", include_in_schema=False)
+        async def no_logs():  # the server log holds tracebacks and paths: only for authenticated admins
+            raise safety.RequestError("the server log is not served without authentication "
+                                      "(MONAI_LABEL_AUTH_ENABLE=true, admin role); read <app>/logs/app.log on the server",
+                                      status=403)
+
+    n = len(fastapi_app.router.routes)
+    fastapi_app.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
+    ours = fastapi_app.router.routes[n:]
+    del fastapi_app.router.routes[n:]
+    fastapi_app.router.routes[:0] = ours  # matched before monailabel's own /train routes

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -46,6 +47,21 @@ NIFTI_EXT = (".nii", ".nii.gz")
 
 class ImageReadError(ValueError):
     """An image or label file could not be read as a 2D image (message names the file and why)."""
+
+
+class ImageTooLarge(ImageReadError):
+    """An image has more pixels than the caller allows (checked from the header, before decoding)."""
+
+
+#: default pixel cap of the label server (``--conf max_image_pixels``): 8192 x 8192
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def _check_pixels(shape: Sequence[int], path, max_pixels: int | None) -> None:
+    n = int(np.prod([int(s) for s in shape])) if len(shape) else 0
+    if max_pixels is not None and n > max_pixels:
+        raise ImageTooLarge(f"{Path(path).name}: {' x '.join(str(int(s)) for s in shape)} = {n} pixels is more than "
+                            f"the limit of {max_pixels} pixels; send a smaller image")
 
 
 @dataclass
@@ -182,8 +198,11 @@ def _squeeze_2d(arr: np.ndarray, path) -> np.ndarray:
     return arr
 
 
-def read_image_2d(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+def read_image_2d(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[np.ndarray, dict]:
     """(H, W) or (H, W, C) array in row/column order, plus what :func:`write_mask_2d` needs to write a match.
+
+    ``max_pixels``: refuse (:class:`ImageTooLarge`) an image with more pixels, judged from the file's
+    header before any pixel is decoded (a 160 KB PNG can hold 13000 x 13000 pixels, 5 GB decoded).
 
     NIfTI and NRRD store a slice as ``data[x, y(, 1)]`` (x along a row): they are transposed to
     ``(y, x)`` here, the order of PNG pixels and of ITK / 3D Slicer's view of a PNG, so images and
@@ -195,16 +214,19 @@ def read_image_2d(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
             import nibabel as nib
 
             img = nib.load(str(path))
+            _check_pixels(img.shape[:2], path, max_pixels)
             arr = _squeeze_2d(np.asarray(img.dataobj), path).T
             return arr, {"format": "nifti", "affine": np.asarray(img.affine)}
         if ext == ".nrrd":
             import nrrd
 
+            _check_pixels(nrrd.read_header(str(path)).get("sizes", [])[:2], path, max_pixels)
             data, _ = nrrd.read(str(path))
             return _squeeze_2d(np.asarray(data), path).T, {"format": "nrrd"}
         from PIL import Image
 
         with Image.open(str(path)) as im:
+            _check_pixels(im.size[::-1], path, max_pixels)
             im.load()
             if im.mode in ("P", "CMYK", "LA", "RGBA"):
                 im = im.convert("RGB")
@@ -217,6 +239,8 @@ def read_image_2d(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     except ImageReadError:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised with the file and the reason
+        if type(e).__name__ == "DecompressionBombError":  # PIL's own cap (2 x Image.MAX_IMAGE_PIXELS)
+            raise ImageTooLarge(f"{Path(path).name}: {e}") from e
         raise ImageReadError(f"cannot read {Path(path).name} as a 2D image ({type(e).__name__}: {e})") from e
 
 
@@ -282,6 +306,20 @@ def _dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
     return float(np.mean(ds)) if ds else 1.0
 
 
+def check_train_args(*, tpp_epochs: int, ft_epochs: int, batch_size: int, ft_lr: float,
+                     tpp_lr: float | None = None) -> None:
+    """Refuse settings under which no model would train (``ft_epochs=-1`` published an untrained "trained" model)."""
+    errors = []
+    for name, v, lo in (("ft_epochs", ft_epochs, 1), ("tpp_epochs", tpp_epochs, 0), ("batch_size", batch_size, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            errors.append(f"{name} must be an integer >= {lo}, got {v!r}")
+    for name, v in (("ft_lr", ft_lr), ("tpp_lr", tpp_lr)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            errors.append(f"{name} must be a finite number > 0, got {v!r}")
+    if errors:
+        raise ValueError("train_tpp_peft: " + "; ".join(errors))
+
+
 def train_tpp_peft(
     cfg: Seg2DConfig,
     images: Sequence[str | os.PathLike],
@@ -314,6 +352,7 @@ def train_tpp_peft(
 
     log = log or logger.info
     device = torch.device(device)
+    check_train_args(tpp_epochs=tpp_epochs, ft_epochs=ft_epochs, batch_size=batch_size, ft_lr=ft_lr, tpp_lr=tpp_lr)
     if not labelled:
         raise ValueError("no labelled images in the datastore: save at least one label before training")
     t0 = time.time()
@@ -334,7 +373,7 @@ def train_tpp_peft(
             checkpoint_every_epochs=tpp_epochs, log_every=10**9,
         )
         tpp_seconds = time.time() - t0
-        log(f"TPP done in {tpp_seconds:.1f} s -> {tpp_ckpt}")
+        log(f"TPP done in {tpp_seconds:.1f} s -> {Path(tpp_ckpt).name}")
 
     # --- fine-tuning: same target parameters (loaded) + decoder on the labelled images
     torch.manual_seed(seed)
@@ -359,17 +398,23 @@ def train_tpp_peft(
             tot += float(loss) * len(idx)
         losses.append(tot / len(xs))
         log(f"fine-tune epoch {ep + 1}/{ft_epochs}: loss {losses[-1]:.4f}")
+    bad = [n for n, v in trainable_state_dict(model).items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not losses or not all(math.isfinite(v) for v in losses) or bad:
+        raise FloatingPointError(
+            f"fine-tuning did not produce a usable model (losses {losses[-3:]}, non-finite tensors {bad[:3]}); "
+            f"the previous model is kept. Check the images and labels, or lower lr (now {ft_lr}).")
     model.eval()
     with torch.no_grad():
         pred = torch.cat([model(xs[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(xs), batch_size)])
     dice = _dice(pred, ys[:, 0], cfg.num_classes)
-    stats = {
+    stats = {  # tpp_ckpt relative to work_dir: /info shows these stats to clients, server paths stay out
         "trained": True, "version": int(version if version is not None else time.time_ns()),
-        "tpp": bool(tpp_ckpt), "tpp_ckpt": str(tpp_ckpt) if tpp_ckpt else "", "pretext": pretext if tpp_ckpt else "",
+        "tpp": bool(tpp_ckpt), "tpp_ckpt": os.path.relpath(tpp_ckpt, work_dir) if tpp_ckpt else "",
+        "pretext": pretext if tpp_ckpt else "",
         "tpp_epochs": tpp_epochs if tpp_ckpt else 0, "ft_epochs": ft_epochs, "num_images": len(images),
         "num_labelled": len(labelled), "final_loss": losses[-1] if losses else None, "train_dice": dice,
         "tpp_seconds": round(tpp_seconds, 2), "total_seconds": round(time.time() - t0, 2),
     }
     save_model(output, model, cfg, meta=stats)
-    log(f"saved {output}: {json.dumps(stats)}")
+    log(f"saved {Path(output).name}: {json.dumps(stats)}")
     return stats

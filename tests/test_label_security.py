@@ -1,0 +1,340 @@
+"""The label server is safe by default (issue 16, items 5-10), tested on a real server on 127.0.0.1.
+
+One server is started with ``python -m tpp_monai.label.serve`` and no ``--host`` (so the default
+bind is what is tested), a private TMPDIR and a datastore of three tiny synthetic PNGs. Attacks:
+path traversal in label tags / image ids / label ids (refused, nothing written outside the
+datastore), server paths for /infer (refused with one message whether the file exists or not,
+also when smuggled in ``params``), failed and oversized uploads (413 naming the limit; the temp
+folder is empty afterwards), malformed JSON (400 with the reason), bad /train parameters
+(4xx, the model file untouched). The library and train-task checks run without a server.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tpp_monai.label import safety, seg2d
+from tpp_monai.label.serve import server_argv
+
+try:
+    import requests
+except ImportError:  # pragma: no cover
+    requests = None
+
+HAVE_MONAILABEL = importlib.util.find_spec("monailabel") is not None and requests is not None
+NO_MONAILABEL = "monailabel is not installed (optional extra, see apps/tpp_label/README.md); server tests skipped"
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT, HTTP_TIMEOUT = 180, 60
+TINY = seg2d.Seg2DConfig(img_size=32, vit_overrides={"depth": 2})
+
+
+def _png(path: Path, arr: np.ndarray) -> Path:
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def _studies(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    studies = root / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for i in range(3):
+        _png(studies / f"img_{i}.png", (rng.random((32, 32)) * 255).astype(np.uint8))
+        if i < 2:
+            lbl = np.zeros((32, 32), np.uint8)
+            lbl[4:16, 4:16], lbl[20:28, 20:28] = 1, 2
+            _png(studies / "labels" / "final" / f"img_{i}.png", lbl)
+    return studies
+
+
+def _files(folder: Path) -> set:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------------ library (no server needed)
+def test_names_params_and_bind_checks():
+    for bad in ("../x", "..", ".", "a/b", "/etc/passwd", "a\\b", "x\x00y", "", "a" * 300):
+        with pytest.raises(safety.RequestError, match="not a plain name"):
+            safety.check_name(bad, "label tag")
+    assert safety.check_name("final", "label tag") == "final" and safety.check_name("case 01.v2", "image id")
+
+    pretexts = ["dino", "mae"]
+    assert safety.validate_train_params({"epochs": "3", "lr": 1e-4, "tpp": "false"}, pretexts) == \
+        {"epochs": 3, "lr": 1e-4, "tpp": False}
+    for bad, what in (({"epochs": -1}, "epochs must be in"), ({"epochs": 0}, "epochs must be in"),
+                      ({"epochs": 2.5}, "whole number"), ({"tpp_epochs": -2}, "tpp_epochs"),
+                      ({"batch_size": 0}, "batch_size"), ({"lr": "nan"}, "lr must be"), ({"lr": 0}, "lr must be"),
+                      ({"pretext": "jigsaw"}, "not a registered"), ({"device": "/dev/x"}, "device"),
+                      ({"epoch": 5}, "unknown train parameter")):
+        with pytest.raises(safety.RequestError, match=what):
+            safety.validate_train_params(bad, pretexts)
+
+    assert server_argv(["--studies", "s"])[-4:] == ["--host", "127.0.0.1", "--app", str(REPO / "apps" / "tpp_label")]
+    assert "0.0.0.0" in server_argv(["--host", "0.0.0.0", "--studies", "s"])
+    assert safety.host_from_argv(["start_server", "--studies", "s"]) is None  # monailabel would bind 0.0.0.0
+    for host in (None, "0.0.0.0", "192.168.1.5"):
+        with pytest.raises(RuntimeError, match="--host 127.0.0.1"):
+            safety.check_bind(host, expose=False, auth_enabled=False)
+    assert "WITHOUT authentication" in safety.check_bind("0.0.0.0", expose=True, auth_enabled=False)
+    assert safety.check_bind("0.0.0.0", expose=True, auth_enabled=True) is None
+    assert safety.check_bind("127.0.0.1", expose=False, auth_enabled=False) is None
+
+
+def test_task_view_hides_tracebacks_and_paths(tmp_path):
+    task = {"id": "1", "status": "ERROR", "start_ts": "t", "request": {"model": "m", "epochs": 2, "bundle_path": str(tmp_path)},
+            "details": ["[..] INFO (app:1) - Initializing App from: " + str(tmp_path / "app"),
+                        "Traceback (most recent call last):", f'  File "{tmp_path}/x.py", line 3, in f',
+                        f"[..] ERROR (main:9) - {safety.CLIENT_MARK}training failed: ValueError: bad {tmp_path}/l.png"]}
+    view = safety.client_task_view(task, [str(tmp_path)])
+    assert view["request"] == {"model": "m", "epochs": 2}
+    assert view["details"] == ["training failed: ValueError: bad <server>/l.png"]
+    assert str(tmp_path) not in json.dumps(view) and "Traceback" not in json.dumps(view)
+
+
+def test_image_pixel_cap_reads_header_only(tmp_path):
+    big = tmp_path / "big.png"
+    Image.new("L", (5000, 4000)).save(big)
+    t0 = time.time()
+    with pytest.raises(seg2d.ImageTooLarge, match=r"5000 = 20000000 pixels .* limit of 1000000 pixels"):
+        seg2d.read_image_2d(big, max_pixels=1_000_000)
+    assert time.time() - t0 < 2.0
+    assert seg2d.read_image_2d(big, max_pixels=None)[0].shape == (4000, 5000)
+
+
+def _tiny_data(tmp_path: Path):
+    _png(tmp_path / "i.png", (np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8))
+    lbl = np.zeros((32, 32), np.uint8)
+    lbl[4:16, 4:16] = 1
+    _png(tmp_path / "l.png", lbl)
+    return [str(tmp_path / "i.png")], [(str(tmp_path / "i.png"), str(tmp_path / "l.png"))]
+
+
+def test_train_publishes_only_a_model_that_trained(tmp_path):
+    images, labelled = _tiny_data(tmp_path)
+    out = tmp_path / "m.pt"
+    for bad in ({"ft_epochs": -1}, {"ft_epochs": 0}, {"batch_size": 0}, {"ft_lr": float("nan")}):
+        kw = {"tpp": False, "ft_epochs": 1, **bad}
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            seg2d.train_tpp_peft(TINY, images, labelled, out, tmp_path / "w", **kw)
+        assert not out.exists()  # the old code saved an untrained model marked "trained" for ft_epochs=-1
+    with pytest.raises(FloatingPointError, match="previous model is kept"):  # lr so large the weights overflow
+        seg2d.train_tpp_peft(TINY, images, labelled, out, tmp_path / "w", tpp=False, ft_epochs=3, ft_lr=1e37)
+    assert not out.exists()
+    stats = seg2d.train_tpp_peft(TINY, images, labelled, out, tmp_path / "w", tpp=False, ft_epochs=1)
+    assert stats["trained"] and out.exists() and seg2d.read_model_file(out)["meta"]["ft_epochs"] == 1
+
+
+def _load_app_module():
+    spec = importlib.util.spec_from_file_location("tpp_label_main_under_test", REPO / "apps" / "tpp_label" / "main.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_task_failure_shows_reason_not_traceback(tmp_path, caplog):
+    if not HAVE_MONAILABEL:
+        pytest.skip(NO_MONAILABEL)
+    main = _load_app_module()
+    conf = {**main.DEFAULTS, "epochs": "1"}
+    task = main.TPPSegTrain("tpp_seg", str(tmp_path / "model" / "tpp_seg.pt"), TINY, conf, log_dir=str(tmp_path / "logs"))
+
+    class Store:  # a datastore whose one label has a class the model does not have
+        def list_images(self):
+            return ["a"]
+
+        def get_labeled_images(self, tag):
+            return ["a"]
+
+        def get_image_uri(self, i):
+            return str(tmp_path / "a.png")
+
+        def get_label_uri(self, i, tag):
+            return str(tmp_path / "a_label.png")
+
+    _png(tmp_path / "a.png", np.zeros((32, 32), np.uint8))
+    _png(tmp_path / "a_label.png", np.full((32, 32), 7, np.uint8))
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit):
+        task({"model": "tpp_seg", "tpp": False, "epochs": 1}, Store())
+    client = [r.getMessage() for r in caplog.records if safety.CLIENT_MARK in r.getMessage()]
+    assert any("training failed" in m and "label has class 7" in m for m in client), client
+    assert not any("Traceback" in m or str(tmp_path) in m for m in client)
+    assert "Traceback" in (tmp_path / "logs" / "train_errors.log").read_text()
+    assert not (tmp_path / "model" / "tpp_seg.pt").exists()
+    caplog.clear()
+    with pytest.raises(SystemExit):  # invalid parameters are refused in the task too (a request from the CLI)
+        task({"model": "tpp_seg", "epochs": -1}, Store())
+    assert any("epochs must be in" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------ server (needs monailabel)
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    if not HAVE_MONAILABEL:
+        pytest.skip(NO_MONAILABEL)
+    root = tmp_path_factory.mktemp("labelsec")
+    studies, app, tmp = _studies(root), root / "app", root / "systmp"
+    app.mkdir()
+    tmp.mkdir()
+    shutil.copy(REPO / "apps" / "tpp_label" / "main.py", app / "main.py")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "tpp_monai.label.serve", "--app", str(app), "--studies", str(studies),
+           "--port", str(port), "--conf", "model_dir", str(root / "model"), "--conf", "img_size", "32",
+           "--conf", "vit_overrides", '{"depth": 2}', "--conf", "max_upload_mb", "1"]  # no --host: the default
+    env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_TRACKING_ENABLED": "false"}
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.time()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited ({proc.returncode}):\n{(root / 'server.log').read_text()[-4000:]}")
+            try:
+                if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() - t0 > START_TIMEOUT:
+                raise RuntimeError(f"server not up after {START_TIMEOUT} s:\n{(root / 'server.log').read_text()[-4000:]}")
+            time.sleep(1)
+        yield {"url": url, "root": root, "studies": studies, "tmp": tmp, "pid": proc.pid, "port": port,
+               "model": root / "model" / "tpp_seg.pt", "tmp_at_start": _files(tmp)}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=20)
+        log.close()
+
+
+def test_default_bind_is_loopback(srv):
+    import psutil
+
+    listening = [c.laddr for c in psutil.Process(srv["pid"]).net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN]
+    assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
+    assert srv["port"] in {a.port for a in listening}
+
+
+def test_traversal_refused_and_nothing_written_outside(srv):
+    u, root, studies = srv["url"], srv["root"], srv["studies"]
+    outside_before = {p for p in _files(root) if not p.startswith(("studies/", "app/", "model/", "systmp/"))}
+    studies_before = _files(studies)
+    label = (studies / "labels" / "final" / "img_0.png").read_bytes()
+    attacks = [
+        ("put", "/datastore/label", {"image": "img_0", "tag": "../../escape_tag"}, "label"),
+        ("put", "/datastore/label", {"image": "img_0", "tag": str(root / "escape_abs")}, "label"),
+        ("put", "/datastore/label", {"image": "../escape_img", "tag": "final"}, "label"),
+        ("put", "/datastore/image", {"image": "../escape_new"}, "file"),
+        ("put", "/datastore/image", {"image": ".."}, "file"),
+        ("get", "/datastore/label", {"label": "../img_0", "tag": "final"}, None),
+        ("get", "/datastore/label", {"label": "img_0", "tag": "../final"}, None),
+        ("delete", "/datastore/label", {"id": "img_0", "tag": "../../labels"}, None),
+        ("delete", "/datastore/image", {"id": "../studies"}, None),
+    ]
+    for method, path, params, field in attacks:
+        files = {field: ("img_0.png", label, "image/png")} if field else None
+        r = requests.request(method, u + path, params=params, files=files, timeout=HTTP_TIMEOUT)
+        assert r.status_code == 400, (path, params, r.status_code, r.text)
+        assert "not a plain name" in r.json()["detail"], r.text
+    assert not list(root.rglob("escape*")) and not (root / "escape_abs").exists()
+    assert {p for p in _files(root) if not p.startswith(("studies/", "app/", "model/", "systmp/"))} == outside_before
+    assert _files(studies) - {"datastore_v2.json", ".lock"} == studies_before - {"datastore_v2.json", ".lock"}
+    # a plain tag still works (the guard is not a blanket refusal)
+    r = requests.put(u + "/datastore/label", params={"image": "img_2", "tag": "review"},
+                     files={"label": ("img_2.png", label, "image/png")}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200 and (studies / "labels" / "review" / "img_2.png").is_file(), r.text
+
+
+def test_infer_reads_only_datastore_or_uploads(srv):
+    u, root = srv["url"], srv["root"]
+    existing = _png(root / "outside.png", np.zeros((32, 32), np.uint8))
+    answers = set()
+    for p in (existing, root / "missing.png", "/etc/hostname", "/no/such/file.png", "../outside.png"):
+        for kw in ({"params": {"image": str(p), "output": "json"}},  # ?image=<path>
+                   {"params": {"image": "img_0", "output": "json"}, "data": {"params": json.dumps({"image": str(p)})}}):
+            r = requests.post(f"{u}/infer/tpp_seg", timeout=HTTP_TIMEOUT, **kw)
+            answers.add((r.status_code, r.text))
+    assert len(answers) == 1, answers  # one answer, whether the file exists or not
+    status, text = answers.pop()
+    assert status == 400 and "server paths are not accepted" in text and str(root) not in text
+    r = requests.post(f"{u}/infer/tpp_seg", params={"image": "img_1", "output": "json"}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200 and r.json()["shape"] == [32, 32], r.text
+    r = requests.post(f"{u}/infer/tpp_seg", params={"image": "no_such_id", "output": "json"}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 404 and "server paths are not accepted" in r.json()["detail"]
+    with open(existing, "rb") as f:  # an upload is fine
+        r = requests.post(f"{u}/infer/tpp_seg", params={"output": "json"}, files={"file": ("x.png", f, "image/png")},
+                          timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200, r.text
+
+
+def test_failed_uploads_leave_no_temp_files_and_sizes_are_capped(srv, tmp_path):
+    u = srv["url"]
+    good = (srv["studies"] / "img_0.png").read_bytes()
+    huge = tmp_path / "huge.png"  # the issue's case: a ~160 KB PNG of 13000 x 13000 pixels (took 39 s and 5.2 GB)
+    Image.new("L", (13000, 13000)).save(huge)
+    corrupt = b"\x89PNG\r\n\x1a\n" + b"not a png" * 20
+
+    def post(files, **kw):
+        return requests.post(f"{u}/infer/tpp_seg", params={"output": "json", **kw.pop("params", {})}, files=files,
+                             timeout=HTTP_TIMEOUT, **kw)
+
+    t0 = time.time()
+    r = post({"file": ("huge.png", huge.read_bytes(), "image/png")})
+    took = time.time() - t0
+    assert r.status_code == 413 and "limit of 67108864 pixels" in r.json()["detail"], r.text
+    assert took < 10, took
+    r = requests.put(f"{u}/datastore/image", files={"file": ("huge.png", huge.read_bytes(), "image/png")},
+                     timeout=HTTP_TIMEOUT)
+    assert r.status_code == 413 and "pixels" in r.json()["detail"], r.text
+    r = post({"file": ("big.png", b"\0" * (1024 * 1024 + 10), "image/png")})  # body over --conf max_upload_mb 1
+    assert r.status_code == 413 and "limit of 1048576 bytes" in r.json()["detail"], r.text
+    r = post({"file": ("c.png", corrupt, "image/png")})
+    assert r.status_code == 400 and "cannot read" in r.json()["detail"] and str(srv["root"]) not in r.text
+    r = post({"file": ("g.png", good, "image/png")}, data={"params": "{not json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["detail"], r.text
+    r = requests.put(f"{u}/datastore/label", params={"image": "img_0", "tag": "../x"},
+                     files={"label": ("l.png", good, "image/png")}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 400
+    r = requests.put(f"{u}/datastore/label", params={"image": "img_0", "tag": "final"},
+                     files={"label": ("l.png", corrupt, "image/png")}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 400 and "label upload" in r.json()["detail"], r.text
+    r = requests.put(f"{u}/datastore/image/info", params={"image": "img_0"}, data={"info": "[1,"}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["detail"], r.text
+    assert requests.get(f"{u}/logs/", timeout=HTTP_TIMEOUT).status_code == 403  # the log holds the tracebacks
+    assert _files(srv["tmp"]) == srv["tmp_at_start"]  # every upload of the failed requests is gone
+
+
+def test_bad_train_params_refused_before_training(srv):
+    u, model = srv["url"], srv["model"]
+    mtime = model.stat().st_mtime_ns
+    for params, what in (({"epochs": -1}, "epochs must be in"), ({"lr": "abc"}, "lr must be"),
+                         ({"batch_size": 0}, "batch_size"), ({"epochs": 1, "max_epochs": 3}, "unknown train parameter")):
+        r = requests.post(f"{u}/train/tpp_seg", json=params, timeout=HTTP_TIMEOUT)
+        assert r.status_code == 400 and what in r.json()["detail"], r.text
+    r = requests.post(f"{u}/train/", json={"tpp_seg": {"epochs": -1}}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 400 and "epochs" in r.json()["detail"], r.text
+    r = requests.get(f"{u}/train/", timeout=HTTP_TIMEOUT)
+    assert r.status_code == 404  # nothing was started
+    assert model.stat().st_mtime_ns == mtime and not seg2d.read_model_file(model)["meta"]["trained"]
