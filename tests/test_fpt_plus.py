@@ -110,6 +110,18 @@ def test_token_importance_on_a_hand_made_attention_map():
         token_importance(attn, "mean")
 
 
+def test_chunked_importance_equals_the_full_attention_map():
+    from tpp_monai.peft.fpt_plus import attention_importance, token_importance
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 65, 8), torch.randn(2, 3, 65, 8)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+    for mode in ("global", "cls"):
+        want = token_importance(probs, mode)
+        assert want.shape == (2, 3, 65)
+        assert torch.allclose(attention_importance(q, k, mode, chunk=7), want, atol=1e-6)
+
+
 def _restated_fusion(fusion, j, k, v):
     """FPT+ fusion re-stated: Dropout(W_o (MHA(LN(P_j), K_j, V_j) + P_j) + b_o) (eval: no dropout)."""
     p = fusion.prompts[j]  # (P, D) at the frozen width

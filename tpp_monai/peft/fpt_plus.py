@@ -98,6 +98,19 @@ def token_importance(attn: torch.Tensor, mode: Importance = "global") -> torch.T
     raise ValueError(f"FPT+ importance {mode!r} is unknown; use one of {IMPORTANCE_MODES}")
 
 
+def attention_importance(q: torch.Tensor, k: torch.Tensor, mode: Importance = "global", chunk: int = 128) -> torch.Tensor:
+    """:func:`token_importance` of ``softmax(q k^T / sqrt(hd))`` for q, k (B, H, N, hd), without holding the
+    (B, H, N, N) map: queries are taken ``chunk`` at a time (at 512 px the full map of ViT-B is 50 MB
+    per image and layer, more than the side network's whole training step)."""
+    scale = q.shape[-1] ** -0.5
+    if mode == "cls":
+        return token_importance((q[:, :, :1] @ k.transpose(-1, -2) * scale).softmax(-1), mode)
+    total = torch.zeros(k.shape[:-1], dtype=torch.float32, device=k.device)
+    for s in range(0, q.shape[2], chunk):
+        total += (q[:, :, s:s + chunk] @ k.transpose(-1, -2) * scale).float().softmax(-1).sum(dim=-2)
+    return total / q.shape[2]
+
+
 def select_tokens(k: torch.Tensor, v: torch.Tensor, importance: torch.Tensor, keep: int):
     """Per head, the ``keep`` most important tokens of ``k``/``v`` (B, H, N, hd), most important first.
 
@@ -129,7 +142,7 @@ def frozen_features(vit: nn.Module, image: torch.Tensor, layers: Sequence[int], 
     Returns a list of ``(k, v)`` (B, K, D) in layer order (see :data:`FrozenFeatures`: each head's
     slice holds that head's own top-K tokens, most important first); with ``return_indices`` also the
     selected token indices (B, H, K) per layer (0 = class token). Each block runs its own ``forward``;
-    the keys/values and the attention probabilities are computed from its ``attn.qkv`` output.
+    the keys/values and the importance (:func:`attention_importance`) are computed from its ``attn.qkv`` output.
     """
     blocks = vit_blocks(vit)
     wanted = sorted(layers)
@@ -151,9 +164,7 @@ def frozen_features(vit: nn.Module, image: torch.Tensor, layers: Sequence[int], 
         finally:
             handle.remove()
         q, k, v = attn.split_heads(captured[0])
-        probs = ((q @ k.transpose(-1, -2)) * attn.head_dim ** -0.5).softmax(-1)  # (B, H, N, N)
-        imp = token_importance(probs, importance)
-        del probs
+        imp = attention_importance(q, k, importance)
         k_sel, v_sel, idx = select_tokens(k, v, imp, num_kept_tokens(k.shape[2], keep_ratio))
         feats.append((_merge_heads(k_sel), _merge_heads(v_sel)))
         kept.append(idx)
