@@ -1,8 +1,14 @@
 """AdaptFormer (Chen et al., NeurIPS 2022): a bottleneck *parallel* to each block's MLP, scaled by ``s``.
 
-``mlp_out <- mlp(x) + s * up(ReLU(down(x)))`` where ``x`` is the MLP's input (the output of
-``norm2``). ``up`` is zero-initialised, so the network is unchanged at insertion. The branch lives at
-``blocks.N.mlp.peft_adaptformer``; the scale ``s`` is a fixed hyper-parameter (not trained).
+AdaptFormer's equation: ``x <- x + MLP(LN(x)) + s * up(ReLU(down(LN(x))))``. The branch reads the
+MLP's input (the output of ``norm2``); its output joins the residual stream *outside* the block's
+layer scale (``x + ls2(MLP(LN(x))) + s * A(LN(x))``) for the reason given in
+:mod:`tpp_monai.peft.adapter`: a frozen pre-trained gamma_2 must not shrink a new branch.
+``up`` is zero-initialised, so the network is unchanged at insertion. The branch lives at
+``blocks.N.mlp.peft_adaptformer``; ``s`` is a fixed hyper-parameter (0.1, AdaptFormer's default).
+
+Capacity: ``bottleneck`` 200 -> ``12 * (2*768*200 + 200 + 768)`` = 3.70M parameters on ViT-B, which
+reproduces the TPP paper's AdaptFormer Ratio (3.831% cls / 5.75% seg); see docs/PEFT_RATIOS.md.
 """
 
 from __future__ import annotations
@@ -12,13 +18,15 @@ from dataclasses import dataclass
 from torch import nn
 
 from tpp_monai.peft._common import Bottleneck, vit_blocks
+from tpp_monai.peft.adapter import _DELTA, hook_beside_layer_scale
 from tpp_monai.peft.base import PeftConfig, PeftMethod
 from tpp_monai.peft.registry import PEFT_METHODS
 
 
 @dataclass
 class AdaptFormerConfig(PeftConfig):
-    bottleneck: int = 64
+    #: hidden width; 200 reproduces the TPP paper's Ratio on ViT-B (docs/PEFT_RATIOS.md)
+    bottleneck: int = 200
     scale: float = 0.1
 
 
@@ -34,7 +42,8 @@ class ScaledBottleneck(Bottleneck):
 
 
 def _parallel_hook(module: nn.Module, inputs, output):
-    return output + module.peft_adaptformer(inputs[0])
+    module.__dict__[_DELTA] = module.peft_adaptformer(inputs[0])
+    return None
 
 
 @PEFT_METHODS.register("adaptformer")
@@ -45,4 +54,4 @@ class AdaptFormer(PeftMethod):
     def inject(self, model: nn.Module) -> None:
         for blk in vit_blocks(model):
             blk.mlp.peft_adaptformer = ScaledBottleneck(model.embed_dim, self.config.bottleneck, self.config.scale)
-            blk.mlp.register_forward_hook(_parallel_hook)
+            hook_beside_layer_scale(blk, _parallel_hook)

@@ -2,6 +2,12 @@
 (init 1) and ``shift`` (init 0) after every Linear and LayerNorm of the backbone and after the
 patch-embedding convolution: ``y <- y * scale + shift``. Identity at insertion.
 
+The fused attention in-projection (``attn.qkv``) gets no SSF by default (``qkv=False``): MedCoSS's
+attention is ``nn.MultiheadAttention``, whose in-projection is a bare weight, not an ``nn.Linear``,
+so the TPP paper's SSF on MedCoSS has none. With it off, SSF on the MedCoSS ViT-B has 150,528
+parameters, which reproduces the paper's Ratio (0.172% cls / 2.17% seg; docs/PEFT_RATIOS.md);
+``qkv=True`` is the SSF paper's own ViT placement (+55,296 on ViT-B).
+
 Parameters ``<module>.peft_ssf_scale`` / ``<module>.peft_ssf_shift``. :meth:`SSF.merge` folds them
 into the preceding op (Linear/Conv: ``W <- diag(s) W``, ``b <- s * b + t``; LayerNorm:
 ``gamma <- s * gamma``, ``beta <- s * beta + t``), then removes the parameters and the hooks, which
@@ -25,6 +31,8 @@ class SSFConfig(PeftConfig):
     linears: bool = True
     norms: bool = True
     patch_embed: bool = True
+    #: SSF after the fused qkv Linear too (SSF paper on timm ViTs); off = MedCoSS / TPP paper
+    qkv: bool = False
 
 
 def _ssf_last_dim(module: nn.Module, inputs, output):
@@ -71,6 +79,8 @@ class SSF(PeftMethod):
         out = []
         for name, m in model.named_modules():
             if _is_inserted(name):
+                continue
+            if not self.config.qkv and (name == "qkv" or name.endswith(".qkv")):
                 continue
             if isinstance(m, types) or (self.config.patch_embed and isinstance(m, nn.Conv2d) and name.endswith("patch_embed.proj")):
                 out.append((name, m))
