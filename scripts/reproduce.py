@@ -62,8 +62,8 @@ PUBLISHED[("adapter", "mae", "path_dino", "mhist")] = {"acc": 85.67}
 
 #: Rough single-GPU hours (fine-tuning, TPP) for a ViT-B/16 on one H100-class GPU in fp32/TF32; an ESTIMATE
 #: from the iteration counts and image sizes (docs/REPRODUCING.md explains it), not a measurement.
-GPU_HOURS_ESTIMATE = {"mhist": (0.1, 0.2), "oct_c8": (1.5, 2.0), "chestxray_pa": (0.1, 0.4),
-                      "glas": (0.8, 0.2), "qata": (0.6, 1.5)}
+GPU_HOURS_ESTIMATE = {"mhist": (0.1, 0.2), "oct_c8": (1.1, 1.8), "chestxray_pa": (0.1, 0.4),
+                      "glas": (0.5, 0.2), "qata": (0.4, 1.2)}
 
 QUICK = {"vit_size": "tiny", "vit_overrides": {"depth": 2}, "image_size": 32, "num_workers": 0, "batch_size": 2,
          "num_iterations": 2, "val_interval": 1, "tpp_epochs": 1, "tpp_batch_size": 4}
