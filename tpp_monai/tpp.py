@@ -13,9 +13,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from tpp_monai.checkpoint import load_target_checkpoint
+from tpp_monai.engines.distributed import global_batch_loader, is_distributed
 from tpp_monai.engines.optim import PRETEXT_DEFAULTS, build_optimizer, default_lr
 from tpp_monai.engines.tpp_trainer import TPPTrainer
 from tpp_monai.peft.api import apply_peft, get_peft
@@ -76,7 +77,8 @@ def tpp_pretrain(
     resume: bool = False,
     seed: int | None = 0,
     device: str | torch.device = "cpu",
-    amp: bool = False,
+    amp: bool | str | None = None,
+    compile: bool = False,
     progress_bar: bool = False,
     tensorboard: bool = True,
     log_every: int = 10,
@@ -90,8 +92,15 @@ def tpp_pretrain(
     Defaults of lr / weight decay / warm-up / betas follow the paper for the pretext task.
     ``max_iterations`` limits the iterations per epoch (quick runs). ``handlers``: extra objects with
     ``attach(engine)`` (MONAI/ignite handlers, e.g. a loss recorder).
+
+    Under torchrun (call :func:`tpp_monai.engines.distributed.init_distributed` first) ``batch_size`` is
+    the *global* batch: each of the W processes loads ``batch_size / W`` images, gradients are averaged,
+    and the run equals a single-process run with the same seed (rank 0 writes the checkpoint).
+    ``amp``: mixed precision, on by default on CUDA (:func:`tpp_monai.engines.amp.resolve_amp`).
     """
     device = torch.device(device)
+    if is_distributed() and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if peft is not None:
         apply_peft(backbone, peft, peft_config)
     else:
@@ -106,16 +115,15 @@ def tpp_pretrain(
     warm = d["warmup_epochs"] if warmup_epochs is None else warmup_epochs
     optimizer = build_optimizer(task, lr=lr, weight_decay=wd, betas=tuple(betas or d["betas"]))
     ds = make_dataset(images, transforms)
-    g = torch.Generator().manual_seed(seed) if seed is not None else None
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=len(ds) > batch_size,
-                        generator=g, pin_memory=device.type == "cuda")
+    loader = global_batch_loader(ds, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers,
+                                 pin_memory=device.type == "cuda")
     epoch_length = min(len(loader), max_iterations) if max_iterations else None
     trainer = TPPTrainer(
         device=device, max_epochs=epochs, data_loader=loader, task=task, optimizer=optimizer, output_dir=output_dir,
         schedule={"lr": lr, "warmup_epochs": warm, "min_lr": min_lr, "weight_decay": wd, "weight_decay_end": wd_end},
         epoch_length=epoch_length, checkpoint_every_iters=checkpoint_every_iters,
         checkpoint_every_epochs=checkpoint_every_epochs, resume=resume, seed=seed, image_key=image_key,
-        clip_grad=clip_grad, amp=amp, progress_bar=progress_bar, tensorboard=tensorboard, log_every=log_every,
+        clip_grad=clip_grad, amp=amp, compile=compile, progress_bar=progress_bar, tensorboard=tensorboard, log_every=log_every,
         handlers=handlers,
     )
     trainer.run()

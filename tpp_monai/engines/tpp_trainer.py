@@ -23,6 +23,8 @@ from monai.engines import Trainer
 from torch import nn
 
 from tpp_monai.checkpoint import CheckpointMismatch, atomic_save, safe_load, save_target_checkpoint
+from tpp_monai.engines.amp import autocast, grad_scaler, resolve_amp
+from tpp_monai.engines.distributed import barrier, is_main_process, mean_over_ranks, wrap_ddp
 from tpp_monai.engines.schedules import WarmupCosineSchedule
 from tpp_monai.peft.api import backbone_fingerprint, get_peft, load_target_state_dict, target_state_dict
 
@@ -69,7 +71,7 @@ class TargetCheckpointHandler:
 
     def __call__(self, engine: "TPPTrainer") -> None:
         it = engine.state.iteration
-        if it == self._last_saved:
+        if it == self._last_saved or not is_main_process():  # under DDP rank 0 writes; all ranks hold the same
             return
         self._last_saved = it
         task, backbone = engine.task, engine.task.backbone
@@ -109,7 +111,16 @@ class TPPTrainer(Trainer):
         checkpoint_every_iters / checkpoint_every_epochs: checkpoint frequency.
         resume: restart from ``output_dir/tpp_resume.pt`` when it exists.
         seed: per-iteration RNG seed (``seed + iteration``); None keeps the global RNG running.
-        clip_grad: max gradient norm (None: no clipping). amp: bfloat16 autocast on CUDA.
+        clip_grad: max gradient norm (None: no clipping).
+        amp: mixed precision (:func:`tpp_monai.engines.amp.resolve_amp`): None/True = bf16 (fp16 +
+            GradScaler where bf16 is unsupported) on CUDA, off on CPU; "bf16"/"fp16" force it; False off.
+        compile: run the forward through ``torch.compile``.
+        find_unused_parameters: passed to DDP (a pretext whose trainable tensors may go unused in a step).
+
+    Under torchrun (an initialised process group) the task runs DDP-wrapped: gradients of the target
+    parameters and the trainable pretext head are averaged over ranks, each rank loads its share of
+    the global batch (:func:`tpp_monai.engines.distributed.global_batch_loader`), rank 0 alone writes
+    checkpoints and logs, and every rank resumes from the same resume file.
     """
 
     def __init__(
@@ -117,8 +128,9 @@ class TPPTrainer(Trainer):
         optimizer: torch.optim.Optimizer, output_dir: str | os.PathLike, schedule: WarmupCosineSchedule | dict | None = None,
         epoch_length: int | None = None, checkpoint_every_iters: int | None = None,
         checkpoint_every_epochs: int | None = 1, resume: bool = False, seed: int | None = None,
-        image_key: str = "image", clip_grad: float | None = None, amp: bool = False, progress_bar: bool = False,
-        tensorboard: bool = True, log_every: int = 10, handlers: Sequence | None = None, meta: dict | None = None,
+        image_key: str = "image", clip_grad: float | None = None, amp: bool | str | None = None,
+        progress_bar: bool = False, tensorboard: bool = True, log_every: int = 10, handlers: Sequence | None = None,
+        meta: dict | None = None, compile: bool = False, find_unused_parameters: bool = False,
     ) -> None:
         super().__init__(
             device=device, max_epochs=max_epochs, data_loader=data_loader, epoch_length=epoch_length,
@@ -127,16 +139,21 @@ class TPPTrainer(Trainer):
         if self.state.epoch_length is None:
             raise ValueError("epoch_length is needed for a data loader without len()")
         self.task = task.to(self.state.device)
+        self.network = wrap_ddp(self.task, self.state.device, find_unused_parameters)  # the task itself without DDP
+        self.forward_fn = torch.compile(self.network) if compile else self.network
         self.optimizer = optimizer
         self.total_steps = int(max_epochs * self.state.epoch_length)
         self.schedule = self._make_schedule(schedule)
         self.output_dir = Path(output_dir)
         self.seed, self.image_key, self.clip_grad = seed, image_key, clip_grad
-        self.use_amp = bool(amp) and self.state.device.type == "cuda"
+        self.amp_dtype = resolve_amp(amp, self.state.device)
+        self.use_amp = self.amp_dtype is not None
+        self.grad_scaler = grad_scaler(self.state.device, self.amp_dtype)
         self.add_event_handler(Events.ITERATION_STARTED, self._apply_schedule)
         self.checkpointer = TargetCheckpointHandler(output_dir, checkpoint_every_iters, checkpoint_every_epochs, meta=meta)
         self.checkpointer.attach(self)
-        self._attach_logging(progress_bar, tensorboard, log_every)
+        if is_main_process():
+            self._attach_logging(progress_bar, tensorboard, log_every)
         for h in handlers or []:
             h.attach(self)
         self._finished = False
@@ -194,18 +211,27 @@ class TPPTrainer(Trainer):
             torch.manual_seed(self.seed + i)
         images = _batch_images(batchdata, self.image_key).to(self.state.device, non_blocking=self.non_blocking)
         self.task.train()
-        with torch.autocast(self.state.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            out = self.task(images)
+        with autocast(self.state.device, self.amp_dtype):
+            out = self.forward_fn(images)
         loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"TPP loss is {loss.item()} at iteration {i + 1}; lower the lr or check inputs")
+        mean_loss = mean_over_ranks(loss)  # every rank sees the same value: all stop together
+        if not torch.isfinite(mean_loss):
+            raise FloatingPointError(
+                f"TPP loss is {mean_loss.item()} at iteration {i + 1}; lower the lr or check inputs")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler = self.grad_scaler
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         if self.clip_grad:
+            if scaler is not None:
+                scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.task.trainable_parameters(), self.clip_grad)
-        self.optimizer.step()
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
         self.task.after_step(i, self.total_steps)
-        return {"loss": float(loss.detach()), "lr": float(self.optimizer.param_groups[0]["lr"])}
+        return {"loss": float(mean_loss), "lr": float(self.optimizer.param_groups[0]["lr"])}
 
     # ------------------------------------------------------------------ resume
     def resume_from(self, path: str | os.PathLike, missing_ok: bool = False) -> bool:
@@ -246,4 +272,5 @@ class TPPTrainer(Trainer):
             logger.info("TPP already finished (%d iterations); nothing to do", self.state.iteration)
             return
         super().run()
+        barrier()  # rank 0 has written the final checkpoint before any rank goes on to read it
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tpp_monai.engines.distributed import global_mean
 from tpp_monai.engines.schedules import cosine_value
 from tpp_monai.peft.api import get_peft
 from tpp_monai.pretext.base import PretextTask
@@ -227,7 +228,7 @@ class DINOPretext(PretextTask):
                 n += 1
         loss = total / n
         if self.training:
-            self._pending_center = t_out.mean(dim=0, keepdim=True).detach()
+            self._pending_center = global_mean(t_out.detach(), dim=0)  # over all ranks' batches, as DINO does
         return {"loss": loss, "teacher_temp": torch.tensor(temp)}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tpp_monai.backbones.vit import Block, ViTConfig
+from tpp_monai.engines.distributed import rank_rows
 from tpp_monai.pretext.base import PretextTask
 from tpp_monai.pretext.registry import PRETEXT_TASKS
 
@@ -33,19 +34,23 @@ _DECODER_KEY = re.compile(r"^(decoder_|mask_token$)")
 
 def random_masking(
     batch: int, num_patches: int, mask_ratio: float, device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample random masking by sorting uniform noise.
 
     Returns ``ids_keep`` (B, n_keep) sorted visible patch indices in the shuffled order,
     ``mask`` (B, L) with 1 for masked and 0 for visible patches, and ``ids_restore`` (B, L) that
     puts the ``[visible, masked]`` sequence back into patch order. ``n_keep = round((1 - r) L)``,
-    at least 1.
+    at least 1. ``noise`` (B, L): the uniform draw to sort, when the caller draws it (DDP: one draw for
+    the global batch, see :func:`tpp_monai.engines.distributed.rank_rows`).
     """
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1); got {mask_ratio}")
     n_keep = max(1, int(round((1.0 - mask_ratio) * num_patches)))
-    noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    if noise is None:
+        noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    elif tuple(noise.shape) != (batch, num_patches):
+        raise ValueError(f"noise must have shape {(batch, num_patches)}; got {tuple(noise.shape)}")
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :n_keep]
@@ -310,9 +315,10 @@ class MAEPretext(PretextTask):
         if images.shape[-1] % self.patch_size or images.shape[-2] % self.patch_size:
             raise ValueError(f"Image size {tuple(images.shape[-2:])} is not divisible by patch {self.patch_size}")
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
-        ids_keep, mask, ids_restore = random_masking(
-            images.shape[0], grid[0] * grid[1], self.mask_ratio, device=images.device
-        )
+        b, L = images.shape[0], grid[0] * grid[1]
+        # drawn for the global batch, this rank's rows kept: a DDP run masks like one process does
+        noise = rank_rows(lambda n: torch.rand(n, L, device=images.device), b)
+        ids_keep, mask, ids_restore = random_masking(b, L, self.mask_ratio, device=images.device, noise=noise)
         latent = self.encode(images, ids_keep)
         pred = self.decoder(latent, ids_restore, grid)
         loss = self.compute_loss(images, pred, mask)

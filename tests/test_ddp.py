@@ -1,0 +1,155 @@
+"""DDP (2 gloo CPU processes) equals one process with the same global batch and seed: MAE TPP and
+fine-tuning; DINO's centre is averaged over ranks; mixed precision keeps the frozen backbone bit-identical."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from tpp_monai.backbones.vit import build_vit
+from tpp_monai.engines.distributed import global_batch_loader, local_batch_size, rank_rows, spawn_cpu, wrap_ddp
+from tpp_monai.peft import apply_peft, get_peft, target_state_dict
+
+IMG, PATCH, N_IMAGES, GLOBAL_BATCH = 32, 8, 12, 4
+SMALL_DEC = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)
+
+
+def _images() -> torch.Tensor:
+    g = torch.Generator().manual_seed(123)
+    return torch.rand(N_IMAGES, 3, IMG, IMG, generator=g)
+
+
+def _vit(method: str = "adapter"):
+    torch.manual_seed(0)
+    vit = build_vit("tiny", depth=2, img_size=IMG, patch_size=PATCH)
+    apply_peft(vit, method, {"bottleneck": 8} if method == "adapter" else {})
+    return vit
+
+
+def _frozen_hash(model: torch.nn.Module) -> str:
+    m, h = get_peft(model), hashlib.sha256()
+    for n, t in sorted(list(model.named_parameters()) + list(model.named_buffers()), key=lambda kv: kv[0]):
+        if not m.is_target(n):
+            h.update(n.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ MAE TPP
+def _mae_run(out: Path, amp=False) -> tuple[dict, str, str]:
+    from tpp_monai.tpp import tpp_pretrain
+
+    vit = _vit()
+    before = _frozen_hash(vit)
+    tpp_pretrain(vit, None, "mae", _images(), pretext_config=SMALL_DEC, epochs=2, batch_size=GLOBAL_BATCH,
+                 warmup_epochs=1, seed=0, output_dir=out, tensorboard=False, log_every=1000, amp=amp)
+    return {k: v.clone() for k, v in target_state_dict(vit).items()}, before, _frozen_hash(vit)
+
+
+def _ddp_worker(rank: int, world: int, out: str) -> None:
+    """Everything the tests compare, in one pair of gloo processes (starting processes is the slow part)."""
+    from tpp_monai.engines.distributed import global_mean
+
+    state, before, after = _mae_run(Path(out) / "run")
+    torch.save({"state": state, "frozen": (before, after)}, Path(out) / f"rank{rank}.pt")
+    torch.save(_ft_run(), Path(out) / f"ft{rank}.pt")
+    t = torch.arange(8.0).reshape(4, 2) + 10 * rank
+    torch.save(global_mean(t, dim=0), Path(out) / f"c{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ddp_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    spawn_cpu(_ddp_worker, 2, str(out))
+    return out
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_mae_tpp_two_gloo_processes_equal_one(tmp_path, ddp_out):
+    single, before, after = _mae_run(tmp_path / "single")
+    assert before == after
+    r0, r1 = (torch.load(ddp_out / f"rank{r}.pt") for r in (0, 1))
+    init = target_state_dict(_vit())
+    assert _max_diff(single, init) > 1e-3  # the run trained something
+    assert _max_diff(r0["state"], single) < 1e-5
+    assert _max_diff(r1["state"], r0["state"]) == 0.0  # ranks stay in lock-step
+    assert r0["frozen"][0] == r0["frozen"][1] == before
+    # rank 0 alone wrote the checkpoint, and it holds the DDP run's values
+    from tpp_monai.checkpoint import read_target_checkpoint
+
+    ck = read_target_checkpoint(ddp_out / "run" / "target_params.pt")
+    assert _max_diff(ck["state_dict"], r0["state"]) == 0.0
+
+
+def test_rank_rows_matches_the_sampler_positions():
+    """Rank r's local sample j sits at global position r + W j (DistributedSampler's stride)."""
+    import torch.utils.data as tud
+
+    ds = tud.TensorDataset(torch.arange(8))
+    order1 = [int(i) for i in tud.DistributedSampler(ds, num_replicas=1, rank=0, seed=3)]
+    ranks = [[int(i) for i in tud.DistributedSampler(ds, num_replicas=2, rank=r, seed=3)] for r in (0, 1)]
+    assert [ranks[r][j] for j in range(4) for r in (0, 1)] == order1
+    torch.manual_seed(5)
+    full = torch.rand(4, 3)
+    torch.manual_seed(5)
+    assert torch.equal(rank_rows(lambda n: torch.rand(n, 3), 4), full)
+    with pytest.raises(ValueError, match="divisible"):
+        local_batch_size(6, 4)
+
+
+# ------------------------------------------------------------------ fine-tuning
+def _ft_run() -> dict:
+    from monai.engines import SupervisedTrainer
+
+    from tpp_monai.bundle.networks import build_classifier, build_optimizer
+
+    net = build_classifier(_vit(), num_classes=3)
+    labels = torch.arange(N_IMAGES) % 3
+    data = [{"image": x, "label": y} for x, y in zip(_images(), labels)]
+    loader = global_batch_loader(data, GLOBAL_BATCH, seed=0)
+    ddp = wrap_ddp(net, torch.device("cpu"), find_unused_parameters=True)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=2, train_data_loader=loader, network=ddp,
+        optimizer=build_optimizer(net, lr=1e-3), loss_function=torch.nn.CrossEntropyLoss(),
+    )
+    trainer.run()
+    return {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+
+
+def test_finetuning_two_gloo_processes_equal_one(ddp_out):
+    single = _ft_run()
+    r0, r1 = (torch.load(ddp_out / f"ft{r}.pt") for r in (0, 1))
+    assert any("head" in k or "fc" in k for k in single) and len(single) > 2
+    assert _max_diff(r0, single) < 1e-5
+    assert _max_diff(r1, r0) == 0.0
+
+
+# ------------------------------------------------------------------ DINO centre
+def test_dino_centre_is_the_mean_over_all_ranks(ddp_out):
+    everything = torch.cat([torch.arange(8.0).reshape(4, 2) + 10 * r for r in (0, 1)])
+    for r in (0, 1):
+        assert torch.allclose(torch.load(ddp_out / f"c{r}.pt"), everything.mean(0, keepdim=True))
+
+
+# ------------------------------------------------------------------ mixed precision
+def test_bf16_autocast_tpp_keeps_frozen_backbone_and_trains(tmp_path):
+    state, before, after = _mae_run(tmp_path, amp="bf16")
+    assert before == after
+    assert _max_diff(state, target_state_dict(_vit())) > 1e-3
+
+
+def test_amp_resolution():
+    from tpp_monai.engines.amp import grad_scaler, resolve_amp
+
+    assert resolve_amp(None, "cpu") is None and resolve_amp(True, "cpu") is None
+    assert resolve_amp("bf16", "cpu") is torch.bfloat16
+    assert resolve_amp(False, "cuda") is None
+    assert grad_scaler("cpu", torch.float16) is not None and grad_scaler("cpu", torch.bfloat16) is None
+    with pytest.raises(ValueError, match="amp must be"):
+        resolve_amp("int8", "cpu")
