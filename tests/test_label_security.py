@@ -237,6 +237,26 @@ def test_default_bind_is_loopback(srv):
     assert srv["port"] in {a.port for a in listening}
 
 
+def test_plain_monailabel_command_does_not_listen_on_all_interfaces(tmp_path):
+    """``monailabel start_server`` without --host would bind 0.0.0.0: the app stops it before it listens."""
+    if not HAVE_MONAILABEL:
+        pytest.skip(NO_MONAILABEL)
+    (tmp_path / "app").mkdir()
+    shutil.copy(REPO / "apps" / "tpp_label" / "main.py", tmp_path / "app" / "main.py")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(tmp_path / "app"),
+           "--studies", str(_studies(tmp_path)), "--port", str(port), "--conf", "model_dir", str(tmp_path / "model"),
+           "--conf", "img_size", "32", "--conf", "vit_overrides", '{"depth": 2}']
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=START_TIMEOUT)
+    assert out.returncode != 0, out.stdout[-2000:]
+    log = out.stdout + out.stderr
+    assert "would listen on 0.0.0.0" in log and "--host 127.0.0.1" in log and "Uvicorn running" not in log, log[-3000:]
+
+
 def test_traversal_refused_and_nothing_written_outside(srv):
     u, root, studies = srv["url"], srv["root"], srv["studies"]
     outside_before = {p for p in _files(root) if not p.startswith(("studies/", "app/", "model/", "systmp/"))}
@@ -338,3 +358,15 @@ def test_bad_train_params_refused_before_training(srv):
     r = requests.get(f"{u}/train/", timeout=HTTP_TIMEOUT)
     assert r.status_code == 404  # nothing was started
     assert model.stat().st_mtime_ns == mtime and not seg2d.read_model_file(model)["meta"]["trained"]
+
+
+def test_reload_keeps_the_guards(srv):
+    u = srv["url"]
+    assert requests.post(f"{u}/reload", timeout=HTTP_TIMEOUT).status_code == 200  # monailabel rebuilds the app
+    r = requests.put(f"{u}/datastore/label", params={"image": "img_0", "tag": "../../escape_reload"},
+                     files={"label": ("l.png", (srv["studies"] / "img_0.png").read_bytes(), "image/png")},
+                     timeout=HTTP_TIMEOUT)
+    assert r.status_code == 400 and "not a plain name" in r.json()["detail"], r.text
+    r = requests.post(f"{u}/train/tpp_seg", json={"epochs": 0}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 400 and "epochs" in r.json()["detail"], r.text
+    assert not list(srv["root"].rglob("escape*")) and _files(srv["tmp"]) == srv["tmp_at_start"]

@@ -293,17 +293,22 @@ class MyApp(MONAILabelApp):
             if not os.path.isfile(path) and strtobool(c["init_model"]):
                 # untrained start (zero-init PEFT, random decoder) so clients can see the model before the first /train
                 seg2d.save_model(path, seg2d.build_model(self.seg_cfg), self.seg_cfg, meta={"trained": False, "version": 0})
-        self.sys_tmp = tempfile.gettempdir()
-        if self.serving is not None:
-            self.uploads = safety.UploadFolder()
-            tempfile.tempdir = self.uploads.path  # monailabel's uploads and results land in the swept folder
-            atexit.register(self.uploads.remove)
+        state = self.serving.app.state if self.serving is not None else None
+        self.sys_tmp = getattr(state, "tpp_label_sys_tmp", None) or tempfile.gettempdir()
+        if state is not None:  # one upload folder per server process, also across POST /reload
+            self.uploads = getattr(state, "tpp_label_uploads", None)
+            if self.uploads is None:
+                self.uploads = state.tpp_label_uploads = safety.UploadFolder()
+                state.tpp_label_sys_tmp = self.sys_tmp
+                tempfile.tempdir = self.uploads.path  # monailabel's uploads and results land in the swept folder
+                atexit.register(self.uploads.remove)
         self.log_dir = os.path.join(app_dir, "logs")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="tpp_label",
                          description="tpp-monai: ViT + PEFT segmentation with Target Parameter Pre-training",
                          version="0.1.0", labels=self.seg_cfg.labels)
-        if self.serving is not None:
-            _harden(self, self.serving.app)
+        if state is not None and not getattr(state, "tpp_label_hardened", False):
+            _harden(self.serving.app, self.uploads, float(c["max_upload_mb"]))
+            state.tpp_label_hardened = True
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
@@ -388,7 +393,13 @@ def _json_error(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
 
-def _harden(app: MyApp, fastapi_app) -> None:
+def _app() -> MyApp:
+    from monailabel.interfaces.utils.app import app_instance
+
+    return app_instance()  # the current instance (POST /reload replaces it)
+
+
+def _harden(fastapi_app, uploads: safety.UploadFolder, max_upload_mb: float) -> None:
     """Wire the request checks into monailabel's FastAPI app: error handlers, body cap + temp sweep, train routes.
 
     monailabel builds its app before ours exists; the handlers and middleware are added here and the
@@ -396,15 +407,18 @@ def _harden(app: MyApp, fastapi_app) -> None:
     """
     from monailabel.endpoints import train as train_ep
 
-    fastapi_app.add_exception_handler(safety.RequestError, lambda r, e: _json_error(e.status, app.client_message(str(e))))
+    def msg(text: str) -> str:
+        return _app().client_message(text)
+
+    fastapi_app.add_exception_handler(safety.RequestError, lambda r, e: _json_error(e.status, msg(str(e))))
     fastapi_app.add_exception_handler(json.JSONDecodeError, lambda r, e: _json_error(
         400, f"a JSON form field (params / info) is not valid JSON: {e.msg} at character {e.pos}"))
     for exc in (ImageNotFoundException, LabelNotFoundException):
-        fastapi_app.add_exception_handler(exc, lambda r, e: _json_error(404, app.client_message(str(e.msg))))
+        fastapi_app.add_exception_handler(exc, lambda r, e: _json_error(404, msg(str(e.msg))))
     fastapi_app.add_exception_handler(Exception, lambda r, e: _json_error(
         500, f"internal server error ({type(e).__name__}); the traceback is in the server log"))
-    fastapi_app.user_middleware.insert(0, Middleware(safety.RequestGuard, folder=app.uploads,
-                                                     max_body_bytes=int(float(app.tconf["max_upload_mb"]) * 2**20)))
+    fastapi_app.user_middleware.insert(0, Middleware(safety.RequestGuard, folder=uploads,
+                                                     max_body_bytes=int(max_upload_mb * 2**20)))
     fastapi_app.middleware_stack = None
 
     router = APIRouter()
@@ -414,15 +428,15 @@ def _harden(app: MyApp, fastapi_app) -> None:
     async def train_model(model: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
                           enqueue: Optional[bool] = False,
                           user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
-        app._known(model)
+        _app()._known(model)
         safety.validate_train_params(params, pretexts)
         res = train_ep.run_model(model, params, run_sync, enqueue)
-        return res if run_sync else safety.client_task_view(res, app.roots())
+        return res if run_sync else safety.client_task_view(res, _app().roots())
 
     @router.post("/train/", include_in_schema=False)
     async def train_all(params: Optional[dict] = None, run_sync: Optional[bool] = False,
                         user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
-        for m in app.model_names:
+        for m in _app().model_names:
             safety.validate_train_params((params or {}).get(m), pretexts)
         return train_ep.run(params, run_sync)
 
@@ -430,9 +444,9 @@ def _harden(app: MyApp, fastapi_app) -> None:
     async def train_status(all: bool = False, check_if_running: bool = False,
                            user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
         res = train_ep.status(all, check_if_running)
-        if isinstance(res, list):
-            return [safety.client_task_view(t, app.roots()) for t in res]
-        return safety.client_task_view(res, app.roots())
+        roots = _app().roots()
+        return [safety.client_task_view(t, roots) for t in res] if isinstance(res, list) else \
+            safety.client_task_view(res, roots)
 
     if not settings.MONAI_LABEL_AUTH_ENABLE:
         @router.get("/logs/", include_in_schema=False)

@@ -200,7 +200,8 @@ CLIENT_MARK = "tpp_label| "
 
 def redact(text: str, roots: Iterable[str]) -> str:
     """Replace server folders (app, studies, model, temp) in a message with '<server>'."""
-    for r in sorted({os.path.realpath(r) for r in roots if r} | {r for r in roots if r}, key=len, reverse=True):
+    roots = [str(r) for r in roots if r]
+    for r in sorted({os.path.realpath(r) for r in roots} | set(roots), key=len, reverse=True):
         if len(r) > 1:
             text = text.replace(r, "<server>")
     return text
