@@ -184,7 +184,7 @@ def _spawned(rank: int, fn: Callable, world: int, port: int, args: Sequence[Any]
     try:
         fn(rank, world, *args)
     finally:
-        dist.destroy_process_group()
+        cleanup_distributed()  # ``fn`` may have left the group already (a bundle's finalize)
 
 
 def spawn_cpu(fn: Callable, world_size: int, *args: Any, start_method: str = "fork") -> None:
