@@ -105,7 +105,8 @@ class Attention(nn.Module):
     def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Output of ``self.qkv`` (B, N, 3D) -> q, k, v, each (B, heads, N, head_dim)."""
         b, n, _ = qkv.shape
-        return qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v  # unbind returns a list: name the three so the declared tuple is true (TorchScript checks it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -220,8 +221,10 @@ class VisionTransformer(nn.Module):
             return self.pos_embed[:, :n]
         table = self.pos_embed[:, 1:] if self.cfg.cls_pos else self.pos_embed
         side = int(math.isqrt(table.shape[1]))
-        if (side, side) == (h, w):
+        if (side, side) == (h, w) and not torch.jit.is_tracing():
             return table
+        # While tracing, always record the resize (the identity at the table's own size) so that a traced
+        # export follows the input's grid instead of freezing the trace-time branch.
         table = table.reshape(1, side, side, -1).permute(0, 3, 1, 2)
         table = F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False)
         return table.permute(0, 2, 3, 1).reshape(1, n, -1)
