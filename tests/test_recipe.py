@@ -203,3 +203,36 @@ def test_bundle_recipe_is_medcoss(bundle, tmp_path):
     assert ev["key_val_metric"] == "$@metrics#selection or @metrics#key"
     chosen = p.get_parsed_content("metrics#selection") or p.get_parsed_content("metrics#key")
     assert list(chosen) == (["dice"] if seg else ["acc_auc_f1"])
+
+
+# ---------------------------------------------------------------------------------------- test-time flips
+def test_flip_tta_matches_medcoss_multi_net_average():
+    """MedCoSS evaluate.py: prediction = mean over flips none / H / W / HW of the (flipped-back) probabilities."""
+    from tpp_monai.bundle import FlipTTAInferer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3))
+    net = torch.nn.Sequential(net, torch.nn.Upsample(size=(12, 10)))  # not flip-equivariant
+    x = torch.randn(2, 3, 12, 10)
+    sm = lambda t: torch.softmax(net(t), 1)  # noqa: E731
+    want = (sm(x) + sm(x.flip(2)).flip(2) + sm(x.flip(3)).flip(3) + sm(x.flip(2).flip(3)).flip(3).flip(2)) / 4
+    with torch.no_grad():
+        got = FlipTTAInferer()(x, net)
+        assert torch.allclose(got, want.detach(), atol=1e-6)
+        assert not torch.allclose(got, sm(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("bundle", ["mhist", "qata"])
+def test_evaluation_uses_flip_tta_for_segmentation_only(bundle, tmp_path):
+    from monai.bundle import ConfigParser
+    from monai.inferers import SimpleInferer
+
+    from tpp_monai.bundle import FlipTTAInferer
+
+    for stage, key in (("evaluate.json", "evaluate#evaluator#inferer"), ("inference.json", "infer#evaluator#inferer")):
+        p = ConfigParser()
+        p.read_config([str(ROOT / f"bundles/{bundle}_adapter_tpp/configs/{f}") for f in ("train.json", stage)])
+        for k, v in {**TINY, "bundle_root": str(tmp_path)}.items():
+            p[k] = v
+        inferer = p.get_parsed_content(key)
+        assert isinstance(inferer, FlipTTAInferer if bundle == "qata" else SimpleInferer), stage

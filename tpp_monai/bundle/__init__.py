@@ -1,6 +1,7 @@
 """Factories and handlers used by the MONAI bundles in ``bundles/`` (JSON wires them by ``_target_`` / ``$``)."""
 
 from tpp_monai.bundle.data import BundleDataError, default_bundle_root, load_datalist, with_paths
+from tpp_monai.bundle.inferers import FlipTTAInferer
 from tpp_monai.bundle.handlers import GradClipHandler, JsonlLogger, PredictionWriter, SegmentationMetric, save_metrics_json
 from tpp_monai.bundle.networks import (
     TPPCheckpointMissing, build_backbone, build_classifier, build_optimizer, build_peft_backbone, build_segmenter,
@@ -11,7 +12,7 @@ from tpp_monai.bundle.tpp_stage import (
 )
 
 __all__ = [
-    "BundleDataError", "GradClipHandler", "JsonlLogger", "PredictionWriter", "SegmentationMetric", "TPPCheckpointMissing",
+    "BundleDataError", "FlipTTAInferer", "GradClipHandler", "JsonlLogger", "PredictionWriter", "SegmentationMetric", "TPPCheckpointMissing",
     "build_backbone", "build_classifier", "build_optimizer", "build_peft_backbone", "build_pretext",
     "build_segmenter", "build_tpp_optimizer", "build_tpp_trainer", "default_bundle_root", "load_datalist",
     "load_target_params", "log_trainable", "poly_lr", "read_decoder_state", "save_mae_checkpoint", "save_metrics_json",
