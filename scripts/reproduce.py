@@ -60,7 +60,7 @@ PUBLISHED: dict[tuple[str, str, str, str], dict[str, float]] = {
 PUBLISHED[("adapter", "none", "path_dino", "mhist")] = {"acc": 82.91}
 PUBLISHED[("adapter", "mae", "path_dino", "mhist")] = {"acc": 85.67}
 
-#: Rough single-GPU hours (fine-tuning, TPP) for a ViT-B/16 on one H100-class GPU in fp32/TF32; an ESTIMATE
+#: Rough single-GPU hours (fine-tuning, TPP) for a ViT-B/16 on one H100-class GPU at fp32/TF32 speed; an ESTIMATE
 #: from the iteration counts and image sizes (docs/REPRODUCING.md explains it), not a measurement.
 GPU_HOURS_ESTIMATE = {"mhist": (0.1, 0.2), "oct_c8": (1.1, 1.8), "chestxray_pa": (0.1, 0.4),
                       "glas": (0.5, 0.2), "qata": (0.4, 1.2)}
