@@ -41,6 +41,7 @@ NO_MONAILABEL = "monailabel is not installed (optional extra, see apps/tpp_label
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT, HTTP_TIMEOUT = 180, 60
 TINY = seg2d.Seg2DConfig(img_size=32, vit_overrides={"depth": 2})
+SERVER_OWN = ("studies/", "app/", "model/", "systmp/", "sessions/")  # what the test server may write to
 
 
 def _png(path: Path, arr: np.ndarray) -> Path:
@@ -197,6 +198,7 @@ def srv(tmp_path_factory):
            "--port", str(port), "--conf", "model_dir", str(root / "model"), "--conf", "img_size", "32",
            "--conf", "vit_overrides", '{"depth": 2}', "--conf", "max_upload_mb", "1"]  # no --host: the default
     env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
+           "MONAI_LABEL_SESSION_PATH": str(root / "sessions"),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_TRACKING_ENABLED": "false"}
     log = open(root / "server.log", "w")
@@ -259,7 +261,7 @@ def test_plain_monailabel_command_does_not_listen_on_all_interfaces(tmp_path):
 
 def test_traversal_refused_and_nothing_written_outside(srv):
     u, root, studies = srv["url"], srv["root"], srv["studies"]
-    outside_before = {p for p in _files(root) if not p.startswith(("studies/", "app/", "model/", "systmp/"))}
+    outside_before = {p for p in _files(root) if not p.startswith(SERVER_OWN)}
     studies_before = _files(studies)
     label = (studies / "labels" / "final" / "img_0.png").read_bytes()
     attacks = [
@@ -279,7 +281,7 @@ def test_traversal_refused_and_nothing_written_outside(srv):
         assert r.status_code == 400, (path, params, r.status_code, r.text)
         assert "not a plain name" in r.json()["detail"], r.text
     assert not list(root.rglob("escape*")) and not (root / "escape_abs").exists()
-    assert {p for p in _files(root) if not p.startswith(("studies/", "app/", "model/", "systmp/"))} == outside_before
+    assert {p for p in _files(root) if not p.startswith(SERVER_OWN)} == outside_before
     assert _files(studies) - {"datastore_v2.json", ".lock"} == studies_before - {"datastore_v2.json", ".lock"}
     # a plain tag still works (the guard is not a blanket refusal)
     r = requests.put(u + "/datastore/label", params={"image": "img_2", "tag": "review"},
@@ -307,6 +309,13 @@ def test_infer_reads_only_datastore_or_uploads(srv):
         r = requests.post(f"{u}/infer/tpp_seg", params={"output": "json"}, files={"file": ("x.png", f, "image/png")},
                           timeout=HTTP_TIMEOUT)
     assert r.status_code == 200, r.text
+    with open(existing, "rb") as f:  # and so is a session (3D Slicer uploads a local volume as one)
+        sid = requests.put(f"{u}/session/", files={"files": ("x.png", f, "image/png")}, timeout=HTTP_TIMEOUT).json()
+    r = requests.post(f"{u}/infer/tpp_seg", params={"session_id": sid["session_id"], "output": "json"},
+                      timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200 and r.json()["shape"] == [32, 32], r.text
+    r = requests.post(f"{u}/infer/tpp_seg", params={"session_id": "../../x", "output": "json"}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 400 and "session id" in r.json()["detail"], r.text
 
 
 def test_failed_uploads_leave_no_temp_files_and_sizes_are_capped(srv, tmp_path):

@@ -1,6 +1,7 @@
 """MONAI Label app serving tpp-monai's 2D ViT + PEFT segmentation model, with TPP + PEFT re-training.
 
-    monailabel start_server --app apps/tpp_label --studies <dir> --conf models tpp_seg
+    python -m tpp_monai.label.serve --studies <dir> --conf models tpp_seg        # listens on 127.0.0.1
+    monailabel start_server --app apps/tpp_label --host 127.0.0.1 --studies <dir>  # the same, by hand
 
 Infer task ``tpp_seg``: loads ``<model_dir>/tpp_seg.pt`` (a :mod:`tpp_monai.label.seg2d` model file)
 and reloads it whenever its mtime changes (a finished training run replaces it atomically).
@@ -27,7 +28,7 @@ import sys
 import tempfile
 import threading
 import traceback
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from fastapi import APIRouter, Depends, HTTPException
@@ -41,6 +42,7 @@ from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoun
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import strtobool
+from monailabel.utils.sessions import Sessions
 from starlette.middleware import Middleware
 
 from tpp_monai.label import safety, seg2d
@@ -94,12 +96,12 @@ class TPPSegInfer(InferTask):
     """2D segmentation with the ViT + PEFT model file; reloads it when its mtime changes."""
 
     def __init__(self, name: str, path: str, labels: Dict[str, int], description: str,
-                 roots: tuple = (), max_pixels: int | None = None):
+                 roots: Callable[[], tuple] | None = None, max_pixels: int | None = None):
         super().__init__(type=InferType.SEGMENTATION, labels=labels, dimension=2, description=description,
                          config={"device": ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]})
         self.name = name
         self.path = path
-        self.roots = roots  # the datastore and the upload folder: the only places images are read from
+        self.roots = roots  # -> the datastore and the upload folders: the only places images are read from
         self.max_pixels = max_pixels
         self._lock = threading.Lock()
         self._cached: tuple | None = None  # (mtime_ns, device, model, cfg, meta)
@@ -125,7 +127,7 @@ class TPPSegInfer(InferTask):
     def __call__(self, request):
         device = _device(request.get("device"))
         image = request.get("image")
-        if not isinstance(image, str) or (self.roots and not any(safety.inside(image, r) for r in self.roots)) \
+        if not isinstance(image, str) or (self.roots and not any(safety.inside(image, r) for r in self.roots())) \
                 or not os.path.isfile(image):
             raise safety.RequestError(NOT_A_DATASTORE_IMAGE)
         arr, info = seg2d.read_image_2d(image, max_pixels=self.max_pixels)
@@ -196,6 +198,16 @@ class TPPSegTrain(TrainTask):
             device=_device(r.get("device")), version=int(prev) + 1, log=say,
         )
         return stats
+
+
+class SafeSessions(Sessions):
+    """monailabel's session store with plain-name session ids (they are joined into paths, removed with rmtree)."""
+
+    def get_session(self, session_id, *args, **kwargs):
+        return super().get_session(safety.check_name(session_id, "session id"), *args, **kwargs)
+
+    def remove_session(self, session_id):
+        return super().remove_session(safety.check_name(session_id, "session id"))
 
 
 def datastore_root(datastore: Datastore) -> str:
@@ -317,6 +329,15 @@ class MyApp(MONAILabelApp):
                              auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                              read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY, max_pixels=self.max_pixels)
 
+    def _load_sessions(self, load=False):
+        return SafeSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY) if load else None
+
+    def upload_roots(self) -> tuple:
+        """Where client-uploaded files live: this process's upload folder and the session store (3D Slicer
+        uploads a local volume as a session)."""
+        sessions = getattr(self, "_sessions", None)
+        return tuple(r for r in (self.uploads and self.uploads.path, sessions and sessions.store_path) if r)
+
     def roots(self) -> tuple:
         """Server folders that must not appear in a client message."""
         return tuple(r for r in (self.app_dir, self.studies, self.model_dir, self.uploads and self.uploads.path,
@@ -329,7 +350,7 @@ class MyApp(MONAILabelApp):
         return os.path.join(self.model_dir, f"{name}.pt")
 
     def init_infers(self):
-        roots = tuple(r for r in (self.studies, self.uploads and self.uploads.path) if r)
+        roots = lambda: (self.studies, *self.upload_roots())  # noqa: E731 - sessions load after the infer tasks
         return {m: TPPSegInfer(m, self.model_path(m), self.seg_cfg.labels,
                                f"ViT-{self.seg_cfg.size} + {self.seg_cfg.peft_method} 2D segmentation (tpp-monai)",
                                roots=roots, max_pixels=self.max_pixels)
@@ -351,7 +372,7 @@ class MyApp(MONAILabelApp):
 
     def _image_for_infer(self, image: Any, datastore: Datastore) -> str:
         """An uploaded file in this server's upload folder, or a datastore id: never a path the client names."""
-        if isinstance(image, str) and self.uploads is not None and safety.inside(image, self.uploads.path) \
+        if isinstance(image, str) and any(safety.inside(image, r) for r in self.upload_roots()) \
                 and os.path.isfile(image):
             return image
         try:

@@ -238,7 +238,7 @@ class UploadFolder:
         self.max_age_s = max_age_s
 
     def sweep(self, idle: bool) -> int:
-        """Delete top-level files: all when ``idle`` (no request can still need one), else those older than max age."""
+        """Delete what is in the folder: all when ``idle`` (no request can still need it), else what is older than max age."""
         n, now = 0, time.time()
         try:
             entries = list(os.scandir(self.path))
@@ -246,8 +246,11 @@ class UploadFolder:
             return 0
         for e in entries:
             try:
-                if e.is_file(follow_symlinks=False) and (idle or now - e.stat().st_mtime > self.max_age_s):
-                    os.unlink(e.path)
+                if idle or now - e.stat(follow_symlinks=False).st_mtime > self.max_age_s:
+                    if e.is_dir(follow_symlinks=False):
+                        shutil.rmtree(e.path, ignore_errors=True)
+                    else:
+                        os.unlink(e.path)
                     n += 1
             except FileNotFoundError:
                 pass
