@@ -21,7 +21,7 @@ SPEC_FIELDS = ("schema", "version", "changelog", "monai_version", "pytorch_versi
 @pytest.fixture(autouse=True)
 def _repo_cwd(monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)  # bundle macros are paths relative to the repository root
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "TPP_NNUNET_TPP_ONLY"):
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
 
@@ -73,13 +73,14 @@ def test_configs_parse_and_build_commands(bundle, stage, tmp_path):
         assert env["nnUNet_raw"] == str(tmp_path / "raw")
         assert env["nnUNet_extTrainer"].split(os.pathsep)[0] == str(REPO / "tpp_monai" / "nnunet")
         assert env["TPP_NNUNET_ALLOW_PICKLE"] == "1"
-        assert (env.get("TPP_NNUNET_TPP_ONLY") == "1") == (s == "tpp")
+        assert not [k for k in env if k.startswith("TPP_NNUNET_") and k != "TPP_NNUNET_ALLOW_PICKLE"]
         if s == "plan":
             assert Path(cmd[0]).name == "nnUNetv2_plan_and_preprocess"
             assert cmd[1:] == ["-d", str(did), "-c", "3d_fullres", "-np", "4", "--verify_dataset_integrity"]
-        elif s in ("tpp", "train"):
+        elif s in ("tpp", "train"):  # settings are trainer variants: the TPP-only stage has its own results folder
+            tr = "nnUNetTrainer_STUNet_TPPonly_ConvAdapter" if s == "tpp" else "nnUNetTrainer_STUNet_TPP_ConvAdapter"
             assert cmd[:4] == [sys.executable, "-m", "tpp_monai.cli", "nnunet-train"]
-            assert cmd[4:] == [str(did), "3d_fullres", "2", "-tr", "nnUNetTrainer_STUNet_TPP_ConvAdapter", "-p",
+            assert cmd[4:] == [str(did), "3d_fullres", "2", "-tr", tr, "-p",
                                "nnUNetPlans", "-device", "cpu", "-pretrained_weights", "small_ep4k.model"]
         else:
             assert cmd[3] == "nnunet-predict"
@@ -102,11 +103,9 @@ def test_runner_options_and_errors(tmp_path):
     from tpp_monai.nnunet.runner import NnUNetTPPRunner
 
     r = NnUNetTPPRunner(7, "Demo", tmp_path / "raw", tmp_path / "pre", tmp_path / "res", trainer="nnUNetTrainer_STUNet_FT",
-                        continue_training=True, disable_tta=True, predict_input="in", predict_output="out",
-                        trainer_env={"TPP_NNUNET_NUM_EPOCHS": 3, "TPP_NNUNET_LR": None})
-    env = r.env(base={"nnUNet_extTrainer": "/other", "TPP_NNUNET_TPP_ONLY": "1"})
+                        continue_training=True, disable_tta=True, predict_input="in", predict_output="out")
+    env = r.env(base={"nnUNet_extTrainer": "/other"})
     assert env["nnUNet_extTrainer"] == os.pathsep.join([str(REPO / "tpp_monai" / "nnunet"), "/other"])
-    assert env["TPP_NNUNET_NUM_EPOCHS"] == "3" and "TPP_NNUNET_LR" not in env and "TPP_NNUNET_TPP_ONLY" not in env
     assert "TPP_NNUNET_ALLOW_PICKLE" not in env
     assert r.train_cmd()[-1] == "--c" and "-pretrained_weights" not in r.train_cmd()
     assert r.predict_cmd()[-1] == "--disable_tta" and r.predict_cmd()[5:8] == ["in", "-o", "out"]
@@ -118,6 +117,13 @@ def test_runner_options_and_errors(tmp_path):
     with pytest.raises(ValueError, match="1..999"):
         NnUNetTPPRunner(1000, "X", "a", "b", "c")
     assert [s for s, *_ in r.commands(["evaluate", "plan", "train"])] == ["plan", "train", "evaluate"]  # run order
+    with pytest.raises(TypeError):
+        NnUNetTPPRunner(7, "Demo", "a", "b", "c", trainer_env={"TPP_NNUNET_LR": 1})  # settings are trainer variants now
+    dec = NnUNetTPPRunner(7, "Demo", tmp_path / "raw", tmp_path / "pre", tmp_path / "res",
+                          trainer="nnUNetTrainer_STUNet_TPP_ConvAdapterDec_large")
+    assert dec.tpp_trainer == "nnUNetTrainer_STUNet_TPPonly_ConvAdapter_large"  # the decoder does not change TPP
+    assert dec.tpp_file == (tmp_path / "res" / "Dataset007_Demo" / "nnUNetTrainer_STUNet_TPPonly_ConvAdapter_large__"
+                            "nnUNetPlans__3d_fullres" / "fold_0" / "tpp_target_params.pt")
 
 
 def test_evaluate_stage_dice(tmp_path):
@@ -154,4 +160,5 @@ def test_monai_bundle_cli_dry_run():
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "stage plan:" in r.stdout and "nnUNetv2_plan_and_preprocess -d 502" in r.stdout
-    assert "stage tpp:" in r.stdout and "'TPP_NNUNET_TPP_ONLY': '1'" in r.stdout
+    assert "stage tpp:" in r.stdout and "-tr nnUNetTrainer_STUNet_TPPonly_ConvAdapter " in r.stdout
+    assert "TPP_NNUNET_TPP_ONLY" not in r.stdout

@@ -3,6 +3,8 @@
 
 import inspect
 import json
+import math
+import re
 import os
 import subprocess
 import sys
@@ -17,20 +19,72 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def test_build_network_architecture_signature_and_trainability():
-    from tpp_monai.nnunet.trainers import nnUNetTrainer_STUNet_ConvAdapter_debug, nnUNetTrainer_STUNet_FT
+CM = {"pool_op_kernel_sizes": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], "conv_kernel_sizes": [[3, 3, 3]] * 4}
 
-    sig = inspect.signature(nnUNetTrainer_STUNet_ConvAdapter_debug.build_network_architecture)
+
+def test_build_network_architecture_signature_and_trainability():
+    from tpp_monai.nnunet import trainers as T
+
+    sig = inspect.signature(T.nnUNetTrainer_STUNet_ConvAdapter_debug.build_network_architecture)
     assert list(sig.parameters)[:2] == ["plans_manager", "configuration_manager"]
-    cm = {"pool_op_kernel_sizes": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], "conv_kernel_sizes": [[3, 3, 3]] * 4}
-    net = nnUNetTrainer_STUNet_ConvAdapter_debug.build_network_architecture(None, cm, 1, 3, False)
+    net = T.nnUNetTrainer_STUNet_ConvAdapter_debug.build_network_architecture(None, CM, 1, 3, False)
     assert net.cfg.strides == ((2, 2, 2),) * 3 + ((1, 1, 1),) * 2
+    assert type(net.conv_blocks_context[0][0].peft_conv_adapter).__name__ == "ConvAdapterModule"  # original design
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     assert trainable and all("peft_conv_adapter" in n or n.startswith("seg_outputs") for n in trainable)
-    again = nnUNetTrainer_STUNet_ConvAdapter_debug.build_network_architecture(None, cm, 1, 3, False)
+    assert any(n.startswith("seg_outputs") for n in trainable)
+    again = T.nnUNetTrainer_STUNet_ConvAdapter_debug.build_network_architecture(None, CM, 1, 3, False)
     assert set(again.state_dict()) == set(net.state_dict())  # inference rebuilds the same network
-    full = nnUNetTrainer_STUNet_FT.build_network_architecture(None, cm, 1, 3, True)
+    dec = T.nnUNetTrainer_STUNet_TPP_ConvAdapterDec_debug.build_network_architecture(None, CM, 1, 3, False)
+    frozen = {n for n, p in dec.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith("conv_blocks_context") and "peft_" not in n for n in frozen)
+    assert all(p.requires_grad for n, p in dec.named_parameters() if n.startswith(("upsample_layers", "conv_blocks_loc")))
+    full = T.nnUNetTrainer_STUNet_FT.build_network_architecture(None, CM, 1, 3, True)
     assert all(p.requires_grad for p in full.parameters())
+
+
+def test_trainer_names_resolve_the_nnunet_way():
+    """nnU-Net's own class search finds our variants and STU-Net's published names; settings live in the name."""
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    from tpp_monai.nnunet import trainer_path, trainers as T
+
+    for name in ("nnUNetTrainer_STUNet_TPP_ConvAdapter", "nnUNetTrainer_STUNet_TPPonly_ConvAdapter_large",
+                 "nnUNetTrainer_STUNet_ConvAdapterDec_huge", "STUNetTrainer_base_ft", "STUNetTrainer_small"):
+        cls = recursive_find_python_class(trainer_path(), name, "tpp_monai.nnunet")
+        assert cls is getattr(T, name) and cls.__name__ == name
+    assert issubclass(T.STUNetTrainer_base_ft, T.nnUNetTrainer_STUNet_FT) and T.STUNetTrainer_base_ft.default_lr == 1e-3
+    assert T.STUNetTrainer_large_ft.stunet_size == "large" and T.STUNetTrainer_large.default_lr == 1e-2
+    assert T.nnUNetTrainer_STUNet_TPP_ConvAdapterDec.train_scope == "decoder"
+    assert T.nnUNetTrainer_STUNet_TPP_ConvAdapter.train_scope == "seg_outputs"  # the default (see the docs)
+    assert "TPP_NNUNET_TPP_ONLY" not in open(T.__file__).read() and "TPP_NNUNET_LR" not in open(T.__file__).read()
+
+
+def _paper_lr(i, total, peak, warm):
+    return peak * (i + 1) / warm if i < warm else 0.5 * peak * (1 + math.cos(math.pi * (i - warm) / (total - warm)))
+
+
+@pytest.mark.parametrize("nnunet_batch,cases", [(2, 105), (2, 5), (3, 210)])
+def test_tpp_recipe_is_the_papers(nnunet_batch, cases):
+    """3D DINO: batch 64 patches (accumulated), lr 1e-4 x batch / 256, warm-up 10 epochs, wd cosine 0.04 -> 0.4."""
+    from tpp_monai.nnunet.trainers import nnUNetTrainer_STUNet_TPP_ConvAdapter as Tr
+
+    tr = object.__new__(Tr)  # the recipe needs no data: skip nnU-Net's __init__
+    tr.batch_size = nnunet_batch
+    plan = tr.tpp_plan(cases)
+    accum = math.ceil(64 / nnunet_batch)
+    assert plan["accumulation"] == accum and plan["batch"] == accum * nnunet_batch >= 64
+    per_epoch = math.ceil(cases / plan["batch"])
+    assert plan["steps_per_epoch"] == per_epoch and plan["steps"] == 100 * per_epoch
+    assert plan["warmup_steps"] == 10 * per_epoch
+    peak = 1e-4 * plan["batch"] / 256
+    assert plan["lr"] == pytest.approx(peak)
+    s = tr.tpp_schedule(plan)
+    T, W = plan["steps"], plan["warmup_steps"]
+    for i in (0, W // 2, W - 1, W, W + 1, (T + W) // 2, T - 1, T):
+        assert s.lr_at(i) == pytest.approx(_paper_lr(i, T, peak, W), abs=1e-15)
+        assert s.wd_at(i) == pytest.approx(0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * i / T)))
+    assert s.lr_at(W - 1) == pytest.approx(peak) and s.wd_at(0) == pytest.approx(0.04) and s.wd_at(T) == pytest.approx(0.4)
 
 
 def test_cli_trainer_path():
@@ -61,7 +115,7 @@ def test_plan_train_tpp_predict(demo_raw, tmp_path):
         return r.stdout
 
     run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", "990", "-c", "3d_fullres", "-np", "1"])
-    tr = "nnUNetTrainer_STUNet_TPP_ConvAdapter_debug"
+    tr, tpp_tr = "nnUNetTrainer_STUNet_TPP_ConvAdapter_debug", "nnUNetTrainer_STUNet_TPPonly_ConvAdapter_debug"
     # a "pre-trained" STU-Net checkpoint in the official layout (105-class head, skipped on loading)
     from tpp_monai.backbones.stunet import STUNet
 
@@ -69,21 +123,41 @@ def test_plan_train_tpp_predict(demo_raw, tmp_path):
     ck = tmp_path / "small_pretrained.pth"
     pre = STUNet(1, 105, size="small", strides=[[2, 2, 2]] * 3 + [[1, 1, 1]] * 2)
     torch.save({"network_weights": pre.state_dict()}, ck)
-    train = [sys.executable, "-m", "tpp_monai.cli", "nnunet-train", "990", "3d_fullres", "0", "-tr", tr,
-             "-device", "cpu", "-pretrained_weights", str(ck)]
-    out = tmp_path / "res" / "Dataset990_DemoLungCT" / f"{tr}__nnUNetPlans__3d_fullres" / "fold_0"
-    # TPP only (the bundles' tpp_pretrain stage): TPP file, no nnU-Net checkpoint, no validation
-    log = run(train, nnUNet_n_proc_DA="0", TPP_NNUNET_TPP_ONLY="1")
-    assert "skipped 10 (seg_outputs)" in log and "TPP iteration 2/2" in log and "stopping after the TPP stage" in log
-    assert (out / "tpp_target_params.pt").is_file() and not list(out.glob("checkpoint_*.pth"))
-    tpp_only = torch.load(out / "tpp_target_params.pt", map_location="cpu", weights_only=True)["state_dict"]
-    # fine-tuning: the same command reuses the TPP file (same backbone fingerprint) instead of redoing TPP
-    log = run(train, nnUNet_n_proc_DA="0")
+
+    def train(trainer):
+        return [sys.executable, "-m", "tpp_monai.cli", "nnunet-train", "990", "3d_fullres", "0", "-tr", trainer,
+                "-device", "cpu", "-pretrained_weights", str(ck)]
+
+    res = tmp_path / "res" / "Dataset990_DemoLungCT"
+    out, tpp_out = res / f"{tr}__nnUNetPlans__3d_fullres" / "fold_0", res / f"{tpp_tr}__nnUNetPlans__3d_fullres" / "fold_0"
+    # TPP only (the bundles' tpp_pretrain stage) is a trainer variant with its own results folder
+    log = run(train(tpp_tr), nnUNet_n_proc_DA="0")
+    assert "skipped 10 (seg_outputs)" in log and "stopping after the TPP stage" in log
+    m = re.search(r"TPP stage: 3D DINO \(decoder features\), (\d+) training cases, 2 epochs x (\d+) steps, "
+                  r"batch (\d+) = (\d+) x (\d+), lr (\S+) \(warm-up (\d+) steps\), wd 0.04 -> 0.4, AMP False", log)
+    assert m, log[-3000:]
+    cases, per_epoch, batch, accum, micro, lr, warm = m.groups()
+    assert int(batch) == int(accum) * int(micro) >= 4 and int(per_epoch) == math.ceil(int(cases) / int(batch))
+    assert float(lr) == pytest.approx(1e-4 * int(batch) / 256, rel=1e-2) and int(warm) == int(per_epoch)
+    steps = 2 * int(per_epoch)
+    assert f"TPP iteration {steps}/{steps}" in log
+    assert (tpp_out / "tpp_target_params.pt").is_file() and not list(tpp_out.glob("checkpoint_*.pth"))
+    tpp_only = torch.load(tpp_out / "tpp_target_params.pt", map_location="cpu", weights_only=True)
+    assert tpp_only["meta"]["plan"]["accumulation"] == int(accum) and tpp_only["meta"]["trainer"] == tpp_tr
+    # every adapter (encoder and decoder) left its initial value in TPP; no other tensor is in the file
+    init = STUNet(1, 3, size="small", strides=[[2, 2, 2]] * 3 + [[1, 1, 1]] * 2)
+    assert all("peft_conv_adapter" in k for k in tpp_only["state_dict"])
+    assert any(k.startswith("conv_blocks_localization") for k in tpp_only["state_dict"])
+    alphas = {k: v for k, v in tpp_only["state_dict"].items() if k.endswith("alpha")}
+    assert len(alphas) == len(init.residual_blocks()) and all(not torch.equal(v, torch.ones_like(v)) for v in alphas.values())
+    # fine-tuning variant: its own results folder; reuses the TPP-only twin's file instead of redoing TPP
+    log = run(train(tr), nnUNet_n_proc_DA="0")
     assert "loaded" in log and "skipped 10 (seg_outputs)" in log
-    assert "Loaded TPP target parameters from" in log and "TPP iteration" not in log
+    assert f"Loaded TPP target parameters from {tpp_out / 'tpp_target_params.pt'}" in log and "TPP iteration" not in log
     assert (out / "tpp_target_params.pt").is_file() and (out / "checkpoint_final.pth").is_file()
+    assert not list(tpp_out.glob("checkpoint_*.pth"))  # two variants, two results folders
     final = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert final["init_args"]["tpp_stage"]["done"] and final["init_args"]["tpp_stage"]["iterations"] == 2
+    assert final["init_args"]["tpp_stage"]["done"] and final["init_args"]["tpp_stage"]["iterations"] == steps
     # frozen backbone: every non-adapter, non-seg_outputs tensor equals the pre-trained checkpoint
     w = final["network_weights"]
     for k, v in pre.state_dict().items():
@@ -91,7 +165,7 @@ def test_plan_train_tpp_predict(demo_raw, tmp_path):
             assert torch.equal(w[k], v), k
     tpp = torch.load(out / "tpp_target_params.pt", map_location="cpu", weights_only=True)
     assert tpp["meta"]["pretext"] == "dino3d" and all("peft_conv_adapter" in k for k in tpp["state_dict"])
-    assert all(torch.equal(tpp["state_dict"][k], v) for k, v in tpp_only.items())  # the file was reused as is
+    assert all(torch.equal(tpp["state_dict"][k], v) for k, v in tpp_only["state_dict"].items())  # reused as is
     assert any(not torch.equal(tpp["state_dict"][k], w[k]) for k in tpp["state_dict"])  # fine-tuning moved them
 
     # prediction: nnU-Net rebuilds the network (adapters included) through our trainer

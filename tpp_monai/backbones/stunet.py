@@ -17,6 +17,7 @@ the nnU-Net plan's ``pool_op_kernel_sizes[1:]`` (cut/padded with stride 1 to 5 s
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -192,14 +193,23 @@ class STUNet(nn.Module):
             feats.append(x)
         return feats
 
-    def forward(self, x: torch.Tensor):
-        feats = self.forward_encoder(x)
+    def forward_decoder(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Outputs of every decoder stage (lowest resolution first), i.e. what ``seg_outputs`` sees."""
         x, skips = feats[-1], feats[:-1]
         outs = []
         for u in range(len(self.conv_blocks_localization)):
             x = self.upsample_layers[u](x)
             x = self.conv_blocks_localization[u](torch.cat((x, skips[-(u + 1)]), dim=1))
-            outs.append(self.seg_outputs[u](x))
+            outs.append(x)
+        return outs
+
+    @property
+    def total_stride(self) -> tuple[int, ...]:
+        """Per-axis product of the strides: inputs through the whole network must be multiples of it."""
+        return tuple(int(math.prod(s[d] for s in self.cfg.strides)) for d in range(self.cfg.spatial_dims))
+
+    def forward(self, x: torch.Tensor):
+        outs = [seg(f) for seg, f in zip(self.seg_outputs, self.forward_decoder(self.forward_encoder(x)))]
         if self.decoder.deep_supervision:
             return tuple(outs[::-1])
         return outs[-1]

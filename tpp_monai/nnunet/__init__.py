@@ -9,9 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def tpp_only_trainer_name(trainer: str) -> str:
+    """The ``_TPPonly_`` trainer that runs the same TPP stage as ``trainer`` (a ``_TPP_`` trainer variant): its
+    ``tpp_target_params.pt`` is what ``trainer`` reuses. Fine-tuning scope (``Dec``) does not change the TPP stage."""
+    if "_TPP_" not in trainer:
+        raise ValueError(f"{trainer} has no TPP stage; TPP trainers are named nnUNetTrainer_STUNet_TPP_ConvAdapter*")
+    return trainer.replace("_TPP_", "_TPPonly_").replace("ConvAdapterDec", "ConvAdapter")
+
+
 def trainer_path() -> str:
     """The folder to put in ``nnUNet_extTrainer``."""
     return str(Path(__file__).resolve().parent)
 
 
-__all__ = ["trainer_path"]
+__all__ = ["tpp_only_trainer_name", "trainer_path"]

@@ -3,10 +3,12 @@
 Stages (in this order when several are asked for):
 
 - ``plan``: ``nnUNetv2_plan_and_preprocess -d ID -c CONFIG -np N --verify_dataset_integrity``;
-- ``tpp``: ``tpp-monai nnunet-train ...`` with ``TPP_NNUNET_TPP_ONLY=1``: the trainer runs only its TPP stage
-  (3D DINO on the fold's training cases) and writes ``<fold folder>/tpp_target_params.pt``;
+- ``tpp``: ``tpp-monai nnunet-train ...`` with the trainer's ``_TPPonly_`` twin (e.g.
+  ``nnUNetTrainer_STUNet_TPPonly_ConvAdapter`` for ``nnUNetTrainer_STUNet_TPP_ConvAdapter``): only the TPP stage
+  (3D DINO on the fold's training cases), written to ``<twin's fold folder>/tpp_target_params.pt``;
 - ``train``: ``tpp-monai nnunet-train ID CONFIG FOLD -tr TRAINER -device DEV [-pretrained_weights W]``: TPP
-  (skipped if ``tpp`` already wrote its file for the same backbone) then fine-tuning and nnU-Net's validation;
+  (skipped if the twin's file exists for the same backbone and TPP settings) then fine-tuning and nnU-Net's
+  validation;
 - ``predict``: ``tpp-monai nnunet-predict -i IN -o OUT -d ID -c CONFIG -f FOLD -tr TRAINER -device DEV``;
 - ``evaluate``: mean / per-label Dice (:mod:`tpp_monai.metrics.nnunet_dice`) of the fold's validation
   predictions (``<fold folder>/validation``, written by ``train``) against ``labelsTr``.
@@ -23,11 +25,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from tpp_monai.nnunet import trainer_path
+from tpp_monai.nnunet import tpp_only_trainer_name, trainer_path
 
 STAGES = ("plan", "tpp", "train", "predict", "evaluate")
 
@@ -61,7 +63,6 @@ class NnUNetTPPRunner:
     disable_tta: bool = False
     evaluate_output: str | None = None
     dry_run: bool = False  # run(): print the commands, run nothing
-    trainer_env: dict = field(default_factory=dict)  # e.g. {"TPP_NNUNET_TPP_ITERS": 2500}; None values dropped
 
     def __post_init__(self):
         self.dataset_id = int(self.dataset_id)
@@ -79,14 +80,23 @@ class NnUNetTPPRunner:
     def raw_dataset_dir(self) -> Path:
         return Path(self.nnunet_raw) / self.dataset_folder_name
 
+    def trainer_fold_dir(self, trainer: str) -> Path:
+        return (Path(self.nnunet_results) / self.dataset_folder_name /
+                f"{trainer}__{self.plans}__{self.configuration}" / f"fold_{self.fold}")
+
     @property
     def fold_dir(self) -> Path:
-        return (Path(self.nnunet_results) / self.dataset_folder_name /
-                f"{self.trainer}__{self.plans}__{self.configuration}" / f"fold_{self.fold}")
+        return self.trainer_fold_dir(self.trainer)
+
+    @property
+    def tpp_trainer(self) -> str:
+        """The ``_TPPonly_`` trainer the ``tpp`` stage runs."""
+        return tpp_only_trainer_name(self.trainer)
 
     @property
     def tpp_file(self) -> Path:
-        return self.fold_dir / "tpp_target_params.pt"
+        """Where the ``tpp`` stage writes the target parameters (the ``train`` stage copies them to its folder)."""
+        return self.trainer_fold_dir(self.tpp_trainer) / "tpp_target_params.pt"
 
     def _predict_io(self) -> tuple[str, str]:
         src = self.predict_input or str(self.raw_dataset_dir / "imagesTs")
@@ -94,7 +104,7 @@ class NnUNetTPPRunner:
         return src, dst
 
     # ------------------------------------------------------------------ environment and commands
-    def env(self, tpp_only: bool = False, base: dict | None = None) -> dict[str, str]:
+    def env(self, base: dict | None = None) -> dict[str, str]:
         env = dict(os.environ if base is None else base)
         env.update(nnUNet_raw=str(self.nnunet_raw), nnUNet_preprocessed=str(self.nnunet_preprocessed),
                    nnUNet_results=str(self.nnunet_results))
@@ -102,24 +112,17 @@ class NnUNetTPPRunner:
         if trainer_path() not in paths:
             paths.insert(0, trainer_path())
         env["nnUNet_extTrainer"] = os.pathsep.join(paths)
-        for k, v in (self.trainer_env or {}).items():
-            if v is not None:
-                env[str(k)] = str(v)
         if self.allow_pickle:
             env["TPP_NNUNET_ALLOW_PICKLE"] = "1"
-        if tpp_only:
-            env["TPP_NNUNET_TPP_ONLY"] = "1"
-        else:
-            env.pop("TPP_NNUNET_TPP_ONLY", None)
         return env
 
     def plan_cmd(self) -> list[str]:
         return [_bin("nnUNetv2_plan_and_preprocess"), "-d", str(self.dataset_id), "-c", self.configuration,
                 "-np", str(self.num_processes), "--verify_dataset_integrity"]
 
-    def train_cmd(self) -> list[str]:
+    def train_cmd(self, trainer: str | None = None) -> list[str]:
         cmd = [sys.executable, "-m", "tpp_monai.cli", "nnunet-train", str(self.dataset_id), self.configuration,
-               str(self.fold), "-tr", self.trainer, "-p", self.plans, "-device", self.device]
+               str(self.fold), "-tr", trainer or self.trainer, "-p", self.plans, "-device", self.device]
         if self.pretrained_weights:
             cmd += ["-pretrained_weights", str(self.pretrained_weights)]
         if self.continue_training:
@@ -141,7 +144,7 @@ class NnUNetTPPRunner:
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; choose from {STAGES}")
-        if "tpp" in stages and "TPP" not in self.trainer:
+        if "tpp" in stages and "_TPP_" not in self.trainer:
             raise ValueError(f"stage 'tpp' needs a TPP trainer (nnUNetTrainer_STUNet_TPP_ConvAdapter*), not {self.trainer}")
         out = []
         for s in STAGES:
@@ -150,7 +153,7 @@ class NnUNetTPPRunner:
             if s == "plan":
                 out.append((s, self.plan_cmd(), self.env()))
             elif s == "tpp":
-                out.append((s, self.train_cmd(), self.env(tpp_only=True)))
+                out.append((s, self.train_cmd(self.tpp_trainer), self.env()))
             elif s == "train":
                 out.append((s, self.train_cmd(), self.env()))
             elif s == "predict":

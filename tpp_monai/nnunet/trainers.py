@@ -1,43 +1,61 @@
-"""nnU-Net v2 (2.8.1) trainers: STU-Net fine-tuning, Conv-Adapter PEFT and Conv-Adapter with a TPP stage.
+"""nnU-Net v2 (2.8.1) trainers: STU-Net fine-tuning, Conv-Adapter PEFT and Conv-Adapter with a 3D DINO TPP stage.
 
 Use them through ``nnUNet_extTrainer`` (``tpp-monai nnunet-train ...`` sets it), e.g.::
 
     tpp-monai nnunet-train 501 3d_fullres 0 -tr nnUNetTrainer_STUNet_TPP_ConvAdapter \\
         -pretrained_weights base_ep4k.model --allow-pickle
 
-Trainers (size suffixes ``_small``/``_large``/``_huge`` exist for each; no suffix = base):
+Every setting is part of the trainer's class name (nnU-Net's convention for trainer variants), so the results
+folder ``<trainer>__<plans>__<configuration>`` identifies the run:
 
-- ``nnUNetTrainer_STUNet_FT``: STU-Net, every parameter trained (STU-Net's ``_ft``: lr 1e-3);
-- ``nnUNetTrainer_STUNet_ConvAdapter``: frozen STU-Net + Conv-Adapters; trains adapters + ``seg_outputs``;
-- ``nnUNetTrainer_STUNet_TPP_ConvAdapter``: as above, preceded by the **TPP stage**: 3D DINO
-  (``dino3d``) on patches of the fold's training cases (nnU-Net's training data loader), adapters +
-  projection head trained, backbone frozen. The target parameters are saved atomically to
-  ``<output_folder>/tpp_target_params.pt`` and the nnU-Net checkpoints record the stage in
-  ``init_args["tpp_stage"]``, so ``--c`` never redoes it;
-- ``*_debug``: tiny budgets for tests and demos (small STU-Net, 1 epoch of 2 iterations, 2 TPP iterations).
+- ``nnUNetTrainer_STUNet_FT``: STU-Net, every parameter trained, lr 1e-3 (STU-Net's ``_ft``);
+- ``nnUNetTrainer_STUNet_ConvAdapter``: frozen STU-Net + Conv-Adapters (original design, ``conv_adapter``);
+  trains adapters + ``seg_outputs`` (the default, see "What fine-tuning trains");
+- ``nnUNetTrainer_STUNet_ConvAdapterDec``: adapters + STU-Net's pre-trained decoder (``upsample_layers``,
+  ``conv_blocks_localization``) + ``seg_outputs``;
+- ``nnUNetTrainer_STUNet_TPP_ConvAdapter`` / ``..._TPP_ConvAdapterDec``: the same, preceded by the TPP stage;
+- ``nnUNetTrainer_STUNet_TPPonly_ConvAdapter``: only the TPP stage (writes ``tpp_target_params.pt`` into its own
+  folder, no nnU-Net checkpoint, exit code 0). A ``_TPP_`` trainer first looks for its own
+  ``tpp_target_params.pt``, then for the one of its ``_TPPonly_`` twin (same dataset, plans, configuration, fold);
+  it reuses a file only if its frozen-backbone fingerprint and TPP settings equal its own, copying it into its
+  folder; otherwise it runs the stage itself;
+- suffixes: ``_small`` / ``_large`` / ``_huge`` (STU-Net size; none = base), ``_debug`` (tiny budgets for tests);
+- STU-Net's published names resolve to equivalents: ``STUNetTrainer_<size>`` (every parameter, lr 1e-2, as
+  STU-Net trains from scratch) and ``STUNetTrainer_<size>_ft`` (= ``nnUNetTrainer_STUNet_FT_<size>``, lr 1e-3).
+
+**TPP stage** (:meth:`nnUNetTrainer_STUNet_TPP_ConvAdapter.run_tpp_stage`; one method, so a DDP wrapper can
+wrap it): 3D DINO (``dino3d``, features pooled from the bottleneck and every decoder stage, so every adapter is
+trained) on patches from nnU-Net's training loader of the fold. Paper recipe: AdamW, DINO batch 64 (of patches:
+``accumulation = ceil(64 / (nnU-Net batch x tpp_views_per_patch))`` micro-batches per optimiser step), lr
+``1e-4 x batch / 256`` with linear warm-up over 10 epochs then cosine to 0, weight decay cosine 0.04 -> 0.4
+(:mod:`tpp_monai.engines.schedules`), gradient clipping 3.0 (DINO). An epoch is one pass over the fold's
+training cases (``ceil(cases / 64)`` optimiser steps), as an epoch over the training images in the paper;
+``tpp_epochs`` = 100 (DINO's default; the paper gives no epoch count for DINO). Mixed precision as nnU-Net trains
+(autocast + GradScaler on CUDA, plain fp32 on CPU). The target parameters are saved atomically to
+``<output_folder>/tpp_target_params.pt`` and the nnU-Net checkpoints record the stage in
+``init_args["tpp_stage"]``, so ``--c`` never redoes it.
+
+**What fine-tuning trains.** Default: adapters + ``seg_outputs``. The paper does not say; its segmentation
+Ratios (Table 1: 2-6%, i.e. the PEFT parameters plus a light task decoder) imply that PEFT fine-tuning trains
+the target parameters and a small task head. On STU-Net-B, adapters + ``seg_outputs`` are 0.39% of the
+parameters; adapters + the pre-trained decoder 50.8%, which is no longer parameter-efficient. The ``Dec``
+variants offer the latter (closest to STU-Net's own fine-tuning, which trains everything).
 
 ``-pretrained_weights`` loads STU-Net checkpoints with :func:`load_stunet_checkpoint` (``seg_outputs``
 skipped, first conv repeated for more input channels, adapters not expected, any other missing /
 unexpected / mis-shaped key is an error). The official ``*_ep4k.model`` files are pickles: set
-``TPP_NNUNET_ALLOW_PICKLE=1`` (``--allow-pickle`` of the CLI) for files you trust.
-
-Environment variables (read when the trainer is created; class attributes give the defaults):
-``TPP_NNUNET_TPP_ITERS`` (TPP iterations, default 2500 = 10 nnU-Net epochs), ``TPP_NNUNET_TPP_LR`` (5e-4),
-``TPP_NNUNET_NUM_EPOCHS`` (1000), ``TPP_NNUNET_ITERS_PER_EPOCH`` (250), ``TPP_NNUNET_VAL_ITERS`` (50),
-``TPP_NNUNET_LR`` (1e-3), ``TPP_NNUNET_ALLOW_PICKLE`` (0), ``TPP_NNUNET_TPP_ONLY`` (0).
-
-**TPP-only runs.** With ``TPP_NNUNET_TPP_ONLY=1`` the TPP trainers stop right after the TPP stage (exit code 0):
-``<output_folder>/tpp_target_params.pt`` is written, no nnU-Net checkpoint and no validation. Running the same
-command again without the variable (same trainer, fold and ``-pretrained_weights``) loads that file instead of
-redoing the stage (it is reused only if its backbone fingerprint matches) and fine-tunes. Single-process
-training only (not with ``-num_gpus`` > 1).
+``TPP_NNUNET_ALLOW_PICKLE=1`` (``--allow-pickle`` of the CLI) for files you trust. This is the only environment
+variable: it grants a permission and changes no result, so it does not belong in the results folder's name.
+Single-process training only for the TPP stage (not with ``-num_gpus`` > 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
+import shutil
 import time
 from os.path import isfile, join
 
@@ -48,25 +66,19 @@ from torch import nn
 
 from tpp_monai.backbones.stunet import STUNet, load_stunet_checkpoint
 from tpp_monai.checkpoint import CheckpointMismatch, load_target_checkpoint, read_target_checkpoint, save_target_checkpoint
-from tpp_monai.engines.schedules import warmup_cosine_value
+from tpp_monai.engines.optim import build_optimizer
+from tpp_monai.engines.schedules import WarmupCosineSchedule
+from tpp_monai.nnunet import tpp_only_trainer_name
 from tpp_monai.peft.api import apply_peft, get_peft
 
 TPP_FILE = "tpp_target_params.pt"
 TPP_RECORD = "tpp_stage"
-
-
-def _env(name: str, default, cast=float):
-    v = os.environ.get(name)
-    return default if v in (None, "") else cast(v)
+DECODER_PREFIXES = ("upsample_layers", "conv_blocks_localization", "seg_outputs")
 
 
 def _unwrap(network: nn.Module) -> nn.Module:
     mod = getattr(network, "module", network)  # DDP
     return getattr(mod, "_orig_mod", mod)  # torch.compile
-
-
-def tpp_only_from_env() -> bool:
-    return str(os.environ.get("TPP_NNUNET_TPP_ONLY", "0")).lower() in ("1", "true", "yes")
 
 
 def allow_pickle_from_env() -> bool:
@@ -115,12 +127,23 @@ def frozen_fingerprint(net: nn.Module) -> str:
     return h.hexdigest()
 
 
+def set_trainable(net: nn.Module, train_scope: str) -> None:
+    """After PEFT injection: besides the target parameters, train ``seg_outputs`` or the whole ``decoder``."""
+    prefixes = {"seg_outputs": ("seg_outputs",), "decoder": DECODER_PREFIXES}.get(train_scope)
+    if prefixes is None:
+        raise ValueError(f"train_scope must be 'seg_outputs' or 'decoder', got {train_scope!r}")
+    for n, p in net.named_parameters():
+        if n.startswith(prefixes):
+            p.requires_grad_(True)
+
+
 class nnUNetTrainer_STUNet_FT(nnUNetTrainer):
     """STU-Net from the plans, every parameter trained, lr 1e-3 (STU-Net ``_ft``)."""
 
     stunet_size: str = "base"
     peft_method: str | None = None
     peft_config: dict = {}
+    train_scope: str = "seg_outputs"  # with PEFT: what trains besides the target parameters
     default_lr: float = 1e-3
     default_num_epochs: int = 1000
     default_iters_per_epoch: int = 250
@@ -129,22 +152,21 @@ class nnUNetTrainer_STUNet_FT(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = _env("TPP_NNUNET_LR", self.default_lr)
-        self.num_epochs = _env("TPP_NNUNET_NUM_EPOCHS", self.default_num_epochs, int)
-        self.num_iterations_per_epoch = _env("TPP_NNUNET_ITERS_PER_EPOCH", self.default_iters_per_epoch, int)
-        self.num_val_iterations_per_epoch = _env("TPP_NNUNET_VAL_ITERS", self.default_val_iters, int)
+        self.initial_lr = self.default_lr
+        self.num_epochs = self.default_num_epochs
+        self.num_iterations_per_epoch = self.default_iters_per_epoch
+        self.num_val_iterations_per_epoch = self.default_val_iters
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
         """Same network at training and inference: STU-Net of ``stunet_size`` + the PEFT method (if any).
-        Trainable afterwards: target parameters + ``seg_outputs`` (everything without PEFT)."""
+        Trainable afterwards: target parameters + ``train_scope`` (everything without PEFT)."""
         net = STUNet.from_plans(configuration_manager, num_input_channels, num_output_channels, size=cls.stunet_size,
                                 enable_deep_supervision=enable_deep_supervision)
         if cls.peft_method:
             apply_peft(net, cls.peft_method, dict(cls.peft_config))
-            for p in net.seg_outputs.parameters():
-                p.requires_grad_(True)
+            set_trainable(net, cls.train_scope)
         return net
 
     def initialize(self):
@@ -153,8 +175,8 @@ class nnUNetTrainer_STUNet_FT(nnUNetTrainer):
         net = _unwrap(self.network)
         n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in net.parameters())
-        self.print_to_log_file(f"STU-Net-{self.stunet_size} PEFT={self.peft_method}: trainable {n_train:,} / "
-                               f"{n_all:,} parameters ({100.0 * n_train / n_all:.3f}%)")
+        self.print_to_log_file(f"STU-Net-{self.stunet_size} PEFT={self.peft_method} train_scope={self.train_scope}: "
+                               f"trainable {n_train:,} / {n_all:,} parameters ({100.0 * n_train / n_all:.3f}%)")
 
     def configure_optimizers(self):
         params = [p for p in self.network.parameters() if p.requires_grad]
@@ -167,28 +189,33 @@ class nnUNetTrainer_STUNet_FT(nnUNetTrainer):
 
 
 class nnUNetTrainer_STUNet_ConvAdapter(nnUNetTrainer_STUNet_FT):
-    """Frozen STU-Net + Conv-Adapters (zero-init, parallel to every residual block); trains adapters + seg_outputs."""
+    """Frozen STU-Net + original Conv-Adapters (parallel to each block's k x k conv); trains adapters + seg_outputs."""
 
     peft_method = "conv_adapter"
-    peft_config = {"reduction": 4}
+    peft_config: dict = {}
 
 
-class nnUNetTrainer_STUNet_TPP_ConvAdapter(nnUNetTrainer_STUNet_ConvAdapter):
-    """Conv-Adapter PEFT preceded by a 3D DINO TPP stage on the fold's training cases."""
+class nnUNetTrainer_STUNet_ConvAdapterDec(nnUNetTrainer_STUNet_ConvAdapter):
+    """Conv-Adapters + STU-Net's pre-trained decoder (upsampling, localisation blocks, seg_outputs) train."""
 
-    default_tpp_iters: int = 2500
-    default_tpp_lr: float = 5e-4
+    train_scope = "decoder"
+
+
+class _TPPStage:
+    """The 3D DINO TPP stage (mixed into a Conv-Adapter trainer). Settings are class attributes (paper values)."""
+
+    tpp_only: bool = False
+    tpp_batch_size: int = 64  # DINO samples (patches) per optimiser step
+    tpp_views_per_patch: int = 1  # independent multi-crop sets drawn from each nnU-Net patch
+    tpp_epochs: int = 100  # passes over the fold's training cases
+    tpp_warmup_epochs: int = 10
+    tpp_lr_per_256: float = 1e-4  # lr = tpp_lr_per_256 * effective batch / 256
     tpp_weight_decay: float = 0.04
-    tpp_warmup_frac: float = 0.1
+    tpp_weight_decay_end: float = 0.4
+    tpp_clip_grad: float = 3.0
     tpp_n_local_crops: int = 4
+    tpp_features: str = "decoder"
     tpp_head: dict = {"out_dim": 4096, "hidden_dim": 1024, "bottleneck_dim": 256}
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.tpp_iters = _env("TPP_NNUNET_TPP_ITERS", self.default_tpp_iters, int)
-        self.tpp_lr = _env("TPP_NNUNET_TPP_LR", self.default_tpp_lr)
-        self.tpp_only = tpp_only_from_env()
 
     def on_train_start(self):
         super().on_train_start()
@@ -197,25 +224,77 @@ class nnUNetTrainer_STUNet_TPP_ConvAdapter(nnUNetTrainer_STUNet_ConvAdapter):
             self.stop_after_tpp()
 
     def stop_after_tpp(self) -> None:
-        """``TPP_NNUNET_TPP_ONLY=1``: shut the data loaders down and leave the process (exit code 0)."""
+        """``_TPPonly_`` trainers: shut the data loaders down and leave the process (exit code 0)."""
         from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
         from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 
         for dl in (self.dataloader_train, self.dataloader_val):
             if isinstance(dl, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
                 dl._finish()
-        self.print_to_log_file(f"TPP_NNUNET_TPP_ONLY=1: stopping after the TPP stage; run the same command without "
-                               f"it to fine-tune from {join(self.output_folder, TPP_FILE)}")
+        self.print_to_log_file(f"{type(self).__name__}: stopping after the TPP stage; "
+                               f"{self.tpp_twin_name()} reuses {join(self.output_folder, TPP_FILE)}")
         raise SystemExit(0)
 
-    # ------------------------------------------------------------------ TPP stage
+    # ------------------------------------------------------------------ settings and plan
+    @classmethod
+    def tpp_twin_name(cls) -> str:
+        """The ``_TPPonly_`` trainer with the same TPP stage (or the ``_TPP_`` trainer, seen from a TPP-only one)."""
+        name = cls.__name__
+        return name.replace("_TPPonly_", "_TPP_") if cls.tpp_only else tpp_only_trainer_name(name)
+
+    def tpp_settings(self) -> dict:
+        """Everything that defines the TPP stage's result (compared before reusing a file)."""
+        return {k: getattr(self, k) for k in (
+            "stunet_size", "peft_method", "peft_config", "tpp_batch_size", "tpp_views_per_patch", "tpp_epochs",
+            "tpp_warmup_epochs", "tpp_lr_per_256", "tpp_weight_decay", "tpp_weight_decay_end", "tpp_clip_grad",
+            "tpp_n_local_crops", "tpp_features", "tpp_head")}
+
+    def tpp_plan(self, n_cases: int) -> dict:
+        """Micro-batch, accumulation, effective batch, lr and steps for ``n_cases`` training cases."""
+        micro = int(self.batch_size) * int(self.tpp_views_per_patch)
+        accum = max(math.ceil(self.tpp_batch_size / micro), 1)
+        batch = micro * accum
+        steps_per_epoch = max(math.ceil(n_cases / batch), 1)
+        return {"micro_batch": micro, "accumulation": accum, "batch": batch, "steps_per_epoch": steps_per_epoch,
+                "steps": steps_per_epoch * self.tpp_epochs, "warmup_steps": steps_per_epoch * self.tpp_warmup_epochs,
+                "lr": self.tpp_lr_per_256 * batch / 256}
+
+    def tpp_schedule(self, plan: dict) -> WarmupCosineSchedule:
+        return WarmupCosineSchedule(lr=plan["lr"], total_steps=plan["steps"], warmup_steps=plan["warmup_steps"],
+                                    weight_decay=self.tpp_weight_decay, weight_decay_end=self.tpp_weight_decay_end)
+
     def _crop_sizes(self) -> tuple[list[int], list[int]]:
         patch = [int(p) for p in self.configuration_manager.patch_size]
-        net = _unwrap(self.network)
-        total = [math.prod(s[d] for s in net.cfg.strides) for d in range(len(patch))]
-        local = [min(p, max(p // 2, 2 * t)) for p, t in zip(patch, total)]
+        total = _unwrap(self.network).total_stride  # crops pass through the decoder: multiples of the total stride
+        local = [min(p, max((p // 2) // t * t, 2 * t)) for p, t in zip(patch, total)]
         return patch, local
 
+    # ------------------------------------------------------------------ reuse
+    def _try_reuse(self, net: nn.Module, fp: str, path: str) -> bool:
+        twin = join(self.output_folder.replace(f"{type(self).__name__}__", f"{self.tpp_twin_name()}__"), TPP_FILE)
+        for src in dict.fromkeys([path, twin]):
+            if not isfile(src):
+                continue
+            try:
+                meta = read_target_checkpoint(src).get("meta", {})
+                if meta.get("stunet_fingerprint") != fp or meta.get("tpp_settings") != self.tpp_settings():
+                    self.print_to_log_file(f"{src} belongs to another backbone or TPP setting; not reused")
+                    continue
+                load_target_checkpoint(src, net, check_fingerprint=False)
+            except (CheckpointMismatch, RuntimeError) as e:
+                self.print_to_log_file(f"Cannot reuse {src} ({e})")
+                continue
+            if src != path and self.local_rank == 0:
+                tmp = path + ".tmp"
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, path)
+            self.my_init_kwargs[TPP_RECORD] = {**{k: v for k, v in meta.items() if k != "peft"}, "done": True,
+                                               "source": src}
+            self.print_to_log_file(f"Loaded TPP target parameters from {src}; skipping the TPP stage")
+            return True
+        return False
+
+    # ------------------------------------------------------------------ the stage
     def run_tpp_stage(self) -> None:
         net = _unwrap(self.network)
         path = join(self.output_folder, TPP_FILE)
@@ -224,53 +303,63 @@ class nnUNetTrainer_STUNet_TPP_ConvAdapter(nnUNetTrainer_STUNet_ConvAdapter):
             self.print_to_log_file(f"TPP stage already done ({record.get('iterations')} iterations, {path}); skipping")
             return
         fp = frozen_fingerprint(net)
-        if isfile(path):  # TPP finished but no nnU-Net checkpoint yet: reuse it if it fits this backbone
-            try:
-                meta = read_target_checkpoint(path).get("meta", {})
-                if meta.get("stunet_fingerprint") == fp:
-                    load_target_checkpoint(path, net, check_fingerprint=False)
-                    self.my_init_kwargs[TPP_RECORD] = {**meta, "done": True}
-                    self.print_to_log_file(f"Loaded TPP target parameters from {path}; skipping the TPP stage")
-                    return
-                self.print_to_log_file(f"{path} belongs to another backbone; redoing the TPP stage")
-            except (CheckpointMismatch, RuntimeError) as e:
-                self.print_to_log_file(f"Cannot reuse {path} ({e}); redoing the TPP stage")
+        if self._try_reuse(net, fp, path):
+            return
 
         from tpp_monai.pretext.dino3d import DINO3DPretext
 
         gsize, lsize = self._crop_sizes()
-        seg = list(net.seg_outputs.parameters())
-        for p in seg:
+        tr_keys, _ = self.do_split()
+        plan = self.tpp_plan(len(tr_keys))
+        schedule = self.tpp_schedule(plan)
+        frozen_now = [p for n, p in net.named_parameters() if p.requires_grad and not get_peft(net).is_target(n)]
+        for p in frozen_now:  # seg_outputs / decoder train in fine-tuning only
             p.requires_grad_(False)
         task = DINO3DPretext(net, global_size=gsize, local_size=lsize, n_local_crops=self.tpp_n_local_crops,
-                             spatial_dims=len(gsize), **self.tpp_head).to(self.device)
+                             spatial_dims=len(gsize), features=self.tpp_features, **self.tpp_head).to(self.device)
+        opt = build_optimizer(task, lr=plan["lr"], weight_decay=self.tpp_weight_decay, betas=(0.9, 0.999))
         params = task.trainable_parameters()
-        opt = torch.optim.AdamW(params, lr=self.tpp_lr, weight_decay=self.tpp_weight_decay)
-        iters = max(int(self.tpp_iters), 0)
-        warm = int(self.tpp_warmup_frac * iters)
-        self.print_to_log_file(f"TPP stage: 3D DINO, {iters} iterations, lr {self.tpp_lr}, crops {gsize}/{lsize}, "
-                               f"{sum(p.numel() for p in params):,} trainable parameters (targets + projector)")
+        cuda = self.device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda") if cuda else None
+        self.print_to_log_file(
+            f"TPP stage: 3D DINO ({self.tpp_features} features), {len(tr_keys)} training cases, {self.tpp_epochs} epochs "
+            f"x {plan['steps_per_epoch']} steps, batch {plan['batch']} = {plan['accumulation']} x {plan['micro_batch']}, "
+            f"lr {plan['lr']:.3g} (warm-up {plan['warmup_steps']} steps), wd {self.tpp_weight_decay} -> "
+            f"{self.tpp_weight_decay_end}, AMP {cuda}, crops {gsize}/{lsize}, "
+            f"{sum(p.numel() for p in params):,} trainable parameters (targets + projector)")
         task.train()
+        task.set_schedule_position(0, plan["steps"])
         t0, losses = time.time(), []
-        for it in range(iters):
-            lr = warmup_cosine_value(it, iters, self.tpp_lr, warm)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            data = next(self.dataloader_train)["data"]
-            data = torch.as_tensor(data).to(self.device, non_blocking=True)
-            out = task(data)
+        for it in range(plan["steps"]):
+            lr = schedule.apply(opt, it)
             opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 3.0)
-            opt.step()
-            task.after_step(it, iters)
-            losses.append(float(out["loss"].detach()))
-            if it % 50 == 0 or it == iters - 1:
-                self.print_to_log_file(f"TPP iteration {it + 1}/{iters}: loss {losses[-1]:.4f} lr {lr:.2e}")
-        for p in seg:
+            total = 0.0
+            for _ in range(plan["accumulation"]):
+                data = torch.as_tensor(next(self.dataloader_train)["data"]).to(self.device, non_blocking=True)
+                if self.tpp_views_per_patch > 1:
+                    data = data.repeat_interleave(self.tpp_views_per_patch, dim=0)
+                with torch.autocast(self.device.type, enabled=True) if cuda else contextlib.nullcontext():
+                    loss = task(data)["loss"] / plan["accumulation"]
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                total += float(loss.detach())
+            if scaler is not None:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, self.tpp_clip_grad)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            task.after_step(it, plan["steps"])
+            losses.append(total)
+            if it % 10 == 0 or it == plan["steps"] - 1:
+                self.print_to_log_file(f"TPP iteration {it + 1}/{plan['steps']}: loss {total:.4f} lr {lr:.2e} "
+                                       f"wd {schedule.wd_at(it):.3f}")
+        for p in frozen_now:
             p.requires_grad_(True)
-        meta = {"pretext": "dino3d", "iterations": iters, "final_loss": losses[-1] if losses else None,
-                "seconds": round(time.time() - t0, 1), "stunet_size": self.stunet_size, "fold": self.fold,
+        meta = {"pretext": "dino3d", "iterations": plan["steps"], "plan": plan, "tpp_settings": self.tpp_settings(),
+                "final_loss": losses[-1] if losses else None, "seconds": round(time.time() - t0, 1),
+                "stunet_size": self.stunet_size, "fold": self.fold, "trainer": type(self).__name__,
                 "stunet_fingerprint": fp, "peft": get_peft(net).describe()}
         if self.local_rank == 0:
             save_target_checkpoint(path, net, meta=meta)
@@ -279,16 +368,40 @@ class nnUNetTrainer_STUNet_TPP_ConvAdapter(nnUNetTrainer_STUNet_ConvAdapter):
         self.print_to_log_file(f"TPP stage done in {meta['seconds']} s; target parameters saved to {path}")
 
 
+class nnUNetTrainer_STUNet_TPP_ConvAdapter(_TPPStage, nnUNetTrainer_STUNet_ConvAdapter):
+    """Conv-Adapter PEFT (adapters + seg_outputs) preceded by a 3D DINO TPP stage on the fold's training cases."""
+
+
+class nnUNetTrainer_STUNet_TPP_ConvAdapterDec(_TPPStage, nnUNetTrainer_STUNet_ConvAdapterDec):
+    """Conv-Adapter + decoder fine-tuning preceded by the 3D DINO TPP stage."""
+
+
+class nnUNetTrainer_STUNet_TPPonly_ConvAdapter(_TPPStage, nnUNetTrainer_STUNet_ConvAdapter):
+    """Only the TPP stage: writes tpp_target_params.pt for the ``_TPP_`` trainers, no fine-tuning."""
+
+    tpp_only = True
+
+
 class _Debug:
-    """Tiny budgets: small STU-Net, 1 epoch of 2 iterations, 1 validation iteration, 2 TPP iterations, no mirroring."""
+    """Tiny budgets: small STU-Net, 1 epoch of 2 iterations, 1 validation iteration, TPP 2 epochs of batch 4
+    (accumulated), 1 local crop, half-size crops, no mirroring."""
 
     stunet_size = "small"
     default_num_epochs = 1
     default_iters_per_epoch = 2
     default_val_iters = 1
-    default_tpp_iters = 2
-    tpp_n_local_crops = 2
+    tpp_batch_size = 4
+    tpp_epochs = 2
+    tpp_warmup_epochs = 1
+    tpp_n_local_crops = 1
     tpp_head = {"out_dim": 256, "hidden_dim": 128, "bottleneck_dim": 64}
+
+    def _crop_sizes(self) -> tuple[list[int], list[int]]:
+        """Half-size crops (global: half the patch, local: twice the total stride) to keep CPU tests short."""
+        patch, _ = super()._crop_sizes()
+        total = _unwrap(self.network).total_stride
+        glob = [min(p, max((p // 2) // t * t, 2 * t)) for p, t in zip(patch, total)]
+        return glob, [min(g, 2 * t) for g, t in zip(glob, total)]
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """No mirroring (augmentation and test-time), so validation/prediction stay fast on CPU."""
@@ -297,25 +410,28 @@ class _Debug:
         return rot, dummy_2d, initial_patch_size, None
 
 
-class nnUNetTrainer_STUNet_FT_debug(_Debug, nnUNetTrainer_STUNet_FT):
-    pass
+def _variant(name: str, bases: tuple, doc: str, **attrs) -> type:
+    cls = type(name, bases, {"__module__": __name__, "__doc__": doc, **attrs})
+    globals()[name] = cls
+    return cls
 
 
-class nnUNetTrainer_STUNet_ConvAdapter_debug(_Debug, nnUNetTrainer_STUNet_ConvAdapter):
-    pass
+_BASES = (nnUNetTrainer_STUNet_FT, nnUNetTrainer_STUNet_ConvAdapter, nnUNetTrainer_STUNet_ConvAdapterDec,
+          nnUNetTrainer_STUNet_TPP_ConvAdapter, nnUNetTrainer_STUNet_TPP_ConvAdapterDec,
+          nnUNetTrainer_STUNet_TPPonly_ConvAdapter)
+for _base in _BASES:
+    _variant(f"{_base.__name__}_debug", (_Debug, _base), f"{_base.__doc__} (debug budgets)")
+    for _size in ("small", "large", "huge"):  # nnUNetTrainer_STUNet_<...>_<small|large|huge>
+        _variant(f"{_base.__name__}_{_size}", (_base,), f"{_base.__doc__} (STU-Net-{_size})", stunet_size=_size)
 
+# STU-Net's published trainer names (uni-medical/STU-Net, nnUNet-2.2 STUNetTrainer.py)
+for _size in ("small", "base", "large", "huge"):
+    _ft = nnUNetTrainer_STUNet_FT if _size == "base" else globals()[f"nnUNetTrainer_STUNet_FT_{_size}"]
+    _variant(f"STUNetTrainer_{_size}_ft", (_ft,), f"STU-Net's STUNetTrainer_{_size}_ft: every parameter, lr 1e-3")
+    _variant(f"STUNetTrainer_{_size}", (_ft,), f"STU-Net's STUNetTrainer_{_size}: every parameter, lr 1e-2",
+             default_lr=1e-2)
+del _base, _size, _ft
 
-class nnUNetTrainer_STUNet_TPP_ConvAdapter_debug(_Debug, nnUNetTrainer_STUNet_TPP_ConvAdapter):
-    pass
-
-
-# size variants: nnUNetTrainer_STUNet_<FT|ConvAdapter|TPP_ConvAdapter>_<small|large|huge>
-for _base in (nnUNetTrainer_STUNet_FT, nnUNetTrainer_STUNet_ConvAdapter, nnUNetTrainer_STUNet_TPP_ConvAdapter):
-    for _size in ("small", "large", "huge"):
-        _name = f"{_base.__name__}_{_size}"
-        globals()[_name] = type(_name, (_base,), {"stunet_size": _size, "__module__": __name__,
-                                                   "__doc__": f"{_base.__doc__} (STU-Net-{_size})"})
-del _base, _size, _name
-
-__all__ = [n for n in list(globals()) if n.startswith("nnUNetTrainer_")] + [
-    "install_pretrained_loader", "load_pretrained_stunet", "tpp_only_from_env", "frozen_fingerprint", "TPP_FILE", "TPP_RECORD"]
+__all__ = [n for n in list(globals()) if n.startswith(("nnUNetTrainer_", "STUNetTrainer_"))] + [
+    "install_pretrained_loader", "load_pretrained_stunet", "frozen_fingerprint", "set_trainable", "TPP_FILE",
+    "TPP_RECORD"]

@@ -1,24 +1,43 @@
-"""Conv-Adapter (Chen et al., 2022) for 2D/3D CNN residual blocks.
+"""Conv-Adapter (Chen et al., "Conv-Adapter: Exploring Parameter Efficient Transfer Learning for ConvNets")
+for 2D/3D CNN residual blocks. Two registered variants:
 
-A bottleneck branch parallel to every residual block: point-wise down-projection -> depth-wise
-k x k conv (with the block's stride) -> activation -> point-wise up-projection, whose output is
-added to the block's output: ``block(x) + up(act(dw(down(x))))``. ``up`` is zero-initialised, so
-the network is unchanged at insertion. The branch lives at ``<block>.peft_conv_adapter``.
+``conv_adapter`` (default of the bundles and nnU-Net trainers): the original design, "Conv-Parallel"
+placement as in the reference code (Hhhhhhao/Conv-Adapter ``ConvAdapter`` "design 2 v4"): parallel to the
+block's first k x k convolution ``conv`` (STU-Net / ResNet basic block: ``conv1``; bottleneck: ``conv2``),
+its output added to that convolution's output before the block's norm::
 
-Residual blocks are taken from ``model.residual_blocks()`` when the backbone provides it (STU-Net);
-otherwise every module with ``conv1`` and ``conv2`` convolutions (ResNet-like blocks).
+    conv(x) + alpha * up(act(down(x)))
+
+- ``down``: k x k convolution ``in -> w`` channels, ``groups = w`` (each hidden channel sees
+  ``in / w`` input channels), the conv's stride / padding / dilation, bias;
+- ``act``: ReLU (the reference's ``act_layer`` for ResNets);
+- ``up``: 1 x 1 convolution ``w -> out``, bias;
+- ``alpha``: learnable per-output-channel scale, initialised to 1 (the reference's ``se`` parameter);
+- width ``w = in // reduction`` (reference ``--adapt_size``, default 8), lowered to a divisor of ``in``.
+
+Initialisation follows the reference (PyTorch's default conv init, ``alpha = 1``), so unlike the zero-init
+methods the network's output changes at insertion. ``alpha_init=0`` gives an identity-at-insertion start.
+
+``conv_adapter_residual``: the earlier tpp-monai design, kept for comparison: a bottleneck branch parallel to
+the whole residual block (point-wise down -> depth-wise k x k with the block's stride -> LeakyReLU -> point-wise
+up, zero-initialised): ``block(x) + up(act(dw(down(x))))``.
+
+Both live at ``<block>.peft_conv_adapter``. Residual blocks are taken from ``model.residual_blocks()`` when the
+backbone provides it (STU-Net); otherwise every module with ``conv1`` and ``conv2`` convolutions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from tpp_monai.peft.base import PeftConfig, PeftMethod
 from tpp_monai.peft.registry import PEFT_METHODS
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def cnn_residual_blocks(model: nn.Module, scope: str = "all") -> list[nn.Module]:
@@ -49,12 +68,82 @@ def block_io(block: nn.Module) -> tuple[int, int, tuple[int, ...], int]:
     return c1.in_channels, out, stride, len(c1.kernel_size)
 
 
+def first_kxk_conv(block: nn.Module) -> nn.Module:
+    """The block's first convolution with a kernel larger than 1 (``conv1`` of basic blocks, ``conv2`` of
+    bottlenecks): the convolution the original Conv-Adapter runs parallel to."""
+    for name in ("conv1", "conv2"):
+        conv = getattr(block, name, None)
+        if isinstance(conv, _CONV) and max(conv.kernel_size) > 1:
+            return conv
+    raise TypeError(f"{type(block).__name__} has no k x k convolution (conv1/conv2 with kernel > 1) for Conv-Adapter")
+
+
+def adapter_width(in_channels: int, reduction: float) -> int:
+    """``in // reduction`` (at least 1), lowered until it divides ``in`` (grouped down-projection)."""
+    w = max(int(in_channels // reduction), 1)
+    while in_channels % w:
+        w -= 1
+    return w
+
+
+class ConvAdapterModule(nn.Module):
+    """Original Conv-Adapter: grouped k x k down (``groups = width``) -> act -> 1 x 1 up -> per-channel ``alpha``.
+    ``like`` is the convolution it runs parallel to (its kernel, stride, padding and dilation are reused, so the
+    output has that convolution's shape)."""
+
+    def __init__(self, like: nn.Module, width: int, alpha_init: float = 1.0, act: str = "relu") -> None:
+        super().__init__()
+        conv = _CONV_BY_DIMS[len(like.kernel_size)]
+        cin, cout = like.in_channels, like.out_channels
+        self.down = conv(cin, width, like.kernel_size, stride=like.stride, padding=like.padding,
+                         dilation=like.dilation, groups=width)
+        self.act = {"relu": nn.ReLU(), "leakyrelu": nn.LeakyReLU(0.01), "gelu": nn.GELU()}[act]
+        self.up = conv(width, cout, 1)
+        self.alpha = nn.Parameter(torch.full((cout,), float(alpha_init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.up(self.act(self.down(x)))
+        return out * self.alpha.view(1, -1, *([1] * (out.ndim - 2)))
+
+
+def _parallel_conv_hook(conv: nn.Module, inputs, output):
+    # the adapter is kept on the conv as a plain attribute (not a submodule, so its tensors are named only
+    # under <block>.peft_conv_adapter); deepcopy (DINO's teacher) maps it to the copied adapter
+    return output + conv.__dict__["_peft_parallel"](inputs[0])
+
+
+@dataclass
+class ConvAdapterConfig(PeftConfig):
+    reduction: float = 8  # width = in_channels // reduction (reference --adapt_size 8)
+    alpha_init: float = 1.0  # reference: ones
+    act: str = "relu"  # reference act_layer for ResNets
+    scope: str = "all"  # "all" residual blocks or only the "encoder"
+
+
+@PEFT_METHODS.register("conv_adapter")
+class ConvAdapter(PeftMethod):
+    """Original Conv-Adapter, parallel to each residual block's first k x k convolution."""
+
+    name = "conv_adapter"
+    config_cls = ConvAdapterConfig
+    applies_to = frozenset({"cnn"})
+
+    def inject(self, model: nn.Module) -> None:
+        c = self.config
+        for blk in cnn_residual_blocks(model, c.scope):
+            conv = first_kxk_conv(blk)
+            adapter = ConvAdapterModule(conv, adapter_width(conv.in_channels, c.reduction), c.alpha_init, c.act)
+            blk.peft_conv_adapter = adapter
+            object.__setattr__(conv, "_peft_parallel", adapter)
+            conv.register_forward_hook(_parallel_conv_hook)
+
+
 class ConvAdapterBranch(nn.Module):
-    """down (1x1) -> depth-wise k (stride) -> act -> up (1x1, zero-init)."""
+    """``conv_adapter_residual``: down (1x1) -> depth-wise k (stride) -> act -> up (1x1, zero-init)."""
 
     def __init__(self, cin: int, cout: int, hidden: int, stride, kernel_size: int = 3, spatial_dims: int = 3) -> None:
         super().__init__()
-        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+        conv = _CONV_BY_DIMS[spatial_dims]
         self.down = conv(cin, hidden, 1)
         self.dw = conv(hidden, hidden, kernel_size, stride=stride, padding=kernel_size // 2, groups=hidden)
         self.act = nn.LeakyReLU(0.01)
@@ -71,17 +160,19 @@ def _parallel_block_hook(module: nn.Module, inputs, output):
 
 
 @dataclass
-class ConvAdapterConfig(PeftConfig):
+class ConvAdapterResidualConfig(PeftConfig):
     reduction: int = 4  # hidden = max(out_channels // reduction, min_hidden)
     min_hidden: int = 4
     kernel_size: int = 3
     scope: str = "all"  # "all" residual blocks or only the "encoder"
 
 
-@PEFT_METHODS.register("conv_adapter")
-class ConvAdapter(PeftMethod):
-    name = "conv_adapter"
-    config_cls = ConvAdapterConfig
+@PEFT_METHODS.register("conv_adapter_residual")
+class ConvAdapterResidual(PeftMethod):
+    """Zero-init bottleneck branch parallel to the whole residual block (tpp-monai's earlier design)."""
+
+    name = "conv_adapter_residual"
+    config_cls = ConvAdapterResidualConfig
     applies_to = frozenset({"cnn"})
 
     def inject(self, model: nn.Module) -> None:

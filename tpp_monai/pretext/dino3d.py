@@ -1,17 +1,34 @@
-"""3D DINO for CNN encoders (STU-Net) in the TPP stage.
+"""3D DINO for CNN segmentation networks (STU-Net) in the TPP stage.
 
 Views: 2 global and ``n_local_crops`` local random 3D crops of each volume patch (crop side a random
 fraction of the patch, resized to ``global_size`` / ``local_size`` voxels), random flips, and MONAI
 intensity augmentations (scale/shift intensity, Gaussian noise, Gaussian smoothing, contrast).
-Student: backbone encoder (``forward_encoder``, context path) with target parameters -> global
-average pool of the last stage -> DINO projection head. Teacher: EMA copy (no grads, cosine momentum
-0.996 -> 1) sharing the frozen backbone tensors with the student. Centring + sharpening as in 2D DINO
-(:class:`tpp_monai.pretext.dino.DINOPretext`, whose loss, EMA and centre code this class reuses).
-Trainable: target parameters + projection head.
+
+Representation (``features``):
+
+- ``"decoder"`` (default): the whole segmentation network except ``seg_outputs`` runs; the DINO feature is
+  the concatenation of the global average pools of the bottleneck and of **every decoder stage output**
+  (the maps the deep-supervision heads ``seg_outputs`` see in fine-tuning). Why: Conv-Adapters sit in every
+  residual block, encoder *and* decoder, and TPP must pre-train every target parameter that fine-tuning
+  trains. An encoder-only DINO leaves the decoder adapters (about 60% of the adapter parameters of
+  STU-Net-B with the original Conv-Adapter) at their initial values; through the decoder, every adapter is
+  on the path to the loss (encoder adapters through the bottleneck and the skips). DINO stays the pretext,
+  as in the paper for STU-Net (Table 10), and pooling every decoder stage keeps each stage's adapters
+  under a direct signal rather than only through the last one. Crop sizes must be multiples of the
+  network's total stride (checked).
+- ``"encoder"``: the earlier behaviour, the pooled bottleneck only (decoder adapters get no signal).
+
+Student: backbone with target parameters -> pooled features -> DINO projection head. Teacher: EMA copy (no
+grads, cosine momentum 0.996 -> 1) sharing the frozen backbone tensors with the student. Centring +
+sharpening as in 2D DINO (:class:`tpp_monai.pretext.dino.DINOPretext`, whose loss, EMA and centre code this
+class reuses). Gradient accumulation: the centre update averages the teacher outputs of every
+micro-batch since the last optimiser step (weighted by their size), so a batch of 64 built from several
+micro-batches centres like one batch of 64. Trainable: target parameters + projection head.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -74,11 +91,15 @@ class MultiCrop3D(nn.Module):
         return [torch.stack(v).to(volumes.device) for v in views]
 
 
+FEATURES = ("decoder", "encoder")
+
+
 @PRETEXT_TASKS.register("dino3d")
 class DINO3DPretext(DINOPretext):
-    """DINO self-distillation on the globally pooled context-path features of a 3D (or 2D) CNN.
+    """DINO self-distillation on pooled features of a 3D (or 2D) CNN segmentation network.
 
-    The backbone needs ``forward_encoder(x) -> list of stage outputs`` and ``encoder_dim`` (STU-Net has both).
+    The backbone needs ``forward_encoder(x) -> list of stage outputs`` and, for ``features="decoder"``,
+    ``forward_decoder(encoder outputs) -> list of decoder stage outputs`` (STU-Net has both).
     ``forward(volumes)`` takes a batch (B, C, *spatial); ``loss_from_views`` skips augmentation.
     """
 
@@ -90,23 +111,39 @@ class DINO3DPretext(DINOPretext):
         nlayers: int = 3, norm_last_layer: bool = True, global_scale: Sequence[float] = (0.5, 1.0),
         local_scale: Sequence[float] = (0.1, 0.4), student_temp: float = 0.1, teacher_temp: float = 0.07,
         warmup_teacher_temp: float = 0.04, teacher_temp_warmup_frac: float = 0.3, center_momentum: float = 0.9,
-        momentum_teacher: float = 0.996, spatial_dims: int = 3,
+        momentum_teacher: float = 0.996, spatial_dims: int = 3, features: str = "decoder",
     ) -> None:
         PretextTask.__init__(self, backbone)  # not DINOPretext.__init__ (ViT-specific); reuse its methods
         if not hasattr(backbone, "forward_encoder"):
             raise TypeError("dino3d needs a CNN backbone with forward_encoder(x) (e.g. tpp_monai STUNet)")
-        dim = getattr(backbone, "encoder_dim", None) or backbone.cfg.dims[-1]
+        if features not in FEATURES:
+            raise ValueError(f"dino3d features must be one of {FEATURES}, got {features!r}")
+        if features == "decoder" and not hasattr(backbone, "forward_decoder"):
+            raise TypeError("dino3d features='decoder' needs a backbone with forward_decoder (e.g. tpp_monai STUNet); "
+                            "use features='encoder' for encoder-only CNNs")
+        self.features = features
+        dims = list(backbone.cfg.dims)
+        dim = dims[-1] + (sum(dims[:-1]) if features == "decoder" else 0)
         gs = (global_size,) * spatial_dims if isinstance(global_size, int) else tuple(global_size)
         ls = (local_size,) * spatial_dims if isinstance(local_size, int) else tuple(local_size)
+        stride = getattr(backbone, "total_stride", None)
+        if features == "decoder" and stride is not None:
+            for what, size in (("global_size", gs), ("local_size", ls)):
+                if any(c % t for c, t in zip(size, stride)) or math.prod(c // t for c, t in zip(size, stride)) < 2:
+                    raise ValueError(f"dino3d {what} {list(size)} must be a multiple of the network's total stride "
+                                     f"{list(stride)} per axis (and leave more than one bottleneck voxel for the "
+                                     f"instance norms) to pass through the decoder; choose crop sizes accordingly")
         self._setup_distillation(
             dim, MultiCrop3D(gs, ls, n_local_crops, global_scale, local_scale), out_dim, hidden_dim, bottleneck_dim,
             nlayers, norm_last_layer, student_temp, teacher_temp, warmup_teacher_temp, teacher_temp_warmup_frac,
             center_momentum, momentum_teacher,
         )
+        self._pending_n = 0
 
     def _cls(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        feat = backbone.forward_encoder(x)[-1]
-        return feat.flatten(2).mean(-1)
+        enc = backbone.forward_encoder(x)
+        maps = [enc[-1]] + (backbone.forward_decoder(enc) if self.features == "decoder" else [])
+        return torch.cat([m.flatten(2).mean(-1) for m in maps], dim=1)
 
     def _student(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
@@ -119,3 +156,19 @@ class DINO3DPretext(DINOPretext):
         for g in groups:
             out.extend(self.head(self._cls(self.backbone, torch.cat(g))).chunk(len(g)))
         return out
+
+    def loss_from_views(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """DINO loss; the pending centre averages the teacher outputs of all micro-batches since the last step."""
+        prev, n_prev = self._pending_center, self._pending_n
+        out = super().loss_from_views(views)
+        if self.training and self._pending_center is not None:
+            n = 2 * views[0].shape[0]
+            if prev is not None and n_prev:
+                self._pending_center = (prev * n_prev + self._pending_center * n) / (n_prev + n)
+            self._pending_n = n_prev + n
+        return out
+
+    @torch.no_grad()
+    def update_center(self) -> None:
+        super().update_center()
+        self._pending_n = 0
