@@ -73,7 +73,10 @@ def test_configs_parse_and_network_def(bundle, tmp_path):
     # the macro-imported snippet is shared, the hyper-parameters are the bundle's own
     raw = json.loads((ROOT / cfg(bundle, "train.json")).read_text())
     assert raw["network_def"] == f"%bundles/common/{'seg' if bundle in SEG else 'cls'}.json::network_def"
-    assert raw["train"] == "%bundles/common/supervised.json::train"
+    # engines and shared handlers come from supervised.json; train/validate#handlers stay literal (empty) lists
+    # so that MONAI's --tracking can append its handlers (tests/test_mlflow_tracking.py)
+    assert raw["train"]["trainer"] == "%bundles/common/supervised.json::train#trainer"
+    assert raw["train"]["handlers"] == [] and raw["validate"]["handlers"] == []
     assert p["peft_method"] == "adapter"
 
 

@@ -187,7 +187,7 @@ def test_bundle_recipe_is_medcoss(bundle, tmp_path):
     assert net.backbone.drop_path_rate == pytest.approx(0.1)
     raw_sched = p.get("lr_scheduler")
     assert raw_sched["_target_"] == "tpp_monai.bundle.poly_lr" and raw_sched["power"] == 0.9
-    clip = p.get("train#handlers")[1]  # among the first two: runs on every DDP rank
+    clip = p.get("train#default_handlers")[1]  # among the first two: runs on every DDP rank
     assert clip["_target_"] == "tpp_monai.bundle.GradClipHandler" and clip["max_norm"] == 12.0
     assert GradClipHandler(clip["max_norm"]).max_norm == 12.0
     train_tf = p.get_parsed_content("transforms#train").transforms
