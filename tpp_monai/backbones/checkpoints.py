@@ -21,6 +21,13 @@ projection heads, classification heads of fine-tuned files) are listed in
 by name in ``missing`` / ``unexpected`` / ``mismatched`` and, when loading into a model, is an
 error unless ``allow_partial=True``.
 
+What a format implies but its tensors cannot show (:data:`FORMAT_DEFAULTS`): the attention heads
+of the MAE decoder (MedCoSS and the official MAE decoders have 16 heads at width 512; a width-derived
+guess gives 8 and silently changes the reconstruction) and the pixel space the backbone was
+pre-trained in (MedCoSS: [0, 1], no mean/std; MAE/DINO/timm: ImageNet mean/std). Files written by
+tpp-monai (:func:`tpp_monai.bundle.save_mae_checkpoint`) record both (top-level ``decoder_heads`` /
+``input_norm``), which then win over the format's defaults.
+
 Reading is safe by default (``weights_only=True`` through :func:`tpp_monai.checkpoint.safe_load`);
 MedCoSS ``.pth`` files pickle an ``argparse.Namespace`` under ``'args'`` and need
 ``allow_pickle=True`` (only for files you trust).
@@ -43,11 +50,35 @@ from torch import nn
 from tpp_monai.backbones.vit import ViTConfig, VisionTransformer
 
 __all__ = [
-    "CheckpointFormatError", "CheckpointLoadError", "LoadedCheckpoint", "FORMATS",
+    "CheckpointFormatError", "CheckpointLoadError", "LoadedCheckpoint", "FORMATS", "FORMAT_DEFAULTS", "FormatDefaults",
     "load_vit_checkpoint", "build_vit_from_checkpoint", "convert_state_dict", "detect_format",
 ]
 
 FORMATS = ("auto", "medcoss", "mae", "dino", "timm")
+
+
+
+@dataclass(frozen=True)
+class FormatDefaults:
+    """What a checkpoint format implies but its tensors cannot show."""
+
+    decoder_heads: int | None  #: attention heads of the format's MAE decoder (None: the format has none)
+    input_norm: str  #: pixel space of pre-training, a name of tpp_monai.data.normalization.INPUT_NORMS
+    source: str  #: where the values come from
+
+
+#: Per format (METHOD.md, "Facts the TPP paper leaves to MedCoSS"); Path_DINO weights are plain timm/DINO
+#: files that cannot be told apart from ImageNet DINO: pass ``input_norm="path_dino"`` for them.
+FORMAT_DEFAULTS: dict[str, FormatDefaults] = {
+    "medcoss": FormatDefaults(16, "none", "MedCoSS Unified_Model(decoder_num_heads=16); pre-training and downstream "
+                                          "use ToTensor() images in [0, 1] without mean/std"),
+    "mae": FormatDefaults(16, "imagenet", "official MAE mae_vit_*_patch16_dec512d8b (decoder_num_heads=16); "
+                                          "ImageNet mean/std"),
+    "dino": FormatDefaults(None, "imagenet", "DINO: ImageNet mean/std (Path_DINO: input_norm='path_dino')"),
+    "timm": FormatDefaults(None, "imagenet", "timm ViT: ImageNet mean/std (Path_DINO: input_norm='path_dino')"),
+}
+#: Top-level keys a tpp-monai checkpoint may carry to override :data:`FORMAT_DEFAULTS`.
+RECORDED_KEYS = ("decoder_heads", "input_norm")
 
 _DECODER_KEY = re.compile(r"^(decoder_|mask_token$)")
 _BLOCK_IDX = re.compile(r"^blocks\.(\d+)\.")
@@ -124,6 +155,8 @@ class LoadedCheckpoint:
     or one built from ``config``); ``mismatched`` entries read ``"name: checkpoint (..) vs model (..)"``.
     ``ignored``: ``"name (reason)"`` for keys dropped by design. ``source``/``sha256``: provenance of the
     file (None for an in-memory state dict). ``meta``: epoch / args / container key when present.
+    ``decoder_heads``: heads of the MAE decoder (recorded in the file, else the format's default; None if
+    unknown). ``input_norm``: pixel space the backbone expects (recorded, else the format's default).
     """
 
     format: str
@@ -137,6 +170,8 @@ class LoadedCheckpoint:
     source: str | None = None
     sha256: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    decoder_heads: int | None = None
+    input_norm: Any = "imagenet"
 
     @property
     def ok(self) -> bool:
@@ -148,6 +183,7 @@ class LoadedCheckpoint:
         return {
             "source": self.source, "sha256": self.sha256, "format": self.format,
             "config": self.config.to_dict(), "epoch": self.meta.get("epoch"),
+            "decoder_heads": self.decoder_heads, "input_norm": self.input_norm,
         }
 
     def summary(self) -> str:
@@ -230,6 +266,9 @@ def _unwrap(obj: Any, where: str) -> tuple[dict[str, torch.Tensor], dict[str, An
         args = obj["args"]
         meta["args"] = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
                         for k, v in (vars(args) if hasattr(args, "__dict__") else dict(args)).items()}
+    recorded = {k: obj[k] for k in RECORDED_KEYS if obj.get(k) is not None}
+    if recorded:
+        meta["recorded"] = recorded
     if _is_state(obj):
         return dict(obj), meta
     for key in _CONTAINER_KEYS:
@@ -476,10 +515,15 @@ def load_vit_checkpoint(
     for k in unknown:  # unrecognised source keys travel as unexpected names in the backbone state
         backbone[k] = state[k]
 
+    defaults, recorded = FORMAT_DEFAULTS[fmt], meta.get("recorded", {})
+    implied = dict(decoder_heads=int(recorded.get("decoder_heads", defaults.decoder_heads or 0)) or None,
+                   input_norm=recorded.get("input_norm", defaults.input_norm))
+    if not decoder:
+        implied["decoder_heads"] = None
     if model is not None:
         return _load_converted(
             LoadedCheckpoint(format=fmt, backbone_state=backbone, decoder_state=decoder, config=cfg,
-                             ignored=sorted(ignored), source=source, sha256=sha, meta=meta),
+                             ignored=sorted(ignored), source=source, sha256=sha, meta=meta, **implied),
             model, allow_partial,
         )
     with torch.device("meta"):
@@ -487,6 +531,7 @@ def load_vit_checkpoint(
     return LoadedCheckpoint(
         format=fmt, backbone_state=backbone, decoder_state=decoder, config=cfg, missing=missing,
         unexpected=unexpected, mismatched=mismatched, ignored=sorted(ignored), source=source, sha256=sha, meta=meta,
+        **implied,
     )
 
 

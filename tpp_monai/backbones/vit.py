@@ -193,7 +193,41 @@ class VisionTransformer(nn.Module):
         self.embed_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.embed_norm else nn.Identity()
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        # pixel space of pre-training: (x - mean) / std inside the model (None: images used as given, [0, 1])
+        self.register_buffer("input_mean", None, persistent=False)
+        self.register_buffer("input_std", None, persistent=False)
         self._init_weights()
+
+    def set_input_norm(self, spec: object = "none") -> "VisionTransformer":
+        """Normalise input images as the backbone's pre-training did (``"none"``, ``"imagenet"``,
+        ``"path_dino"`` or ``[mean, std]``; see :mod:`tpp_monai.data.normalization`).
+
+        Kept in non-persistent buffers: not in ``state_dict`` (checkpoints unchanged), but part of the
+        backbone fingerprint, so target parameters trained in another pixel space are refused.
+        """
+        from tpp_monai.data.normalization import resolve_input_norm
+
+        ms = resolve_input_norm(spec, self.cfg.in_chans)  # type: ignore[arg-type]
+        if ms is None:
+            self.input_mean = self.input_std = None
+        else:
+            dev = self.cls_token.device
+            self.input_mean = torch.tensor(ms[0], device=dev).reshape(1, -1, 1, 1)
+            self.input_std = torch.tensor(ms[1], device=dev).reshape(1, -1, 1, 1)
+        return self
+
+    @property
+    def input_norm(self) -> object:
+        """The pixel space set by :meth:`set_input_norm`: ``"none"`` or ``{"mean": [..], "std": [..]}``."""
+        if self.input_mean is None:
+            return "none"
+        return {"mean": self.input_mean.flatten().tolist(), "std": self.input_std.flatten().tolist()}
+
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the pixel space the backbone was pre-trained in (identity for ``"none"``)."""
+        if self.input_mean is None:
+            return x
+        return (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -230,7 +264,11 @@ class VisionTransformer(nn.Module):
         return table.permute(0, 2, 3, 1).reshape(1, n, -1)
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Patch tokens with positions (and the embedding norm), without the class token."""
+        """Patch tokens with positions (and the embedding norm), without the class token; ``x`` as
+        given to :meth:`forward` (the input normalisation is applied here)."""
+        return self._embed(self.normalize_input(x))
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
             raise ValueError(
                 f"ViT expects images of shape (B, {self.cfg.in_chans}, H, W); got {tuple(x.shape)}"
@@ -256,10 +294,14 @@ class VisionTransformer(nn.Module):
         ids_keep: torch.Tensor | None = None,
         return_layers: Sequence[int] = (),
     ) -> ViTOutput:
-        """Run the encoder; ``ids_keep`` (B, n_visible) keeps only those patch tokens (MAE)."""
+        """Run the encoder; ``ids_keep`` (B, n_visible) keeps only those patch tokens (MAE).
+
+        ``x`` is normalised first (:meth:`set_input_norm`); PEFT methods reading ``context.image``
+        (EVP) see the normalised image, like the patch embedding."""
+        x = self.normalize_input(x)
         ctx = self.context
         ctx.image, ctx.ids_keep, ctx.extras = x, ids_keep, {}
-        tokens, grid = self.embed(x)
+        tokens, grid = self._embed(x)
         ctx.grid = grid
         if ids_keep is not None:
             tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))

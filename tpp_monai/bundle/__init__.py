@@ -5,7 +5,7 @@ from tpp_monai.bundle.inferers import FlipTTAInferer
 from tpp_monai.bundle.handlers import GradClipHandler, JsonlLogger, PredictionWriter, SegmentationMetric, save_metrics_json
 from tpp_monai.bundle.networks import (
     TPPCheckpointMissing, build_backbone, build_classifier, build_optimizer, build_peft_backbone, build_segmenter,
-    load_target_params, log_trainable, poly_lr, read_decoder_state, trainable_report,
+    load_target_params, log_trainable, poly_lr, read_backbone_checkpoint, read_decoder_state, trainable_report,
 )
 from tpp_monai.bundle.tpp_stage import (
     build_pretext, build_tpp_optimizer, build_tpp_trainer, save_mae_checkpoint,
@@ -15,6 +15,6 @@ __all__ = [
     "BundleDataError", "FlipTTAInferer", "GradClipHandler", "JsonlLogger", "PredictionWriter", "SegmentationMetric", "TPPCheckpointMissing",
     "build_backbone", "build_classifier", "build_optimizer", "build_peft_backbone", "build_pretext",
     "build_segmenter", "build_tpp_optimizer", "build_tpp_trainer", "default_bundle_root", "load_datalist",
-    "load_target_params", "log_trainable", "poly_lr", "read_decoder_state", "save_mae_checkpoint", "save_metrics_json",
-    "trainable_report", "with_paths",
+    "load_target_params", "log_trainable", "poly_lr", "read_backbone_checkpoint", "read_decoder_state",
+    "save_mae_checkpoint", "save_metrics_json", "trainable_report", "with_paths",
 ]

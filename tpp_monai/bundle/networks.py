@@ -51,8 +51,14 @@ def build_backbone(
     ckpt_format: str = "auto",
     init_seed: int = 0,
     vit_overrides: Mapping[str, Any] | None = None,
+    input_norm: Any = "auto",
 ) -> VisionTransformer:
     """A ViT from a pre-trained checkpoint (MedCoSS / MAE / DINO / timm), or a seeded random one.
+
+    ``input_norm``: the pixel space the backbone normalises its [0, 1] input images into (inside the
+    model, so every stage agrees): ``"auto"`` takes the checkpoint's (recorded, else its format's:
+    MedCoSS ``"none"``, MAE/DINO/timm ``"imagenet"``; a random backbone ``"none"``); or ``"none"``,
+    ``"imagenet"``, ``"path_dino"``, ``[mean, std]`` (see :mod:`tpp_monai.data.normalization`).
 
     ``backbone_ckpt`` empty: random initialisation with a loud warning (smoke tests only).
     With a checkpoint, the architecture is inferred from its tensors (``size``/``vit_overrides``
@@ -68,9 +74,10 @@ def build_backbone(
         state = torch.random.get_rng_state()
         torch.manual_seed(init_seed)
         try:
-            return VisionTransformer(cfg)
+            model = VisionTransformer(cfg)
         finally:
             torch.random.set_rng_state(state)
+        return model.set_input_norm("none" if _is_auto(input_norm) else input_norm)
     from tpp_monai.backbones.checkpoints import build_vit_from_checkpoint
 
     p = Path(backbone_ckpt)  # type: ignore[arg-type]
@@ -78,19 +85,31 @@ def build_backbone(
         raise FileNotFoundError(f"--backbone_ckpt {p} does not exist; give the pre-trained ViT checkpoint "
                                 "(MedCoSS/MAE/DINO/timm) or \"\" for a random backbone (smoke tests only).")
     model, loaded = build_vit_from_checkpoint(p, format=ckpt_format, allow_pickle=allow_pickle, img_size=img_size)
-    logger.info("backbone: %s", loaded.summary())
+    model.set_input_norm(loaded.input_norm if _is_auto(input_norm) else input_norm)
+    logger.info("backbone: %s; input normalisation %s", loaded.summary(), model.input_norm)
     return model
+
+
+def _is_auto(input_norm: Any) -> bool:
+    return input_norm is None or (isinstance(input_norm, str) and input_norm.strip().lower() in ("auto", ""))
+
+
+def read_backbone_checkpoint(backbone_ckpt: str | os.PathLike | None, allow_pickle: bool = False,
+                             ckpt_format: str = "auto"):
+    """The converted backbone checkpoint (:class:`~tpp_monai.backbones.checkpoints.LoadedCheckpoint`:
+    MAE decoder, its heads, the pixel space), or None without a checkpoint."""
+    if _is_empty(backbone_ckpt):
+        return None
+    from tpp_monai.backbones.checkpoints import load_vit_checkpoint
+
+    return load_vit_checkpoint(backbone_ckpt, format=ckpt_format, allow_partial=True, allow_pickle=allow_pickle)
 
 
 def read_decoder_state(backbone_ckpt: str | os.PathLike | None, allow_pickle: bool = False,
                        ckpt_format: str = "auto") -> dict[str, torch.Tensor]:
     """The MAE decoder stored with a backbone checkpoint (timm-MAE names); {} when there is none."""
-    if _is_empty(backbone_ckpt):
-        return {}
-    from tpp_monai.backbones.checkpoints import load_vit_checkpoint
-
-    return dict(load_vit_checkpoint(backbone_ckpt, format=ckpt_format, allow_partial=True,
-                                    allow_pickle=allow_pickle).decoder_state)
+    loaded = read_backbone_checkpoint(backbone_ckpt, allow_pickle, ckpt_format)
+    return {} if loaded is None else dict(loaded.decoder_state)
 
 
 def load_target_params(network: nn.Module, tpp_ckpt: str | os.PathLike | None) -> nn.Module:
@@ -125,12 +144,14 @@ def build_peft_backbone(
     allow_pickle: bool = False,
     init_seed: int = 0,
     vit_overrides: Mapping[str, Any] | None = None,
+    input_norm: Any = "auto",
 ) -> VisionTransformer:
     """:func:`build_backbone` + ``apply_peft`` (+ the TPP target parameters when ``tpp_ckpt`` is set)."""
     from tpp_monai.peft.api import apply_peft
 
     backbone = build_backbone(backbone_ckpt, size=size, img_size=img_size, in_chans=in_chans,
-                              allow_pickle=allow_pickle, init_seed=init_seed, vit_overrides=vit_overrides)
+                              allow_pickle=allow_pickle, init_seed=init_seed, vit_overrides=vit_overrides,
+                              input_norm=input_norm)
     apply_peft(backbone, peft_method, dict(peft_config or {}))
     return load_target_params(backbone, tpp_ckpt)  # type: ignore[return-value]
 

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from tpp_monai.bundle.networks import _is_empty, read_decoder_state
+from tpp_monai.bundle.networks import _is_empty, read_backbone_checkpoint
 
 logger = logging.getLogger("tpp_monai.bundle")
 
@@ -25,8 +25,10 @@ def build_pretext(
     """The pretext task around a PEFT backbone.
 
     MAE: ``decoder_mode`` ``inherit_frozen`` (classification) / ``inherit_trainable``
-    (segmentation) take the MAE decoder stored with ``backbone_ckpt``; when the checkpoint has no
-    decoder (DINO/timm backbone, or no checkpoint) a fresh decoder (``"new"``) is used, with a warning.
+    (segmentation) take the MAE decoder stored with ``backbone_ckpt``, run with the heads recorded
+    for its format (MedCoSS/MAE: 16; ``pretext_config["decoder_heads"]`` overrides); when the
+    checkpoint has no decoder (DINO/timm backbone, or no checkpoint) a fresh decoder (``"new"``) is
+    used, with a warning.
     Other pretexts (``dino``) get ``pretext_config`` only.
     """
     from tpp_monai.pretext import PRETEXT_TASKS
@@ -34,9 +36,9 @@ def build_pretext(
     cfg = dict(pretext_config or {})
     if pretext == "mae":
         if decoder_mode != "new":
-            dec = read_decoder_state(backbone_ckpt, allow_pickle=allow_pickle)
-            if dec:
-                cfg.update(decoder_mode=decoder_mode, decoder_state=dec)
+            loaded = read_backbone_checkpoint(backbone_ckpt, allow_pickle=allow_pickle)
+            if loaded is not None and loaded.decoder_state:
+                cfg.update(decoder_mode=decoder_mode, decoder_state=loaded)
             else:
                 logger.warning("backbone checkpoint %r has no MAE decoder: using a new, trainable decoder instead of "
                                "'%s'", backbone_ckpt, decoder_mode)
@@ -61,13 +63,14 @@ def build_tpp_optimizer(task: nn.Module, lr: float | None = None, batch_size: in
 def build_tpp_trainer(
     task: nn.Module, optimizer: torch.optim.Optimizer, data_loader: Iterable, output_dir: str | os.PathLike,
     device: str | torch.device = "cpu", max_epochs: int = 1, epoch_length: int | None = None,
-    lr: float | None = None, warmup_epochs: float = 40, min_lr: float = 0.0, weight_decay: float | None = None,
+    lr: float | None = None, warmup_epochs: float | None = None, min_lr: float = 0.0, weight_decay: float | None = None,
     weight_decay_end: float | None = None, target_name: str = TARGET_FILE, seed: int | None = 0,
     progress_bar: bool = True, log_every: int = 10, handlers: Sequence | None = None, resume: bool = False,
     checkpoint_every_epochs: int | None = 1,
 ):
     """A :class:`~tpp_monai.engines.TPPTrainer` writing ``output_dir/<target_name>`` (default
-    ``tpp_target_params.pt``), warm-up + cosine schedule; warm-up is capped at half the run."""
+    ``tpp_target_params.pt``), warm-up + cosine schedule; warm-up is capped at half the run.
+    ``warmup_epochs`` None: the paper's for the pretext (MAE 40, DINO 10; ``PRETEXT_DEFAULTS``)."""
     from tpp_monai.engines.optim import PRETEXT_DEFAULTS
     from tpp_monai.engines.tpp_trainer import TPPTrainer
 
@@ -77,7 +80,7 @@ def build_tpp_trainer(
     wd = d["weight_decay"] if weight_decay is None else weight_decay
     wd_end = d["weight_decay_end"] if weight_decay_end is None else weight_decay_end
     os.makedirs(output_dir, exist_ok=True)
-    warm = min(float(warmup_epochs), max_epochs / 2)
+    warm = min(float(d["warmup_epochs"] if warmup_epochs is None else warmup_epochs), max_epochs / 2)
     trainer = TPPTrainer(
         device=torch.device(device), max_epochs=int(max_epochs), data_loader=data_loader, task=task,
         optimizer=optimizer, output_dir=output_dir, epoch_length=epoch_length,
@@ -101,7 +104,10 @@ def save_mae_checkpoint(task: nn.Module, path: str | os.PathLike) -> Path:
     enc = {k: v.detach().cpu().clone() for k, v in task.backbone.state_dict().items() if "peft_" not in k}
     dec = {k: v.detach().cpu().clone() for k, v in task.decoder.state_dict().items()}
     cfg = task.backbone.cfg.to_dict() if hasattr(task.backbone, "cfg") else {}
-    out = atomic_save({"model": {**enc, **dec}, "config": cfg, "source": "tpp-monai upstream MAE (demo)"}, path)
+    # what the tensors cannot tell, recorded so later stages run the decoder and the pixel space as trained
+    implied = {"decoder_heads": int(task.decoder_heads), "input_norm": getattr(task.backbone, "input_norm", "none")}
+    out = atomic_save({"model": {**enc, **dec}, "config": cfg, "source": "tpp-monai upstream MAE (demo)", **implied},
+                      path)
     logger.info("wrote MAE backbone checkpoint %s", out)
     print(f"[tpp-monai] wrote MAE backbone checkpoint {out}", flush=True)
     return out

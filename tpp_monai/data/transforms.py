@@ -11,28 +11,41 @@ Chain: :func:`load_image_2d` (``LoadImaged``; PIL/ITK readers: PNG, JPEG, BMP, T
 -> :class:`EnsureChannelsd` (grayscale -> ``in_channels`` by repetition, RGBA -> RGB, RGB ->
 gray by averaging when the backbone wants 1 channel) -> ``ScaleIntensityRanged`` 0..255 -> 0..1
 (8-bit images; pass ``intensity_range`` otherwise) -> ``Resized`` (bilinear image, nearest
-mask) -> train-only augmentation -> ``NormalizeIntensityd`` (ImageNet mean/std for 3 channels by
-default, none for 1 channel) -> ``EnsureTyped``.  Segmentation masks go through
+mask) -> train-only augmentation -> ``EnsureTyped``.  Segmentation masks go through
 :class:`MaskToIndexd`: first channel, and ``> 0`` -> 1 when ``num_classes == 2`` (QaTa masks are
 0/255, GlaS instance ids), class indices kept otherwise.
+
+Images leave these pipelines in [0, 1] (``normalize="none"``, the default): the backbone maps them
+into its pre-training pixel space itself (``VisionTransformer.set_input_norm``, chosen from the
+checkpoint format; MedCoSS: none, MAE/DINO: ImageNet mean/std), so augmentations that assume
+[0, 1] (DINO's multi-crop clamps, solarisation) stay valid and no stage can forget to normalise.
+
+:func:`tpp_transforms` is the TPP stage's chain: the MAE / MedCoSS pre-training recipe
+``RandomResizedCrop(scale 0.2-1.0, ratio 3/4-4/3, bicubic)`` + horizontal flip (:class:`RandResizedCropd`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import PILReader
 from monai.transforms import (
     Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform, NormalizeIntensityd, RandAffined,
-    RandFlipd, RandGaussianNoised, RandRotate90d, RandScaleIntensityd, RandShiftIntensityd, Resized,
-    ScaleIntensityRanged,
+    RandFlipd, RandGaussianNoised, RandomizableTransform, RandRotate90d, RandScaleIntensityd, RandShiftIntensityd,
+    Resized, ScaleIntensityRanged,
 )
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from tpp_monai.data.normalization import IMAGENET_MEAN, IMAGENET_STD, resolve_input_norm  # noqa: F401 (re-export)
+
+#: MAE / MedCoSS pre-training crop: ``RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=3)``
+#: (bicubic; torchvision's default ratio 3/4-4/3) + ``RandomHorizontalFlip()``.
+MAE_CROP_SCALE = (0.2, 1.0)
+MAE_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 def upright_image_reader() -> PILReader:
@@ -93,15 +106,93 @@ class MaskToIndexd(MapTransform):
         return d
 
 
-def _norm(in_channels: int, normalize: str | Sequence) -> tuple | None:
-    if normalize == "none" or (normalize == "auto" and in_channels != 3):
-        return None
-    if normalize in ("auto", "imagenet"):
-        if in_channels != 3:
-            raise ValueError("ImageNet normalisation needs 3 channels")
-        return IMAGENET_MEAN, IMAGENET_STD
-    mean, std = normalize  # type: ignore[misc]
-    return tuple(mean), tuple(std)
+def _norm(in_channels: int, normalize: str | Sequence | None) -> tuple | None:
+    return resolve_input_norm(normalize, in_channels)
+
+
+class RandResizedCropd(RandomizableTransform, MapTransform):
+    """torchvision's ``RandomResizedCrop`` for channel-first tensors, drawn from MONAI's random state.
+
+    A box of area ``scale`` x image area and aspect ratio (w/h) log-uniform in ``ratio`` is drawn
+    (10 tries, then the centre crop at the nearest allowed ratio), cropped and resized to ``size``
+    with ``mode`` (bicubic with anti-aliasing, as PIL's bicubic in MAE; values clipped to ``clip``,
+    [0, 1], as PIL's 8-bit output is). The same box is applied to every key (image and mask;
+    pass ``mode`` per key, e.g. ``["bicubic", "nearest"]``).
+    """
+
+    def __init__(self, keys: KeysCollection, size: int | Sequence[int], scale: Sequence[float] = MAE_CROP_SCALE,
+                 ratio: Sequence[float] = MAE_CROP_RATIO, mode: str | Sequence[str] = "bicubic", prob: float = 1.0,
+                 clip: Sequence[float] | None = (0.0, 1.0), allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.size = (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
+        self.scale, self.ratio = tuple(float(v) for v in scale), tuple(float(v) for v in ratio)
+        if not (0 < self.scale[0] <= self.scale[1] and 0 < self.ratio[0] <= self.ratio[1]):
+            raise ValueError(f"RandResizedCropd needs 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1]; "
+                             f"got scale={self.scale}, ratio={self.ratio}")
+        modes = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
+        if len(modes) != len(self.keys):
+            raise ValueError(f"RandResizedCropd: {len(modes)} modes for {len(self.keys)} keys")
+        self.mode = modes
+        self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
+        self.box: tuple[int, int, int, int] | None = None
+
+    def sample_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, h, w) as torchvision's ``RandomResizedCrop.get_params``, from ``self.R``."""
+        area = height * width
+        log_r = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * self.R.uniform(self.scale[0], self.scale[1])
+            aspect = math.exp(self.R.uniform(log_r[0], log_r[1]))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                return int(self.R.randint(0, height - h + 1)), int(self.R.randint(0, width - w + 1)), h, w
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            h, w = height, int(round(height * self.ratio[1]))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def randomize(self, shape: Sequence[int]) -> None:  # type: ignore[override]
+        super().randomize(None)
+        self.box = self.sample_box(int(shape[-2]), int(shape[-1])) if self._do_transform else None
+
+    @staticmethod
+    def crop_resize(x: torch.Tensor, box: tuple[int, int, int, int], size: Sequence[int], mode: str,
+                    clip: Sequence[float] | None = None) -> torch.Tensor:
+        """Crop (C, H, W) ``x`` to ``box`` = (top, left, h, w) and resize to ``size`` (clipped to ``clip``)."""
+        top, left, h, w = box
+        t = torch.as_tensor(x)
+        crop = t[..., top:top + h, left:left + w]
+        src = crop.float()[None]
+        if mode == "nearest":
+            out = F.interpolate(src, size=tuple(size), mode="nearest-exact")
+        else:
+            out = F.interpolate(src, size=tuple(size), mode=mode, align_corners=False,
+                                antialias=mode in ("bilinear", "bicubic"))
+            out = out.clamp(*clip) if clip is not None else out
+        return out[0].to(t.dtype) if not t.is_floating_point() else out[0]
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        first = next(iter(self.key_iterator(d)), None)
+        if first is None:
+            return d
+        self.randomize(d[first].shape)
+        for key, mode in zip(self.keys, self.mode):
+            if key not in d:
+                continue
+            x = d[key]
+            if self.box is None:  # not applied this time: plain resize
+                box = (0, 0, int(x.shape[-2]), int(x.shape[-1]))
+            else:
+                box = self.box
+            d[key] = self.crop_resize(x, box, self.size, mode, self.clip)
+        return d
 
 
 def _tail(keys: list[str], train: bool, in_channels: int, normalize, seg: bool, augment: str = "medcoss",
@@ -123,13 +214,16 @@ def cls_transforms(
     train: bool = False,
     image_size: int | Sequence[int] = 224,
     in_channels: int = 3,
-    normalize: str | Sequence = "auto",
+    normalize: str | Sequence | None = "none",
     intensity_range: tuple[float, float] = (0.0, 255.0),
     augment: str = "medcoss",
 ) -> Compose:
     """Dict transforms for ``{"image": path, "label": int}`` entries -> float image (C, S, S), long label.
 
-    ``augment`` (train only): "medcoss" (MedCoSS's downstream recipe), "legacy" or "none"."""
+    ``augment`` (train only): "medcoss" (MedCoSS's downstream recipe), "legacy" or "none".
+    ``normalize``: ``"none"`` (default: [0, 1]; the backbone normalises itself), or a pixel space
+    (``"imagenet"``, ``"path_dino"``, ``[mean, std]``) for a backbone that does not.
+    """
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     t = [
         load_image_2d("image"),
@@ -150,7 +244,7 @@ def seg_transforms(
     image_size: int | Sequence[int] = 224,
     in_channels: int = 3,
     num_classes: int = 2,
-    normalize: str | Sequence = "auto",
+    normalize: str | Sequence | None = "none",
     intensity_range: tuple[float, float] = (0.0, 255.0),
     augment: str = "medcoss",
 ) -> Compose:
@@ -171,4 +265,40 @@ def seg_transforms(
         EnsureTyped("image", dtype=torch.float32, track_meta=False),
         EnsureTyped("label", dtype=torch.long, track_meta=False),
     ]
+    return Compose(t)
+
+
+def tpp_transforms(
+    image_size: int | Sequence[int] = 224,
+    in_channels: int = 3,
+    augment: bool = True,
+    crop_scale: Sequence[float] = MAE_CROP_SCALE,
+    crop_ratio: Sequence[float] = MAE_CROP_RATIO,
+    hflip_prob: float = 0.5,
+    normalize: str | Sequence | None = "none",
+    intensity_range: tuple[float, float] = (0.0, 255.0),
+) -> Compose:
+    """TPP-stage chain for image-only entries: load, [0, 1], then the MAE / MedCoSS pre-training recipe.
+
+    ``augment``: ``RandResizedCropd(image_size, scale=crop_scale, ratio=crop_ratio, bicubic)`` + horizontal
+    flip (``hflip_prob``), as MAE's and MedCoSS's pre-training (``RandomResizedCrop(scale=(0.2, 1.0),
+    interpolation=3)`` + ``RandomHorizontalFlip()``); without it a plain resize. DINO makes its own
+    multi-crop from these [0, 1] images (keep ``normalize="none"``).
+    """
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    t: list = [
+        load_image_2d("image"),
+        EnsureChannelFirstd("image"),
+        EnsureChannelsd("image", in_channels),
+        ScaleIntensityRanged("image", a_min=intensity_range[0], a_max=intensity_range[1], b_min=0.0, b_max=1.0,
+                             clip=True),
+    ]
+    if augment:
+        t += [RandResizedCropd("image", size, scale=crop_scale, ratio=crop_ratio, mode="bicubic"),
+              RandFlipd("image", prob=hflip_prob, spatial_axis=1)]  # (C, H, W) read upright: axis 1 is W
+    else:
+        t.append(Resized("image", spatial_size=size, mode="bilinear"))
+    t += _tail(["image"], False, in_channels, normalize, seg=False)
+    t += [EnsureTyped("image", dtype=torch.float32, track_meta=False),
+          EnsureTyped("label", dtype=torch.long, track_meta=False, allow_missing_keys=True)]
     return Compose(t)

@@ -77,7 +77,8 @@ class TargetCheckpointHandler:
         task, backbone = engine.task, engine.task.backbone
         meta = {**self.meta, "iteration": it, "epoch": engine.state.epoch, "pretext": task.name,
                 "pretext_config": task.config() if hasattr(task, "config") else {}}
-        save_target_checkpoint(self.target_path, backbone, meta=meta)
+        handover = task.handover_backbone() if hasattr(task, "handover_backbone") else backbone  # DINO: teacher
+        save_target_checkpoint(self.target_path, handover, meta=meta)
         state = {
             "format": RESUME_FORMAT,
             "iteration": it,

@@ -16,7 +16,9 @@ and checked against the fingerprint, so a model file never silently loads onto a
 
 Images: 2D PNG/JPG/TIF (grey or RGB) or a 2D NIfTI slice (trailing size-1 axes allowed); labels also NRRD.
 They are scaled to [0, 1] (uint8 by /255, other types by min-max), repeated/reduced to
-``in_chans`` channels and resized to ``img_size`` x ``img_size``; predictions are resized back
+``in_chans`` channels and resized to ``img_size`` x ``img_size`` (the backbone maps [0, 1] into its
+pre-training pixel space itself: ``Seg2DConfig.input_norm``, "auto" = the checkpoint's format decides,
+MedCoSS none, MAE/DINO ImageNet mean/std, the same as in the bundles); predictions are resized back
 to the input's size and written in the input's format and orientation.
 """
 
@@ -79,6 +81,8 @@ class Seg2DConfig:
     peft_config: dict[str, Any] = field(default_factory=dict)
     feature_size: int = 16
     vit_overrides: dict[str, Any] = field(default_factory=dict)
+    #: pixel space the backbone normalises its [0, 1] input into ("auto": from the checkpoint's format)
+    input_norm: Any = "auto"
 
     @property
     def num_classes(self) -> int:
@@ -115,7 +119,8 @@ def build_backbone(cfg: Seg2DConfig) -> nn.Module:
     from tpp_monai.bundle.networks import build_backbone as _bb
 
     return _bb(cfg.backbone_ckpt, size=cfg.size, img_size=cfg.img_size, in_chans=cfg.in_chans,
-               allow_pickle=cfg.allow_pickle, init_seed=cfg.init_seed, vit_overrides=cfg.vit_overrides or None)
+               allow_pickle=cfg.allow_pickle, init_seed=cfg.init_seed, vit_overrides=cfg.vit_overrides or None,
+               input_norm=cfg.input_norm)
 
 
 def build_model(cfg: Seg2DConfig, tpp_ckpt: str | os.PathLike | None = None) -> nn.Module:

@@ -33,6 +33,10 @@ class PretextTask(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def handover_backbone(self) -> nn.Module:
+        """The backbone whose target parameters are handed over to fine-tuning (default: the trained one)."""
+        return self.backbone
+
     def head_state_dict(self) -> dict[str, Any]:
         """State of the pretext head (everything but the backbone), for resuming the TPP stage."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}

@@ -7,6 +7,11 @@ Trainable: the student's target parameters and projection head. The teacher is a
 never updated), so only target parameters and the head are averaged. Centring (EMA 0.9 of the
 teacher outputs) and sharpening (student temperature 0.1, teacher 0.04 -> 0.07 warm-up).
 
+Hand-over: the checkpoint of the TPP stage holds the *teacher's* target parameters
+(:meth:`DINOPretext.handover_backbone`). DINO evaluates and releases the teacher (its k-NN/linear
+results and checkpoints are the teacher's, which is the better network of the two); the student's
+target parameters stay in the resume file.
+
 Reading the loss in TPP: the target parameters start at their (zero) init and the teacher is a copy
 of the student, so the first iterations already sit near the distillation equilibrium, and the
 centre starts at zero (uncentred teacher). The logged loss therefore rises over the first tens of
@@ -262,6 +267,10 @@ class DINOPretext(PretextTask):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in list(self.backbone.parameters()) + list(self.head.parameters()) if p.requires_grad]
+
+    def handover_backbone(self) -> nn.Module:
+        """The EMA teacher: DINO's convention is to evaluate (and hand on) the teacher, not the student."""
+        return self.teacher_backbone
 
     def head_state_dict(self) -> dict[str, Any]:
         """Student head, teacher head, teacher target parameters and centre (no frozen backbone copy)."""

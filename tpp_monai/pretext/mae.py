@@ -9,7 +9,15 @@ The decoder uses timm-MAE tensor names (``decoder_embed``, ``mask_token``, ``dec
 - ``"inherit_frozen"``: the given pre-trained decoder, frozen (paper default for classification);
 - ``"inherit_trainable"``: the given pre-trained decoder, trained (paper default for segmentation).
 
-Loss: MSE between predicted and per-patch normalised target pixels, over masked patches only.
+Loss: MSE between predicted and per-patch normalised target pixels, over masked patches only. The
+target is the image in the backbone's own pixel space (``backbone.normalize_input``: [0, 1] for
+MedCoSS, ImageNet-normalised for MAE), normalised per patch with the unbiased variance
+(``Tensor.var``'s default, as in MAE's and MedCoSS's ``forward_loss``).
+
+Decoder heads cannot be read off the tensors. An inherited decoder given as a
+:class:`~tpp_monai.backbones.checkpoints.LoadedCheckpoint` runs with the heads recorded for its
+format (MedCoSS / official MAE: 16); given as a plain tensor dict it needs ``decoder_heads``
+(else the MAE convention, 16, is assumed with a warning).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -29,6 +38,8 @@ from tpp_monai.pretext.base import PretextTask
 from tpp_monai.pretext.registry import PRETEXT_TASKS
 
 DECODER_MODES = ("new", "inherit_frozen", "inherit_trainable")
+#: Heads of the MedCoSS and official MAE decoders (width 512); assumed for an inherited decoder of unknown format.
+MAE_DECODER_HEADS = 16
 _DECODER_KEY = re.compile(r"^(decoder_|mask_token$)")
 
 
@@ -163,7 +174,9 @@ class MAEDecoder(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
 
-def _read_decoder_state(state: Mapping[str, torch.Tensor] | str | os.PathLike) -> dict[str, torch.Tensor]:
+def _read_decoder_state(state: Any) -> dict[str, torch.Tensor]:
+    if hasattr(state, "decoder_state") and hasattr(state, "format"):  # a LoadedCheckpoint
+        state = state.decoder_state
     if isinstance(state, (str, os.PathLike)):
         from tpp_monai.checkpoint import safe_load
 
@@ -203,9 +216,13 @@ class MAEPretext(PretextTask):
         backbone: a ``VisionTransformer`` with a PEFT method already applied (``apply_peft``).
         mask_ratio: fraction of masked patches (0.75).
         decoder_mode: ``"new"``, ``"inherit_frozen"`` or ``"inherit_trainable"``.
-        decoder_state: the pre-trained decoder (dict of tensors with timm-MAE names, or a file path);
-            required by the ``inherit_*`` modes; its width/depth are read from the tensors.
-        decoder_dim, decoder_depth, decoder_heads: decoder size for ``"new"`` (heads also for inherit).
+        decoder_state: the pre-trained decoder: a
+            :class:`~tpp_monai.backbones.checkpoints.LoadedCheckpoint` (its format gives the heads), a
+            dict of tensors with timm-MAE names, or a file path; required by the ``inherit_*`` modes;
+            its width/depth are read from the tensors.
+        decoder_dim, decoder_depth: decoder size for ``"new"``.
+        decoder_heads: attention heads; default: ``decoder_dim // 64`` for ``"new"``, the checkpoint's
+            recorded/format heads when inheriting (MedCoSS, MAE: 16). Give it to override.
         norm_pix_loss: normalise target pixels per patch (mean 0, variance 1).
         learnable_pos: train ``decoder_pos_embed`` (fixed sin-cos by default, as in MAE).
         img_size: image side the decoder table is built for (default: the backbone's ``img_size``).
@@ -215,7 +232,7 @@ class MAEPretext(PretextTask):
 
     def __init__(
         self, backbone: nn.Module, mask_ratio: float = 0.75, decoder_mode: str = "new",
-        decoder_state: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
+        decoder_state: Any = None,
         decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int | None = None,
         decoder_mlp_ratio: float = 4.0, decoder_norm_eps: float = 1e-6, norm_pix_loss: bool = True,
         learnable_pos: bool = False, img_size: int | None = None,
@@ -245,7 +262,18 @@ class MAEPretext(PretextTask):
             pos = state.get("decoder_pos_embed")
             if pos is not None and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1:
                 side = math.isqrt(pos.shape[1] - 1)
+            if decoder_heads is None:
+                decoder_heads = getattr(decoder_state, "decoder_heads", None)
+            if decoder_heads is None:
+                warnings.warn(
+                    f"The inherited MAE decoder's attention heads are unknown (they cannot be read off the tensors); "
+                    f"assuming {MAE_DECODER_HEADS} (MedCoSS / official MAE). Pass decoder_heads=, or the "
+                    "LoadedCheckpoint from tpp_monai.backbones.checkpoints.load_vit_checkpoint as decoder_state.",
+                    stacklevel=2,
+                )
+                decoder_heads = MAE_DECODER_HEADS
         heads = decoder_heads or max(1, decoder_dim // 64)
+        self.decoder_heads = heads
         self.decoder = MAEDecoder(
             backbone.embed_dim, cfg.patch_size, cfg.in_chans, (side, side), decoder_dim, decoder_depth, heads,
             decoder_mlp_ratio, decoder_norm_eps, learnable_pos,
@@ -259,7 +287,7 @@ class MAEPretext(PretextTask):
         for n, p in self.decoder.named_parameters():
             p.requires_grad_(trainable and (n != "decoder_pos_embed" or self.decoder.learnable_pos))
 
-    def load_decoder_state(self, state: Mapping[str, torch.Tensor] | str | os.PathLike) -> None:
+    def load_decoder_state(self, state: Any) -> None:
         """Load a timm-MAE decoder state after checking names and shapes; raises naming what differs."""
         state = _read_decoder_state(state)
         own = self.decoder.state_dict()
@@ -299,10 +327,12 @@ class MAEPretext(PretextTask):
         return tokens
 
     def target(self, images: torch.Tensor) -> torch.Tensor:
-        t = patchify(images, self.patch_size)
+        """Patches of ``images`` in the backbone's pixel space, per-patch normalised (unbiased variance, as MAE)."""
+        norm = getattr(self.backbone, "normalize_input", None)
+        t = patchify(norm(images) if norm is not None else images, self.patch_size)
         if self.norm_pix_loss:
             mean = t.mean(dim=-1, keepdim=True)
-            var = t.var(dim=-1, keepdim=True, unbiased=False)
+            var = t.var(dim=-1, keepdim=True)
             t = (t - mean) / (var + 1e-6).sqrt()
         return t
 
@@ -328,4 +358,5 @@ class MAEPretext(PretextTask):
         return f"mask_ratio={self.mask_ratio}, decoder_mode='{self.decoder_mode}', norm_pix_loss={self.norm_pix_loss}"
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "mask_ratio": self.mask_ratio, "decoder_mode": self.decoder_mode}
+        return {"name": self.name, "mask_ratio": self.mask_ratio, "decoder_mode": self.decoder_mode,
+                "decoder_heads": self.decoder_heads}

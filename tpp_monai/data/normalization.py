@@ -1,0 +1,92 @@
+"""Input pixel spaces of pre-trained backbones: which mean/std (if any) a backbone expects.
+
+A frozen backbone only behaves as pre-trained when it sees the pixel space it was pre-trained in.
+The data pipelines of tpp-monai therefore always produce images in [0, 1] and the backbone
+normalises them itself (:meth:`tpp_monai.backbones.vit.VisionTransformer.set_input_norm`), so the
+TPP stage, fine-tuning, evaluation, inference, TorchScript exports and the MONAI Label app cannot
+disagree. Which space a checkpoint expects is decided by its format
+(:data:`tpp_monai.backbones.checkpoints.FORMAT_DEFAULTS`) and can be overridden by name or by an
+explicit ``[mean, std]`` pair.
+
+=============  ===========================================  =================================================
+name           mean / std                                   used by
+=============  ===========================================  =================================================
+``none``       (images stay in [0, 1])                      MedCoSS: ``ToTensor()`` only, pre-training and
+                                                            downstream (its ``Normalize`` line is commented out)
+``imagenet``   (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)  official MAE, DINO, timm ViTs
+``path_dino``  (0.70322989, 0.53606487, 0.66096631) /       Path_DINO (Kang et al., CVPR 2023, Lunit
+               (0.21716536, 0.26081574, 0.20723464)          ``benchmark-ssl-pathology``): the statistics its
+                                                            DINO ViTs were pre-trained with
+=============  ===========================================  =================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PATH_DINO_MEAN = (0.70322989, 0.53606487, 0.66096631)
+PATH_DINO_STD = (0.21716536, 0.26081574, 0.20723464)
+
+#: Named pixel spaces (``None``: no normalisation, images in [0, 1]).
+INPUT_NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "none": None,
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "path_dino": (PATH_DINO_MEAN, PATH_DINO_STD),
+}
+
+InputNorm = str | Sequence | Mapping[str, Sequence[float]] | None
+
+
+def resolve_input_norm(spec: InputNorm, in_channels: int = 3) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(mean, std)`` per channel for a pixel-space spec, or None for images used as they are ([0, 1]).
+
+    ``spec``: a name of :data:`INPUT_NORMS`, ``None``, ``[mean, std]`` or ``{"mean": .., "std": ..}``
+    (a single number or one per channel). ``"auto"`` is not accepted here: it is resolved from the
+    backbone checkpoint (:func:`tpp_monai.bundle.networks.build_backbone`).
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        key = spec.strip().lower()
+        if key not in INPUT_NORMS:
+            hint = (" ('auto' is resolved from the backbone checkpoint by tpp_monai.bundle.build_backbone)"
+                    if key == "auto" else "")
+            raise ValueError(f"Unknown input normalisation '{spec}'{hint}; use one of {sorted(INPUT_NORMS)} "
+                             "or an explicit [mean, std] pair")
+        ms = INPUT_NORMS[key]
+    elif isinstance(spec, Mapping):
+        if set(spec) != {"mean", "std"}:
+            raise ValueError(f"input normalisation mapping needs exactly 'mean' and 'std'; got {sorted(spec)}")
+        ms = (spec["mean"], spec["std"])
+    else:
+        if len(spec) != 2:
+            raise ValueError(f"input normalisation must be a name or a [mean, std] pair; got {spec!r}")
+        ms = (spec[0], spec[1])
+    if ms is None:
+        return None
+    mean, std = (_per_channel(v, in_channels, n) for v, n in zip(ms, ("mean", "std")))
+    if any(s <= 0 for s in std):
+        raise ValueError(f"input normalisation std must be positive; got {std}")
+    return mean, std
+
+
+def _per_channel(v: Any, channels: int, what: str) -> tuple[float, ...]:
+    vals = (float(v),) if isinstance(v, (int, float)) else tuple(float(x) for x in v)
+    if len(vals) == 1:
+        return vals * channels
+    if len(vals) != channels:
+        raise ValueError(
+            f"input normalisation {what} has {len(vals)} values but the backbone takes {channels} channel(s); "
+            "give one value per channel (or a single value), or use input_norm 'none'"
+        )
+    return vals
+
+
+def describe_input_norm(spec: InputNorm, in_channels: int = 3) -> Any:
+    """JSON-friendly form of a spec: the name when it is one, else ``{"mean": [..], "std": [..]}``."""
+    if isinstance(spec, str) and spec.strip().lower() in INPUT_NORMS:
+        return spec.strip().lower()
+    ms = resolve_input_norm(spec, in_channels)
+    return "none" if ms is None else {"mean": list(ms[0]), "std": list(ms[1])}
