@@ -41,8 +41,10 @@ def _bundle_tpp(rank: int, world: int, data: str, work: str) -> None:
     from monai.bundle import ConfigWorkflow
 
     extras = TPP_FILES if world > 1 else TPP_FILES[:1]
+    # tpp_augment off: the random crops are drawn by each process's own transform state, so with them on
+    # one process and two see differently cropped images and the target parameters cannot match
     over = {**TINY, "dataset_dir": data, "bundle_root": work, "tpp_epochs": 2, "tpp_epoch_length": None,
-            "tpp_batch_size": 4, "tpp_warmup_epochs": 1}
+            "tpp_batch_size": 4, "tpp_warmup_epochs": 1, "tpp_augment": False}
     wf = ConfigWorkflow(config_file=[cfg("mhist", "train.json")] + [cfg("mhist", e) for e in extras],
                         meta_file=cfg("mhist", "metadata.json"), workflow_type="train", **over)
     wf.initialize()
