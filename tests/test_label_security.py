@@ -298,6 +298,8 @@ def test_infer_reads_only_datastore_or_uploads(srv):
                    {"params": {"image": "img_0", "output": "json"}, "data": {"params": json.dumps({"image": str(p)})}}):
             r = requests.post(f"{u}/infer/tpp_seg", timeout=HTTP_TIMEOUT, **kw)
             answers.add((r.status_code, r.text))
+        r = requests.post(f"{u}/infer/wsi/tpp_seg", params={"image": str(p)}, timeout=HTTP_TIMEOUT)  # probes paths too
+        answers.add((r.status_code, r.text))
     assert len(answers) == 1, answers  # one answer, whether the file exists or not
     status, text = answers.pop()
     assert status == 400 and "server paths are not accepted" in text and str(root) not in text

@@ -383,11 +383,15 @@ class MyApp(MONAILabelApp):
             raise safety.RequestError(NOT_A_DATASTORE_IMAGE, status=404)
         return image
 
-    def infer(self, request, datastore=None):
+    def infer_wsi(self, request, datastore=None):
+        # monailabel's /infer/wsi probes the named path (exists? a slide?) before calling infer: check it first
+        return self.infer(request, datastore, wsi=True)
+
+    def infer(self, request, datastore=None, wsi: bool = False):
         self._known(request.get("model"))
         try:
             request = {**request, "image": self._image_for_infer(request.get("image"), datastore or self.datastore())}
-            return super().infer(request, datastore)
+            return super().infer_wsi(request, datastore) if wsi else super().infer(request, datastore)
         except HTTPException:
             raise
         except safety.RequestError as e:
