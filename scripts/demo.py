@@ -7,12 +7,17 @@ Every stage runs the bundle ``bundles/demo_ct_adapter_tpp`` through MONAI's bund
   (a) pretrain_backbone.json: MAE pre-training of a small ViT on the unlabelled slice pool
       (stands in for MedCoSS), written as a timm-MAE checkpoint (encoder + decoder);
   (b) tpp_pretrain.json: TPP of the Adapter parameters with MAE, decoder inherited (trainable);
-  (c) train.json twice, same seed and iterations: Adapter from its own init ("without TPP")
-      and Adapter initialised from (b) ("with TPP");
-  (d) evaluate.json on the test slab, inference.json for overlays.
+  (c) train.json twice per seed, same seed and iterations: Adapter from its own init ("without TPP")
+      and Adapter initialised from (b) ("with TPP"); (b) and (c) are repeated for every seed;
+  (d) evaluate.json on the test slices, inference.json (seed 0) for overlays.
+
+The table reports mean +- std over the seeds (``--seeds``, default 0 1 2) and the paired difference:
+one run's figure moves with the machine by more than the A/B difference, the spread over seeds does
+not. The stages run through :mod:`tpp_monai.study` (the label-efficiency study at 100% labels), so
+finished runs in ``<out>/bundle`` are re-used when the demo is run again.
 
 Outputs in ``demo_output/``: results.md (Markdown table), loss/Dice curves and prediction overlays (PNG).
-``--quick``: a ~1-2 minute variant (fewer iterations, smaller model) used by the tests.
+``--quick``: a ~1-2 minute variant (fewer iterations, smaller model, one seed) used by the tests.
 """
 
 from __future__ import annotations
@@ -28,26 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = "bundles/demo_ct_adapter_tpp"
 CFG = f"{BUNDLE}/configs"
 
-DEFAULTS = dict(image_size=96, vit_size="tiny", depth=6, up_epochs=30, tpp_epochs=20, iters=240, batch=8, val_interval=5)
-QUICK = dict(image_size=64, vit_size="tiny", depth=4, up_epochs=3, tpp_epochs=2, iters=12, batch=8, val_interval=1)
-
-
-def _run_stage(title: str, files: list[str], **overrides) -> float:
-    from monai.bundle import run
-
-    print(f"\n=== {title} ===", flush=True)
-    t0 = time.time()
-    run(config_file=[f"{CFG}/{f}" for f in files], meta_file=f"{CFG}/metadata.json",
-        logging_file=None if not (ROOT / CFG / "logging.conf").exists() else f"{CFG}/logging.conf", **overrides)
-    dt = time.time() - t0
-    print(f"=== {title}: {dt:.0f} s ===", flush=True)
-    return dt
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+DEFAULTS = dict(image_size=96, vit_size="tiny", depth=6, up_epochs=30, tpp_epochs=20, iters=240, batch=8, val_interval=5,
+                seeds=(0, 1, 2))
+QUICK = dict(image_size=64, vit_size="tiny", depth=4, up_epochs=3, tpp_epochs=2, iters=12, batch=8, val_interval=1,
+             seeds=(0,))
+NAMES = {"random": "Adapter", "tpp": "Adapter + TPP"}
 
 
 def _plot_losses(out: Path, logs: dict[str, Path]) -> Path:
@@ -56,9 +46,11 @@ def _plot_losses(out: Path, logs: dict[str, Path]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tpp_monai.study import read_jsonl
+
     fig, axes = plt.subplots(1, len(logs), figsize=(4.2 * len(logs), 3.4))
     for ax, (name, p) in zip(axes, logs.items()):
-        recs = [r for r in _read_jsonl(p) if r.get("kind") == "loss"]
+        recs = [r for r in read_jsonl(p) if r.get("kind") == "loss"]
         if recs:
             ax.plot([r["iteration"] for r in recs], [r["loss"] for r in recs], lw=1)
         ax.set_title(name, fontsize=10)
@@ -77,9 +69,11 @@ def _plot_dice(out: Path, runs: dict[str, Path]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tpp_monai.study import read_jsonl
+
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, p in runs.items():
-        recs = [r for r in _read_jsonl(p) if r.get("kind") == "metrics" and "dice" in r]
+        recs = [r for r in read_jsonl(p) if r.get("kind") == "metrics" and "dice" in r]
         ax.plot([r["epoch"] for r in recs], [100 * r["dice"] for r in recs], marker="o", label=name)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation Dice (%)")
@@ -136,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=None, help="demo data cache (default: .tpp_cache/demo_ct)")
     p.add_argument("--iterations", type=int, default=None, help="fine-tuning iterations per run")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2; --quick: 0)")
     a = p.parse_args(argv)
     os.chdir(ROOT)  # bundle paths and macros are relative to the repository root
     s = dict(QUICK if a.quick else DEFAULTS)
@@ -160,62 +155,56 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cache = cache.resolve()
 
-    common = dict(bundle_root=str(work), dataset_dir=str(cache), image_size=s["image_size"], vit_size=s["vit_size"],
-                  vit_overrides={"depth": s["depth"]}, num_workers=0, seed=0)
-    backbone = str(work / "models" / "backbone_mae.pt")
-    times = {}
-    times["(a) upstream MAE"] = _run_stage(
-        "(a) upstream MAE pre-training of the ViT on the unlabelled pool (stands in for MedCoSS)",
-        ["train.json", "tpp_pretrain.json", "pretrain_backbone.json"], **common, tpp_epochs=s["up_epochs"])
-    times["(b) TPP"] = _run_stage(
-        "(b) TPP: Adapter target parameters trained with MAE (backbone frozen, decoder inherited)",
-        ["train.json", "tpp_pretrain.json"], **common, backbone_ckpt=backbone, tpp_epochs=s["tpp_epochs"])
-    runs = {"Adapter": "", "Adapter + TPP": str(work / "models" / "tpp_target_params.pt")}
-    results = {}
-    for name, tpp in runs.items():
-        tag = "adapter_tpp" if tpp else "adapter"
-        rc = dict(common, backbone_ckpt=backbone, tpp_ckpt=tpp, ckpt_dir=str(work / "runs" / tag),
-                  log_dir=str(work / "logs" / tag), output_dir=str(work / "eval" / tag),
-                  num_iterations=s["iters"], batch_size=s["batch"], val_interval=s["val_interval"])
-        times[f"(c) {name}"] = _run_stage(f"(c) fine-tuning: {name} ({s['iters']} iterations, seed 0)",
-                                          ["train.json"], **rc)
-        times[f"(d) eval {name}"] = _run_stage(f"(d) test evaluation: {name}", ["train.json", "evaluate.json"], **rc)
-        _run_stage(f"(d) test predictions: {name}", ["train.json", "inference.json"], **rc,
-                   infer_dir=str(work / "predictions" / tag))
-        m = json.loads((work / "eval" / tag / "metrics.json").read_text())
-        from tpp_monai.bundle import build_peft_backbone, build_segmenter, trainable_report
+    from tpp_monai.bundle import load_datalist, trainable_report
+    from tpp_monai.study import StudySpec, bundle_network, run_bundle_stage, run_study, summarise
 
-        net = build_segmenter(build_peft_backbone(backbone, size=s["vit_size"], img_size=s["image_size"],
-                                                  peft_method="adapter", peft_config={"bottleneck": 64}),
-                              num_classes=3, feature_size=8)
-        results[name] = {"dice": 100 * m["dice"], "hd95": m["hd95"], "ratio": trainable_report(net)["ratio_percent"]}
-
-    from tpp_monai.bundle import load_datalist
-
+    seeds = tuple(a.seeds) if a.seeds else s["seeds"]
+    spec = StudySpec(bundle=str(ROOT / BUNDLE), dataset_dir=str(cache), datalist=str(cache / "datalist_headct.json"),
+                     work=str(work), fractions=(1.0,), seeds=seeds, iterations=s["iters"], batch_size=s["batch"],
+                     val_interval=s["val_interval"], upstream_epochs=s["up_epochs"], tpp_epochs=s["tpp_epochs"],
+                     overrides=dict(image_size=s["image_size"], vit_size=s["vit_size"],
+                                    vit_overrides={"depth": s["depth"]}))
+    print(f"=== (a) upstream MAE, (b) TPP and (c)+(d) Adapter with / without TPP, seeds {list(seeds)} ===", flush=True)
+    arms = run_study(spec)
+    (dice_row,), (hd_row,) = summarise(arms, "dice"), summarise(arms, "hd95")
+    arm0 = {i: Path(spec.work) / "arms" / f"frac1_seed{seeds[0]}_{i}" for i in NAMES}
+    backbone = Path(spec.work) / "upstream" / "models" / "backbone_mae.pt"
+    for init, d in arm0.items():  # predicted masks of the first seed, for the overlays
+        run_bundle_stage(spec.cfg_dir, ["train.json", "inference.json"], f"(d) test predictions: {NAMES[init]}",
+                         **{**spec.common(), "datalist": str(d / "datalist.json")}, bundle_root=str(d),
+                         backbone_ckpt=str(backbone), tpp_ckpt="", infer_dir=str(d / "predictions"))
+    ratio = trainable_report(bundle_network(spec, backbone_ckpt=str(backbone)))["ratio_percent"]
     figs = [
-        _plot_losses(out, {"(a) upstream MAE": work / "logs" / "upstream" / "tpp_log.jsonl",
-                           "(b) TPP (MAE)": work / "logs" / "tpp_log.jsonl",
-                           "(c) Adapter": work / "logs" / "adapter" / "train_log.jsonl",
-                           "(c) Adapter + TPP": work / "logs" / "adapter_tpp" / "train_log.jsonl"}),
-        _plot_dice(out, {n: work / "logs" / ("adapter_tpp" if t else "adapter") / "val_log.jsonl"
-                         for n, t in runs.items()}),
+        _plot_losses(out, {"(a) upstream MAE": work / "upstream" / "logs" / "upstream" / "tpp_log.jsonl",
+                           "(b) TPP (MAE)": work / "tpp" / f"seed{seeds[0]}" / "logs" / "tpp_log.jsonl",
+                           "(c) Adapter": arm0["random"] / "logs" / "train_log.jsonl",
+                           "(c) Adapter + TPP": arm0["tpp"] / "logs" / "train_log.jsonl"}),
+        _plot_dice(out, {NAMES[i]: d / "logs" / "val_log.jsonl" for i, d in arm0.items()}),
         _plot_overlays(out, load_datalist(cache / "datalist_headct.json", "test"),
-                       {n: work / "predictions" / ("adapter_tpp" if t else "adapter") for n, t in runs.items()}),
+                       {NAMES[i]: d / "predictions" for i, d in arm0.items()}),
     ]
     total = time.time() - t_start
+    n = len(seeds)
     lines = [
-        "# tpp-monai demo: head CT soft tissue / bone segmentation (test slab)",
+        "# tpp-monai demo: head CT soft tissue / bone segmentation (test slices)",
         "",
         f"Settings: {'--quick' if a.quick else 'default'}; ViT-{s['vit_size']} depth {s['depth']}, "
         f"{s['image_size']} px; upstream MAE {s['up_epochs']} epochs, TPP {s['tpp_epochs']} epochs, "
-        f"fine-tuning {s['iters']} iterations (batch {s['batch']}, seed 0); {torch.get_num_threads()} CPU threads.",
+        f"fine-tuning {s['iters']} iterations (batch {s['batch']}); seeds {list(seeds)}; "
+        f"{torch.get_num_threads()} CPU threads. Mean +- std over the {n} seed(s).",
         "",
         "| method | Dice (%) | HD95 (px) | trainable (%) |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {n} | {r['dice']:.2f} | {r['hd95']:.2f} | {r['ratio']:.2f} |" for n, r in results.items()]
-    lines += ["", "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {total:.0f} s.",
-              "", "Figures: " + ", ".join(f.name for f in figs), ""]
+    for init, name in NAMES.items():
+        lines.append(f"| {name} | {dice_row[init][0]:.2f} +- {dice_row[init][1]:.2f} | "
+                     f"{hd_row[init][0]:.2f} +- {hd_row[init][1]:.2f} | {ratio:.2f} |")
+    lines += ["", f"Paired difference (with - without TPP), per seed: Dice "
+                  + ", ".join(f"{d:+.2f}" for d in dice_row["diff_per_seed"])
+                  + f" (TPP higher in {dice_row['tpp_better']}/{n}); HD95 "
+                  + ", ".join(f"{d:+.2f}" for d in hd_row["diff_per_seed"]) + ".",
+              "", f"Total {total:.0f} s (finished runs in {work} are re-used).",
+              "", "Figures (seed " + str(seeds[0]) + "): " + ", ".join(f.name for f in figs), ""]
     md = "\n".join(lines)
     (out / "results.md").write_text(md)
     print("\n" + md, flush=True)

@@ -32,9 +32,11 @@ def test_demo_quick(demo_cache, tmp_path):
         assert (out / png).stat().st_size > 1000, png
     rows = {}
     for line in md.splitlines():
-        m = re.match(r"\| (Adapter(?: \+ TPP)?) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", line)
+        m = re.match(r"\| (Adapter(?: \+ TPP)?) \| ([\d.]+) \+- ([\d.]+) \| ([\d.]+) \+- ([\d.]+) \| ([\d.]+) \|$",
+                     line)
         if m:
-            rows[m.group(1)] = [float(x) for x in m.groups()[1:]]
+            dice, _, hd95, _, ratio = (float(x) for x in m.groups()[1:])
+            rows[m.group(1)] = [dice, hd95, ratio]
     assert set(rows) == {"Adapter", "Adapter + TPP"}, md
     for dice, hd95, ratio in rows.values():
         assert 0 <= dice <= 100 and hd95 >= 0 and 0 < ratio < 100

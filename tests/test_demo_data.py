@@ -42,9 +42,13 @@ def test_images_shapes_and_ranges(cache):
 def test_headct_segmentation(cache):
     dl = json.loads((cache / "datalist_headct.json").read_text())
     zs = {k: sorted(e["slice"] for e in v) for k, v in dl.items()}
-    assert max(zs["training"]) + dd.SLAB_GAP < min(zs["validation"])  # disjoint slabs with a gap
-    assert max(zs["validation"]) + dd.SLAB_GAP < min(zs["test"])
-    assert [len(v) for v in zs.values()] == [74, 14, 16]
+    assert [len(zs[k]) for k in ("training", "validation", "test")] == [72, 12, 15]
+    train = set(zs["training"])
+    for k in ("validation", "test"):  # no evaluated slice is the neighbour of a training slice
+        assert not {z - 1 for z in zs[k]} & train and not {z + 1 for z in zs[k]} & train, k
+        assert min(zs[k]) < 108 / 3 and max(zs[k]) > 108 / 3, k  # evaluation spans the head, not one end
+    empty = [e for e in dl["training"] if not _png(cache, e["label"]).any()]
+    assert {e["slice"] for e in empty} >= {106, 107}  # the model sees the empty slices above the head
     seen = set()
     for e in dl["training"] + dl["validation"] + dl["test"]:
         seen |= set(np.unique(_png(cache, e["label"])).tolist())

@@ -14,8 +14,9 @@ of 2D PNG slices plus MONAI datalist JSON files:
 * ``invesalius-examples`` (Debian, GPL-2): one head CT (108 x 256 x 256) with the InVesalius
   project's bone mask (HU >= 226) and soft-tissue mask (HU >= -142).  Gives
   ``datalist_headct.json``: 3-class segmentation (0 background, 1 soft tissue, 2 bone).  There is
-  a single patient, so the split is by contiguous slabs along z (70/15/15) with a gap of
-  ``SLAB_GAP`` slices between slabs, which avoids near-duplicate neighbouring slices across splits.
+  a single patient, so the split is by interleaved blocks of 8 slices along z (about 72/12/15 slices,
+  :func:`block_split`): every split spans the whole head, the empty slices above the head are training
+  slices, and no evaluated slice neighbours a training slice.
   The masks are threshold masks (as stored by InVesalius), not manual delineations.
 
 ``unlabelled.json`` lists every slice of every volume (the pool for MAE/DINO pre-training; it
@@ -48,10 +49,9 @@ from typing import Callable
 import numpy as np
 
 DEFAULT_CACHE = Path(".tpp_cache/demo_ct")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 PYRADIOMICS = "pyradiomics==3.0.1"
 INVESALIUS_DEB = "invesalius-examples"
-SLAB_GAP = 2
 #: patient split of the pyradiomics volumes
 TUMOUR_SPLIT = {"lung2": "training", "brain1": "training", "brain2": "validation", "lung1": "test"}
 VOLUME_KIND = {"lung1": "ct_chest", "lung2": "ct_chest", "brain1": "mri", "brain2": "mri", "headct": "ct_head"}
@@ -240,14 +240,29 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
     Image.fromarray(arr).save(path)
 
 
-def slab_split(n: int, fractions=(0.7, 0.15, 0.15), gap: int = SLAB_GAP) -> dict[str, list[int]]:
-    """Contiguous z-slabs for train/val/test with ``gap`` slices dropped between slabs."""
-    n_tr = int(round(n * fractions[0]))
-    n_va = int(round(n * fractions[1]))
-    tr = list(range(0, n_tr - gap))
-    va = list(range(n_tr, n_tr + n_va - gap))
-    te = list(range(n_tr + n_va, n))
-    return {"training": tr, "validation": va, "test": te}
+#: split of the head CT's z-blocks, counted from the top of the head: every split spans the whole head
+BLOCK_CYCLE = ("training", "test", "training", "validation", "training", "training")
+
+
+def block_split(n: int, block: int = 8, cycle: tuple[str, ...] = BLOCK_CYCLE, gap: int = 1) -> dict[str, list[int]]:
+    """Interleaved z-blocks of ``block`` slices, assigned by ``cycle`` from the top slice down.
+
+    Why not three contiguous slabs: the head shrinks to nothing at the top, so a top test slab holds
+    slice types (small or empty heads) that a bottom training slab never shows; the model then
+    extrapolates and predicts tissue on empty slices. Interleaved blocks give every split the whole
+    head, and the top block (the empty slices above the head) is a training block. ``gap`` slices at
+    each block boundary between two different splits are dropped from the non-training side, so no
+    evaluated slice is the direct neighbour of a training slice.
+    """
+    out: dict[str, list[int]] = {"training": [], "validation": [], "test": []}
+    owner = [cycle[((n - 1 - z) // block) % len(cycle)] for z in range(n)]
+    for z in range(n):
+        split = owner[z]
+        near = {owner[j] for j in range(max(0, z - gap), min(n, z + gap + 1))}
+        if split != "training" and "training" in near:
+            continue  # gap slice
+        out[split].append(z)
+    return out
 
 
 def convert_volumes(vols: list[Volume], out: Path, size: int, verbose: bool = True) -> dict:
@@ -261,7 +276,7 @@ def convert_volumes(vols: list[Volume], out: Path, size: int, verbose: bool = Tr
         _log(f"converting {vol.name} {tuple(vol.image.shape)} -> {size}x{size} slices", verbose)
         win = window(vol)
         ncls = 3 if vol.name == "headct" else 2
-        z_split = slab_split(vol.image.shape[0]) if vol.name == "headct" else None
+        z_split = block_split(vol.image.shape[0]) if vol.name == "headct" else None
         for z in range(vol.image.shape[0]):
             img = np.round(_resize_slice(win[z], size) * 255).astype(np.uint8)
             ip = out / "images" / f"{vol.name}_{z:03d}.png"
