@@ -120,10 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     drops = {"upstream MAE": loss_drop(up_log), **{f"TPP ({a.pretext}) seed {sd}": loss_drop(lp)
                                                    for sd, lp in tpp_logs.items()}}
     up_flat = loss_plateau(up_log)
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     cmd = "python scripts/study.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     lines = [
         f"# TPP study: {ds['title']}", "",
-        f"Command: `{cmd.strip()}` ({minutes:.1f} min on {torch.get_num_threads()} CPU threads).", "",
+        f"Command: `{cmd.strip()}` at commit {commit or 'unknown'} ({minutes:.1f} min on "
+        f"{torch.get_num_threads()} CPU threads).", "",
         f"Backbone: ViT-{s['vit_size']} depth {s['depth']}, {s['image_size']} px, pre-trained upstream with MAE for "
         f"{spec.upstream_epochs} epochs on the unlabelled pool. PEFT: {a.method}. TPP: {a.pretext}, "
         f"{spec.tpp_epochs} epochs on every training image, once per seed. Fine-tuning: {spec.iterations} iterations, "
