@@ -179,7 +179,12 @@ class PredictionWriter:
                 self._rows.append([path, int(prob.argmax()), *[f"{v:.6f}" for v in prob.tolist()]])
                 self.written.append(path)
             else:
-                mask = pred.argmax(0, keepdim=True) if pred.shape[0] > 1 else (pred > 0.5)
+                if pred.shape[0] > 1:  # logits / probabilities per class
+                    mask = pred.argmax(0, keepdim=True)
+                elif torch.equal(pred, pred.round()):  # already a label map (post-processed by AsDiscreted)
+                    mask = pred
+                else:  # one foreground probability
+                    mask = pred > 0.5
                 self.written.append(self._save_mask(mask.to(torch.uint8), path))
 
     def _save_mask(self, mask: torch.Tensor, path: str) -> str:
