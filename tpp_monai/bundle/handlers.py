@@ -193,6 +193,7 @@ class PredictionWriter:
         saver = SaveImage(output_dir=str(self.output_dir), output_postfix="seg", output_ext=self.ext,
                           separate_folder=False, output_dtype=np.uint8, scale=None, resample=False,
                           print_log=False)
+        mask = mask.as_subclass(torch.Tensor)  # SaveImage would name the file after a MetaTensor's own meta
         # MONAI's PNG writer expects (C, W, H) spatial order (it transposes); keep the image orientation
         saver(mask.permute(0, 2, 1) if self.ext == ".png" else mask, meta_data={"filename_or_obj": path})
         stem = Path(path).name.split(".")[0]
