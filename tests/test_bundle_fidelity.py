@@ -213,3 +213,26 @@ def test_dino_multicrop_gets_unclipped_images(data):
     assert zeros < 0.005
     assert old > 0.01  # the check can fail: normalised inputs would be caught
     assert math.isfinite(task(x)["loss"].item())
+
+
+def test_tpp_crop_equals_torchvision_random_resized_crop():
+    """Defect 3: the TPP crop is torchvision's RandomResizedCrop (MAE/MedCoSS ``interpolation=3``, bicubic with
+    anti-aliasing): same output for the same box, boxes drawn within scale 0.2-1.0 and ratio 3/4-4/3."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from tpp_monai.data.transforms import RandResizedCropd
+
+    crop = RandResizedCropd("image", 32)
+    crop.set_random_state(0)
+    x = torch.rand(3, 50, 40)
+    for _ in range(5):
+        out = crop({"image": x})["image"]
+        ref = TF.resized_crop(x, *crop.box, [32, 32], InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
+        assert out.shape == (3, 32, 32) and torch.allclose(out, ref, atol=1e-6)
+    boxes = [crop.sample_box(200, 300) for _ in range(300)]
+    scales = [h * w / (200 * 300) for _, _, h, w in boxes]
+    ratios = [w / h for _, _, h, w in boxes]
+    assert 0.19 < min(scales) and max(scales) <= 1.0 and 0.4 < float(np.mean(scales)) < 0.8
+    assert min(ratios) > 0.74 and max(ratios) < 1.34
+    assert all(0 <= t and 0 <= l and t + h <= 200 and l + w <= 300 for t, l, h, w in boxes)

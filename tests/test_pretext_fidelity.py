@@ -144,6 +144,10 @@ def test_inherited_medcoss_decoder_matches_medcoss_forward_decoder(medcoss_ckpt)
           f"{err64:.1e} (float64); 8 vs 16 heads: max abs diff {gap:.3f} (mean |output| {ref.abs().mean():.3f})")
     assert err < 5e-5 and err64 < 1e-9  # float32 summation order (SDPA vs matmul) stays ~1e-5
     assert gap > 1e-2  # the comparison can fail: 8 heads would be caught
+    # segmentation updates the decoder: all of it, as MedCoSS trained it (its decoder_pos_embed_2D is an
+    # ordinary trainable nn.Parameter; official MAE keeps its sin-cos table fixed)
+    seg = build_pretext(backbone, "mae", "inherit_trainable", backbone_ckpt=str(path))
+    assert all(p.requires_grad for p in seg.decoder.parameters())
     # overridable, and an 8-head decoder is indeed what the re-statement with 8 heads computes
     task8 = MAEPretext(backbone, decoder_mode="inherit_frozen", decoder_state=load_vit_checkpoint(path),
                        decoder_heads=8).eval()
@@ -169,6 +173,7 @@ def test_format_defaults_and_recorded_values(medcoss_ckpt, tmp_path):
     assert (load_vit_checkpoint(timm_sd).format, load_vit_checkpoint(timm_sd).input_norm) == ("timm", "imagenet")
     mae = load_vit_checkpoint({"model": mae_sd})
     assert (mae.format, mae.decoder_heads, mae.input_norm) == ("mae", 16, "imagenet")
+    assert (loaded.decoder_pos_learnable, mae.decoder_pos_learnable) == (True, False)
     dino = load_vit_checkpoint({"teacher": {f"backbone.{k}": v for k, v in timm_sd.items()}})
     assert (dino.format, dino.decoder_heads, dino.input_norm) == ("dino", None, "imagenet")
     # a file written by tpp-monai records what it was trained with; that wins over the format's default

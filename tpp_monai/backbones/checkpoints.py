@@ -65,13 +65,16 @@ class FormatDefaults:
     decoder_heads: int | None  #: attention heads of the format's MAE decoder (None: the format has none)
     input_norm: str  #: pixel space of pre-training, a name of tpp_monai.data.normalization.INPUT_NORMS
     source: str  #: where the values come from
+    #: the decoder's position table was trained with it (MedCoSS: an ordinary nn.Parameter; MAE: fixed sin-cos)
+    decoder_pos_learnable: bool = False
 
 
 #: Per format (METHOD.md, "Facts the TPP paper leaves to MedCoSS"); Path_DINO weights are plain timm/DINO
 #: files that cannot be told apart from ImageNet DINO: pass ``input_norm="path_dino"`` for them.
 FORMAT_DEFAULTS: dict[str, FormatDefaults] = {
     "medcoss": FormatDefaults(16, "none", "MedCoSS Unified_Model(decoder_num_heads=16); pre-training and downstream "
-                                          "use ToTensor() images in [0, 1] without mean/std"),
+                                          "use ToTensor() images in [0, 1] without mean/std; decoder_pos_embed_2D "
+                                          "is a trainable nn.Parameter", decoder_pos_learnable=True),
     "mae": FormatDefaults(16, "imagenet", "official MAE mae_vit_*_patch16_dec512d8b (decoder_num_heads=16); "
                                           "ImageNet mean/std"),
     "dino": FormatDefaults(None, "imagenet", "DINO: ImageNet mean/std (Path_DINO: input_norm='path_dino')"),
@@ -157,6 +160,7 @@ class LoadedCheckpoint:
     file (None for an in-memory state dict). ``meta``: epoch / args / container key when present.
     ``decoder_heads``: heads of the MAE decoder (recorded in the file, else the format's default; None if
     unknown). ``input_norm``: pixel space the backbone expects (recorded, else the format's default).
+    ``decoder_pos_learnable``: the decoder's position table was trained in pre-training (MedCoSS).
     """
 
     format: str
@@ -172,6 +176,7 @@ class LoadedCheckpoint:
     meta: dict[str, Any] = field(default_factory=dict)
     decoder_heads: int | None = None
     input_norm: Any = "imagenet"
+    decoder_pos_learnable: bool = False
 
     @property
     def ok(self) -> bool:
@@ -517,7 +522,8 @@ def load_vit_checkpoint(
 
     defaults, recorded = FORMAT_DEFAULTS[fmt], meta.get("recorded", {})
     implied = dict(decoder_heads=int(recorded.get("decoder_heads", defaults.decoder_heads or 0)) or None,
-                   input_norm=recorded.get("input_norm", defaults.input_norm))
+                   input_norm=recorded.get("input_norm", defaults.input_norm),
+                   decoder_pos_learnable=defaults.decoder_pos_learnable)
     if not decoder:
         implied["decoder_heads"] = None
     if model is not None:

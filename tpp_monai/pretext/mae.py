@@ -224,7 +224,9 @@ class MAEPretext(PretextTask):
         decoder_heads: attention heads; default: ``decoder_dim // 64`` for ``"new"``, the checkpoint's
             recorded/format heads when inheriting (MedCoSS, MAE: 16). Give it to override.
         norm_pix_loss: normalise target pixels per patch (mean 0, variance 1).
-        learnable_pos: train ``decoder_pos_embed`` (fixed sin-cos by default, as in MAE).
+        learnable_pos: train ``decoder_pos_embed`` (when the decoder trains). None: as in pre-training for an
+            inherited decoder of known format (MedCoSS: trainable, its table is an ordinary parameter), else
+            fixed sin-cos as in MAE.
         img_size: image side the decoder table is built for (default: the backbone's ``img_size``).
     """
 
@@ -235,7 +237,7 @@ class MAEPretext(PretextTask):
         decoder_state: Any = None,
         decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int | None = None,
         decoder_mlp_ratio: float = 4.0, decoder_norm_eps: float = 1e-6, norm_pix_loss: bool = True,
-        learnable_pos: bool = False, img_size: int | None = None,
+        learnable_pos: bool | None = None, img_size: int | None = None,
     ) -> None:
         super().__init__(backbone)
         if decoder_mode not in DECODER_MODES:
@@ -272,6 +274,8 @@ class MAEPretext(PretextTask):
                     stacklevel=2,
                 )
                 decoder_heads = MAE_DECODER_HEADS
+        if learnable_pos is None:
+            learnable_pos = bool(getattr(decoder_state, "decoder_pos_learnable", False)) if state is not None else False
         heads = decoder_heads or max(1, decoder_dim // 64)
         self.decoder_heads = heads
         self.decoder = MAEDecoder(
