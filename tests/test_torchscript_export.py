@@ -92,3 +92,48 @@ def test_trace_records_the_position_resize_without_changing_eager_numerics():
         x = torch.rand(1, 3, side, side)
         with torch.no_grad():
             assert torch.equal(traced(x), vit(x)) or torch.allclose(traced(x), vit(x), atol=1e-6)
+
+
+VIT_METHODS = ["adapter", "adaptformer", "attn_tuning", "bitfit", "dtl", "evp", "full", "linear", "ln_tuning", "lora",
+               "ssf", "vpt"]
+
+
+@pytest.mark.parametrize("method", VIT_METHODS)
+def test_trace_of_every_vit_peft_method_follows_the_input_size(method, tmp_path):
+    """``--peft_method X`` bundles export the same way: traced at 32 px, equal to eager at 16 and 48 px."""
+    net = parser_for("qata", bundle_root=str(tmp_path), peft_method=method).get_parsed_content("network_def").eval()
+    with torch.no_grad():
+        for n, prm in net.named_parameters():
+            if "peft_" in n:
+                prm.normal_(0, 0.02)
+        traced = torch.jit.trace(net, torch.rand(1, 3, 32, 32), check_trace=False)
+        for side in (16, 48):
+            x = torch.rand(2, 3, side, side)
+            assert torch.allclose(traced(x), net(x), atol=1e-5), (method, side)
+
+
+def _hfc_reference(x: torch.Tensor, rate: float) -> torch.Tensor:
+    """EVP's high-frequency components as the EVP code writes them: zero the centred square of side
+    2 * int(sqrt(H * W * rate) / 2) of the shifted spectrum, inverse FFT, |real part|."""
+    import math
+
+    h, w = x.shape[-2:]
+    half = int(math.sqrt(h * w * rate) / 2)
+    spec = torch.fft.fftshift(torch.fft.fft2(x.float(), norm="forward"), dim=(-2, -1))
+    if half > 0:
+        spec[..., h // 2 - half: h // 2 + half, w // 2 - half: w // 2 + half] = 0
+    return torch.fft.ifft2(torch.fft.ifftshift(spec, dim=(-2, -1)), norm="forward").real.abs()
+
+
+def test_evp_high_frequency_is_unchanged_and_traces():
+    """The mask is now built from tensor ops (so a trace follows the size); values equal the reference formula."""
+    from tpp_monai.peft.evp import high_frequency
+
+    torch.manual_seed(0)
+    for side in (16, 32, 48, 224):
+        for rate in (0.0, 0.01, 0.25, 1.0):
+            x = torch.rand(2, 3, side, side)
+            assert torch.equal(high_frequency(x, rate), _hfc_reference(x, rate)), (side, rate)
+    traced = torch.jit.trace(lambda t: high_frequency(t, 0.25), torch.rand(1, 3, 32, 32), check_trace=False)
+    x = torch.rand(1, 3, 48, 48)
+    assert torch.equal(traced(x), _hfc_reference(x, 0.25))

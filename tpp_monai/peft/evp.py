@@ -54,11 +54,14 @@ class EVPConfig(PeftConfig):
 def high_frequency(x: torch.Tensor, rate: float) -> torch.Tensor:
     """``|Re ifft2(fft2(x) with the centred low-frequency square of area rate*H*W removed)|``."""
     h, w = x.shape[-2:]
-    half = int(math.sqrt(h * w * rate) / 2)
+    # tensor arithmetic (float64 sqrt, as math.sqrt) and arange masks instead of Python ints and slices, so that
+    # a traced export recomputes the square for each input size instead of freezing the trace-time one
+    half = torch.floor(torch.sqrt(torch.as_tensor(h * w * rate, dtype=torch.float64)) / 2).long()
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    low_rows = (rows >= h // 2 - half) & (rows < h // 2 + half)
+    low_cols = (cols >= w // 2 - half) & (cols < w // 2 + half)
+    keep = (~(low_rows[:, None] & low_cols[None, :])).to(torch.float32)
     spec = torch.fft.fftshift(torch.fft.fft2(x.float(), norm="forward"), dim=(-2, -1))
-    keep = torch.ones(h, w, device=x.device)
-    if half > 0:
-        keep[h // 2 - half: h // 2 + half, w // 2 - half: w // 2 + half] = 0
     spec = spec * keep
     out = torch.fft.ifft2(torch.fft.ifftshift(spec, dim=(-2, -1)), norm="forward")
     return out.real.abs().to(x.dtype)
