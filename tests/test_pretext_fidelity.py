@@ -213,6 +213,15 @@ def test_backbone_sees_its_pixel_space_and_mae_targets_live_there():
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         assert torch.allclose(normed(x), plain((x - mean) / std), atol=1e-6)
+    # opt-in "zscore": MedCoSS's segmentation loaders, per image and channel with numpy's (population) std
+    zs = VisionTransformer(cfg).eval()
+    zs.load_state_dict(plain.state_dict())
+    zs.set_input_norm("zscore")
+    a = x.numpy()
+    ref_z = torch.from_numpy((a - a.mean(axis=(2, 3), keepdims=True)) / a.std(axis=(2, 3), keepdims=True))
+    assert zs.input_norm == "zscore" and torch.allclose(zs.normalize_input(x), ref_z, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(zs(x), plain(ref_z), atol=1e-5)
     apply_peft(normed, "adapter", {"bottleneck": 4})
     task = MAEPretext(normed, decoder_dim=32, decoder_depth=1, decoder_heads=2)
     t = patchify((x - mean) / std, 8)

@@ -196,20 +196,24 @@ class VisionTransformer(nn.Module):
         # pixel space of pre-training: (x - mean) / std inside the model (None: images used as given, [0, 1])
         self.register_buffer("input_mean", None, persistent=False)
         self.register_buffer("input_std", None, persistent=False)
+        self.register_buffer("input_zscore", None, persistent=False)  # a flag tensor: per-image standardisation
         self._init_weights()
 
     def set_input_norm(self, spec: object = "none") -> "VisionTransformer":
         """Normalise input images as the backbone's pre-training did (``"none"``, ``"imagenet"``,
-        ``"path_dino"`` or ``[mean, std]``; see :mod:`tpp_monai.data.normalization`).
+        ``"path_dino"``, ``[mean, std]``, or ``"zscore"`` per image; see :mod:`tpp_monai.data.normalization`).
 
         Kept in non-persistent buffers: not in ``state_dict`` (checkpoints unchanged), but part of the
         backbone fingerprint, so target parameters trained in another pixel space are refused.
         """
-        from tpp_monai.data.normalization import resolve_input_norm
+        from tpp_monai.data.normalization import ZSCORE, resolve_input_norm
 
         ms = resolve_input_norm(spec, self.cfg.in_chans)  # type: ignore[arg-type]
-        if ms is None:
+        self.input_zscore = None
+        if ms is None or ms == ZSCORE:
             self.input_mean = self.input_std = None
+            if ms == ZSCORE:
+                self.input_zscore = torch.ones(1, device=self.cls_token.device)
         else:
             dev = self.cls_token.device
             self.input_mean = torch.tensor(ms[0], device=dev).reshape(1, -1, 1, 1)
@@ -219,12 +223,18 @@ class VisionTransformer(nn.Module):
     @property
     def input_norm(self) -> object:
         """The pixel space set by :meth:`set_input_norm`: ``"none"`` or ``{"mean": [..], "std": [..]}``."""
+        if self.input_zscore is not None:
+            return "zscore"
         if self.input_mean is None:
             return "none"
         return {"mean": self.input_mean.flatten().tolist(), "std": self.input_std.flatten().tolist()}
 
     def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> the pixel space the backbone was pre-trained in (identity for ``"none"``)."""
+        if self.input_zscore is not None:
+            from tpp_monai.data.normalization import zscore_per_image
+
+            return zscore_per_image(x)
         if self.input_mean is None:
             return x
         return (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)

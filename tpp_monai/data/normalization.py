@@ -17,6 +17,9 @@ name           mean / std                                   used by
 ``path_dino``  (0.70322989, 0.53606487, 0.66096631) /       Path_DINO (Kang et al., CVPR 2023, Lunit
                (0.21716536, 0.26081574, 0.20723464)          ``benchmark-ssl-pathology``): the statistics its
                                                             DINO ViTs were pre-trained with
+``zscore``     per image and channel: (x - mean) / std          MedCoSS's *segmentation* fine-tuning
+                                                            (``Downstream/Dim_2/QaTa_CoV19/DSDataset.py``);
+                                                            opt-in (its pre-training saw [0, 1])
 =============  ===========================================  =================================================
 """
 
@@ -24,23 +27,30 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import torch
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PATH_DINO_MEAN = (0.70322989, 0.53606487, 0.66096631)
 PATH_DINO_STD = (0.21716536, 0.26081574, 0.20723464)
 
-#: Named pixel spaces (``None``: no normalisation, images in [0, 1]).
+#: Per-image, per-channel standardisation (population std), as MedCoSS's segmentation data loaders.
+ZSCORE = "zscore"
+
+#: Named pixel spaces (``None``: no normalisation, images in [0, 1]; ``"zscore"``: per image and channel).
 INPUT_NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
     "none": None,
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
     "path_dino": (PATH_DINO_MEAN, PATH_DINO_STD),
+    ZSCORE: ZSCORE,  # type: ignore[dict-item]
 }
 
 InputNorm = str | Sequence | Mapping[str, Sequence[float]] | None
 
 
-def resolve_input_norm(spec: InputNorm, in_channels: int = 3) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """``(mean, std)`` per channel for a pixel-space spec, or None for images used as they are ([0, 1]).
+def resolve_input_norm(spec: InputNorm, in_channels: int = 3) -> Any:
+    """``(mean, std)`` per channel for a pixel-space spec, None for images used as they are ([0, 1]), or
+    :data:`ZSCORE` for per-image standardisation.
 
     ``spec``: a name of :data:`INPUT_NORMS`, ``None``, ``[mean, std]`` or ``{"mean": .., "std": ..}``
     (a single number or one per channel). ``"auto"`` is not accepted here: it is resolved from the
@@ -56,6 +66,8 @@ def resolve_input_norm(spec: InputNorm, in_channels: int = 3) -> tuple[tuple[flo
             raise ValueError(f"Unknown input normalisation '{spec}'{hint}; use one of {sorted(INPUT_NORMS)} "
                              "or an explicit [mean, std] pair")
         ms = INPUT_NORMS[key]
+        if ms == ZSCORE:
+            return ZSCORE
     elif isinstance(spec, Mapping):
         if set(spec) != {"mean", "std"}:
             raise ValueError(f"input normalisation mapping needs exactly 'mean' and 'std'; got {sorted(spec)}")
@@ -89,4 +101,14 @@ def describe_input_norm(spec: InputNorm, in_channels: int = 3) -> Any:
     if isinstance(spec, str) and spec.strip().lower() in INPUT_NORMS:
         return spec.strip().lower()
     ms = resolve_input_norm(spec, in_channels)
-    return "none" if ms is None else {"mean": list(ms[0]), "std": list(ms[1])}
+    if ms is None or ms == ZSCORE:
+        return "none" if ms is None else ZSCORE
+    return {"mean": list(ms[0]), "std": list(ms[1])}
+
+
+def zscore_per_image(x: "torch.Tensor") -> "torch.Tensor":
+    """(B, C, H, W) -> each image's channels standardised: ``(x - mean) / std`` (population std; a constant
+    channel is only centred), as MedCoSS's segmentation loaders do with numpy."""
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    std = x.std(dim=(-2, -1), keepdim=True, unbiased=False)
+    return (x - mean) / torch.where(std > 0, std, torch.ones_like(std))

@@ -40,7 +40,9 @@ from monai.transforms import (
     Resized, ScaleIntensityRanged,
 )
 
-from tpp_monai.data.normalization import IMAGENET_MEAN, IMAGENET_STD, resolve_input_norm  # noqa: F401 (re-export)
+from tpp_monai.data.normalization import (  # noqa: F401 (IMAGENET_* re-exported)
+    IMAGENET_MEAN, IMAGENET_STD, ZSCORE, resolve_input_norm,
+)
 
 #: MAE / MedCoSS pre-training crop: ``RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=3)``
 #: (bicubic; torchvision's default ratio 3/4-4/3) + ``RandomHorizontalFlip()``.
@@ -203,7 +205,9 @@ def _tail(keys: list[str], train: bool, in_channels: int, normalize, seg: bool, 
 
         t += seg_augmentations(keys, augment, image_size) if seg else cls_augmentations(augment)
     ms = _norm(in_channels, normalize)
-    if ms is not None:
+    if ms == ZSCORE:
+        t.append(NormalizeIntensityd("image", channel_wise=True))
+    elif ms is not None:
         mean, std = ms
         t.append(NormalizeIntensityd("image", subtrahend=np.array(mean, np.float32)[:, None, None],
                                      divisor=np.array(std, np.float32)[:, None, None]))
