@@ -74,7 +74,7 @@ def tpp_pretrain(
     output_dir: str | os.PathLike = "tpp_output",
     checkpoint_every_iters: int | None = None,
     checkpoint_every_epochs: int | None = 1,
-    resume: bool = False,
+    resume: bool | str = False,
     seed: int | None = 0,
     device: str | torch.device = "cpu",
     amp: bool | str | None = None,
@@ -91,7 +91,8 @@ def tpp_pretrain(
     one. ``pretext``: "mae", "dino" (``pretext_config`` goes to its constructor) or a built task.
     Defaults of lr / weight decay / warm-up / betas follow the paper for the pretext task.
     ``max_iterations`` limits the iterations per epoch (quick runs). ``handlers``: extra objects with
-    ``attach(engine)`` (MONAI/ignite handlers, e.g. a loss recorder).
+    ``attach(engine)`` (MONAI/ignite handlers, e.g. a loss recorder). ``resume``: True / "auto" continue
+    from ``output_dir/tpp_resume.pt`` (see :class:`~tpp_monai.engines.tpp_trainer.TPPTrainer`).
 
     Under torchrun (call :func:`tpp_monai.engines.distributed.init_distributed` first) ``batch_size`` is
     the *global* batch: each of the W processes loads ``batch_size / W`` images, gradients are averaged,
@@ -115,6 +116,9 @@ def tpp_pretrain(
     warm = d["warmup_epochs"] if warmup_epochs is None else warmup_epochs
     optimizer = build_optimizer(task, lr=lr, weight_decay=wd, betas=tuple(betas or d["betas"]))
     ds = make_dataset(images, transforms)
+    if len(ds) == 0:
+        raise ValueError("tpp_pretrain got 0 images: pass the downstream training images (a tensor (N, C, H, W), a "
+                         "Dataset or a datalist) and check the folder/datalist they come from")
     loader = global_batch_loader(ds, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers,
                                  pin_memory=device.type == "cuda")
     epoch_length = min(len(loader), max_iterations) if max_iterations else None

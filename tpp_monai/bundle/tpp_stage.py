@@ -56,6 +56,8 @@ def build_tpp_optimizer(task: nn.Module, lr: float | None = None, batch_size: in
     name = getattr(task, "name", "mae")
     d = PRETEXT_DEFAULTS.get(name, PRETEXT_DEFAULTS["mae"])
     lr = default_lr(name if name in PRETEXT_DEFAULTS else "mae", batch_size) if lr is None else lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"--tpp_lr must be a positive learning rate or null (the paper's default), got {lr!r}")
     wd = d["weight_decay"] if weight_decay is None else weight_decay
     return build_optimizer(task, lr=lr, weight_decay=wd, betas=tuple(d["betas"]))
 
@@ -65,12 +67,16 @@ def build_tpp_trainer(
     device: str | torch.device = "cpu", max_epochs: int = 1, epoch_length: int | None = None,
     lr: float | None = None, warmup_epochs: float | None = None, min_lr: float = 0.0, weight_decay: float | None = None,
     weight_decay_end: float | None = None, target_name: str = TARGET_FILE, seed: int | None = 0,
-    progress_bar: bool = True, log_every: int = 10, handlers: Sequence | None = None, resume: bool = False,
+    progress_bar: bool = True, log_every: int = 10, handlers: Sequence | None = None, resume: bool | str = "auto",
     checkpoint_every_epochs: int | None = 1,
 ):
     """A :class:`~tpp_monai.engines.TPPTrainer` writing ``output_dir/<target_name>`` (default
     ``tpp_target_params.pt``), warm-up + cosine schedule; warm-up is capped at half the run.
-    ``warmup_epochs`` None: the paper's for the pretext (MAE 40, DINO 10; ``PRETEXT_DEFAULTS``)."""
+    ``warmup_epochs`` None: the paper's for the pretext (MAE 40, DINO 10; ``PRETEXT_DEFAULTS``).
+
+    ``resume`` (the bundle's top-level ``resume``): "auto" continues a killed run from
+    ``tpp_resume.pt`` when it was written with the same settings (and refuses one with other
+    settings), true requires it, false starts over."""
     from tpp_monai.engines.optim import PRETEXT_DEFAULTS
     from tpp_monai.engines.tpp_trainer import TPPTrainer
 
@@ -79,6 +85,7 @@ def build_tpp_trainer(
     lr = optimizer.param_groups[0]["lr"] if lr is None else lr
     wd = d["weight_decay"] if weight_decay is None else weight_decay
     wd_end = d["weight_decay_end"] if weight_decay_end is None else weight_decay_end
+    resume = parse_resume(resume)
     os.makedirs(output_dir, exist_ok=True)
     warm = min(float(d["warmup_epochs"] if warmup_epochs is None else warmup_epochs), max_epochs / 2)
     trainer = TPPTrainer(
@@ -90,6 +97,20 @@ def build_tpp_trainer(
     )
     trainer.checkpointer.target_path = Path(output_dir) / target_name
     return trainer
+
+
+def parse_resume(value: bool | str | None) -> bool | str:
+    """The resume switch from JSON/CLI (``true``/``false``/``auto``, any case) as True/False/"auto"."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("auto", "none", ""):
+        return "auto"
+    if v in ("true", "1", "yes"):
+        return True
+    if v in ("false", "0", "no"):
+        return False
+    raise ValueError(f"resume must be auto, true or false; got {value!r}")
 
 
 def save_mae_checkpoint(task: nn.Module, path: str | os.PathLike) -> Path:

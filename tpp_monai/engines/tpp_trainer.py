@@ -4,10 +4,17 @@ parameters (+ trainable pretext head) -> ``task.after_step`` (EMA teacher, centr
 Handlers: per-iteration LR/weight-decay schedule, loss logging (``StatsHandler``,
 ``TensorBoardStatsHandler``), optional progress bar, and :class:`TargetCheckpointHandler`, which
 writes the target-parameter checkpoint (only target parameters, atomic) and a resume file
-(target parameters, pretext head, optimiser, schedule, iteration, epoch, RNG; atomic).
-``resume=True`` restarts from the resume file when it exists. With ``seed`` set, every iteration
-seeds the RNG with ``seed + iteration``, so a resumed run draws the same masks/crops as an
-uninterrupted one.
+(target parameters, pretext head, optimiser, schedule, iteration, RNG, data order, settings; atomic).
+
+Safety: the output folder is locked for the run (:mod:`tpp_monai.runlock`, rank 0 under DDP; a
+second run into it is refused naming the first one's PID). ``resume``: ``"auto"`` continues from
+``tpp_resume.pt`` when it exists and was written with the same settings (logged), ``True`` also
+requires it to exist, ``False`` starts over. A resume file written with other settings (seed,
+epochs, data size, schedule, PEFT, pretext, backbone) is refused naming what differs. The data
+order is a function of the seed and the pass over the data
+(:class:`~tpp_monai.engines.resumable_data.ResumableLoader`) and, with ``seed`` set, every
+iteration seeds the RNG with ``seed + iteration``; so a resumed run equals an uninterrupted one
+bit for bit.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from torch import nn
 from tpp_monai.checkpoint import CheckpointMismatch, atomic_save, safe_load, save_target_checkpoint
 from tpp_monai.engines.amp import autocast, grad_scaler, resolve_amp
 from tpp_monai.engines.distributed import barrier, is_main_process, mean_over_ranks, wrap_ddp
+from tpp_monai.engines.resumable_data import ResumableLoader
 from tpp_monai.engines.schedules import WarmupCosineSchedule
 from tpp_monai.peft.api import backbone_fingerprint, get_peft, load_target_state_dict, target_state_dict
+from tpp_monai.runlock import OutputLock
 
 TARGET_NAME = "target_params.pt"
 RESUME_NAME = "tpp_resume.pt"
@@ -92,6 +101,8 @@ class TargetCheckpointHandler:
             "optimizer": engine.optimizer.state_dict(),
             "schedule": engine.schedule.state_dict(),
             "rng": torch.get_rng_state(),
+            "data": engine.data_loader.state_dict(),
+            "settings": engine.settings,
         }
         atomic_save(state, self.resume_path)
 
@@ -108,15 +119,19 @@ class TPPTrainer(Trainer):
         schedule: a :class:`WarmupCosineSchedule` or a dict of its/``build_schedule`` fields
             (``lr``, ``warmup_epochs``, ``min_lr``, ``weight_decay``, ``weight_decay_end``);
             None: constant lr of the optimiser.
-        output_dir: where ``target_params.pt``, ``tpp_resume.pt`` and ``tb/`` go.
+        output_dir: where ``target_params.pt``, ``tpp_resume.pt`` and ``tb/`` go (locked while this
+            trainer lives: another run into it is refused).
         checkpoint_every_iters / checkpoint_every_epochs: checkpoint frequency.
-        resume: restart from ``output_dir/tpp_resume.pt`` when it exists.
-        seed: per-iteration RNG seed (``seed + iteration``); None keeps the global RNG running.
+        resume: ``"auto"`` (continue from ``output_dir/tpp_resume.pt`` when it exists), ``True`` (it must
+            exist) or ``False`` (start over); a resume file of other settings is refused.
+        seed: per-iteration RNG seed (``seed + iteration``) and seed of the data order; None keeps the
+            global RNG running (the data order then gets a random seed, stored for resuming).
         clip_grad: max gradient norm (None: no clipping).
         amp: mixed precision (:func:`tpp_monai.engines.amp.resolve_amp`): None/True = bf16 (fp16 +
             GradScaler where bf16 is unsupported) on CUDA, off on CPU; "bf16"/"fp16" force it; False off.
         compile: run the forward through ``torch.compile``.
         find_unused_parameters: passed to DDP (a pretext whose trainable tensors may go unused in a step).
+        settings: extra values recorded in the resume file that must match on resume.
 
     Under torchrun (an initialised process group) the task runs DDP-wrapped: gradients of the target
     parameters and the trainable pretext head are averaged over ranks, each rank loads its share of
@@ -128,40 +143,65 @@ class TPPTrainer(Trainer):
         self, device: str | torch.device, max_epochs: int, data_loader: Iterable, task: nn.Module,
         optimizer: torch.optim.Optimizer, output_dir: str | os.PathLike, schedule: WarmupCosineSchedule | dict | None = None,
         epoch_length: int | None = None, checkpoint_every_iters: int | None = None,
-        checkpoint_every_epochs: int | None = 1, resume: bool = False, seed: int | None = None,
+        checkpoint_every_epochs: int | None = 1, resume: bool | str = False, seed: int | None = None,
         image_key: str = "image", clip_grad: float | None = None, amp: bool | str | None = None,
         progress_bar: bool = False, tensorboard: bool = True, log_every: int = 10, handlers: Sequence | None = None,
         meta: dict | None = None, compile: bool = False, find_unused_parameters: bool = False,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
+        _check_positive("max_epochs", max_epochs)
+        if epoch_length is not None:
+            _check_positive("epoch_length", epoch_length)
+        if resume not in (True, False, "auto"):
+            raise ValueError(f"resume must be True, False or 'auto'; got {resume!r}")
+        _check_not_empty(data_loader)
         super().__init__(
             device=device, max_epochs=max_epochs, data_loader=data_loader, epoch_length=epoch_length,
             handlers=None, decollate=False, amp=False,
         )
         if self.state.epoch_length is None:
             raise ValueError("epoch_length is needed for a data loader without len()")
-        self.task = task.to(self.state.device)
-        self.network = wrap_ddp(self.task, self.state.device, find_unused_parameters)  # the task itself without DDP
-        self.forward_fn = torch.compile(self.network) if compile else self.network
-        self.optimizer = optimizer
-        self.total_steps = int(max_epochs * self.state.epoch_length)
-        self.schedule = self._make_schedule(schedule)
+        data_seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        self.data_loader = ResumableLoader(data_loader, data_seed)
         self.output_dir = Path(output_dir)
-        self.seed, self.image_key, self.clip_grad = seed, image_key, clip_grad
-        self.amp_dtype = resolve_amp(amp, self.state.device)
-        self.use_amp = self.amp_dtype is not None
-        self.grad_scaler = grad_scaler(self.state.device, self.amp_dtype)
-        self.add_event_handler(Events.ITERATION_STARTED, self._apply_schedule)
-        self.checkpointer = TargetCheckpointHandler(output_dir, checkpoint_every_iters, checkpoint_every_epochs, meta=meta)
-        self.checkpointer.attach(self)
-        if is_main_process():
-            self._attach_logging(progress_bar, tensorboard, log_every)
-        for h in handlers or []:
-            h.attach(self)
-        self._finished = False
-        if hasattr(task, "set_schedule_position"):
-            task.set_schedule_position(0, self.total_steps)
-        if resume:
-            self.resume_from(self.checkpointer.resume_path, missing_ok=True)
+        self.lock = OutputLock(self.output_dir, what="TPP run")
+        if is_main_process():  # under DDP rank 0 writes, so rank 0 holds the lock
+            self.lock.acquire()
+        try:
+            self.task = task.to(self.state.device)
+            self.network = wrap_ddp(self.task, self.state.device, find_unused_parameters)  # the task itself without DDP
+            self.forward_fn = torch.compile(self.network) if compile else self.network
+            self.optimizer = optimizer
+            self.total_steps = int(max_epochs * self.state.epoch_length)
+            self.schedule = self._make_schedule(schedule)
+            self.seed, self.image_key, self.clip_grad = seed, image_key, clip_grad
+            self.settings = {
+                "seed": seed, "max_epochs": int(max_epochs), "epoch_length": int(self.state.epoch_length),
+                "batches_per_pass": getattr(self.data_loader, "_len", None), "dataset_size": _dataset_size(data_loader),
+                "schedule": self.schedule.state_dict(), "clip_grad": clip_grad, **dict(settings or {}),
+            }
+            self.amp_dtype = resolve_amp(amp, self.state.device)
+            self.use_amp = self.amp_dtype is not None
+            self.grad_scaler = grad_scaler(self.state.device, self.amp_dtype)
+            self.add_event_handler(Events.ITERATION_STARTED, self._apply_schedule)
+            self.checkpointer = TargetCheckpointHandler(output_dir, checkpoint_every_iters, checkpoint_every_epochs,
+                                                        meta=meta)
+            self.checkpointer.attach(self)
+            if is_main_process():
+                self._attach_logging(progress_bar, tensorboard, log_every)
+            for h in handlers or []:
+                h.attach(self)
+            self._finished = False
+            if hasattr(task, "set_schedule_position"):
+                task.set_schedule_position(0, self.total_steps)
+            if resume and not self.resume_from(self.checkpointer.resume_path, missing_ok=resume == "auto"):
+                _say(f"no resume state in {self.output_dir}: starting TPP from iteration 0")
+            elif not resume and self.checkpointer.resume_path.is_file() and is_main_process():
+                logger.warning("resume=False: starting over; %s of the previous run will be overwritten",
+                               self.checkpointer.resume_path)
+        except BaseException:
+            self.lock.release()
+            raise
 
     # ------------------------------------------------------------------ set-up
     def _make_schedule(self, schedule: WarmupCosineSchedule | dict | None) -> WarmupCosineSchedule:
@@ -169,6 +209,8 @@ class TPPTrainer(Trainer):
             return schedule
         s = dict(schedule or {})
         lr = s.pop("lr", self.optimizer.param_groups[0]["lr"])
+        if not lr or lr <= 0 or lr != lr:
+            raise ValueError(f"TPP learning rate must be > 0, got {lr!r}; leave it unset for the paper's default")
         warm_epochs = s.pop("warmup_epochs", None)
         warm = s.pop("warmup_steps", None)
         if warm is None:
@@ -248,16 +290,22 @@ class TPPTrainer(Trainer):
         backbone = self.task.backbone
         here = get_peft(backbone).describe()
         if obj["peft"] != here:
-            raise CheckpointMismatch(f"{path}: PEFT {obj['peft']} differs from this run's {here}")
+            raise CheckpointMismatch(f"{path}: PEFT {obj['peft']} differs from this run's {here}. {_RESUME_FIX}")
         if obj["pretext"] != self.task.name:
-            raise CheckpointMismatch(f"{path}: pretext '{obj['pretext']}' differs from this run's '{self.task.name}'")
+            raise CheckpointMismatch(
+                f"{path}: pretext '{obj['pretext']}' differs from this run's '{self.task.name}'. {_RESUME_FIX}")
         if obj["backbone_fingerprint"] != backbone_fingerprint(backbone):
-            raise CheckpointMismatch(f"{path} was written with a different backbone; load the same backbone weights")
+            raise CheckpointMismatch(f"{path} was written with a different backbone; load the same backbone weights "
+                                     f"as that run. {_RESUME_FIX}")
+        diffs = _settings_diff(obj.get("settings"), self.settings)
+        if diffs:
+            raise CheckpointMismatch(f"{path} was written by a run with other settings ({diffs}). {_RESUME_FIX}")
         load_target_state_dict(backbone, obj["target_state"])
         self.task.load_head_state_dict(obj["head_state"])
         self.optimizer.load_state_dict(obj["optimizer"])
         self.schedule.load_state_dict({**obj["schedule"], "total_steps": self.total_steps})
         torch.set_rng_state(obj["rng"])
+        self.data_loader.load_state_dict(obj["data"])
         it = int(obj["iteration"])
         self.state.iteration = it
         self.state.epoch = it // self.state.epoch_length
@@ -265,13 +313,63 @@ class TPPTrainer(Trainer):
         if hasattr(self.task, "set_schedule_position"):
             self.task.set_schedule_position(it, self.total_steps)
         self._finished = it >= self.total_steps
-        logger.info("Resumed TPP from %s at iteration %d (epoch %d)", path, it, self.state.epoch)
+        _say(f"resuming TPP from {path} at iteration {it} of {self.total_steps} (epoch {self.state.epoch}); "
+             "pass resume=False (bundles: --resume false) to start over")
         return True
 
     def run(self) -> None:  # type: ignore[override]
-        if self._finished:
-            logger.info("TPP already finished (%d iterations); nothing to do", self.state.iteration)
-            return
-        super().run()
-        barrier()  # rank 0 has written the final checkpoint before any rank goes on to read it
+        """Train (or do nothing when the resumed run had finished); the output folder is unlocked after."""
+        try:
+            if self._finished:
+                logger.info("TPP already finished (%d iterations); nothing to do", self.state.iteration)
+                return
+            if is_main_process():
+                self.lock.acquire()  # a second run() of this trainer takes the lock again
+            super().run()
+            barrier()  # rank 0 has written the final checkpoint before any rank goes on to read it
+        finally:
+            self.lock.release()
+
+
+_RESUME_FIX = ("Resume with the same settings, write to another output folder, or start over with resume=False "
+               "(bundles: --resume false), which overwrites that run's state.")
+
+
+def _settings_diff(saved: Mapping[str, Any] | None, here: Mapping[str, Any]) -> str:
+    """'name: saved X vs now Y' for every recorded setting that differs ('' when all match)."""
+    if saved is None:
+        return "the file records no settings (written by an older version)"
+    keys = sorted(set(saved) | set(here))
+    return ", ".join(f"{k}: saved {saved.get(k)!r} vs now {here.get(k)!r}" for k in keys if saved.get(k) != here.get(k))
+
+
+def _say(msg: str) -> None:
+    logger.info(msg)
+    if is_main_process():
+        print(f"[tpp-monai] {msg}", flush=True)
+
+
+def _dataset_size(data_loader: Iterable) -> int | None:
+    ds = getattr(data_loader, "dataset", None)
+    try:
+        return len(ds) if ds is not None else None  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def _check_not_empty(data_loader: Iterable) -> None:
+    try:
+        n = len(data_loader)  # type: ignore[arg-type]
+    except TypeError:
+        return
+    if n == 0:
+        ds = getattr(data_loader, "dataset", None)
+        what = f"{len(ds)} images" if ds is not None and hasattr(ds, "__len__") else "no batches"
+        raise ValueError(f"The TPP data loader yields no batches ({what}); give it training images "
+                         "(check the datalist / image folder, and drop_last with fewer images than the batch size).")
 
