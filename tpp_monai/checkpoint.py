@@ -8,10 +8,13 @@ Loading checks method, config, backbone fingerprint, names and shapes, and names
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 from torch import nn
@@ -31,19 +34,22 @@ class CheckpointMismatch(ValueError):
     """A target-parameter checkpoint does not belong to this backbone / PEFT method / config."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash mid-write leaves the previous file intact.
-    """
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], Any]) -> Path:
+    """Write ``data`` (bytes, text, or a function writing to a binary file) to a temporary file in the
+    same folder, fsync, then rename it over ``path``: a crash mid-write leaves the previous file intact.
+    The file gets the usual permissions (umask), not ``mkstemp``'s owner-only ones."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -52,20 +58,94 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`atomic_write`: a crash mid-write leaves the previous file intact."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def non_finite_tensors(obj: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors holding NaN/Inf in a (nested) state dict."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix or "tensor"] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    if isinstance(obj, dict):
+        return [n for k, v in obj.items() for n in non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [n for i, v in enumerate(obj) for n in non_finite_tensors(v, f"{prefix}[{i}]")]
+    return []
+
+
+def warn_if_non_finite(obj: Any, path: str | os.PathLike, what: str = "checkpoint") -> list[str]:
+    """Log a warning naming ``path`` when its tensors hold NaN/Inf (a diverged run saved it)."""
+    bad = non_finite_tensors(obj)
+    if bad:
+        msg = (f"{what} {path} holds NaN/Inf in {len(bad)} tensor(s) (e.g. {', '.join(bad[:3])}); it was probably "
+               "saved by a run that diverged. Training from it will produce NaN: use an earlier checkpoint.")
+        warnings.warn(msg, stacklevel=3)
+        logging.getLogger("tpp_monai").warning(msg)
+    return bad
+
+
 def safe_load(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
-    """``torch.load`` with ``weights_only=True`` unless the caller opts in to legacy pickles."""
+    """``torch.load`` with ``weights_only=True`` unless the caller opts in to legacy pickles; a file that
+    cannot be read is a ``RuntimeError`` naming it and saying whether it is corrupt or a pickle."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}. Check the path (or the bundle override).")
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name and the fix
-        hint = (
-            " It may be a legacy pickled checkpoint: pass allow_pickle=True (only for files you trust)."
-            if not allow_pickle
-            else ""
-        )
-        raise RuntimeError(f"Could not read checkpoint {path}: {e}.{hint}") from e
+        raise RuntimeError(describe_unreadable(path, e, allow_pickle)) from e
+
+
+_CORRUPT_FIX = "Re-create it (re-run the stage that writes it) or download it again."
+
+
+def check_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """Cheap check that ``path`` is a complete ``torch.save`` (zip) file, before a loader that would
+    fail with a bare ``EOFError``/zip error; raises naming the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}.")
+    if path.stat().st_size == 0 or not zipfile.is_zipfile(path):
+        raise RuntimeError(describe_unreadable(path, None, False, what))
+    return path
+
+
+def describe_unreadable(path: str | os.PathLike, err: BaseException | None, allow_pickle: bool = False,
+                        what: str = "checkpoint") -> str:
+    """Why ``path`` could not be loaded: empty, truncated/corrupt, not a checkpoint, or a pickle that
+    ``weights_only`` refuses (only then is ``allow_pickle`` the advice)."""
+    path = Path(path)
+    size = path.stat().st_size if path.exists() else 0
+    with open(path, "rb") as f:
+        head = f.read(4)
+    detail = f" ({type(err).__name__}: {str(err).strip().splitlines()[-1][:200] if str(err).strip() else ''})" \
+        if err is not None else ""
+    if size == 0:
+        return f"Could not read {what} {path}: the file is empty (0 bytes), e.g. a save that was killed. {_CORRUPT_FIX}"
+    msg = str(err or "")
+    if "not an allowed global" in msg and not allow_pickle:
+        return (f"Could not read {what} {path}: it holds pickled Python objects that a weights-only load refuses"
+                f"{detail}. If it is a legacy checkpoint from a source you trust, pass allow_pickle=True "
+                "(bundles: --allow_pickle True, CLI: --allow-pickle).")
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            return (f"Could not read {what} {path}: the file is truncated ({size} bytes; a torch.save archive "
+                    f"whose end is missing, e.g. an interrupted copy or save){detail}. {_CORRUPT_FIX}")
+        return f"Could not read {what} {path}: the archive is corrupt{detail}. {_CORRUPT_FIX}"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        hint = (" If it is a legacy checkpoint from a source you trust, pass allow_pickle=True (bundles: "
+                "--allow_pickle True, CLI: --allow-pickle); if it is a download that was cut short, download it again."
+                if not allow_pickle else f" {_CORRUPT_FIX}")
+        return f"Could not read {what} {path}: it is a plain pickle, not a torch.save archive{detail}.{hint}"
+    return (f"Could not read {what} {path}: it is not a PyTorch checkpoint (neither a torch.save archive nor a "
+            f"pickle; random or corrupt bytes, or another format){detail}. {_CORRUPT_FIX}")
 
 
 def save_target_checkpoint(path: str | os.PathLike, backbone: nn.Module, meta: dict | None = None) -> Path:
@@ -124,6 +204,7 @@ def load_target_checkpoint(
                 f"{path} was trained on a different backbone (fingerprint {obj['backbone_fingerprint'][:12]} "
                 f"vs this backbone {fp[:12]}). Load the same pre-trained backbone checkpoint as the TPP stage."
             )
+    warn_if_non_finite(obj["state_dict"], path, "TPP target-parameter checkpoint")
     try:
         check_target_state_dict(backbone, obj["state_dict"])
     except ValueError as e:

@@ -1,8 +1,11 @@
 """Factories and handlers used by the MONAI bundles in ``bundles/`` (JSON wires them by ``_target_`` / ``$``)."""
 
-from tpp_monai.bundle.data import BundleDataError, default_bundle_root, load_datalist, with_paths
+from tpp_monai.bundle.data import BundleDataError, default_bundle_root, epochs_for_iterations, load_datalist, with_paths
 from tpp_monai.bundle.inferers import FlipTTAInferer
-from tpp_monai.bundle.handlers import GradClipHandler, JsonlLogger, PredictionWriter, SegmentationMetric, save_metrics_json
+from tpp_monai.bundle.handlers import (
+    AtomicCheckpointSaver, CheckedCheckpointLoader, GradClipHandler, JsonlLogger, NonFiniteModelError, OutputFolderLock,
+    PredictionWriter, SegmentationMetric, StopOnNonFiniteLoss, save_metrics_json,
+)
 from tpp_monai.bundle.networks import (
     TPPCheckpointMissing, build_backbone, build_classifier, build_optimizer, build_peft_backbone, build_segmenter,
     load_target_params, log_trainable, poly_lr, read_backbone_checkpoint, read_decoder_state, trainable_report,
@@ -12,9 +15,11 @@ from tpp_monai.bundle.tpp_stage import (
 )
 
 __all__ = [
-    "BundleDataError", "FlipTTAInferer", "GradClipHandler", "JsonlLogger", "PredictionWriter", "SegmentationMetric", "TPPCheckpointMissing",
+    "AtomicCheckpointSaver", "BundleDataError", "CheckedCheckpointLoader", "FlipTTAInferer", "GradClipHandler",
+    "JsonlLogger", "NonFiniteModelError", "OutputFolderLock", "PredictionWriter", "SegmentationMetric",
+    "StopOnNonFiniteLoss", "TPPCheckpointMissing",
     "build_backbone", "build_classifier", "build_optimizer", "build_peft_backbone", "build_pretext",
-    "build_segmenter", "build_tpp_optimizer", "build_tpp_trainer", "default_bundle_root", "load_datalist",
-    "load_target_params", "log_trainable", "poly_lr", "read_backbone_checkpoint", "read_decoder_state",
+    "build_segmenter", "build_tpp_optimizer", "build_tpp_trainer", "default_bundle_root", "epochs_for_iterations",
+    "load_datalist", "load_target_params", "log_trainable", "poly_lr", "read_backbone_checkpoint", "read_decoder_state",
     "save_mae_checkpoint", "save_metrics_json", "trainable_report", "with_paths",
 ]

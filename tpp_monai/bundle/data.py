@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -59,3 +60,14 @@ def load_datalist(datalist: str | os.PathLike, split: str = "training", base_dir
 def with_paths(entries: list[dict[str, Any]], key: str = "image", name: str = "path") -> list[dict[str, Any]]:
     """Copy each entry's ``key`` path into ``name`` so it survives loading (inference file names)."""
     return [{**e, name: str(e[key])} for e in entries]
+
+
+def epochs_for_iterations(num_iterations: int, batches_per_epoch: int) -> int:
+    """Epochs covering ``num_iterations`` training iterations (the paper counts iterations); refuses
+    ``num_iterations < 1`` and an empty training loader with what to change."""
+    if isinstance(num_iterations, bool) or not isinstance(num_iterations, (int, float)) or num_iterations < 1:
+        raise ValueError(f"--num_iterations must be a positive number of training iterations, got {num_iterations!r}")
+    if batches_per_epoch < 1:
+        raise BundleDataError("the training loader yields no batches: the 'training' split is empty or smaller than "
+                              "--batch_size with drop_last; check the datalist or lower --batch_size")
+    return max(1, math.ceil(num_iterations / batches_per_epoch))

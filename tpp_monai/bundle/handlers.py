@@ -8,20 +8,36 @@
   fine-tunes with ``clip_grad_norm_(model.parameters(), 12)``).
 * :class:`PredictionWriter`: inference outputs as files: a CSV of class probabilities
   (classification) or one mask per image written with MONAI ``SaveImage`` (PNG or NIfTI).
+* :class:`AtomicCheckpointSaver`: MONAI ``CheckpointSaver`` whose files (``models/model.pt``) are
+  written atomically and never hold NaN/Inf (a kill mid-save keeps the previous good model).
+* :class:`CheckedCheckpointLoader`: MONAI ``CheckpointLoader`` that names a missing, empty or
+  truncated ``model.pt`` and the fix (instead of a bare ``EOFError``).
+* :class:`StopOnNonFiniteLoss`: stops fine-tuning at the first NaN/Inf loss, naming likely causes.
+* :class:`OutputFolderLock`: one run per bundle output folder (:mod:`tpp_monai.runlock`).
+
+Every file written here (metrics, predictions, masks) is written atomically.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers.checkpoint import BaseSaveHandler
 from ignite.metrics import Metric
+from monai.handlers import CheckpointLoader, CheckpointSaver
+
+from tpp_monai.checkpoint import atomic_save, atomic_write, check_checkpoint_file, non_finite_tensors
+from tpp_monai.runlock import OutputLock
 
 
 def _stack(x: Any) -> torch.Tensor:
@@ -108,17 +124,23 @@ class JsonlLogger:
     def __init__(self, path: str | os.PathLike, stage: str = "train", every: int = 1, trainer: Engine | None = None,
                  reset: bool = True) -> None:
         self.path, self.stage, self.every, self.trainer = Path(path), stage, max(int(every), 1), trainer
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if reset and self.path.exists():
-            self.path.unlink()
+        self.reset, self._fresh = reset, True
 
     def _write(self, rec: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self._iteration)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
+
+    def _start(self, engine: Engine) -> None:
+        """A fresh run starts a new file (once it runs, i.e. holding the output-folder lock); a resumed one appends."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._fresh and self.reset and engine.state.iteration == 0 and self.path.exists():
+            self.path.unlink()
+        self._fresh = False
 
     def _iteration(self, engine: Engine) -> None:
         loss = _loss_of(engine.state.output)
@@ -190,23 +212,29 @@ class PredictionWriter:
     def _save_mask(self, mask: torch.Tensor, path: str) -> str:
         from monai.transforms import SaveImage
 
-        saver = SaveImage(output_dir=str(self.output_dir), output_postfix="seg", output_ext=self.ext,
-                          separate_folder=False, output_dtype=np.uint8, scale=None, resample=False,
-                          print_log=False)
-        mask = mask.as_subclass(torch.Tensor)  # SaveImage would name the file after a MetaTensor's own meta
-        # MONAI's PNG writer expects (C, W, H) spatial order (it transposes); keep the image orientation
-        saver(mask.permute(0, 2, 1) if self.ext == ".png" else mask, meta_data={"filename_or_obj": path})
-        stem = Path(path).name.split(".")[0]
+        tmp = tempfile.mkdtemp(prefix=".writing.", dir=self.output_dir)  # then renamed: never half a mask
+        try:
+            saver = SaveImage(output_dir=tmp, output_postfix="seg", output_ext=self.ext,
+                              separate_folder=False, output_dtype=np.uint8, scale=None, resample=False,
+                              print_log=False)
+            mask = mask.as_subclass(torch.Tensor)  # SaveImage would name the file after a MetaTensor's own meta
+            # MONAI's PNG writer expects (C, W, H) spatial order (it transposes); keep the image orientation
+            saver(mask.permute(0, 2, 1) if self.ext == ".png" else mask, meta_data={"filename_or_obj": path})
+            stem = Path(path).name.split(".")[0]
+            os.replace(Path(tmp) / f"{stem}_seg{self.ext}", self.output_dir / f"{stem}_seg{self.ext}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return str(self.output_dir / f"{stem}_seg{self.ext}")
 
     def _done(self, engine: Engine) -> None:
         if self.kind == "cls":
             n = len(self._rows[0]) - 2 if self._rows else 0
             names = self.class_names or [str(c) for c in range(n)]
-            with open(self.csv_path, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["path", "pred", *[f"prob_{c}" for c in names]])
-                w.writerows(self._rows)
+            buf = io.StringIO(newline="")
+            w = csv.writer(buf)
+            w.writerow(["path", "pred", *[f"prob_{c}" for c in names]])
+            w.writerows(self._rows)
+            atomic_write(self.csv_path, buf.getvalue())
             print(f"[tpp-monai] wrote {len(self._rows)} predictions to {self.csv_path}", flush=True)
         else:
             print(f"[tpp-monai] wrote {len(self.written)} masks to {self.output_dir}", flush=True)
@@ -215,8 +243,92 @@ class PredictionWriter:
 def save_metrics_json(engine: Engine, path: str | os.PathLike) -> dict:
     """Write the evaluator's metrics to ``path`` (JSON) and print them; returns the dict."""
     m = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float, np.floating))}
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(m, indent=2))
+    p = atomic_write(path, json.dumps(m, indent=2))
     print("[tpp-monai] metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items()) + f" -> {p}", flush=True)
     return m
+
+
+class NonFiniteModelError(FloatingPointError):
+    """A model about to be saved holds NaN/Inf: it is not written (the previous file stays)."""
+
+
+class _AtomicDiskSaver(BaseSaveHandler):
+    """ignite save handler: atomic ``torch.save``; refuses NaN/Inf; a fixed ``filename`` is replaced in
+    place (ignite's remove-then-save would leave no model between the two steps)."""
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
+        self.dirname, self.filename = Path(dirname), filename
+
+    def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
+        path = self.dirname / (self.filename or filename)
+        bad = non_finite_tensors(checkpoint)
+        if bad:
+            raise NonFiniteModelError(
+                f"not saving {path}: {len(bad)} tensor(s) hold NaN/Inf (e.g. {', '.join(bad[:3])}); the previous "
+                f"file is kept. {NON_FINITE_CAUSES}")
+        atomic_save(checkpoint, path)
+
+    def remove(self, filename: str) -> None:
+        if self.filename is None:
+            (self.dirname / filename).unlink(missing_ok=True)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI ``CheckpointSaver`` (same arguments) writing through :class:`_AtomicDiskSaver`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if ckpt is not None:
+                ckpt.save_handler = _AtomicDiskSaver(self.save_dir, getattr(ckpt.save_handler, "filename", None))
+
+
+NON_FINITE_CAUSES = (
+    "Likely causes: NaN/Inf pixels in an input image (check the dataset; a corrupt or 16-bit file), a backbone "
+    "or TPP checkpoint that already holds NaN (a warning names it when loaded), or a learning rate too high for "
+    "this method (lower --lr)."
+)
+
+
+class StopOnNonFiniteLoss:
+    """Raises ``FloatingPointError`` at the first NaN/Inf training loss (ignite's ``TerminateOnNan``
+    would end the run with exit 0 and let the NaN model be saved)."""
+
+    def __init__(self, output_transform: Callable = lambda out: _loss_of(out)) -> None:
+        self.output_transform = output_transform
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        loss = self.output_transform(engine.state.output)
+        if loss is not None and not np.isfinite(float(loss)):
+            raise FloatingPointError(
+                f"training loss is {float(loss)} at iteration {engine.state.iteration}; stopping (no model saved "
+                f"from this point). {NON_FINITE_CAUSES}")
+
+
+class OutputFolderLock:
+    """Locks ``folder`` (the bundle root) while the engine runs: a second run into it is refused naming
+    the PID of the first (the lock of a killed run is taken over)."""
+
+    def __init__(self, folder: str | os.PathLike, what: str = "bundle run") -> None:
+        self.lock = OutputLock(folder, what=what)
+
+    def attach(self, engine: Engine) -> None:
+        """Locks at once (the trainer is being built, before any handler writes a file)."""
+        self.lock.acquire()
+        engine.add_event_handler(Events.STARTED, lambda e: self.lock.acquire())
+        engine.add_event_handler(Events.COMPLETED, lambda e: self.lock.release())
+
+
+class CheckedCheckpointLoader(CheckpointLoader):
+    """MONAI ``CheckpointLoader`` (same arguments) checking the file first (see module docstring)."""
+
+    def __call__(self, engine: Engine) -> None:
+        path = Path(self.load_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model checkpoint not found: {path}. Train the bundle first (stage 3 writes "
+                                    "models/model.pt) or pass --model_ckpt /path/to/model.pt.")
+        check_checkpoint_file(path, "model checkpoint")
+        super().__call__(engine)

@@ -87,6 +87,9 @@ def build_backbone(
     model, loaded = build_vit_from_checkpoint(p, format=ckpt_format, allow_pickle=allow_pickle, img_size=img_size)
     model.set_input_norm(loaded.input_norm if _is_auto(input_norm) else input_norm)
     logger.info("backbone: %s; input normalisation %s", loaded.summary(), model.input_norm)
+    from tpp_monai.checkpoint import warn_if_non_finite
+
+    warn_if_non_finite(model.state_dict(), p, "backbone checkpoint")
     return model
 
 
@@ -192,6 +195,10 @@ def build_optimizer(network: nn.Module, lr: float = 1e-4, weight_decay: float = 
     trainable tensor, as MedCoSS's ``AdamW(model.parameters(), lr, weight_decay=1e-4)`` (the bundles' choice).
     """
     from tpp_monai.engines.optim import param_groups
+
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"--lr must be a positive learning rate, got {lr!r} (the paper's per-method values are in "
+                         "the bundle's lr_per_method)")
 
     named = [(n, p) for n, p in network.named_parameters() if p.requires_grad]
     if not named:

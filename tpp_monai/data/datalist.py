@@ -47,6 +47,17 @@ def check_image(path: str | os.PathLike, what: str = "image") -> Path:
     return p
 
 
+def check_same_size(image: str | os.PathLike, mask: str | os.PathLike) -> None:
+    """Image and mask have the same width x height (read from the headers); else a DatalistError naming both."""
+    from PIL import Image
+
+    with Image.open(image) as a, Image.open(mask) as b:
+        if a.size != b.size:
+            raise DatalistError(
+                f"image and mask sizes differ: {image} is {a.size[0]}x{a.size[1]} but {mask} is {b.size[0]}x{b.size[1]} "
+                "(width x height). The mask must be drawn on this image: re-download the pair or remove it.")
+
+
 def check_images(paths: Iterable[str | os.PathLike], what: str = "image") -> None:
     for p in paths:
         check_image(p, what)
@@ -295,6 +306,7 @@ def prepare_glas(root: str | os.PathLike, mask_dir: str | os.PathLike, val_frac:
         if verify:
             check_image(img)
             check_image(m, "mask")
+            check_same_size(img, m)
         arr = np.asarray(Image.open(m))
         if arr.ndim == 3:
             arr = arr[..., 0]
@@ -316,6 +328,7 @@ def _qata_split(set_dir: Path, verify: bool) -> list[dict]:
         for i, m in pairs:
             check_image(i)
             check_image(m, "mask")
+            check_same_size(i, m)
     return [{"image": str(i.resolve()), "label": str(m.resolve())} for i, m in pairs]
 
 

@@ -8,9 +8,10 @@ Bundle use::
                          "image_size": 224, "in_channels": 3, "num_classes": 2}
 
 Chain: :func:`load_image_2d` (``LoadImaged``; PIL/ITK readers: PNG, JPEG, BMP, TIFF, NIfTI) -> ``EnsureChannelFirstd``
--> :class:`EnsureChannelsd` (grayscale -> ``in_channels`` by repetition, RGBA -> RGB, RGB ->
-gray by averaging when the backbone wants 1 channel) -> ``ScaleIntensityRanged`` 0..255 -> 0..1
-(8-bit images; pass ``intensity_range`` otherwise) -> ``Resized`` (bilinear image, nearest
+-> :class:`CheckSameSized` (segmentation: image and mask sizes must match) -> :class:`EnsureChannelsd`
+(grayscale -> ``in_channels`` by repetition, RGBA -> RGB, RGB -> gray by averaging when the backbone
+wants 1 channel) -> :class:`ScaleToUnitd` (8-bit 0..255 -> 0..1; 16-bit/float images from their own
+range, or a fixed ``intensity_range`` window) -> ``Resized`` (bilinear image, nearest
 mask) -> train-only augmentation -> ``EnsureTyped``.  Segmentation masks go through
 :class:`MaskToIndexd`: first channel, and ``> 0`` -> 1 when ``num_classes == 2`` (QaTa masks are
 0/255, GlaS instance ids), class indices kept otherwise.
@@ -26,7 +27,9 @@ checkpoint format; MedCoSS: none, MAE/DINO: ImageNet mean/std), so augmentations
 
 from __future__ import annotations
 
+import gzip
 import math
+import os
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -37,7 +40,7 @@ from monai.data import PILReader
 from monai.transforms import (
     Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform, NormalizeIntensityd, RandAffined,
     RandFlipd, RandGaussianNoised, RandomizableTransform, RandRotate90d, RandScaleIntensityd, RandShiftIntensityd,
-    Resized, ScaleIntensityRanged,
+    Resized,
 )
 
 from tpp_monai.data.normalization import (  # noqa: F401 (IMAGENET_* re-exported)
@@ -64,7 +67,108 @@ def load_image_2d(keys: KeysCollection) -> LoadImaged:
     :class:`tpp_monai.bundle.handlers.PredictionWriter` then overlay their source image. NIfTI
     slices keep MONAI's (x, y) order: do not mix PNG images with NIfTI labels in one datalist.
     """
-    return LoadImaged(keys, reader=upright_image_reader(), image_only=True)
+    return CheckedLoadImaged(keys, reader=upright_image_reader(), image_only=True)
+
+
+# ------------------------------------------------------------------ input checks (issue 16): name the file
+class ImageFileError(ValueError):
+    """An image or label file cannot be used as it is; the message names the file(s) and the fix."""
+
+
+def _filename(x: object) -> str:
+    meta = getattr(x, "meta", None) or {}
+    return str(meta.get("filename_or_obj", "?"))
+
+
+class CheckedLoadImaged(LoadImaged):
+    """``LoadImaged`` whose read errors (truncated PNG/NIfTI, not an image) name the file and the fix."""
+
+    def __call__(self, data, reader=None):  # type: ignore[override]
+        try:
+            for k in self.keys:
+                if isinstance(data, Mapping) and isinstance(data.get(k), (str, os.PathLike)):
+                    _check_complete(data[k])
+            return super().__call__(data, reader)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            paths = {k: data.get(k) for k in self.keys if isinstance(data, Mapping) and k in data}
+            raise ImageFileError(
+                f"cannot read {', '.join(f'{k} file {v}' for k, v in paths.items())}: {type(e).__name__}: {e}. "
+                "The file is truncated, corrupt or not an image: re-export or re-download it, or remove its entry "
+                "from the datalist.") from e
+
+
+def _check_complete(path: str | os.PathLike) -> None:
+    """Raise on a truncated NIfTI: ITK reads one silently (the missing voxels come back as zeros)."""
+    name = str(path).lower()
+    if name.endswith((".nii.gz", ".nii")) and os.path.isfile(path):
+        import nibabel as nib
+
+        if name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:  # EOFError when the stream ends early
+                while f.read(1 << 20):
+                    pass
+        else:
+            hdr = nib.load(str(path)).header
+            need = int(hdr.get_data_offset()) + int(np.prod(hdr.get_data_shape())) * hdr.get_data_dtype().itemsize
+            have = os.path.getsize(path)
+            if have < need:
+                raise EOFError(f"the file has {have} bytes, its header needs {need}")
+
+
+class CheckSameSized(MapTransform):
+    """Refuse an image/label pair whose spatial sizes differ (resizing both would silently misalign them)."""
+
+    def __init__(self, keys: KeysCollection = ("image", "label"), allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        items = [(k, d[k]) for k in self.key_iterator(d)]
+        shapes = {k: tuple(v.shape[1:]) for k, v in items}
+        if len(set(shapes.values())) > 1:
+            desc = " vs ".join(f"{k} {_filename(v)} {shapes[k]}" for k, v in items)
+            raise ImageFileError(f"image and label sizes differ: {desc}. The label must be drawn on this image at "
+                                 "its size: fix or re-export the pair, or remove it from the datalist.")
+        return d
+
+
+class ScaleToUnitd(MapTransform):
+    """Intensities -> [0, 1] from the image's real range instead of assuming 8 bits.
+
+    ``intensity_range="auto"``: images whose values fit in 0..255 (8-bit) are divided by 255 as
+    before; any other image (16-bit PNG/TIFF, float) is scaled from its own min..max, so a 16-bit
+    X-ray is not saturated. ``(a_min, a_max)``: a fixed window for the whole dataset, clipped
+    (e.g. ``[0, 4095]`` for 12-bit data, a CT window).
+    """
+
+    def __init__(self, keys: KeysCollection, intensity_range: str | Sequence[float] = "auto",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if isinstance(intensity_range, str):
+            if intensity_range != "auto":
+                raise ValueError(f"intensity_range must be 'auto' or [min, max]; got {intensity_range!r}")
+            self.window = None
+        else:
+            lo, hi = (float(v) for v in intensity_range)
+            if not hi > lo:
+                raise ValueError(f"intensity_range [min, max] needs max > min; got {list(intensity_range)}")
+            self.window = (lo, hi)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            xf = x.float() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, np.float32))
+            if self.window is not None:
+                lo, hi = self.window
+            else:
+                lo, hi = float(xf.min()), float(xf.max())
+                if lo >= 0 and hi <= 255:
+                    lo, hi = 0.0, 255.0
+                elif hi <= lo:
+                    hi = lo + 1.0
+            d[key] = ((xf - lo) / (hi - lo)).clamp_(0.0, 1.0)
+        return d
 
 
 class EnsureChannelsd(MapTransform):
@@ -104,6 +208,13 @@ class MaskToIndexd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             m = d[key][:1]
+            if self.num_classes != 2:
+                bad = torch.unique(m[(m < 0) | (m >= self.num_classes) | (m != torch.round(m))])
+                if bad.numel():
+                    raise ImageFileError(
+                        f"label file {_filename(d[key])} holds value(s) {bad[:8].tolist()} outside the class indices "
+                        f"0..{self.num_classes - 1} of this {self.num_classes}-class task. Store class indices in the "
+                        "mask (not 0/255 or colours), or set num_classes to match.")
             d[key] = (m > 0).to(m.dtype) if self.num_classes == 2 else m
         return d
 
@@ -219,7 +330,7 @@ def cls_transforms(
     image_size: int | Sequence[int] = 224,
     in_channels: int = 3,
     normalize: str | Sequence | None = "none",
-    intensity_range: tuple[float, float] = (0.0, 255.0),
+    intensity_range: str | Sequence[float] = "auto",
     augment: str = "medcoss",
 ) -> Compose:
     """Dict transforms for ``{"image": path, "label": int}`` entries -> float image (C, S, S), long label.
@@ -227,14 +338,14 @@ def cls_transforms(
     ``augment`` (train only): "medcoss" (MedCoSS's downstream recipe), "legacy" or "none".
     ``normalize``: ``"none"`` (default: [0, 1]; the backbone normalises itself), or a pixel space
     (``"imagenet"``, ``"path_dino"``, ``[mean, std]``) for a backbone that does not.
+    ``intensity_range``: see :class:`ScaleToUnitd` ("auto": 8-bit /255, else the image's own range).
     """
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     t = [
         load_image_2d("image"),
         EnsureChannelFirstd("image"),
         EnsureChannelsd("image", in_channels),
-        ScaleIntensityRanged("image", a_min=intensity_range[0], a_max=intensity_range[1], b_min=0.0, b_max=1.0,
-                             clip=True),
+        ScaleToUnitd("image", intensity_range),
         Resized("image", spatial_size=size, mode="bilinear"),
         *_tail(["image"], train, in_channels, normalize, seg=False, augment=augment),
         EnsureTyped("image", dtype=torch.float32, track_meta=False),
@@ -249,21 +360,22 @@ def seg_transforms(
     in_channels: int = 3,
     num_classes: int = 2,
     normalize: str | Sequence | None = "none",
-    intensity_range: tuple[float, float] = (0.0, 255.0),
+    intensity_range: str | Sequence[float] = "auto",
     augment: str = "medcoss",
 ) -> Compose:
     """Dict transforms for ``{"image": path, "label": mask path}`` -> image (C, S, S), mask (1, S, S) long.
 
-    ``augment`` (train only): "medcoss" (MedCoSS's downstream recipe), "legacy" or "none"."""
+    ``augment`` (train only): "medcoss" (MedCoSS's downstream recipe), "legacy" or "none".
+    Image and mask must have the same size (else :class:`ImageFileError` naming both files)."""
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     keys = ["image", "label"]
     t = [
         load_image_2d(keys),
         EnsureChannelFirstd(keys),
+        CheckSameSized(keys),
         EnsureChannelsd("image", in_channels),
         MaskToIndexd("label", num_classes),
-        ScaleIntensityRanged("image", a_min=intensity_range[0], a_max=intensity_range[1], b_min=0.0, b_max=1.0,
-                             clip=True),
+        ScaleToUnitd("image", intensity_range),
         Resized(keys, spatial_size=size, mode=["bilinear", "nearest"]),
         *_tail(keys, train, in_channels, normalize, seg=True, augment=augment, image_size=size),
         EnsureTyped("image", dtype=torch.float32, track_meta=False),
@@ -280,9 +392,10 @@ def tpp_transforms(
     crop_ratio: Sequence[float] = MAE_CROP_RATIO,
     hflip_prob: float = 0.5,
     normalize: str | Sequence | None = "none",
-    intensity_range: tuple[float, float] = (0.0, 255.0),
+    intensity_range: str | Sequence[float] = "auto",
 ) -> Compose:
-    """TPP-stage chain for image-only entries: load, [0, 1], then the MAE / MedCoSS pre-training recipe.
+    """TPP-stage chain for image-only entries: load, [0, 1] (:class:`ScaleToUnitd`), then the MAE /
+    MedCoSS pre-training recipe.
 
     ``augment``: ``RandResizedCropd(image_size, scale=crop_scale, ratio=crop_ratio, bicubic)`` + horizontal
     flip (``hflip_prob``), as MAE's and MedCoSS's pre-training (``RandomResizedCrop(scale=(0.2, 1.0),
@@ -294,8 +407,7 @@ def tpp_transforms(
         load_image_2d("image"),
         EnsureChannelFirstd("image"),
         EnsureChannelsd("image", in_channels),
-        ScaleIntensityRanged("image", a_min=intensity_range[0], a_max=intensity_range[1], b_min=0.0, b_max=1.0,
-                             clip=True),
+        ScaleToUnitd("image", intensity_range),
     ]
     if augment:
         t += [RandResizedCropd("image", size, scale=crop_scale, ratio=crop_ratio, mode="bicubic"),
