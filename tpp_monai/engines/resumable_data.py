@@ -2,8 +2,9 @@
 
 The engine sees one endless stream made of *passes* over the loader. Pass ``p`` shuffles with a
 generator seeded from ``(data_seed, p)`` (the sampler's and the loader's worker-seed generator;
-``set_epoch(p)`` for a distributed sampler), so the order never depends on the global RNG or on
-when the engine happens to create the iterator. ``state_dict()`` = (seed, pass, batches taken in
+``set_epoch(p)`` for a distributed sampler) and reseeds the dataset's random transforms (MONAI
+``Randomizable``: random crops, flips) from it, so neither the order nor the augmentation depends on
+the global RNG or on when the engine happens to create the iterator. ``state_dict()`` = (seed, pass, batches taken in
 it); after ``load_state_dict`` the next batch is the one an uninterrupted run would have drawn
 (a resume inside a pass re-reads and drops the batches already used in it).
 """
@@ -41,6 +42,11 @@ class ResumableLoader:
             sampler.generator = torch.Generator().manual_seed(seed)
         if hasattr(self.loader, "generator"):  # worker base seeds come from it
             self.loader.generator = torch.Generator().manual_seed(seed + 1)
+        dataset = getattr(self.loader, "dataset", None)
+        if dataset is not None:  # random transforms in this process (workers reseed from the base seed)
+            from monai.data.utils import set_rnd
+
+            set_rnd(dataset, (seed + 2) % (2**32))
 
     def __iter__(self) -> Iterator[Any]:
         if self._len is not None and self.taken >= self._len:  # the previous pass is used up
