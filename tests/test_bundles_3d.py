@@ -96,7 +96,8 @@ def test_bundles_share_everything_but_the_dataset():
         ta, tb = json.loads((a / f"{stage}.json").read_text()), json.loads((b / f"{stage}.json").read_text())
         assert {k: v for k, v in ta.items() if k != "dataset"} == {k: v for k, v in tb.items() if k != "dataset"}
         assert all(str(v).startswith("%bundles/common/nnunet_tpp.json::") for k, v in ta.items()
-                   if k not in ("dataset", "settings"))
+                   if k not in ("dataset", "settings", "network"))
+        assert ta["settings"] == {} and ta["network"] == {}  # command-line override slots
 
 
 def test_runner_options_and_errors(tmp_path):
@@ -162,3 +163,68 @@ def test_monai_bundle_cli_dry_run():
     assert "stage plan:" in r.stdout and "nnUNetv2_plan_and_preprocess -d 502" in r.stdout
     assert "stage tpp:" in r.stdout and "-tr nnUNetTrainer_STUNet_TPPonly_ConvAdapter " in r.stdout
     assert "TPP_NNUNET_TPP_ONLY" not in r.stdout
+
+
+# ---------------------------------------------------------------- network_def (MONAI's verify_net_in_out)
+TINY_NET = ["--network::stunet_size", "small", "--network::patch_size", "[32,32,32]"]
+
+
+def test_pool_op_kernel_sizes_for_patch():
+    from tpp_monai.nnunet.bundle import pool_op_kernel_sizes_for_patch as pools
+
+    assert pools([128, 128, 128]) == [[1, 1, 1]] + [[2, 2, 2]] * 5  # STU-Net's official strides
+    assert pools([32, 32, 32]) == [[1, 1, 1]] + [[2, 2, 2]] * 3 + [[1, 1, 1]] * 2  # the _debug trainers' plan
+    assert pools([16, 64, 64]) == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 2, 2], [1, 1, 1]]  # 16 -> 4, 64 -> 4
+    with pytest.raises(ValueError, match="positive"):
+        pools([0, 32, 32])
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_network_def_is_the_trainers_network(bundle):
+    """network_def = what the nnU-Net trainer builds (same keys, same trainable set), sizes from bundle keys."""
+    from tpp_monai.nnunet import trainers as T
+
+    p = ConfigParser()
+    p.read_config(str(REPO / "bundles" / bundle / "configs" / "inference.json"))
+    assert p["network_defaults"] == "%bundles/common/nnunet_tpp.json::network_defaults"
+    p["network"] = {"stunet_size": "small", "patch_size": [32, 32, 32]}
+    net = p.get_parsed_content("network_def")
+    ref = T.nnUNetTrainer_STUNet_ConvAdapter_small.build_network_architecture(
+        None, {"pool_op_kernel_sizes": [[1, 1, 1]] + [[2, 2, 2]] * 3}, 1, 3, False)
+    assert net.cfg == ref.cfg and net.cfg.size == "small" and net.cfg.dims[0] == 16
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert {n for n, q in net.named_parameters() if q.requires_grad} == {
+        n for n, q in ref.named_parameters() if q.requires_grad}
+    assert sum("peft_conv_adapter" in k for k in net.state_dict()) > 0 and not net.decoder.deep_supervision
+    base = ConfigParser()
+    base.read_config(str(REPO / "bundles" / bundle / "configs" / "train.json"))
+    assert base.get_parsed_content("network_defaults")["stunet_size"] == "base"  # default size
+    with pytest.raises(ValueError, match="builds STU-Net-small"):
+        from tpp_monai.nnunet.bundle import stunet_convadapter_network
+
+        stunet_convadapter_network("base", trainer="nnUNetTrainer_STUNet_ConvAdapter_small")
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_verify_net_in_out(bundle):
+    """MONAI's own check with metadata's declared shapes (32*n, n=1), and it can fail."""
+    from monai.bundle import verify_net_in_out
+
+    b = REPO / "bundles" / bundle / "configs"
+    tiny = {"network::stunet_size": "small", "network::patch_size": [32, 32, 32]}
+    verify_net_in_out("network_def", meta_file=str(b / "metadata.json"), config_file=str(b / "inference.json"),
+                      device="cpu", **tiny)
+    with pytest.raises(ValueError, match="output channel number `3` doesn't match: `4`"):
+        verify_net_in_out("network_def", meta_file=str(b / "metadata.json"), config_file=str(b / "inference.json"),
+                          device="cpu", **tiny, **{"_meta_::network_data_format::outputs::pred::num_channels": 4})
+
+
+def test_verify_net_in_out_cli():
+    """The command line a user types (README), once."""
+    b = "bundles/lits_convadapter_tpp/configs"
+    r = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
+                        f"{b}/metadata.json", "--config_file", f"{b}/inference.json", "--device", "cpu",
+                        "--network::stunet_size", "small", "--network::patch_size", "[32,32,32]"],
+                       capture_output=True, text=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "data shape of network is verified with no error" in r.stdout + r.stderr
