@@ -127,30 +127,99 @@ def test_runner_options_and_errors(tmp_path):
                             "nnUNetPlans__3d_fullres" / "fold_0" / "tpp_target_params.pt")
 
 
-def test_evaluate_stage_dice(tmp_path):
-    """evaluate: Dice of <fold>/validation against labelsTr with the dataset.json labels."""
-    import numpy as np
+def _lits_case(r, labels, ref, pred, name="lits_0000"):
     import SimpleITK as sitk
+
+    (r.raw_dataset_dir / "labelsTr").mkdir(parents=True, exist_ok=True)
+    (r.fold_dir / "validation").mkdir(parents=True, exist_ok=True)
+    (r.raw_dataset_dir / "dataset.json").write_text(json.dumps(
+        {"labels": labels, "file_ending": ".nii.gz", "numTraining": 1, "channel_names": {"0": "CT"}}))
+    sitk.WriteImage(sitk.GetImageFromArray(ref), str(r.raw_dataset_dir / "labelsTr" / f"{name}.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(pred), str(r.fold_dir / "validation" / f"{name}.nii.gz"))
+
+
+def test_evaluate_stage_dice(tmp_path):
+    """evaluate: nnU-Net's compute_metrics_on_folder on <fold>/validation against labelsTr; our mean Dice is
+    nnU-Net's summary.json value (foreground_mean), per-label means are its per-label means."""
+    import numpy as np
+    from nnunetv2.evaluation.evaluate_predictions import load_summary_json
 
     from tpp_monai.nnunet.runner import NnUNetTPPRunner
 
-    r = NnUNetTPPRunner(501, "LiTS", tmp_path / "raw", tmp_path / "pre", tmp_path / "res", device="cpu")
-    (r.raw_dataset_dir / "labelsTr").mkdir(parents=True)
-    (r.fold_dir / "validation").mkdir(parents=True)
-    (r.raw_dataset_dir / "dataset.json").write_text(json.dumps(
-        {"labels": {"background": 0, "liver": 1, "tumour": 2}, "file_ending": ".nii.gz", "numTraining": 1,
-         "channel_names": {"0": "CT"}}))
+    r = NnUNetTPPRunner(501, "LiTS", tmp_path / "raw", tmp_path / "pre", tmp_path / "res", device="cpu",
+                        num_processes=1)
+    labels = {"background": 0, "liver": 1, "tumour": 2}
     ref = np.zeros((4, 4, 4), np.uint8)
     ref[0, :2] = 1  # 8 liver voxels
     ref[3, 0, :2] = 2  # 2 tumour voxels
     pred = ref.copy()
     pred[0, 0] = 0  # 4 liver voxels found
-    sitk.WriteImage(sitk.GetImageFromArray(ref), str(r.raw_dataset_dir / "labelsTr" / "lits_0000.nii.gz"))
-    sitk.WriteImage(sitk.GetImageFromArray(pred), str(r.fold_dir / "validation" / "lits_0000.nii.gz"))
+    _lits_case(r, labels, ref, pred, "lits_0000")
+    ref2 = np.zeros((4, 4, 4), np.uint8)
+    ref2[1] = 1  # 16 liver voxels, no tumour in either image (nnU-Net: NaN, skipped)
+    pred2 = ref2.copy()
+    pred2[1, 0] = 0  # 12 found
+    _lits_case(r, labels, ref2, pred2, "lits_0001")
     s = r.run(["evaluate"])["evaluate"]
-    assert s["per_label"] == {"liver": pytest.approx(2 * 4 / 12), "tumour": 1.0}
-    assert s["mean_dice"] == pytest.approx((2 / 3 + 1) / 2)
-    assert json.loads((r.fold_dir / "dice_summary.json").read_text())["n_cases"] == 1
+    liver = (2 * 4 / 12 + 2 * 12 / 28) / 2
+    assert s["per_label"] == {"liver": pytest.approx(liver), "tumour": 1.0}
+    assert s["mean_dice"] == pytest.approx((liver + 1) / 2) and s["n_cases"] == 2
+    assert s["per_case"]["lits_0001.nii.gz"] == {"liver": pytest.approx(24 / 28)}  # tumour absent: skipped
+    nn = load_summary_json(str(r.fold_dir / "nnunet_summary.json"))  # nnU-Net's own file, read its own way
+    assert s["mean_dice"] == nn["foreground_mean"]["Dice"]
+    assert s["per_label"] == {"liver": nn["mean"][1]["Dice"], "tumour": nn["mean"][2]["Dice"]}
+    assert json.loads((r.fold_dir / "dice_summary.json").read_text())["mean_dice"] == s["mean_dice"]
+
+
+def test_evaluate_honours_nnunet_ignore_label(tmp_path):
+    """A dataset with nnU-Net's 'ignore' label: ignored voxels count nowhere and 'ignore' is no class (the old
+    Dice re-implementation reported an 'ignore' Dice and counted ignored voxels as false positives)."""
+    import numpy as np
+
+    from tpp_monai.nnunet.runner import NnUNetTPPRunner
+
+    r = NnUNetTPPRunner(501, "LiTS", tmp_path / "raw", tmp_path / "pre", tmp_path / "res", num_processes=1)
+    ref = np.zeros((4, 4, 4), np.uint8)
+    ref[0, :2] = 1  # 8 liver voxels
+    ref[2] = 3  # 16 ignored voxels
+    pred = ref.copy()
+    pred[2] = 1  # liver predicted where the reference is ignored: must not count
+    _lits_case(r, {"background": 0, "liver": 1, "tumour": 2, "ignore": 3}, ref, pred)
+    s = r.evaluate()
+    assert set(s["per_label"]) == {"liver", "tumour"}
+    assert s["per_label"]["liver"] == 1.0 and s["per_label"]["tumour"] is None and s["mean_dice"] is None
+
+
+def test_dice_script_calls_nnunet(tmp_path):
+    """scripts/nnunet_dice_summary.py (kept for the README commands) reports nnU-Net's numbers; clear errors."""
+    import numpy as np
+
+    from tpp_monai.nnunet.runner import NnUNetTPPRunner
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import nnunet_dice_summary as script
+    finally:
+        sys.path.pop(0)
+    r = NnUNetTPPRunner(501, "LiTS", tmp_path / "raw", tmp_path / "pre", tmp_path / "res")
+    ref = np.zeros((4, 4, 4), np.uint8)
+    ref[0] = 1
+    ref[1, 0] = 2
+    pred = ref.copy()
+    pred[1, 0, :2] = 0  # tumour 2 of 4
+    _lits_case(r, {"background": 0, "liver": 1, "tumour": 2}, ref, pred)
+    out = tmp_path / "eval" / "dice.json"
+    args = ["--pred", str(r.fold_dir / "validation"), "--ref", str(r.raw_dataset_dir / "labelsTr"),
+            "--dataset-json", str(r.raw_dataset_dir / "dataset.json")]
+    assert script.main(args + ["--out", str(out)]) == 0
+    s = json.loads(out.read_text())
+    nn = json.loads((tmp_path / "eval" / "nnunet_summary.json").read_text())
+    assert s["per_label"] == {"liver": 1.0, "tumour": pytest.approx(4 / 6)} and s["mean_dice"] == nn["foreground_mean"]["Dice"]
+    (r.raw_dataset_dir / "labelsTr" / "lits_0000.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="lits_0000.nii.gz .*labelsTr"):
+        script.main(args)
+    with pytest.raises(FileNotFoundError, match="no \\*.nii.gz predictions"):
+        script.main(["--pred", str(tmp_path / "none")] + args[2:])
 
 
 def test_monai_bundle_cli_dry_run():

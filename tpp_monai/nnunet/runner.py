@@ -10,8 +10,10 @@ Stages (in this order when several are asked for):
   (skipped if the twin's file exists for the same backbone and TPP settings) then fine-tuning and nnU-Net's
   validation;
 - ``predict``: ``tpp-monai nnunet-predict -i IN -o OUT -d ID -c CONFIG -f FOLD -tr TRAINER -device DEV``;
-- ``evaluate``: mean / per-label Dice (:mod:`tpp_monai.metrics.nnunet_dice`) of the fold's validation
-  predictions (``<fold folder>/validation``, written by ``train``) against ``labelsTr``.
+- ``evaluate``: nnU-Net's own ``compute_metrics_on_folder`` (:mod:`tpp_monai.metrics.nnunet_dice`) on the fold's
+  validation predictions (``<fold folder>/validation``, written by ``train``) against ``labelsTr``: nnU-Net's
+  summary.json goes to ``<fold folder>/nnunet_summary.json``, the mean / per-label Dice read from it to
+  ``<fold folder>/dice_summary.json`` (``evaluate_output``).
 
 Why not ``monai.apps.nnunet.nnUNetV2Runner`` (monai 1.6.1)? It converts MONAI datalists (our prepare scripts
 already write nnU-Net raw datasets), rewrites ``os.environ`` when constructed, always adds ``-num_gpus`` and
@@ -163,13 +165,15 @@ class NnUNetTPPRunner:
         return out
 
     def evaluate(self, pred_dir: str | None = None) -> dict:
+        """nnU-Net's metrics of ``pred_dir`` (default the fold's validation folder), condensed to mean Dice."""
         from tpp_monai.metrics.nnunet_dice import dice_summary_for_dataset
 
         pred = Path(pred_dir) if pred_dir else self.fold_dir / "validation"
-        out = self.evaluate_output or str(self.fold_dir / "dice_summary.json")
-        print(f"[tpp-monai] Dice of {pred} against {self.raw_dataset_dir / 'labelsTr'} -> {out}")
+        out = Path(self.evaluate_output or self.fold_dir / "dice_summary.json")
+        print(f"[tpp-monai] nnU-Net's compute_metrics_on_folder: {pred} against {self.raw_dataset_dir / 'labelsTr'}"
+              f" -> {out.with_name('nnunet_summary.json')}, Dice summary -> {out}")
         return dice_summary_for_dataset(pred, self.raw_dataset_dir / "labelsTr", self.raw_dataset_dir / "dataset.json",
-                                        out)
+                                        out, num_processes=self.num_processes)
 
     def run(self, stages: Sequence[str] | str, dry_run: bool | None = None) -> dict:
         """Run the stages in order (stop at the first failure). ``dry_run`` (default ``self.dry_run``): print the
