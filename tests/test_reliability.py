@@ -174,6 +174,39 @@ def test_second_run_into_a_locked_folder_is_refused_naming_the_pid(tmp_path):
             proc.wait(10)
 
 
+def test_bundle_finetuning_refuses_a_folder_in_use(tmp_path, monkeypatch):
+    """Stage 3 of a bundle locks its models/ folder: a second run stops naming the first one's PID and
+    leaves that run's files alone (before, both wrote model.pt and the logs)."""
+    import warnings
+
+    from monai.bundle import run
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_bundles import TINY, make_mhist
+
+    monkeypatch.chdir(ROOT)
+    warnings.filterwarnings("ignore", message="No --backbone_ckpt given")
+    data, work = make_mhist(tmp_path), tmp_path / "work"
+    (work / "logs").mkdir(parents=True)
+    (work / "logs" / "train_log.jsonl").write_text('{"the other run": 1}\n')
+    proc = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(work / "models")], stdout=subprocess.PIPE,
+                            env=PY_ENV, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(Exception) as ei:
+            run(config_file=["bundles/mhist_adapter_tpp/configs/train.json"],
+                meta_file="bundles/mhist_adapter_tpp/configs/metadata.json",
+                **{**TINY, "vit_overrides": {"depth": 1}, "dataset_dir": str(data), "bundle_root": str(work),
+                   "batch_size": 4, "num_iterations": 1})
+        err = _find(ei.value, OutputFolderLocked)
+        assert f"PID {proc.pid}" in str(err)
+        assert not (work / "models" / "model.pt").exists()
+        assert (work / "logs" / "train_log.jsonl").read_text() == '{"the other run": 1}\n'
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 def test_lock_inside_one_process(tmp_path):
     """Another live thread's lock is refused; the same thread takes over the lock of its own crashed run."""
     import threading
@@ -212,7 +245,8 @@ SAVER_CHILD = textwrap.dedent("""
     from pydoc import locate
 
     cfg = json.load(open(sys.argv[2]))
-    spec = next(h for h in cfg["validate"]["handlers"] if "CheckpointSaver" in h["_target_"])
+    handlers = cfg["validate"].get("default_handlers", []) + cfg["validate"]["handlers"]
+    spec = next(h for h in handlers if "CheckpointSaver" in h["_target_"])
     target = spec["_target_"]
     cls = locate(target if "." in target else "monai.handlers." + target)
     net = torch.nn.Linear(1000, 4000)  # 16 MB: a save takes long enough to be killed inside it
