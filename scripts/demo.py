@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = "bundles/demo_ct_adapter_tpp"
 CFG = f"{BUNDLE}/configs"
 
-DEFAULTS = dict(image_size=96, vit_size="tiny", depth=6, up_epochs=30, tpp_epochs=20, iters=240, batch=8, val_interval=5,
+DEFAULTS = dict(image_size=96, vit_size="tiny", depth=6, up_epochs=30, tpp_epochs=20, iters=240, batch=8, val_every=45,
                 seeds=(0, 1, 2))
-QUICK = dict(image_size=64, vit_size="tiny", depth=4, up_epochs=3, tpp_epochs=2, iters=12, batch=8, val_interval=1,
+QUICK = dict(image_size=64, vit_size="tiny", depth=4, up_epochs=3, tpp_epochs=2, iters=12, batch=8, val_every=9,
              seeds=(0,))
 NAMES = {"random": "Adapter", "tpp": "Adapter + TPP"}
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = tuple(a.seeds) if a.seeds else s["seeds"]
     spec = StudySpec(bundle=str(ROOT / BUNDLE), dataset_dir=str(cache), datalist=str(cache / "datalist_headct.json"),
                      work=str(work), fractions=(1.0,), seeds=seeds, iterations=s["iters"], batch_size=s["batch"],
-                     val_interval=s["val_interval"], upstream_epochs=s["up_epochs"], tpp_epochs=s["tpp_epochs"],
+                     val_every=s["val_every"], upstream_epochs=s["up_epochs"], tpp_epochs=s["tpp_epochs"],
                      overrides=dict(image_size=s["image_size"], vit_size=s["vit_size"],
                                     vit_overrides={"depth": s["depth"]}))
     print(f"=== (a) upstream MAE, (b) TPP and (c)+(d) Adapter with / without TPP, seeds {list(seeds)} ===", flush=True)

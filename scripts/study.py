@@ -38,9 +38,9 @@ DATASETS = {
                    title="lung CT / brain MRI tumour (pyradiomics)"),
 }
 FULL = dict(image_size=96, vit_size="tiny", depth=6, upstream_epochs=30, tpp_epochs=20, iterations=240, batch=8,
-            val_interval=5, fractions=(0.1, 0.25, 1.0), seeds=(0, 1, 2))
+            val_every=45, fractions=(0.1, 0.25, 1.0), seeds=(0, 1, 2))
 QUICK = dict(image_size=32, vit_size="tiny", depth=2, upstream_epochs=1, tpp_epochs=1, iterations=4, batch=4,
-             val_interval=1, fractions=(0.25, 1.0), seeds=(0, 1))
+             val_every=4, fractions=(0.25, 1.0), seeds=(0, 1))
 
 
 def _plot_losses(out: Path, logs: dict[str, Path]) -> Path:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         work=str(work), backbone_ckpt=a.backbone_ckpt,
         fractions=tuple(a.fractions or s["fractions"]), seeds=tuple(a.seeds or s["seeds"]), peft_method=a.method,
         pretext=a.pretext, iterations=a.iterations or s["iterations"], batch_size=s["batch"],
-        val_interval=s["val_interval"], upstream_epochs=s["upstream_epochs"], tpp_epochs=s["tpp_epochs"],
+        val_every=s["val_every"], upstream_epochs=s["upstream_epochs"], tpp_epochs=s["tpp_epochs"],
         overrides=dict(image_size=s["image_size"], vit_size=s["vit_size"], vit_overrides={"depth": s["depth"]},
                        num_classes=ds["num_classes"], class_names=ds["class_names"]))
     t0 = time.time()

@@ -124,7 +124,9 @@ class StudySpec:
     pretext: str = "mae"
     iterations: int = 240
     batch_size: int = 8
-    val_interval: int = 5
+    #: validate about every ``val_every`` iterations (converted to epochs per arm: small label fractions have
+    #: short epochs, and validating every few epochs would spend the budget on validation)
+    val_every: int = 45
     upstream_epochs: int = 30
     tpp_epochs: int = 20
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -186,8 +188,10 @@ def run_arm(spec: StudySpec, backbone: Path, fraction: float, seed: int, init: s
     subset = d / "datalist.json"
     n_labelled = write_subset_datalist(spec.datalist, subset, fraction, seed)
     tpp = str(ensure_tpp(spec, backbone, seed)) if init == "tpp" else ""
-    rc = dict(spec.common(), bundle_root=str(d), backbone_ckpt=str(backbone), tpp_ckpt=tpp,
-              seed=seed, num_iterations=spec.iterations, batch_size=spec.batch_size, val_interval=spec.val_interval)
+    its_per_epoch = math.ceil(n_labelled / spec.batch_size)
+    rc = dict(spec.common(), bundle_root=str(d), backbone_ckpt=str(backbone), tpp_ckpt=tpp, seed=seed,
+              num_iterations=spec.iterations, batch_size=spec.batch_size,
+              val_interval=max(1, round(spec.val_every / its_per_epoch)))
     t0 = time.time()
     rc["datalist"] = str(subset)
     run_bundle_stage(spec.cfg_dir, ["train.json"], quiet=True, **rc)
