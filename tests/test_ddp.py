@@ -57,6 +57,7 @@ def _ddp_worker(rank: int, world: int, out: str) -> None:
     torch.save(_ft_run(), Path(out) / f"ft{rank}.pt")
     t = torch.arange(8.0).reshape(4, 2) + 10 * rank
     torch.save(global_mean(t, dim=0), Path(out) / f"c{rank}.pt")
+    torch.save(_dino_centre(rank, world), Path(out) / f"dino{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,23 @@ def test_finetuning_two_gloo_processes_equal_one(ddp_out):
 
 
 # ------------------------------------------------------------------ DINO centre
+def _dino_centre(rank: int = 0, world: int = 1) -> torch.Tensor:
+    """DINO's pending centre after one training forward on this rank's rows of fixed views."""
+    from tpp_monai.pretext.dino import DINOPretext
+
+    task = DINOPretext(_vit(), out_dim=16, hidden_dim=16, bottleneck_dim=8, n_local_crops=1, local_crop_size=16)
+    g = torch.Generator().manual_seed(7)
+    views = [torch.rand(4, 3, IMG, IMG, generator=g) for _ in range(2)] + [torch.rand(4, 3, 16, 16, generator=g)]
+    task.train()
+    task.loss_from_views([v[rank::world] for v in views])
+    return task._pending_center.clone()
+
+
 def test_dino_centre_is_the_mean_over_all_ranks(ddp_out):
+    single = _dino_centre()
+    for r in (0, 1):  # each rank saw half of the batch; the centre update uses the whole batch's mean
+        assert torch.allclose(torch.load(ddp_out / f"dino{r}.pt"), single, atol=1e-6)
+
     everything = torch.cat([torch.arange(8.0).reshape(4, 2) + 10 * r for r in (0, 1)])
     for r in (0, 1):
         assert torch.allclose(torch.load(ddp_out / f"c{r}.pt"), everything.mean(0, keepdim=True))
