@@ -38,13 +38,23 @@ def _frozen_hash(model: torch.nn.Module) -> str:
 
 
 # ------------------------------------------------------------------ MAE TPP
-def _mae_run(out: Path, amp=False) -> tuple[dict, str, str]:
+class _StopAfterFirstEpoch:
+    """Interrupts the run at the end of epoch 1, as a crash after the epoch's checkpoint would."""
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate())
+
+
+def _mae_run(out: Path, amp=False, resume: bool = False, handlers=None) -> tuple[dict, str, str]:
     from tpp_monai.tpp import tpp_pretrain
 
     vit = _vit()
     before = _frozen_hash(vit)
     tpp_pretrain(vit, None, "mae", _images(), pretext_config=SMALL_DEC, epochs=2, batch_size=GLOBAL_BATCH,
-                 warmup_epochs=1, seed=0, output_dir=out, tensorboard=False, log_every=1000, amp=amp)
+                 warmup_epochs=1, seed=0, output_dir=out, tensorboard=False, log_every=1000, amp=amp,
+                 resume=resume, handlers=handlers)
     return {k: v.clone() for k, v in target_state_dict(vit).items()}, before, _frozen_hash(vit)
 
 
@@ -54,9 +64,16 @@ def _ddp_worker(rank: int, world: int, out: str) -> None:
 
     state, before, after = _mae_run(Path(out) / "run")
     torch.save({"state": state, "frozen": (before, after)}, Path(out) / f"rank{rank}.pt")
+    from tpp_monai.checkpoint import safe_load
+
+    half, _, _ = _mae_run(Path(out) / "resumed", handlers=[_StopAfterFirstEpoch()])  # interrupted after epoch 1 ...
+    stopped_at = safe_load(Path(out) / "resumed" / "tpp_resume.pt")["iteration"]
+    resumed, _, _ = _mae_run(Path(out) / "resumed", resume=True)  # ... every rank resumes from rank 0's file
+    torch.save({"half": half, "stopped_at": stopped_at, "resumed": resumed}, Path(out) / f"resumed{rank}.pt")
     torch.save(_ft_run(), Path(out) / f"ft{rank}.pt")
     t = torch.arange(8.0).reshape(4, 2) + 10 * rank
     torch.save(global_mean(t, dim=0), Path(out) / f"c{rank}.pt")
+    torch.save(_dino_centre(rank, world), Path(out) / f"dino{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +102,18 @@ def test_mae_tpp_two_gloo_processes_equal_one(tmp_path, ddp_out):
 
     ck = read_target_checkpoint(ddp_out / "run" / "target_params.pt")
     assert _max_diff(ck["state_dict"], r0["state"]) == 0.0
+
+
+def test_resume_under_ddp_equals_the_uninterrupted_run(ddp_out):
+    full = torch.load(ddp_out / "rank0.pt")["state"]
+    for r in (0, 1):
+        res = torch.load(ddp_out / f"resumed{r}.pt")
+        assert res["stopped_at"] == N_IMAGES // GLOBAL_BATCH  # the first run really stopped after one epoch
+        assert _max_diff(res["half"], full) > 1e-4
+        assert _max_diff(res["resumed"], full) < 1e-6
+    from tpp_monai.checkpoint import safe_load
+
+    assert safe_load(ddp_out / "resumed" / "tpp_resume.pt")["iteration"] == 2 * (N_IMAGES // GLOBAL_BATCH)
 
 
 def test_rank_rows_matches_the_sampler_positions():
@@ -131,7 +160,23 @@ def test_finetuning_two_gloo_processes_equal_one(ddp_out):
 
 
 # ------------------------------------------------------------------ DINO centre
+def _dino_centre(rank: int = 0, world: int = 1) -> torch.Tensor:
+    """DINO's pending centre after one training forward on this rank's rows of fixed views."""
+    from tpp_monai.pretext.dino import DINOPretext
+
+    task = DINOPretext(_vit(), out_dim=16, hidden_dim=16, bottleneck_dim=8, n_local_crops=1, local_crop_size=16)
+    g = torch.Generator().manual_seed(7)
+    views = [torch.rand(4, 3, IMG, IMG, generator=g) for _ in range(2)] + [torch.rand(4, 3, 16, 16, generator=g)]
+    task.train()
+    task.loss_from_views([v[rank::world] for v in views])
+    return task._pending_center.clone()
+
+
 def test_dino_centre_is_the_mean_over_all_ranks(ddp_out):
+    single = _dino_centre()
+    for r in (0, 1):  # each rank saw half of the batch; the centre update uses the whole batch's mean
+        assert torch.allclose(torch.load(ddp_out / f"dino{r}.pt"), single, atol=1e-6)
+
     everything = torch.cat([torch.arange(8.0).reshape(4, 2) + 10 * r for r in (0, 1)])
     for r in (0, 1):
         assert torch.allclose(torch.load(ddp_out / f"c{r}.pt"), everything.mean(0, keepdim=True))

@@ -76,3 +76,25 @@ def test_bundle_tpp_two_gloo_processes_equal_one(tmp_path):
 
     init = target_state_dict(p.get_parsed_content("backbone"))
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-4
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk", "none"])
+def test_cached_dataset_decodes_once_and_augments_every_epoch(cache, tmp_path):
+    from monai.transforms import Compose, Lambdad, RandFlipd
+
+    from tpp_monai.data.cache import cached_dataset
+
+    calls = []
+
+    def decode(x):
+        calls.append(1)
+        return torch.arange(16.0).reshape(1, 4, 4) + x
+
+    tr = Compose([Lambdad("image", decode), RandFlipd("image", prob=0.5, spatial_axis=0)]).set_random_state(seed=0)
+    ds = cached_dataset([{"image": float(i)} for i in range(4)], tr, cache=cache, cache_dir=tmp_path / "c")
+    epochs = [[ds[i]["image"].clone() for i in range(4)] for _ in range(6)]
+    assert len(calls) == (4 if cache != "none" else 24)  # the deterministic part ran once per image
+    flips = {bool(torch.equal(e[0], epochs[0][0])) for e in epochs}
+    assert flips == {True, False}  # the random flip still differs between epochs
+    with pytest.raises(ValueError, match="cache must be one of"):
+        cached_dataset([], tr, cache="ram")

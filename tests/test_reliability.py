@@ -569,6 +569,8 @@ class Payload:
 def test_nnunet_predict_refuses_a_pickled_checkpoint_unless_allowed(tmp_path, monkeypatch):
     import numpy as np
 
+    pytest.importorskip("nnunetv2")
+
     from tpp_monai import cli
 
     for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_results", "results"), ("nnUNet_preprocessed", "pre")):

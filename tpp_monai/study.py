@@ -163,7 +163,8 @@ def ensure_upstream(spec: StudySpec, log: Callable[[str], None] = print) -> Path
     run_bundle_stage(spec.cfg_dir, ["train.json", "tpp_pretrain.json", "pretrain_backbone.json"],
                      "upstream MAE pre-training of the backbone on the unlabelled pool",
                      **{**spec.common(), "bundle_root": str(up), "peft_method": "full",
-                        "tpp_epochs": spec.upstream_epochs, "seed": 0})
+                        "tpp_epochs": spec.upstream_epochs, "seed": 0,
+                        "resume": False})  # new settings (or none recorded): start over, not resume
     atomic_write_text(stamp, json.dumps(settings, indent=1))
     return ckpt
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from contextlib import closing
+from contextlib import AbstractContextManager, closing, nullcontext
 from typing import Any, Callable, Sequence
 
 import torch
@@ -163,6 +163,23 @@ def wrap_ddp(module: nn.Module, device: torch.device | str | None = None, find_u
     return nn.parallel.DistributedDataParallel(
         module, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused_parameters
     )
+
+
+def accumulation_context(module: nn.Module, last: bool) -> AbstractContextManager:
+    """Gradient accumulation under DDP: skip the all-reduce on every micro-batch but the last of a step
+    (the gradients are summed locally, then averaged once); a no-op outside DDP."""
+    if isinstance(module, nn.parallel.DistributedDataParallel) and not last:
+        return module.no_sync()
+    return nullcontext()
+
+
+def per_rank_share(total: int, what: str = "accumulation steps") -> int:
+    """``total`` (micro-batches per optimiser step, samples, ...) split evenly over the ranks, so the W ranks
+    together take what one process takes; refuses totals that do not split."""
+    world = rank_world()[1]
+    if total % world:
+        raise ValueError(f"{total} {what} do not split evenly over {world} processes; use a multiple of {world}")
+    return total // world
 
 
 def unwrap(module: nn.Module) -> nn.Module:

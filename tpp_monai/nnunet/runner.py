@@ -9,7 +9,10 @@ Stages (in this order when several are asked for):
 - ``train``: ``tpp-monai nnunet-train ID CONFIG FOLD -tr TRAINER -device DEV [-pretrained_weights W]``: TPP
   (skipped if the twin's file exists for the same backbone and TPP settings) then fine-tuning and nnU-Net's
   validation;
-- ``predict``: ``tpp-monai nnunet-predict -i IN -o OUT -d ID -c CONFIG -f FOLD -tr TRAINER -device DEV``;
+- ``predict``: nnU-Net's own ``nnUNetPredictor`` in-process (:meth:`NnUNetTPPRunner.predict`) on the trained fold
+  (``checkpoint_final.pth``): NIfTI images ``<case>_0000`` in ``predict_input`` -> masks in ``predict_output``
+  (the command-line equivalent, printed by dry runs: ``tpp-monai nnunet-predict -i IN -o OUT -d ID -c CONFIG -f FOLD
+  -tr TRAINER -device DEV``);
 - ``evaluate``: nnU-Net's own ``compute_metrics_on_folder`` (:mod:`tpp_monai.metrics.nnunet_dice`) on the fold's
   validation predictions (``<fold folder>/validation``, written by ``train``) against ``labelsTr``: nnU-Net's
   summary.json goes to ``<fold folder>/nnunet_summary.json``, the mean / per-label Dice read from it to
@@ -18,12 +21,17 @@ Stages (in this order when several are asked for):
 Why not ``monai.apps.nnunet.nnUNetV2Runner`` (monai 1.6.1)? It converts MONAI datalists (our prepare scripts
 already write nnU-Net raw datasets), rewrites ``os.environ`` when constructed, always adds ``-num_gpus`` and
 passes extra options as ``--key`` (nnUNetv2_train needs ``-device``), and has no way to set
-``nnUNet_extTrainer``. This module builds the same command lines explicitly; :meth:`NnUNetTPPRunner.commands`
+``nnUNet_extTrainer``. Nor its ``get_nnunet_monai_predictor`` / ``ModelnnUNetWrapper`` for ``predict``: they
+look trainers up only inside ``nnunetv2``, call ``build_network_architecture`` with the pre-2.4 arguments, need a
+converted ``model.pt`` + ``nnunet_checkpoint.pth`` layout and put the predictor on ``cuda:0``; ``predict`` calls
+``nnUNetPredictor`` on the fold folder as nnU-Net's own ``nnUNetv2_predict`` does. This module builds the same
+command lines explicitly; :meth:`NnUNetTPPRunner.commands`
 returns them (with their environments) without running anything, which the tests check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -175,6 +183,37 @@ class NnUNetTPPRunner:
         return dice_summary_for_dataset(pred, self.raw_dataset_dir / "labelsTr", self.raw_dataset_dir / "dataset.json",
                                         out, num_processes=self.num_processes)
 
+    def predict(self, checkpoint_name: str = "checkpoint_final.pth") -> list[Path]:
+        """nnU-Net's ``nnUNetPredictor`` (sliding window, Gaussian weighting, mirroring unless ``disable_tta``) with
+        the trained fold, in this process: every ``<case>_0000<ending>`` in ``predict_input`` -> ``<case><ending>``
+        masks in ``predict_output``. Returns the written masks."""
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        src, dst = self._predict_io()
+        ckpt = self.fold_dir / checkpoint_name
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"{ckpt} not found: run the train stage for fold {self.fold} first, or set "
+                                    "--settings::trainer / --settings::fold / --settings::nnunet_results to a trained fold")
+        if not Path(src).is_dir():
+            raise FileNotFoundError(f"input folder {src} not found: set --settings::predict_input to a folder of "
+                                    "<case>_0000.nii.gz images")
+        fold = self.fold if str(self.fold) == "all" else int(self.fold)
+        device = torch.device(self.device)
+        print(f"[tpp-monai] nnUNetPredictor: {self.fold_dir.parent} fold {fold} ({checkpoint_name}), {src} -> {dst}",
+              flush=True)
+        with _environ(self.env()):
+            predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=not self.disable_tta,
+                                        perform_everything_on_device=device.type == "cuda", device=device,
+                                        verbose=False, allow_tqdm=False)
+            predictor.initialize_from_trained_model_folder(str(self.fold_dir.parent), use_folds=(fold,),
+                                                           checkpoint_name=checkpoint_name)
+            n = max(1, min(int(self.num_processes), 2))
+            predictor.predict_from_files(str(src), str(dst), save_probabilities=False, overwrite=True,
+                                         num_processes_preprocessing=n, num_processes_segmentation_export=n)
+        ending = predictor.dataset_json["file_ending"]
+        return sorted(p for p in Path(dst).iterdir() if p.name.endswith(ending))
+
     def run(self, stages: Sequence[str] | str, dry_run: bool | None = None) -> dict:
         """Run the stages in order (stop at the first failure). ``dry_run`` (default ``self.dry_run``): print the
         commands only."""
@@ -190,11 +229,30 @@ class NnUNetTPPRunner:
             if dry_run:
                 results[stage] = cmd
                 continue
+            if stage == "predict":  # in-process, nnU-Net's predictor (the printed command is the equivalent)
+                results[stage] = self.predict()
+                continue
             r = subprocess.run(cmd, env=env)
             if r.returncode != 0:
                 raise RuntimeError(f"stage {stage} failed with exit code {r.returncode}: {' '.join(cmd)}")
             results[stage] = r.returncode
         return results
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]):
+    """Temporarily use the nnU-Net paths / nnUNet_extTrainer of ``env`` in this process (nnU-Net reads them lazily)."""
+    keys = [k for k in env if k.startswith(("nnUNet_", "TPP_NNUNET_"))]
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: env[k] for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_nnunet(stages: Sequence[str] | str, dry_run: bool | None = None, **kwargs) -> dict:

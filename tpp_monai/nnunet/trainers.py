@@ -66,6 +66,7 @@ from torch import nn
 
 from tpp_monai.backbones.stunet import STUNet, load_stunet_checkpoint
 from tpp_monai.checkpoint import CheckpointMismatch, load_target_checkpoint, read_target_checkpoint, save_target_checkpoint
+from tpp_monai.engines.distributed import accumulation_context, barrier, rank_world, wrap_ddp
 from tpp_monai.engines.optim import build_optimizer
 from tpp_monai.engines.schedules import WarmupCosineSchedule
 from tpp_monai.nnunet import tpp_only_trainer_name
@@ -250,12 +251,19 @@ class _TPPStage:
             "tpp_n_local_crops", "tpp_features", "tpp_head")}
 
     def tpp_plan(self, n_cases: int) -> dict:
-        """Micro-batch, accumulation, effective batch, lr and steps for ``n_cases`` training cases."""
+        """Micro-batch, accumulation, effective batch, lr and steps for ``n_cases`` training cases.
+
+        Under ``-num_gpus N`` nnU-Net's ``batch_size`` is the per-GPU share: the N ranks together load
+        ``N x micro_batch`` per micro-step, so the accumulation shrinks and the effective (global) batch,
+        lr and step count stay those of one GPU.
+        """
+        world = rank_world()[1]
         micro = int(self.batch_size) * int(self.tpp_views_per_patch)
-        accum = max(math.ceil(self.tpp_batch_size / micro), 1)
-        batch = micro * accum
+        accum = max(math.ceil(self.tpp_batch_size / (micro * world)), 1)
+        batch = micro * world * accum
         steps_per_epoch = max(math.ceil(n_cases / batch), 1)
-        return {"micro_batch": micro, "accumulation": accum, "batch": batch, "steps_per_epoch": steps_per_epoch,
+        return {"micro_batch": micro, "processes": world, "accumulation": accum, "batch": batch,
+                "steps_per_epoch": steps_per_epoch,
                 "steps": steps_per_epoch * self.tpp_epochs, "warmup_steps": steps_per_epoch * self.tpp_warmup_epochs,
                 "lr": self.tpp_lr_per_256 * batch / 256}
 
@@ -319,6 +327,10 @@ class _TPPStage:
                              spatial_dims=len(gsize), features=self.tpp_features, **self.tpp_head).to(self.device)
         opt = build_optimizer(task, lr=plan["lr"], weight_decay=self.tpp_weight_decay, betas=(0.9, 0.999))
         params = task.trainable_parameters()
+        # -num_gpus N: the task is DDP-wrapped, so all ranks train one set of target parameters (gradients
+        # averaged, DINO's centre over all ranks' patches); rank 0 writes the file. Unused: whatever part of
+        # the network the pretext features do not reach.
+        fwd = wrap_ddp(task, self.device, find_unused_parameters=True)
         cuda = self.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda") if cuda else None
         self.print_to_log_file(
@@ -334,13 +346,14 @@ class _TPPStage:
             lr = schedule.apply(opt, it)
             opt.zero_grad(set_to_none=True)
             total = 0.0
-            for _ in range(plan["accumulation"]):
+            for k in range(plan["accumulation"]):
                 data = torch.as_tensor(next(self.dataloader_train)["data"]).to(self.device, non_blocking=True)
                 if self.tpp_views_per_patch > 1:
                     data = data.repeat_interleave(self.tpp_views_per_patch, dim=0)
-                with torch.autocast(self.device.type, enabled=True) if cuda else contextlib.nullcontext():
-                    loss = task(data)["loss"] / plan["accumulation"]
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                with accumulation_context(fwd, last=k == plan["accumulation"] - 1):  # DDP: one all-reduce per step
+                    with torch.autocast(self.device.type, enabled=True) if cuda else contextlib.nullcontext():
+                        loss = fwd(data)["loss"] / plan["accumulation"]
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
                 total += float(loss.detach())
             if scaler is not None:
                 scaler.unscale_(opt)
@@ -363,8 +376,9 @@ class _TPPStage:
                 "stunet_fingerprint": fp, "peft": get_peft(net).describe()}
         if self.local_rank == 0:
             save_target_checkpoint(path, net, meta=meta)
+        barrier()  # the file is complete before any rank goes on
         self.my_init_kwargs[TPP_RECORD] = {**{k: v for k, v in meta.items() if k != "peft"}, "done": True}
-        del task, opt
+        del task, opt, fwd
         self.print_to_log_file(f"TPP stage done in {meta['seconds']} s; target parameters saved to {path}")
 
 
