@@ -23,7 +23,6 @@ Outputs in ``demo_output/``: results.md (Markdown table), loss/Dice curves and p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     for init, name in NAMES.items():
         lines.append(f"| {name} | {dice_row[init][0]:.2f} +- {dice_row[init][1]:.2f} | "
                      f"{hd_row[init][0]:.2f} +- {hd_row[init][1]:.2f} | {ratio:.2f} |")
-    lines += ["", f"Paired difference (with - without TPP), per seed: Dice "
+    lines += ["", "Paired difference (with - without TPP), per seed: Dice "
                   + ", ".join(f"{d:+.2f}" for d in dice_row["diff_per_seed"])
                   + f" (TPP higher in {dice_row['tpp_better']}/{n}); HD95 "
                   + ", ".join(f"{d:+.2f}" for d in hd_row["diff_per_seed"]) + ".",

@@ -49,6 +49,7 @@ def _plot_losses(out: Path, logs: dict[str, Path]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tpp_monai.checkpoint import atomic_write
     from tpp_monai.study import read_jsonl
 
     fig, axes = plt.subplots(1, len(logs), figsize=(4.2 * len(logs), 3.3), squeeze=False)
@@ -59,8 +60,7 @@ def _plot_losses(out: Path, logs: dict[str, Path]) -> Path:
         ax.set_xlabel("iteration")
         ax.set_ylabel("loss")
     fig.tight_layout()
-    path = out / "loss_curves.png"
-    fig.savefig(path, dpi=110)
+    path = atomic_write(out / "loss_curves.png", lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return path
 
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     import torch
 
+    from tpp_monai.checkpoint import atomic_write
     from tpp_monai.data.demo_data import DEFAULT_CACHE, DemoDataError, build_demo_cache
     from tpp_monai.study import StudySpec, loss_drop, loss_plateau, markdown_table, plot_fractions, run_study, summarise
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.time() - t0) / 60
     rows = summarise(results, "dice")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"spec": spec.__dict__, "arms": results}, indent=1, default=str))
+    atomic_write(out / "results.json", json.dumps({"spec": spec.__dict__, "arms": results}, indent=1, default=str))
     fig = plot_fractions(rows, out / "study_dice.png", title=f"{ds['title']}: {a.method}, TPP {a.pretext}")
     up_log, tpp_logs = work / "upstream" / "logs" / "upstream" / "tpp_log.jsonl", {
         sd: work / "tpp" / f"seed{sd}" / "logs" / "tpp_log.jsonl" for sd in spec.seeds}
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"over the last 10% {up_flat[1]:.4f} ({100 * (up_flat[1] / up_flat[0] - 1):+.1f}%)."]
     lines += ["", f"Figures: {fig.name}, {curves.name}; every arm in results.json.", ""]
     md = "\n".join(lines)
-    (out / "study.md").write_text(md)
+    atomic_write(out / "study.md", md)
     print("\n" + md, flush=True)
     return 0
 

@@ -27,22 +27,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from tpp_monai.checkpoint import atomic_write
+
 if TYPE_CHECKING:
     import torch
 
 
 INITS = ("random", "tpp")
 INIT_LABEL = {"random": "no TPP", "tpp": "TPP"}
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path`` (never half a file)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
-    return out
 
 
 def run_bundle_stage(cfg_dir: str | os.PathLike, files: list[str], title: str = "", quiet: bool = False,
@@ -106,7 +98,7 @@ def write_subset_datalist(datalist: str | os.PathLike, out: str | os.PathLike, f
         absolute[name] = [{k: (str((base / v).resolve()) if k in ("image", "label") and isinstance(v, str)
                                and not os.path.isabs(v) else v) for k, v in e.items()} for e in entries]
     absolute[split] = label_subset(absolute[split], fraction, seed)
-    atomic_write_text(out, json.dumps(absolute, indent=1))
+    atomic_write(out, json.dumps(absolute, indent=1))
     return len(absolute[split])
 
 
@@ -165,7 +157,7 @@ def ensure_upstream(spec: StudySpec, log: Callable[[str], None] = print) -> Path
                      **{**spec.common(), "bundle_root": str(up), "peft_method": "full",
                         "tpp_epochs": spec.upstream_epochs, "seed": 0,
                         "resume": False})  # new settings (or none recorded): start over, not resume
-    atomic_write_text(stamp, json.dumps(settings, indent=1))
+    atomic_write(stamp, json.dumps(settings, indent=1))
     return ckpt
 
 
@@ -200,7 +192,7 @@ def run_arm(spec: StudySpec, backbone: Path, fraction: float, seed: int, init: s
     m = json.loads((d / "eval" / "metrics.json").read_text())
     rec = {"fraction": fraction, "seed": seed, "init": init, "n_labelled": n_labelled,
            "dice": 100 * float(m["dice"]), "hd95": float(m["hd95"]), "seconds": round(time.time() - t0, 1)}
-    atomic_write_text(done, json.dumps(rec, indent=1))
+    atomic_write(done, json.dumps(rec, indent=1))
     return rec
 
 
@@ -226,7 +218,7 @@ def run_study(spec: StudySpec, progress: bool = True) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     check_resumable(spec)
-    atomic_write_text(Path(spec.work) / "spec.json", json.dumps(asdict(spec), indent=1))
+    atomic_write(Path(spec.work) / "spec.json", json.dumps(asdict(spec), indent=1))
     backbone = ensure_upstream(spec)
     results = []
     bar = tqdm(spec.arms(), desc="study arms", unit="arm", disable=not progress)
@@ -298,12 +290,8 @@ def plot_fractions(rows: list[dict[str, Any]], path: str | os.PathLike, metric: 
         ax.set_title(title, fontsize=10)
     ax.legend()
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    out = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 
