@@ -311,6 +311,19 @@ def _dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
     return float(np.mean(ds)) if ds else 1.0
 
 
+def read_labelled_pairs(labelled: Sequence[tuple[str | os.PathLike, str | os.PathLike]]
+                        ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Read every (image, label) pair; a label whose size differs from its image is refused, never stretched."""
+    pairs = []
+    for img_path, lbl_path in labelled:
+        img, lbl = read_image_2d(img_path)[0], read_image_2d(lbl_path)[0]
+        if img.shape[:2] != lbl.shape[:2]:
+            raise ValueError(f"label {lbl_path} is {lbl.shape[0]} x {lbl.shape[1]} pixels but its image {img_path} is "
+                             f"{img.shape[0]} x {img.shape[1]}: save the label on the image it belongs to (same size)")
+        pairs.append((img, lbl))
+    return pairs
+
+
 def check_train_args(*, tpp_epochs: int, ft_epochs: int, batch_size: int, ft_lr: float,
                      tpp_lr: float | None = None) -> None:
     """Refuse settings under which no model would train (``ft_epochs=-1`` published an untrained "trained" model)."""
@@ -360,6 +373,7 @@ def train_tpp_peft(
     check_train_args(tpp_epochs=tpp_epochs, ft_epochs=ft_epochs, batch_size=batch_size, ft_lr=ft_lr, tpp_lr=tpp_lr)
     if not labelled:
         raise ValueError("no labelled images in the datastore: save at least one label before training")
+    pairs = read_labelled_pairs(labelled)  # before TPP: a mismatched pair stops the run at once
     t0 = time.time()
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -383,8 +397,8 @@ def train_tpp_peft(
     # --- fine-tuning: same target parameters (loaded) + decoder on the labelled images
     torch.manual_seed(seed)
     model = build_model(cfg, tpp_ckpt=tpp_ckpt).to(device)
-    xs = torch.stack([to_model_input(read_image_2d(i)[0], cfg.img_size, cfg.in_chans) for i, _ in labelled])
-    ys = torch.stack([to_model_label(read_image_2d(lbl)[0], cfg.img_size, cfg.num_classes) for _, lbl in labelled])
+    xs = torch.stack([to_model_input(img, cfg.img_size, cfg.in_chans) for img, _ in pairs])
+    ys = torch.stack([to_model_label(lbl, cfg.img_size, cfg.num_classes) for _, lbl in pairs])
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = build_optimizer(model, lr=ft_lr)
     g = torch.Generator().manual_seed(seed)
