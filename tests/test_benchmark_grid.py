@@ -1,7 +1,8 @@
 import csv
-import importlib.util
 import json
 from pathlib import Path
+
+from conftest import load_script
 
 from tpp_monai.benchmark.grid import cell_path, expand_cells, markdown_table, run_grid
 
@@ -19,10 +20,7 @@ SPEC = {
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("benchmark_grid", ROOT / "scripts" / "benchmark_grid.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmark_grid")
 
 
 def test_grid_resumes_and_writes_reports(tmp_path):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wait_until_serving
 import torch
 from PIL import Image
 
@@ -119,18 +120,7 @@ def server(cache, tmp_path_factory):
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        t0 = time.time()
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}):\n{(root / 'server.log').read_text()[-4000:]}")
-            try:
-                if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() - t0 > START_TIMEOUT:
-                raise RuntimeError(f"server not up after {START_TIMEOUT} s:\n{(root / 'server.log').read_text()[-4000:]}")
-            time.sleep(1)
+        wait_until_serving(proc, url, root / "server.log", START_TIMEOUT)
         yield {"url": url, "studies": studies, "model": model_dir / "tpp_seg.pt", "log": root / "server.log",
                "images": sorted(studies.glob("*.png"))}
     finally:

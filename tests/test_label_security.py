@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wait_until_serving
 import torch
 from PIL import Image
 
@@ -205,18 +206,7 @@ def srv(tmp_path_factory):
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        t0 = time.time()
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}):\n{(root / 'server.log').read_text()[-4000:]}")
-            try:
-                if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() - t0 > START_TIMEOUT:
-                raise RuntimeError(f"server not up after {START_TIMEOUT} s:\n{(root / 'server.log').read_text()[-4000:]}")
-            time.sleep(1)
+        wait_until_serving(proc, url, root / "server.log", START_TIMEOUT)
         yield {"url": url, "root": root, "studies": studies, "tmp": tmp, "pid": proc.pid, "port": port,
                "model": root / "model" / "tpp_seg.pt", "tmp_at_start": _files(tmp)}
     finally:
