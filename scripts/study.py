@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tpp_monai.checkpoint import atomic_write
     from tpp_monai.data.demo_data import DEFAULT_CACHE, DemoDataError, build_demo_cache
-    from tpp_monai.study import StudySpec, loss_drop, loss_plateau, markdown_table, plot_fractions, run_study, summarise
+    from tpp_monai.study import StudySpec, loss_drop, loss_plateau, markdown_table, target_norms, plot_fractions, run_study, summarise
 
     torch.set_num_threads(a.threads or min(2, os.cpu_count() or 1))
     s = dict(QUICK if a.quick else FULL)
@@ -143,6 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     if up_flat:
         lines += ["", f"Upstream MAE plateau: mean loss over the second-to-last 10% of its iterations {up_flat[0]:.4f}, "
                       f"over the last 10% {up_flat[1]:.4f} ({100 * (up_flat[1] / up_flat[0] - 1):+.1f}%)."]
+    norms = {sd: target_norms(p) for sd in spec.seeds
+             if (p := work / "tpp" / f"seed{sd}" / "models" / "tpp_target_params.pt").is_file()}
+    if norms:
+        kinds = sorted(next(iter(norms.values())))
+        lines += ["", "What TPP taught the target parameters: mean norm per tensor kind after TPP (an Adapter's "
+                      "`up.weight` is zero at insertion, so its norm is how far TPP moved the adapter's output):", "",
+                  "| seed | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        lines += [f"| {sd} | " + " | ".join(f"{n[k]:.4f}" for k in kinds) + " |" for sd, n in norms.items()]
     lines += ["", f"Figures: {fig.name}, {curves.name}; every arm in results.json.", ""]
     md = "\n".join(lines)
     atomic_write(out / "study.md", md)

@@ -102,3 +102,22 @@ def test_work_folder_with_other_settings_is_refused(tmp_path):
     check_resumable(StudySpec(**{**spec.__dict__, "seeds": (0, 1, 2, 3)}))  # more seeds: allowed
     with pytest.raises(ValueError, match=r"iterations: 10 -> 20.*another --work"):
         check_resumable(StudySpec(**{**spec.__dict__, "iterations": 20}))
+
+
+def test_target_norms_group_tensors_by_kind(tmp_path):
+    import torch
+
+    from tpp_monai.backbones.vit import VisionTransformer
+    from tpp_monai.checkpoint import save_target_checkpoint
+    from tpp_monai.peft import apply_peft
+    from tpp_monai.study import target_norms
+
+    vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2)
+    apply_peft(vit, "adapter", {"bottleneck": 4})
+    with torch.no_grad():
+        vit.blocks[0].mlp.peft_adapter.up.weight.fill_(1.0)  # 32 x 4 ones: norm sqrt(128)
+    save_target_checkpoint(tmp_path / "t.pt", vit)
+    norms = target_norms(tmp_path / "t.pt")
+    assert set(norms) == {"down.weight", "down.bias", "up.weight", "up.bias"}
+    assert norms["up.weight"] == pytest.approx(128 ** 0.5 / 2)  # block 1's up-projection is still zero
+    assert norms["up.bias"] == 0.0

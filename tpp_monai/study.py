@@ -311,3 +311,17 @@ def loss_plateau(log: str | os.PathLike, frac: float = 0.1) -> tuple[float, floa
     if len(losses) < 2 * k:
         return None
     return sum(losses[-2 * k:-k]) / k, sum(losses[-k:]) / k
+
+
+def target_norms(ckpt: str | os.PathLike) -> dict[str, float]:
+    """Mean Frobenius norm of a target-parameter checkpoint's tensors, grouped by their last two name parts.
+
+    What TPP taught the target parameters, in one line per kind: e.g. an Adapter's ``up.weight`` is zero
+    at insertion, so its norm after TPP is how far the pretext moved the adapter's output.
+    """
+    from tpp_monai.checkpoint import read_target_checkpoint
+
+    groups: dict[str, list[float]] = {}
+    for name, t in read_target_checkpoint(ckpt)["state_dict"].items():
+        groups.setdefault(".".join(name.split(".")[-2:]), []).append(float(t.float().norm()))
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
