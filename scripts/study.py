@@ -127,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python scripts/study.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     lines = [
         f"# TPP study: {ds['title']}", "",
-        f"Command: `{cmd.strip()}` at commit {commit or 'unknown'} ({minutes:.1f} min on "
-        f"{torch.get_num_threads()} CPU threads).", "",
+        f"Command: `{cmd.strip()}` at commit {commit or 'unknown'}; {torch.get_num_threads()} CPU threads. "
+        f"Fine-tuning + testing took {sum(r['seconds'] for r in results) / 60:.1f} min summed over the "
+        f"{len(results)} arms (this invocation: {minutes:.1f} min; finished arms are read back, not re-run).", "",
         f"Backbone: ViT-{s['vit_size']} depth {s['depth']}, {s['image_size']} px, pre-trained upstream with MAE for "
         f"{spec.upstream_epochs} epochs on the unlabelled pool. PEFT: {a.method}. TPP: {a.pretext}, "
         f"{spec.tpp_epochs} epochs on every training image, once per seed. Fine-tuning: {spec.iterations} iterations, "
