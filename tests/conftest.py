@@ -1,5 +1,6 @@
 """Shared pytest set-up: deterministic, small, CPU-friendly."""
 
+import contextlib
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -40,6 +41,30 @@ def load_script(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@contextlib.contextmanager
+def label_server(cmd: list, env: dict, cwd: Path, url: str, timeout: float):
+    """Start a label server subprocess (own process group, log in ``cwd/server.log``), wait until ``url``
+    answers, yield the process; stop the whole group afterwards (the server and its train subprocess)."""
+    import os
+    import signal
+    import subprocess
+
+    log_path = Path(cwd) / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_until_serving(proc, url, log_path, timeout)
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=20)
 
 
 def wait_until_serving(proc, url: str, log_path: Path, timeout: float) -> None:

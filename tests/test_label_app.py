@@ -18,16 +18,14 @@ import importlib.util
 import io
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import wait_until_serving
+from conftest import label_server
 import torch
 from PIL import Image
 
@@ -116,22 +114,10 @@ def server(cache, tmp_path_factory):
            "--conf", "vit_overrides", '{"depth": 4}', "--conf", "tpp_epochs", "1", "--conf", "epochs", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_TRACKING_ENABLED": "false"}
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_serving(proc, url, root / "server.log", START_TIMEOUT)
+    with label_server(cmd, env, root, url, START_TIMEOUT):
         yield {"url": url, "studies": studies, "model": model_dir / "tpp_seg.pt", "log": root / "server.log",
                "images": sorted(studies.glob("*.png"))}
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its train subprocess (own session)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=20)
-        log.close()
 
 
 def _infer(srv, image: Path, output: str = "image", model: str = "tpp_seg"):

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import wait_until_serving
-import torch
+from conftest import label_server
 from PIL import Image
 
 from tpp_monai.label import safety, seg2d
@@ -202,22 +200,10 @@ def srv(tmp_path_factory):
            "MONAI_LABEL_SESSION_PATH": str(root / "sessions"),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_TRACKING_ENABLED": "false"}
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_serving(proc, url, root / "server.log", START_TIMEOUT)
+    with label_server(cmd, env, root, url, START_TIMEOUT) as proc:
         yield {"url": url, "root": root, "studies": studies, "tmp": tmp, "pid": proc.pid, "port": port,
                "model": root / "model" / "tpp_seg.pt", "tmp_at_start": _files(tmp)}
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=20)
-        log.close()
 
 
 def test_default_bind_is_loopback(srv):
