@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="runs folder, resumable (default: .tpp_cache/study/<dataset>[_quick])")
     p.add_argument("--cache", default=None, help="demo data cache (default: .tpp_cache/demo_ct)")
     p.add_argument("--backbone_ckpt", default="", help="pre-trained backbone to use (default: MAE upstream stage)")
-    p.add_argument("--datalist", default=None, help="datalist of another bundle's data (default: the --dataset's)")
+    p.add_argument("--datalist", default=None,
+                   help="your data's datalist for --bundle (then the bundle's own model settings are used; "
+                        "default: the demo --dataset's)")
     p.add_argument("--method", default="adapter", help="PEFT method (registry name)")
     p.add_argument("--pretext", default="mae", choices=["mae", "dino"])
     p.add_argument("--fractions", type=float, nargs="+", default=None)
@@ -106,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         fractions=tuple(a.fractions or s["fractions"]), seeds=tuple(a.seeds or s["seeds"]), peft_method=a.method,
         pretext=a.pretext, iterations=a.iterations or s["iterations"], batch_size=s["batch"],
         val_every=s["val_every"], upstream_epochs=s["upstream_epochs"], tpp_epochs=s["tpp_epochs"],
-        overrides=dict(image_size=s["image_size"], vit_size=s["vit_size"], vit_overrides={"depth": s["depth"]},
-                       num_classes=ds["num_classes"], class_names=ds["class_names"]))
+        overrides={} if a.datalist else dict(  # your own data: the bundle's own model and classes
+            image_size=s["image_size"], vit_size=s["vit_size"], vit_overrides={"depth": s["depth"]},
+            num_classes=ds["num_classes"], class_names=ds["class_names"]))
     t0 = time.time()
     results = run_study(spec)
     minutes = (time.time() - t0) / 60

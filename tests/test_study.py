@@ -121,3 +121,13 @@ def test_target_norms_group_tensors_by_kind(tmp_path):
     assert set(norms) == {"down.weight", "down.bias", "up.weight", "up.bias"}
     assert norms["up.weight"] == pytest.approx(128 ** 0.5 / 2)  # block 1's up-projection is still zero
     assert norms["up.bias"] == 0.0
+
+
+def test_bundle_without_upstream_stage_needs_a_backbone(tmp_path):
+    from tpp_monai.study import StudySpec, ensure_upstream
+
+    spec = StudySpec(bundle=str(ROOT / "bundles/qata_adapter_tpp"), dataset_dir="d", datalist="d/dl.json",
+                     work=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="--backbone_ckpt"):
+        ensure_upstream(spec)
+    assert ensure_upstream(StudySpec(**{**spec.__dict__, "backbone_ckpt": "ckpt.pth"})) == Path("ckpt.pth")

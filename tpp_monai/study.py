@@ -146,6 +146,9 @@ def ensure_upstream(spec: StudySpec, log: Callable[[str], None] = print) -> Path
     """The upstream MAE backbone (stage 1), cached in ``work/upstream`` and re-used when its settings match."""
     if spec.backbone_ckpt:
         return Path(spec.backbone_ckpt)
+    if not (spec.cfg_dir / "pretrain_backbone.json").is_file():
+        raise FileNotFoundError(f"{spec.cfg_dir} has no pretrain_backbone.json to pre-train a backbone upstream: "
+                                "pass the pre-trained backbone (--backbone_ckpt, e.g. MedCoSS's checkpoint-299.pth)")
     up = Path(spec.work) / "upstream"
     ckpt, stamp = up / "models" / "backbone_mae.pt", up / "settings.json"
     settings = {"overrides": spec.overrides, "epochs": spec.upstream_epochs, "dataset_dir": str(spec.dataset_dir)}
