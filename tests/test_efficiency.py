@@ -30,14 +30,33 @@ def test_parameter_ratio_is_fraction_of_report():
     assert eff.parameter_ratio(vit, head) == pytest.approx((n_ln + 579) / total)
 
 
-def test_peak_memory_cpu_sees_a_large_allocation():
-    def step():
-        x = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
-        return float(x.sum())
+_STEP = """
+import torch
+from tpp_monai.metrics import efficiency as eff
 
-    peak = eff.measure_peak_memory(step, "cpu", cpu_method="rss")
-    assert peak >= 48 * 2 ** 20
-    assert 64 * 2 ** 20 <= eff.measure_peak_memory(step, "cpu") <= 64 * 2 ** 20 + 64  # profiler: the tensor bytes
+def step():
+    x = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
+    return float(x.sum())
+
+print(eff.measure_peak_memory(step, "cpu", cpu_method="rss"), eff.measure_peak_memory(step, "cpu"))
+"""
+
+
+def test_peak_memory_cpu_sees_a_large_allocation():
+    # In a fresh interpreter: the RSS high-water mark of a process that already ran hundreds of tests can
+    # miss a freed allocation (seen once in the full suite), which says nothing about the method itself.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _STEP], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rss_peak, profiler_peak = (int(v) for v in out.stdout.split()[-2:])
+    assert rss_peak >= 48 * 2 ** 20
+    assert 64 * 2 ** 20 <= profiler_peak <= 64 * 2 ** 20 + 64  # profiler: the tensor bytes
 
 
 def test_profiler_peak_of_a_training_step_counts_grads_and_adam_state():
