@@ -85,3 +85,22 @@ def wait_until_serving(proc, url: str, log_path: Path, timeout: float) -> None:
         if time.time() - t0 > timeout:
             raise RuntimeError(f"server not up after {timeout} s:\n{log_path.read_text()[-4000:]}")
         time.sleep(1)
+
+
+def run_interrupted(trainer, stop_at: int | None, exc: type[BaseException] = KeyboardInterrupt):
+    """Run an ignite engine; with ``stop_at``, raise ``exc`` once that iteration completes (a simulated
+    kill) and expect it. Returns the iteration the run started from (after any resume)."""
+    from ignite.engine import Events
+
+    start = trainer.state.iteration
+    if stop_at is None:
+        trainer.run()
+        return start
+
+    @trainer.on(Events.ITERATION_COMPLETED(once=stop_at))
+    def _crash(engine):
+        raise exc("simulated interruption")
+
+    with pytest.raises(exc):
+        trainer.run()
+    return start

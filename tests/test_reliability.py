@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_interrupted
 import torch
 from ignite.engine import Events
 
@@ -56,17 +57,7 @@ def tpp_run(out: Path, epochs: int = 3, crash_at: int | None = None, seed: int =
                                          generator=torch.Generator().manual_seed(seed))
     tr = TPPTrainer("cpu", epochs, loader, task, opt, out, schedule={"lr": 1e-2, "warmup_epochs": 1}, seed=seed,
                     resume=resume, tensorboard=False, checkpoint_every_iters=every_iters, checkpoint_every_epochs=1)
-    if crash_at is not None:
-        @tr.on(Events.ITERATION_COMPLETED(once=crash_at))
-        def _crash(engine):
-            raise Crash()
-    start = tr.state.iteration
-    if crash_at is not None:
-        with pytest.raises(Crash):
-            tr.run()
-    else:
-        tr.run()
-    return tr, start
+    return tr, run_interrupted(tr, crash_at, Crash)
 
 
 def params(tr: TPPTrainer) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from conftest import run_interrupted
 import torch
 
 from tpp_monai.backbones.vit import build_vit
@@ -371,20 +372,7 @@ def _resume_run(out_dir, data, epochs, stop_at=None, resume=False):
     trainer = TPPTrainer("cpu", epochs, loader, task, opt, out_dir, schedule={"lr": 1e-3, "warmup_epochs": 2},
                          checkpoint_every_iters=2, checkpoint_every_epochs=None, resume=resume, seed=123,
                          tensorboard=False)
-    if stop_at is not None:
-        from ignite.engine import Events
-
-        @trainer.on(Events.ITERATION_COMPLETED(once=stop_at))
-        def _crash(engine):
-            raise KeyboardInterrupt("simulated interruption")
-
-    start = trainer.state.iteration
-    if stop_at is not None:
-        with pytest.raises(KeyboardInterrupt):
-            trainer.run()
-    else:
-        trainer.run()
-    return trainer, start
+    return trainer, run_interrupted(trainer, stop_at)
 
 
 def test_resume_continues_from_last_checkpoint(real_patches, tmp_path):
