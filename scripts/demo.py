@@ -39,29 +39,6 @@ QUICK = dict(image_size=64, vit_size="tiny", depth=4, up_epochs=3, tpp_epochs=2,
 NAMES = {"random": "Adapter", "tpp": "Adapter + TPP"}
 
 
-def _plot_losses(out: Path, logs: dict[str, Path]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tpp_monai.study import read_jsonl
-
-    fig, axes = plt.subplots(1, len(logs), figsize=(4.2 * len(logs), 3.4))
-    for ax, (name, p) in zip(axes, logs.items()):
-        recs = [r for r in read_jsonl(p) if r.get("kind") == "loss"]
-        if recs:
-            ax.plot([r["iteration"] for r in recs], [r["loss"] for r in recs], lw=1)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("loss")
-    fig.tight_layout()
-    path = out / "loss_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _plot_dice(out: Path, runs: dict[str, Path]) -> Path:
     import matplotlib
 
@@ -155,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = cache.resolve()
 
     from tpp_monai.bundle import load_datalist, trainable_report
-    from tpp_monai.study import StudySpec, bundle_network, run_bundle_stage, run_study, summarise
+    from tpp_monai.study import StudySpec, bundle_network, plot_losses, run_bundle_stage, run_study, summarise
 
     seeds = tuple(a.seeds) if a.seeds else s["seeds"]
     spec = StudySpec(bundle=str(ROOT / BUNDLE), dataset_dir=str(cache), datalist=str(cache / "datalist_headct.json"),
@@ -174,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                          backbone_ckpt=str(backbone), tpp_ckpt="", infer_dir=str(d / "predictions"))
     ratio = trainable_report(bundle_network(spec, backbone_ckpt=str(backbone)))["ratio_percent"]
     figs = [
-        _plot_losses(out, {"(a) upstream MAE": work / "upstream" / "logs" / "upstream" / "tpp_log.jsonl",
+        plot_losses({"(a) upstream MAE": work / "upstream" / "logs" / "upstream" / "tpp_log.jsonl",
                            "(b) TPP (MAE)": work / "tpp" / f"seed{seeds[0]}" / "logs" / "tpp_log.jsonl",
                            "(c) Adapter": arm0["random"] / "logs" / "train_log.jsonl",
-                           "(c) Adapter + TPP": arm0["tpp"] / "logs" / "train_log.jsonl"}),
+                           "(c) Adapter + TPP": arm0["tpp"] / "logs" / "train_log.jsonl"}, out / "loss_curves.png"),
         _plot_dice(out, {NAMES[i]: d / "logs" / "val_log.jsonl" for i, d in arm0.items()}),
         _plot_overlays(out, load_datalist(cache / "datalist_headct.json", "test"),
                        {NAMES[i]: d / "predictions" for i, d in arm0.items()}),

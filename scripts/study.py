@@ -43,28 +43,6 @@ QUICK = dict(image_size=32, vit_size="tiny", depth=2, upstream_epochs=1, tpp_epo
              val_every=4, fractions=(0.25, 1.0), seeds=(0, 1))
 
 
-def _plot_losses(out: Path, logs: dict[str, Path]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tpp_monai.checkpoint import atomic_write
-    from tpp_monai.study import read_jsonl
-
-    fig, axes = plt.subplots(1, len(logs), figsize=(4.2 * len(logs), 3.3), squeeze=False)
-    for ax, (name, p) in zip(axes[0], logs.items()):
-        recs = [r for r in read_jsonl(p) if r.get("kind") == "loss"]
-        ax.plot([r["iteration"] for r in recs], [r["loss"] for r in recs], lw=1)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("loss")
-    fig.tight_layout()
-    path = atomic_write(out / "loss_curves.png", lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=sorted(DATASETS), default="headct")
@@ -89,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from tpp_monai.checkpoint import atomic_write
     from tpp_monai.data.demo_data import DEFAULT_CACHE, DemoDataError, build_demo_cache
-    from tpp_monai.study import StudySpec, loss_drop, loss_plateau, markdown_table, target_norms, plot_fractions, run_study, summarise
+    from tpp_monai.study import (
+        StudySpec, loss_drop, loss_plateau, markdown_table, plot_fractions, plot_losses, run_study, summarise,
+        target_norms,
+    )
 
     torch.set_num_threads(a.threads or min(2, os.cpu_count() or 1))
     s = dict(QUICK if a.quick else FULL)
@@ -120,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     fig = plot_fractions(rows, out / "study_dice.png", title=f"{ds['title']}: {a.method}, TPP {a.pretext}")
     up_log, tpp_logs = work / "upstream" / "logs" / "upstream" / "tpp_log.jsonl", {
         sd: work / "tpp" / f"seed{sd}" / "logs" / "tpp_log.jsonl" for sd in spec.seeds}
-    curves = _plot_losses(out, {"upstream MAE": up_log, **{f"TPP seed {sd}": lp for sd, lp in tpp_logs.items()}})
+    curves = plot_losses({"upstream MAE": up_log, **{f"TPP seed {sd}": lp for sd, lp in tpp_logs.items()}},
+                         out / "loss_curves.png")
     drops = {"upstream MAE": loss_drop(up_log), **{f"TPP ({a.pretext}) seed {sd}": loss_drop(lp)
                                                    for sd, lp in tpp_logs.items()}}
     up_flat = loss_plateau(up_log)

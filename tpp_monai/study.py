@@ -328,3 +328,23 @@ def target_norms(ckpt: str | os.PathLike) -> dict[str, float]:
     for name, t in read_target_checkpoint(ckpt)["state_dict"].items():
         groups.setdefault(".".join(name.split(".")[-2:]), []).append(float(t.float().norm()))
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
+def plot_losses(logs: dict[str, str | os.PathLike], path: str | os.PathLike) -> Path:
+    """One loss-vs-iteration panel per JSON-lines log (upstream, TPP, fine-tuning runs), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(logs), figsize=(4.2 * len(logs), 3.4), squeeze=False)
+    for ax, (name, log) in zip(axes[0], logs.items()):
+        recs = [r for r in read_jsonl(log) if r.get("kind") == "loss"]
+        ax.plot([r["iteration"] for r in recs], [r["loss"] for r in recs], lw=1)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss")
+    fig.tight_layout()
+    out = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+    return out
