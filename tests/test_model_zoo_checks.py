@@ -6,8 +6,11 @@ What the zoo checks and where it is checked here:
   ``configs/logging.conf`` (MONAI warns on every run without it) and ``docs/data_license.txt``.
 - ``verify_version_changes``: ``version`` and ``changelog`` present, the version is a changelog entry.
 - ``verify_metadata_format``: metadata against the official schema ``meta_schema_20240725.json``. The schema file
-  is not vendored here; it is used when a copy exists at ``../shared/schemas/meta_schema_20240725.json`` (relative
-  to the repository root), otherwise the schema's required keys, types and tensor fields are checked explicitly.
+  is not vendored (files fetched from public repositories may not be committed to this project); ``check_metadata_schema``
+  re-states every rule of it in Python and always runs. When a copy of the official file is at hand (the path in
+  ``TPP_MONAI_META_SCHEMA``, or ``../shared/schemas/meta_schema_20240725.json`` beside the repository) the metadata is
+  also validated with ``jsonschema`` against it, and ``test_restatement_agrees_with_the_official_schema`` checks that
+  the re-statement and the official file give the same verdict on every metadata mutation in ``SCHEMA_CASES``.
 - ``verify_data_shape`` / ``verify_torchscript``: MONAI's ``verify_net_in_out`` / ``ckpt_export`` in
   ``tests/test_bundles.py`` and ``tests/test_torchscript_export.py``.
 - README sections of the zoo's readme template (Model, Data, Training, Performance, System configuration,
@@ -21,6 +24,7 @@ from __future__ import annotations
 import configparser
 import importlib.metadata
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -29,7 +33,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p.name for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
-SCHEMA_COPY = ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+SCHEMA_COPY = Path(os.environ.get("TPP_MONAI_META_SCHEMA")
+                   or ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json")
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 README_SECTIONS = ("Model", "Data", "Training", "Performance", "System configuration", "Limitations", "Citation")
 # meta_schema_20240725.json: required top-level keys and the JSON types of the keys it declares
@@ -117,41 +122,80 @@ def check_version_changelog(meta: dict) -> list[str]:
     return problems
 
 
+def _is_int(v: object) -> bool:
+    """JSON Schema's ``integer`` (draft 2019-09): not a boolean; a float with an integral value counts."""
+    return not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and v.is_integer()))
+
+
+def _is_number(v: object) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float))
+
+
 def _tensor_problems(where: str, t: object) -> list[str]:
+    """The schema's ``argument``: a number, string or boolean, or a tensor description."""
     if not isinstance(t, dict):
         return [] if isinstance(t, (int, float, str, bool)) else [f"{where} is not a tensor description"]
     problems = [f"{where} lacks '{k}'" for k in TENSOR_REQUIRED if k not in t]
-    if not isinstance(t.get("num_channels", 0), int):
+    for k in ("type", "format", "dtype"):
+        if k in t and not isinstance(t[k], str):
+            problems.append(f"{where}.{k} is not a string")
+    if "num_channels" in t and not _is_int(t["num_channels"]):
         problems.append(f"{where}.num_channels is not an integer")
-    if not all(isinstance(v, (int, str)) for v in t.get("spatial_shape", [])):
+    for k in ("spatial_shape", "value_range"):
+        if k in t and not isinstance(t[k], list):
+            problems.append(f"{where}.{k} is not a list")
+    if isinstance(t.get("spatial_shape"), list) and not all(isinstance(v, str) or _is_int(v) for v in t["spatial_shape"]):
         problems.append(f"{where}.spatial_shape items must be integers or strings")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in t.get("value_range", [])):
+    if isinstance(t.get("value_range"), list) and not all(_is_number(v) for v in t["value_range"]):
         problems.append(f"{where}.value_range items must be numbers")
+    if "is_patch_data" in t and not isinstance(t["is_patch_data"], bool):
+        problems.append(f"{where}.is_patch_data is not a boolean")
+    if "channel_def" in t and not isinstance(t["channel_def"], dict):
+        problems.append(f"{where}.channel_def is not an object")
     return problems
 
 
-def check_metadata_schema(meta: dict) -> list[str]:
-    """Against the official schema when a copy is available, else its required keys and types explicitly."""
-    if SCHEMA_COPY.is_file():
-        import jsonschema
-
-        schema = json.loads(SCHEMA_COPY.read_text())
-        return [e.message for e in jsonschema.Draft201909Validator(schema).iter_errors(meta)]
+def restated_schema_problems(meta: object) -> list[str]:
+    """Every rule of ``meta_schema_20240725.json``, re-stated: required keys, the declared keys' JSON types, and
+    ``network_data_format`` (and any other ``<name>_data_format``) as inputs/outputs of tensor descriptions."""
+    if not isinstance(meta, dict):
+        return ["metadata is not a JSON object"]
     problems = [f"metadata lacks required '{k}'" for k in SCHEMA_REQUIRED if k not in meta]
     for k, typ in SCHEMA_TYPES.items():
         if k in meta and not isinstance(meta[k], typ):
             problems.append(f"metadata '{k}' must be {typ.__name__}")
     if isinstance(meta.get("references"), list) and not all(isinstance(r, str) for r in meta["references"]):
         problems.append("metadata 'references' items must be strings")
-    for key in [k for k in meta if k == "network_data_format" or k.endswith("_data_format")]:
+    for key in [k for k in meta if k == "network_data_format" or re.fullmatch(r"[_a-zA-Z0-9]+_data_format", k)]:
         fmt = meta[key]
-        if not isinstance(fmt, dict) or not {"inputs", "outputs"} <= set(fmt):
-            problems.append(f"{key} needs 'inputs' and 'outputs'")
+        if not isinstance(fmt, dict):
+            problems.append(f"{key} is not an object")
             continue
+        problems += [f"{key} needs '{part}'" for part in ("inputs", "outputs") if part not in fmt]
         for part in ("inputs", "outputs", "post_processed_outputs"):
-            for name, t in fmt.get(part, {}).items():
+            if part not in fmt:
+                continue
+            if not isinstance(fmt[part], dict):
+                problems.append(f"{key}.{part} is not an object")
+                continue
+            for name, t in fmt[part].items():
                 problems += _tensor_problems(f"{key}.{part}.{name}", t)
     return problems
+
+
+def official_schema_problems(meta: object) -> list[str] | None:
+    """Validation against the official schema file, or None when no copy of it is at hand."""
+    if not SCHEMA_COPY.is_file():
+        return None
+    import jsonschema
+
+    schema = json.loads(SCHEMA_COPY.read_text())
+    return [e.message for e in jsonschema.Draft201909Validator(schema).iter_errors(meta)]
+
+
+def check_metadata_schema(meta: dict) -> list[str]:
+    """The re-stated schema always; the official file too when a copy is at hand."""
+    return restated_schema_problems(meta) + (official_schema_problems(meta) or [])
 
 
 def check_metadata_content(meta: dict) -> list[str]:
@@ -290,3 +334,65 @@ def test_bad_large_files_are_reported(broken):
         "large_files:\n  - {path: ../model.pt, url: 'http://x', hash_val: '', hash_type: ''}\n")
     problems = check_large_files(broken)
     assert any("not https" in p for p in problems) and any("not inside the bundle" in p for p in problems)
+
+
+# ------------------------------------------- the re-stated schema against the official one (when at hand)
+def _nd(meta: dict) -> dict:
+    return meta["network_data_format"]
+
+
+def _tensor(meta: dict) -> dict:
+    return _nd(meta)["inputs"]["image"]
+
+
+# (what the mutation does, the mutation, whether the official schema accepts the result)
+SCHEMA_CASES = [
+    ("unchanged", lambda m: None, True),
+    ("no authors", lambda m: m.pop("authors"), False),
+    ("no network_data_format", lambda m: m.pop("network_data_format"), False),
+    ("no changelog (optional)", lambda m: m.pop("changelog"), True),
+    ("version is a number", lambda m: m.update(version=1), False),
+    ("references holds a number", lambda m: m.update(references=["a", 2]), False),
+    ("eval_metrics is a list", lambda m: m.update(eval_metrics=[0.5]), False),
+    ("extra key (allowed)", lambda m: m.update(eval_metrics_source="x"), True),
+    ("no outputs", lambda m: _nd(m).pop("outputs"), False),
+    ("inputs is a list", lambda m: _nd(m).update(inputs=[]), False),
+    ("input is a plain number", lambda m: _nd(m)["inputs"].update(image=3), True),
+    ("input is a list", lambda m: _nd(m)["inputs"].update(image=[1, 2]), False),
+    ("tensor without dtype", lambda m: _tensor(m).pop("dtype"), False),
+    ("num_channels is a string", lambda m: _tensor(m).update(num_channels="3"), False),
+    ("num_channels is a boolean", lambda m: _tensor(m).update(num_channels=True), False),
+    ("num_channels is 3.0", lambda m: _tensor(m).update(num_channels=3.0), True),
+    ("spatial_shape holds a float", lambda m: _tensor(m).update(spatial_shape=[2.5, "16*n"]), False),
+    ("spatial_shape holds a boolean", lambda m: _tensor(m).update(spatial_shape=[True, 16]), False),
+    ("value_range holds a string", lambda m: _tensor(m).update(value_range=[0, "1"]), False),
+    ("value_range is empty", lambda m: _tensor(m).update(value_range=[]), True),
+    ("is_patch_data is a string", lambda m: _tensor(m).update(is_patch_data="no"), False),
+    ("channel_def is a list", lambda m: _tensor(m).update(channel_def=["R"]), False),
+    ("post_processed_outputs tensor lacks format",
+     lambda m: _nd(m).update(post_processed_outputs={"pred": {k: v for k, v in _tensor(m).items() if k != "format"}}),
+     False),
+    ("another *_data_format lacks inputs", lambda m: m.update(extra_data_format={"outputs": {}}), False),
+    ("a key merely containing data_format", lambda m: m.update(**{"data-format": 1}), True),
+]
+
+
+def _mutated(mutate) -> dict:
+    meta = json.loads((ROOT / "bundles" / "mhist_adapter_tpp" / "configs" / "metadata.json").read_text())
+    mutate(meta)
+    return meta
+
+
+@pytest.mark.parametrize("what,mutate,valid", SCHEMA_CASES, ids=[c[0] for c in SCHEMA_CASES])
+def test_restated_schema_verdicts(what, mutate, valid):
+    problems = restated_schema_problems(_mutated(mutate))
+    assert (problems == []) == valid, problems
+
+
+@pytest.mark.skipif(not SCHEMA_COPY.is_file(), reason="no copy of the official meta_schema_20240725.json at hand "
+                    "(set TPP_MONAI_META_SCHEMA to its path)")
+@pytest.mark.parametrize("what,mutate,valid", SCHEMA_CASES, ids=[c[0] for c in SCHEMA_CASES])
+def test_restatement_agrees_with_the_official_schema(what, mutate, valid):
+    meta = _mutated(mutate)
+    assert (official_schema_problems(meta) == []) == valid
+    assert (restated_schema_problems(meta) == []) == valid
