@@ -231,11 +231,11 @@ def run_study(spec: StudySpec, progress: bool = True) -> list[dict[str, Any]]:
     return results
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    import numpy as np
-
-    a = np.asarray(xs, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value) of a result column."""
+    a = [float(x) for x in xs]
+    m = math.fsum(a) / len(a)
+    return m, math.sqrt(math.fsum((x - m) ** 2 for x in a) / (len(a) - 1)) if len(a) > 1 else 0.0
 
 
 def summarise(results: Iterable[dict[str, Any]], metric: str = "dice") -> list[dict[str, Any]]:
@@ -251,7 +251,7 @@ def summarise(results: Iterable[dict[str, Any]], metric: str = "dice") -> list[d
         diff = [t - b for t, b in zip(tpp, base)]
         better = sum(d > 0 for d in diff) if metric == "dice" else sum(d < 0 for d in diff)
         rows.append({"fraction": f, "n_labelled": by[(f, seeds[0], "random")]["n_labelled"], "seeds": seeds,
-                     "random": _mean_std(base), "tpp": _mean_std(tpp), "diff": _mean_std(diff),
+                     "random": mean_std(base), "tpp": mean_std(tpp), "diff": mean_std(diff),
                      "diff_per_seed": diff, "tpp_better": better})
     return rows
 

@@ -43,7 +43,6 @@ import csv
 import io
 import itertools
 import json
-import math
 import os
 import tempfile
 import time
@@ -54,6 +53,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tpp_monai.study import mean_std
 
 TPP_UNSUPPORTED = ("full", "linear", "sh_peft", "fpt_plus")
 CSV_FIELDS = [
@@ -417,12 +418,6 @@ def collect(out_dir: str | os.PathLike) -> list[dict]:
     return sorted(rows, key=lambda r: r["index"])
 
 
-def _mean_std(v: list[float]) -> tuple[float, float]:
-    m = sum(v) / len(v)
-    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-    return m, s
-
-
 def summarise(rows: list[dict]) -> list[dict]:
     """One entry per (method, tpp): per-dataset mean/std of the score over seeds, params %, memory."""
     ok = [r for r in rows if r.get("status") == "ok"]
@@ -433,7 +428,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     for (m, t), rs in groups.items():
         per_ds = {}
         for ds in dict.fromkeys(r["dataset"] for r in rs):
-            per_ds[ds] = _mean_std([r["score"] for r in rs if r["dataset"] == ds])
+            per_ds[ds] = mean_std([r["score"] for r in rs if r["dataset"] == ds])
         out.append({
             "method": m, "tpp": t, "per_dataset": per_ds,
             "avg": sum(v[0] for v in per_ds.values()) / len(per_ds),
