@@ -72,6 +72,24 @@ def test_refusals_name_the_mismatch(tmp_path):
         load_target_checkpoint(tmp_path / "other.pt", fresh)
 
 
+def test_backbone_refusal_names_the_tensors_that_differ(tmp_path):
+    """A different backbone is refused with the differing tensors named, e.g. another pixel space."""
+    path = save_target_checkpoint(tmp_path / "t.pt", trained())
+    with pytest.raises(CheckpointMismatch, match=r"only in this backbone 2: input_mean, input_std"):
+        load_target_checkpoint(path, model().set_input_norm("imagenet"))
+    other = model()
+    with torch.no_grad():
+        other.blocks[1].mlp.fc2.weight.mul_(2)
+    with pytest.raises(CheckpointMismatch, match=r"changed values 1: blocks\.1\.mlp\.fc2\.weight\."):
+        load_target_checkpoint(path, other)
+    obj = torch.load(path, weights_only=True)
+    del obj["backbone_digests"]  # as written by the first release of the format
+    torch.save(obj, tmp_path / "v1.pt")
+    with pytest.raises(CheckpointMismatch, match="older tpp-monai.*another pixel space"):
+        load_target_checkpoint(tmp_path / "v1.pt", model().set_input_norm("imagenet"))
+    assert load_target_checkpoint(tmp_path / "v1.pt", model()) == {}  # same backbone: still accepted
+
+
 def test_atomic_save_keeps_old_file_on_failure(tmp_path):
     path = atomic_save({"a": torch.ones(2)}, tmp_path / "x.pt")
 

@@ -1,8 +1,8 @@
 """Atomic checkpoint writing and the target-parameter checkpoint (TPP -> fine-tuning hand-over).
 
 A target-parameter checkpoint is a ``torch.save`` dict readable with ``weights_only=True``:
-``{"format": "tpp-target-params", "version": 1, "peft": {"method", "config"},
-"backbone_fingerprint", "shapes": {name: shape}, "state_dict": {name: tensor}, "meta": {...}}``.
+``{"format": "tpp-target-params", "version": 2, "peft": {"method", "config"},
+"backbone_fingerprint", "backbone_digests": {name: digest}, "shapes": {name: shape}, "state_dict": {name: tensor}, "meta": {...}}``.
 Loading checks method, config, backbone fingerprint, names and shapes, and names what differs.
 """
 
@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from tpp_monai.peft.api import (
+    backbone_difference,
     backbone_fingerprint,
+    backbone_hashes,
     check_target_state_dict,
     get_peft,
     load_target_state_dict,
@@ -152,11 +154,13 @@ def save_target_checkpoint(path: str | os.PathLike, backbone: nn.Module, meta: d
     """Write only the target parameters of ``backbone`` plus what is needed to verify them later."""
     peft = get_peft(backbone)
     state = target_state_dict(backbone)
+    fingerprint, digests = backbone_hashes(backbone)
     obj = {
         "format": TARGET_FORMAT,
-        "version": 1,
+        "version": 2,
         "peft": peft.describe(),
-        "backbone_fingerprint": backbone_fingerprint(backbone),
+        "backbone_fingerprint": fingerprint,
+        "backbone_digests": digests,
         "shapes": {k: list(v.shape) for k, v in state.items()},
         "state_dict": state,
         "meta": dict(meta or {}),
@@ -202,7 +206,8 @@ def load_target_checkpoint(
         if fp != obj["backbone_fingerprint"]:
             raise CheckpointMismatch(
                 f"{path} was trained on a different backbone (fingerprint {obj['backbone_fingerprint'][:12]} "
-                f"vs this backbone {fp[:12]}). Load the same pre-trained backbone checkpoint as the TPP stage."
+                f"vs this backbone {fp[:12]}). {backbone_difference(obj.get('backbone_digests'), backbone)} "
+                "Load the same pre-trained backbone checkpoint (and input normalisation) as the TPP stage."
             )
     warn_if_non_finite(obj["state_dict"], path, "TPP target-parameter checkpoint")
     try:

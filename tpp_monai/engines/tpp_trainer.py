@@ -34,7 +34,7 @@ from tpp_monai.engines.amp import autocast, grad_scaler, resolve_amp
 from tpp_monai.engines.distributed import barrier, is_main_process, mean_over_ranks, wrap_ddp
 from tpp_monai.engines.resumable_data import ResumableLoader
 from tpp_monai.engines.schedules import WarmupCosineSchedule
-from tpp_monai.peft.api import backbone_fingerprint, get_peft, load_target_state_dict, target_state_dict
+from tpp_monai.peft.api import backbone_difference, backbone_hashes, get_peft, load_target_state_dict, target_state_dict
 from tpp_monai.runlock import OutputLock
 
 TARGET_NAME = "target_params.pt"
@@ -88,6 +88,7 @@ class TargetCheckpointHandler:
                 "pretext_config": task.config() if hasattr(task, "config") else {}}
         handover = task.handover_backbone() if hasattr(task, "handover_backbone") else backbone  # DINO: teacher
         save_target_checkpoint(self.target_path, handover, meta=meta)
+        fingerprint, digests = backbone_hashes(backbone)
         state = {
             "format": RESUME_FORMAT,
             "iteration": it,
@@ -95,7 +96,8 @@ class TargetCheckpointHandler:
             "max_epochs": engine.state.max_epochs,
             "peft": get_peft(backbone).describe(),
             "pretext": task.name,
-            "backbone_fingerprint": backbone_fingerprint(backbone),
+            "backbone_fingerprint": fingerprint,
+            "backbone_digests": digests,
             "target_state": target_state_dict(backbone),
             "head_state": {k: v.detach().cpu() for k, v in task.head_state_dict().items()},
             "optimizer": engine.optimizer.state_dict(),
@@ -294,9 +296,10 @@ class TPPTrainer(Trainer):
         if obj["pretext"] != self.task.name:
             raise CheckpointMismatch(
                 f"{path}: pretext '{obj['pretext']}' differs from this run's '{self.task.name}'. {_RESUME_FIX}")
-        if obj["backbone_fingerprint"] != backbone_fingerprint(backbone):
-            raise CheckpointMismatch(f"{path} was written with a different backbone; load the same backbone weights "
-                                     f"as that run. {_RESUME_FIX}")
+        if obj["backbone_fingerprint"] != backbone_hashes(backbone)[0]:
+            raise CheckpointMismatch(
+                f"{path} was written with a different backbone; load the same backbone weights as that run. "
+                f"{backbone_difference(obj.get('backbone_digests'), backbone)} {_RESUME_FIX}")
         diffs = _settings_diff(obj.get("settings"), self.settings)
         if diffs:
             raise CheckpointMismatch(f"{path} was written by a run with other settings ({diffs}). {_RESUME_FIX}")

@@ -114,21 +114,52 @@ def load_target_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) 
             params[k].copy_(v.to(params[k].device, params[k].dtype))
 
 
-def backbone_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over names, shapes and values of every non-target tensor (parameters and buffers).
+def backbone_hashes(model: nn.Module) -> tuple[str, dict[str, str]]:
+    """The backbone fingerprint and a short digest per non-target tensor, in one pass over the weights.
 
-    Identifies the frozen backbone a set of target parameters was trained on.
+    The fingerprint is SHA-256 over names, dtypes, shapes and values of every non-target tensor (parameters and
+    buffers): it identifies the frozen backbone a set of target parameters was trained on. The per-tensor digests
+    (16 hex digits) let a mismatch name what differs (:func:`backbone_difference`).
     """
     m = getattr(model, PEFT_ATTR, None)
     h = hashlib.sha256()
+    digests: dict[str, str] = {}
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     for name, t in sorted(tensors, key=lambda kv: kv[0]):
         if m is not None and m.is_target(name):
             continue
         t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+        head = f"{name}|{t.dtype}|{tuple(t.shape)}".encode()
+        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        h.update(head)
+        h.update(data)
+        digests[name] = hashlib.sha256(head + data).hexdigest()[:16]
+    return h.hexdigest(), digests
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """SHA-256 identifying the frozen backbone (see :func:`backbone_hashes`)."""
+    return backbone_hashes(model)[0]
+
+
+def backbone_difference(saved_digests: Mapping[str, str] | None, model: nn.Module, limit: int = 5) -> str:
+    """Which backbone tensors differ between a file's recorded digests and ``model``, as one sentence.
+
+    Files written before the digests were recorded get a hint instead: target parameters trained on another
+    backbone, or in another pixel space (input normalisation is part of the backbone), do not transfer.
+    """
+    if not saved_digests:
+        return ("The file records no per-tensor digests (written by an older tpp-monai): if it predates the input "
+                "normalisation inside the backbone, its target parameters were trained in another pixel space; "
+                "re-run the TPP stage with this backbone.")
+    here = backbone_hashes(model)[1]
+    only_file = sorted(set(saved_digests) - set(here))
+    only_model = sorted(set(here) - set(saved_digests))
+    changed = sorted(k for k in set(here) & set(saved_digests) if here[k] != saved_digests[k])
+    parts = [f"{label} {len(names)}: {', '.join(names[:limit])}{', ...' if len(names) > limit else ''}"
+             for label, names in (("changed values", changed), ("only in the file", only_file),
+                                  ("only in this backbone", only_model)) if names]
+    return "Backbone tensors that differ: " + ("; ".join(parts) if parts else "none (tensor order or dtype)") + "."
 
 
 @dataclass
