@@ -1,11 +1,13 @@
 """MONAI Label app (apps/tpp_label) served for real on 127.0.0.1 with a datastore of real CT slices.
 
 Starts ``monailabel start_server`` in a subprocess (random free loopback port, bounded waits,
-always killed), then: /info/, /infer/tpp_seg on a real head-CT slice (mask shape and labels),
-a short /train/tpp_seg (TPP with MAE on every datastore image + PEFT fine-tuning on the labelled
-ones, polled until done), the model file replaced and the next /infer reporting the new version,
-and bad requests (unknown model, corrupt image) answered with an HTTP error and a message while
-the server keeps serving.
+always killed; no ``--conf allow_untrained``), then: /info/ as 3D Slicer reads it (models, trainers
+with their options, strategies first + random), /infer refused before any training (409, "train it
+first"), /activelearning/first, one /train/tpp_seg round trip on BasicTrainTask (TPP with MAE on every
+datastore image + PEFT fine-tuning with a validation split) with MONAI Label's train_stats keys, the
+next /infer reporting the new version and equal to the published model with 4-flip TTA, PNG and
+Slicer-style NIfTI answers lining up, and bad requests (unknown model, corrupt image) answered with an
+HTTP error and a message while the server keeps serving.
 
 The server tests need the optional extra (install commands in apps/tpp_label/README.md) and are
 skipped with the reason when ``monailabel`` is not importable; the library tests (image
@@ -116,8 +118,28 @@ def server(cache, tmp_path_factory):
            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_TRACKING_ENABLED": "false"}
     url = f"http://127.0.0.1:{port}"
     with label_server(cmd, env, root, url, START_TIMEOUT):
-        yield {"url": url, "studies": studies, "model": model_dir / "tpp_seg.pt", "log": root / "server.log",
+        srv = {"url": url, "studies": studies, "model": model_dir / "tpp_seg.pt", "log": root / "server.log",
                "images": sorted(studies.glob("*.png"))}
+        # before any training (no --conf allow_untrained): what /info and /infer say about the untrained model
+        srv["model_before"] = srv["model"].exists()
+        srv["info_before"] = requests.get(f"{url}/info/", timeout=HTTP_TIMEOUT).json()
+        srv["infer_before"] = _infer(srv, srv["images"][-1], "json")
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def trained(server):
+    """One /train/tpp_seg round trip (TPP + PEFT with a validation split), polled until done."""
+    r = requests.post(f"{server['url']}/train/tpp_seg", json={"tpp_epochs": 1, "epochs": 2}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200, r.text
+    t0, task = time.time(), None
+    while time.time() - t0 < TRAIN_TIMEOUT:
+        task = requests.get(f"{server['url']}/train/", timeout=HTTP_TIMEOUT).json()
+        if task.get("status") in ("DONE", "ERROR"):
+            break
+        time.sleep(2)
+    assert task and task.get("status") == "DONE", f"train did not finish: {task}\n{server['log'].read_text()[-3000:]}"
+    return task
 
 
 def _infer(srv, image: Path, output: str = "image", model: str = "tpp_seg"):
@@ -131,51 +153,92 @@ def _mask(resp) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(resp.content)))
 
 
-def test_info_lists_model_and_trainer(server):
+def test_info_lists_models_trainers_and_strategies(server):
     info = requests.get(f"{server['url']}/info/", timeout=HTTP_TIMEOUT).json()
     assert "tpp_seg" in info["models"] and "tpp_seg" in info["trainers"]
+    assert set(info["strategies"]) == {"first", "random"}
     m = info["models"]["tpp_seg"]
     assert m["type"] == "segmentation" and m["dimension"] == 2
     assert m["labels"] == {"soft_tissue": 1, "bone": 2}
+    assert "stunet3d" not in info["models"]  # the 3D task is listed only with --conf nnunet_model_folder
+    cfg = info["trainers"]["tpp_seg"]["config"]  # what 3D Slicer offers and sends back with /train
+    assert cfg["val_split"] == 0.2 and cfg["epochs"] == 2 and cfg["tpp_epochs"] == 1
     assert info["datastore"]["total"] == N_IMAGES and info["datastore"]["completed"] == N_LABELLED
 
 
-def test_infer_train_reinfer(server):
-    img = server["images"][-1]  # an unlabelled slice
-    h, w = np.asarray(Image.open(img)).shape
-    before = _infer(server, img, "json").json()
-    assert before["trained"] is False and before["model_version"] == 0
-    m0 = _mask(_infer(server, img))
-    assert m0.shape == (h, w) and m0.dtype == np.uint8 and set(np.unique(m0)) <= {0, 1, 2}
-    mtime0 = server["model"].stat().st_mtime_ns
+def test_untrained_model_is_refused(server):
+    """No model file and no --conf allow_untrained: /infer says to train first instead of serving random weights."""
+    assert "tpp_seg" in server["info_before"]["models"] and not server["model_before"]  # listed, no file written
+    r = server["infer_before"]
+    assert r.status_code == 409, r.text
+    detail = r.json()["detail"]
+    assert "not been trained yet" in detail and "/train/tpp_seg" in detail and "allow_untrained true" in detail
 
-    r = requests.post(f"{server['url']}/train/tpp_seg", json={"tpp_epochs": 1, "epochs": 2}, timeout=HTTP_TIMEOUT)
+
+def test_activelearning_first_returns_first_unlabelled(server):
+    r = requests.post(f"{server['url']}/activelearning/first", json={}, timeout=HTTP_TIMEOUT)
     assert r.status_code == 200, r.text
-    t0, task = time.time(), None
-    while time.time() - t0 < TRAIN_TIMEOUT:
-        task = requests.get(f"{server['url']}/train/", timeout=HTTP_TIMEOUT).json()
-        if task.get("status") in ("DONE", "ERROR"):
-            break
-        time.sleep(2)
-    assert task and task.get("status") == "DONE", f"train did not finish: {task}\n{server['log'].read_text()[-3000:]}"
-    details = "\n".join(task.get("details", []))
+    assert r.json()["id"] == f"headct_{N_LABELLED:02d}" and "path" not in r.json()  # ids, not server paths
+    r = requests.post(f"{server['url']}/activelearning/random", json={}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200 and r.json()["id"] in {p.stem for p in server["images"][N_LABELLED:]}, r.text
 
+
+def test_train_round_trip_stats_and_reinfer(server, trained):
+    details = "\n".join(trained.get("details", []))
     meta = seg2d.read_model_file(server["model"])["meta"]
-    assert server["model"].stat().st_mtime_ns != mtime0
     assert meta["trained"] and meta["version"] == 1 and meta["tpp"] and meta["pretext"] == "mae"
     assert meta["num_images"] == N_IMAGES and meta["num_labelled"] == N_LABELLED, details
+    assert meta["num_val"] > 0 and meta["num_train"] + meta["num_val"] == N_LABELLED  # val_split 0.2: 5 + 1
 
+    # train_stats as MONAI Label's BasicTrainTask writes them (what 3D Slicer shows), plus ours
+    stats = requests.get(f"{server['url']}/info/", timeout=HTTP_TIMEOUT).json()["train_stats"]["tpp_seg"]
+    assert stats["epoch"] == stats["total_epochs"] == 2 and stats["version"] == 1
+    h, m, sec = (int(v) for v in stats["total_time"].split(":"))
+    assert 3600 * h + 60 * m + sec >= 0 and stats["total_seconds"] > 0
+    assert 0.0 <= stats["best_metric"] <= 1.0 and stats["best_metric"] == stats["eval"]["best_metric"]
+    assert 0.0 <= stats["eval"]["metrics"]["val_mean_dice"] <= 1.0 and stats["eval"]["key_metric_name"] == "val_mean_dice"
+    assert 0.0 <= stats["train"]["metrics"]["train_mean_dice"] <= 1.0
+    assert stats["num_val"] == meta["num_val"] and stats["published_epoch"] == stats["eval"]["best_metric_epoch"]
+
+    img = server["images"][-1]  # an unlabelled slice
+    h, w = np.asarray(Image.open(img)).shape
     after = _infer(server, img, "json").json()
     assert after["trained"] is True and after["model_version"] == 1
     assert after["model_mtime_ns"] == server["model"].stat().st_mtime_ns
     m1 = _mask(_infer(server, img))
-    assert m1.shape == (h, w) and set(np.unique(m1)) <= {0, 1, 2}
-    assert not np.array_equal(m0, m1)  # the new weights are used
-    stats = requests.get(f"{server['url']}/info/", timeout=HTTP_TIMEOUT).json()["train_stats"]["tpp_seg"]
-    assert stats["version"] == 1
+    assert m1.shape == (h, w) and m1.dtype == np.uint8 and set(np.unique(m1)) <= {0, 1, 2}
+
+    # the server's answer is the published model with the bundles' 4-flip TTA, at the input's size
+    from tpp_monai.bundle.inferers import FlipTTAInferer
+
+    model, cfg, _ = seg2d.load_model(server["model"])
+    arr, _ = seg2d.read_image_2d(img)
+    with torch.no_grad():
+        probs = FlipTTAInferer()(seg2d.to_model_input(arr, cfg.img_size, cfg.in_chans)[None], model)
+    probs = torch.nn.functional.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
+    assert np.array_equal(m1, probs.argmax(1)[0].numpy().astype(np.uint8))
 
 
-def test_bad_requests_then_still_serving(server):
+def test_png_and_slicer_nifti_answers_line_up(server, trained, tmp_path):
+    """3D Slicer sends a PNG as a (x, y, 1) NIfTI: the answer, read back the same way, is the PNG's answer."""
+    import nibabel as nib
+
+    img = server["images"][-1]
+    png_mask = _mask(_infer(server, img))
+    arr = np.asarray(Image.open(img))
+    nii = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(arr.T[..., None]), np.diag([0.5, 0.5, 1, 1])), str(nii))
+    with open(nii, "rb") as f:
+        r = requests.post(f"{server['url']}/infer/tpp_seg", params={"output": "image"},
+                          files={"file": ("slice.nii.gz", f, "application/gzip")}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200, r.text
+    (tmp_path / "out.nii.gz").write_bytes(r.content)
+    out = nib.load(str(tmp_path / "out.nii.gz"))
+    assert np.allclose(out.affine, np.diag([0.5, 0.5, 1, 1]))
+    assert np.array_equal(np.asarray(out.dataobj)[..., 0].T, png_mask)
+
+
+def test_bad_requests_then_still_serving(server, trained):
     img = server["images"][0]
     r = _infer(server, img, model="no_such_model")
     assert 400 <= r.status_code < 600 and "no_such_model" in r.json()["detail"] and "tpp_seg" in r.json()["detail"]

@@ -195,7 +195,8 @@ def srv(tmp_path_factory):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "tpp_monai.label.serve", "--app", str(app), "--studies", str(studies),
            "--port", str(port), "--conf", "model_dir", str(root / "model"), "--conf", "img_size", "32",
-           "--conf", "vit_overrides", '{"depth": 2}', "--conf", "max_upload_mb", "1"]  # no --host: the default
+           "--conf", "vit_overrides", '{"depth": 2}', "--conf", "max_upload_mb", "1",
+           "--conf", "allow_untrained", "true"]  # no --host: the default
     env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
            "MONAI_LABEL_SESSION_PATH": str(root / "sessions"),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -281,6 +282,7 @@ def test_infer_reads_only_datastore_or_uploads(srv):
     assert status == 400 and "server paths are not accepted" in text and str(root) not in text
     r = requests.post(f"{u}/infer/tpp_seg", params={"image": "img_1", "output": "json"}, timeout=HTTP_TIMEOUT)
     assert r.status_code == 200 and r.json()["shape"] == [32, 32], r.text
+    assert r.json()["trained"] is False and r.json()["model_version"] == 0  # --conf allow_untrained true: says so
     r = requests.post(f"{u}/infer/tpp_seg", params={"image": "no_such_id", "output": "json"}, timeout=HTTP_TIMEOUT)
     assert r.status_code == 404 and "server paths are not accepted" in r.json()["detail"]
     with open(existing, "rb") as f:  # an upload is fine

@@ -10,7 +10,7 @@ fine-tuning on the images with a ``final`` label; writes the new model file atom
 
 ``--conf`` keys (all optional; defaults in ``DEFAULTS``): models, labels, vit_size, img_size,
 backbone_ckpt, allow_pickle, peft, peft_config (JSON), vit_overrides (JSON), pretext,
-pretext_config (JSON), tpp, tpp_epochs, epochs, batch_size, lr, tpp_lr, model_dir, init_model,
+pretext_config (JSON), tpp, tpp_epochs, epochs, batch_size, lr, val_split, tpp_lr, model_dir, allow_untrained,
 expose, max_image_pixels, max_upload_mb.
 All model building, I/O and training live in the library (``tpp_monai.label``); the request checks
 (plain-name ids and tags, datastore-only images, train parameters, size caps, temp-file sweeping,
@@ -27,10 +27,14 @@ import os
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from typing import Any, Callable, Dict, Optional
 
 import torch
+from monai.engines.workflow import Events
+from monai.inferers import SimpleInferer
+from monai.transforms import Activationsd, AsDiscreted, SelectItemsd
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import JSONResponse
 from monailabel.config import settings
@@ -39,13 +43,17 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException, MONAILabelException
-from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
-from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.tasks.train.basic_train import BasicTrainTask
 from monailabel.utils.others.generic import strtobool
 from monailabel.utils.sessions import Sessions
 from starlette.middleware import Middleware
 
-from tpp_monai.label import safety, seg2d
+from tpp_monai.bundle.inferers import FlipTTAInferer
+from tpp_monai.label import pipeline, safety, seg2d
 from tpp_monai.pretext import PRETEXT_TASKS
 
 logger = logging.getLogger(__name__)
@@ -73,7 +81,8 @@ DEFAULTS: Dict[str, str] = {
     "batch_size": "8",
     "lr": "1e-3",
     "tpp_lr": "",
-    "init_model": "true",
+    "val_split": "0.2",
+    "allow_untrained": "false",
     "expose": "false",
     "max_image_pixels": str(seg2d.MAX_IMAGE_PIXELS),
     "max_upload_mb": "256",
@@ -92,81 +101,240 @@ def _device(requested: Any) -> str:
     return requested if requested.startswith("cuda") and torch.cuda.is_available() else "cpu"
 
 
-class TPPSegInfer(InferTask):
-    """2D segmentation with the ViT + PEFT model file; reloads it when its mtime changes."""
+def untrained_message(name: str) -> str:
+    return (f"model '{name}' has not been trained yet: train it first (POST /train/{name}, or 3D Slicer's Train "
+            "button) or start the server with --conf allow_untrained true to serve the untrained (random-init) model")
+
+
+class TPPSegInfer(BasicInferTask):
+    """2D segmentation with the ViT + PEFT model file on MONAI Label's BasicInferTask pipeline.
+
+    pre: :class:`pipeline.LoadSeg2Dd` (upright PNG / Slicer 2D NIfTI, [0, 1], model size); inferer: the
+    bundles' 4-flip TTA (:class:`FlipTTAInferer`); post: :class:`pipeline.RestoreSeg2Dd` (input size, argmax);
+    writer: the input's format. The network is read from the model file with ``weights_only`` loading and
+    the backbone fingerprint check, and reloaded whenever the file's mtime changes (training replaces it
+    atomically). An untrained model is refused unless ``allow_untrained``.
+    """
 
     def __init__(self, name: str, path: str, labels: Dict[str, int], description: str,
-                 roots: Callable[[], tuple] | None = None, max_pixels: int | None = None):
-        super().__init__(type=InferType.SEGMENTATION, labels=labels, dimension=2, description=description,
-                         config={"device": ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]})
+                 roots: Callable[[], tuple] | None = None, max_pixels: int | None = None,
+                 allow_untrained: bool = False):
+        super().__init__(path=path, network=None, type=InferType.SEGMENTATION, labels=labels, dimension=2,
+                         description=description, config={"device": ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]})
         self.name = name
-        self.path = path
         self.roots = roots  # -> the datastore and the upload folders: the only places images are read from
         self.max_pixels = max_pixels
+        self.allow_untrained = allow_untrained
         self._lock = threading.Lock()
         self._cached: tuple | None = None  # (mtime_ns, device, model, cfg, meta)
 
     def is_valid(self) -> bool:
-        return os.path.isfile(self.path)
-
-    def get_path(self, validate=True):
-        return self.path if (not validate or self.is_valid()) else None
+        return True  # listed before the first training too: /infer then says to train first
 
     def _model(self, device: str):
-        if not self.is_valid():
-            raise MONAILabelException("INFERENCE_ERROR", f"model file {self.path} does not exist; run /train/{self.name}")
         with self._lock:
-            mtime = os.stat(self.path).st_mtime_ns
+            if not os.path.isfile(self.path[0]):
+                raise safety.RequestError(untrained_message(self.name), status=409)
+            mtime = os.stat(self.path[0]).st_mtime_ns
             c = self._cached
             if c is None or c[0] != mtime or c[1] != device:
-                model, cfg, meta = seg2d.load_model(self.path, device=device)
-                logger.info(f"{self.name}: loaded {self.path} (version {meta.get('version')}, trained {meta.get('trained')})")
+                model, cfg, meta = seg2d.load_model(self.path[0], device=device)
+                logger.info(f"{self.name}: loaded model version {meta.get('version')}, trained {meta.get('trained')}")
                 self._cached = c = (mtime, device, model, cfg, meta)
+            if not c[4].get("trained") and not self.allow_untrained:
+                raise safety.RequestError(untrained_message(self.name), status=409)
             return c
 
-    def __call__(self, request):
-        device = _device(request.get("device"))
+    def _get_network(self, device, data):
+        return self._model(_device(device))[2]
+
+    def pre_transforms(self, data=None):
+        cfg = data["model_cfg"]
+        return [pipeline.LoadSeg2Dd(cfg.img_size, cfg.in_chans, cfg.num_classes, max_pixels=self.max_pixels)]
+
+    def inferer(self, data=None):
+        return FlipTTAInferer()
+
+    def inverse_transforms(self, data=None):
+        return None
+
+    def post_transforms(self, data=None):
+        return [pipeline.RestoreSeg2Dd(self.output_label_key)]
+
+    def writer(self, data, extension=None, dtype=None):
+        info = data["image_info"]
+        out = tempfile.NamedTemporaryFile(suffix=".nii.gz" if info["format"] == "nifti" else ".png", delete=False).name
+        mask = data[self.output_label_key]
+        seg2d.write_mask_2d(mask, out, info)
+        meta = data["model_meta"]
+        return out, {"model": self.name, "model_version": meta.get("version", 0), "model_mtime_ns": data["model_mtime_ns"],
+                     "trained": bool(meta.get("trained", False)),
+                     "classes_present": sorted(int(v) for v in set(mask.flat)), "shape": list(mask.shape)}
+
+    def __call__(self, request, callbacks=None):
         image = request.get("image")
         if not isinstance(image, str) or (self.roots and not any(safety.inside(image, r) for r in self.roots())) \
                 or not os.path.isfile(image):
             raise safety.RequestError(NOT_A_DATASTORE_IMAGE)
-        arr, info = seg2d.read_image_2d(image, max_pixels=self.max_pixels)
-        mtime, _, model, cfg, meta = self._model(device)
-        mask = seg2d.predict(model, arr, cfg, device=device)
-        suffix = ".nii.gz" if info["format"] == "nifti" else ".png"
-        out = tempfile.NamedTemporaryFile(suffix=suffix, delete=False).name
-        seg2d.write_mask_2d(mask, out, info)
-        return out, {
-            "label_names": cfg.labels, "model": self.name, "model_version": meta.get("version", 0),
-            "model_mtime_ns": mtime, "trained": bool(meta.get("trained", False)),
-            "classes_present": sorted(int(v) for v in set(mask.flat)), "shape": list(mask.shape),
-        }
+        mtime, _, _, cfg, meta = self._model(_device(request.get("device")))
+        request = {**request, "device": _device(request.get("device")), "model_cfg": cfg, "model_meta": meta,
+                   "model_mtime_ns": mtime}
+        out, res = super().__call__(request, callbacks)
+        res["label_names"] = cfg.labels
+        return out, res
 
 
-class TPPSegTrain(TrainTask):
-    """TPP on all datastore images, then PEFT fine-tuning on the labelled ones; atomic write of the model file."""
+class TPPSegTrain(BasicTrainTask):
+    """TPP on every datastore image, then PEFT fine-tuning with a validation split, on BasicTrainTask.
+
+    MONAI Label's machinery runs unchanged: ``partition_datalist`` (``val_split``), SupervisedTrainer /
+    SupervisedEvaluator with its Dice metrics, and ``PublishStatsAndModel`` writing ``train_stats.json``
+    (epoch, total_epochs, total_time, best_metric, train / eval metrics: what 3D Slicer shows). Overridden:
+    ``network()`` runs the TPP stage first and builds the network with its target parameters; no
+    checkpoint of an earlier run is loaded (each run's fine-tuning starts from its own TPP); the model is
+    published by us, atomically, in the safe model-file format, only after training finished with finite
+    weights (MONAI Label copies its own full-network checkpoint into place with ``shutil.copy``).
+    Single process: the TPP stage is not distributed, so ``multi_gpu`` is off.
+    """
 
     def __init__(self, name: str, path: str, cfg: seg2d.Seg2DConfig, conf: Dict[str, str], log_dir: str = ""):
-        super().__init__(f"TPP ({conf['pretext']}) + PEFT ({cfg.peft_method}) fine-tuning of {name}")
         self.name, self.path, self.cfg, self.conf = name, path, cfg, conf
         self.log_dir = log_dir or os.path.dirname(path)
+        self.work_dir = os.path.join(os.path.dirname(path), f"{name}_work")
+        super().__init__(
+            self.work_dir, description=f"TPP ({conf['pretext']}) + PEFT ({cfg.peft_method}) fine-tuning of {name}",
+            config={"name": "train", "pretrained": False, "multi_gpu": False, "dataset": "Dataset",
+                    "dataloader": "DataLoader", "val_split": float(conf["val_split"]), "tracking": "None"},
+            amp=False, publish_path=None, train_save_interval=0, n_saved=1, labels=list(cfg.labels),
+            stats_path=os.path.join(os.path.dirname(path), f"{name}_train_stats.json"), tracking=None)
+        self._keeper: pipeline.KeepBestTrainable | None = None
 
     def config(self):
+        """What a client may set (3D Slicer sends these back with /train): the keys safety.validate_train_params takes."""
         c = self.conf
         return {"tpp": strtobool(c["tpp"]), "pretext": c["pretext"], "tpp_epochs": int(c["tpp_epochs"]),
                 "epochs": int(c["epochs"]), "batch_size": int(c["batch_size"]), "lr": float(c["lr"]),
+                "val_split": float(c["val_split"]),
                 "device": ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]}
 
-    def stats(self):
+    # ---- BasicTrainTask hooks
+    def network(self, context):
+        r, say = context.request, self._say
+        tpp_ckpt = None
+        if r["tpp"] and r["tpp_epochs"] > 0:
+            tpp_ckpt = seg2d.run_tpp_stage(
+                self.cfg, r["tpp_images"], os.path.join(context.output_dir, f"tpp_{context.run_id}"),
+                pretext=r["pretext"], pretext_config=json.loads(self.conf["pretext_config"]), epochs=r["tpp_epochs"],
+                batch_size=r["train_batch_size"], lr=float(self.conf["tpp_lr"]) if self.conf["tpp_lr"] else None,
+                device=str(context.device), log=say)
+        context.request["tpp_ckpt"] = tpp_ckpt
+        torch.manual_seed(0)
+        return seg2d.build_model(self.cfg, tpp_ckpt=tpp_ckpt)
+
+    def optimizer(self, context):
+        from tpp_monai.bundle.networks import build_optimizer
+
+        return build_optimizer(context.network, lr=float(context.request["lr"]))
+
+    def loss_function(self, context):
+        from monai.losses import DiceCELoss
+
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def lr_scheduler_handler(self, context):
+        return None  # constant lr, as the library's fine-tuning here
+
+    def train_pre_transforms(self, context):
+        return [pipeline.LoadSeg2Dd(self.cfg.img_size, self.cfg.in_chans, self.cfg.num_classes),
+                SelectItemsd(keys=("image", "label"))]
+
+    def train_post_transforms(self, context):
+        n = self.cfg.num_classes
+        return [Activationsd(keys="pred", softmax=True),
+                AsDiscreted(keys=("pred", "label"), argmax=(True, False), to_onehot=(n, n))]
+
+    def val_inferer(self, context):
+        return SimpleInferer()  # validation is a plain forward pass, as in MedCoSS (TTA only at inference)
+
+    def load_path(self, output_dir, pretrained=True):
+        return None  # fine-tuning starts from this run's TPP target parameters, not an earlier checkpoint
+
+    def partition_datalist(self, context, shuffle=False):
+        train, val = super().partition_datalist(context, shuffle)
+        if not train:  # one labelled image: no validation split rather than nothing to train on
+            train, val = list(context.datalist), []
+        self._say(f"{len(train)} labelled image(s) for training, {len(val)} for validation "
+                  f"(val_split {context.request.get('val_split')})")
+        context.request["num_train"], context.request["num_val"] = len(train), len(val)
+        return train, val
+
+    def finalize(self, context):
+        super().finalize(context)
+        self._keeper = keeper = pipeline.KeepBestTrainable(context.network)
+        (context.evaluator or context.trainer).add_event_handler(Events.EPOCH_COMPLETED, keeper)
+        losses = context.request["losses"] = []
+        context.trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(
+            float(e.state.output[0]["loss"]) if isinstance(e.state.output, list) else float(e.state.output["loss"])))
+        context.trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: self._say(
+            f"epoch {e.state.epoch}/{e.state.max_epochs}: loss {losses[-1]:.4f}" if losses else f"epoch {e.state.epoch}"))
+
+    def pre_process(self, request, datastore):
+        images = [datastore.get_image_uri(i) for i in datastore.list_images()]
+        labelled = [(datastore.get_image_uri(i), datastore.get_label_uri(i, DefaultLabelTag.FINAL))
+                    for i in datastore.get_labeled_images(DefaultLabelTag.FINAL)]
+        if not labelled:
+            raise ValueError("no labelled images in the datastore: save at least one label before training")
+        seg2d.check_labelled(labelled, self.cfg.num_classes)  # before TPP: a bad pair stops the run at once
+        request["tpp_images"] = images
+        self._say(f"{self.name}: train on {len(images)} images ({len(labelled)} labelled), "
+                  f"{json.dumps({k: request[k] for k in safety.TRAIN_KEYS if k in request})}")
+        return [{"image": i, "label": lbl} for i, lbl in labelled]
+
+    def train(self, rank, world_size, request, datalist):
+        t0 = time.time()
+        stats = super().train(rank, world_size, request, datalist)
+        network, keeper = self._keeper.network, self._keeper
+        keeper.restore()  # the best validation epoch (the last one without a validation split)
+        seg2d.check_trained(network, request["losses"], float(request["lr"]))
+        ours = {  # what /info's train_stats and the model file add to MONAI Label's own stats
+            "trained": True, "version": int(self._prev_version()) + 1, "tpp": bool(request["tpp_ckpt"]),
+            "pretext": request["pretext"] if request["tpp_ckpt"] else "",
+            "tpp_epochs": request["tpp_epochs"] if request["tpp_ckpt"] else 0, "ft_epochs": request["max_epochs"],
+            "num_images": len(request["tpp_images"]), "num_labelled": len(datalist), "num_train": request["num_train"],
+            "num_val": request["num_val"], "val_split": request.get("val_split", 0.0), "published_epoch": keeper.epoch,
+            "published_metric": keeper.metric, "final_loss": request["losses"][-1], "total_seconds": round(time.time() - t0, 2),
+        }
+        network.to("cpu")
+        seg2d.save_model(self.path, network, self.cfg, meta=ours)
+        stats = {**json.loads(json.dumps(stats, default=float)), **ours}
+        atomic_write_json(self._stats_path, stats)
+        self._say(f"saved {os.path.basename(self.path)}: version {ours['version']}, best metric {stats.get('best_metric')}")
+        return stats
+
+    # ---- helpers
+    @staticmethod
+    def _say(message: str) -> None:
+        logger.info(safety.CLIENT_MARK + message)
+
+    def _prev_version(self) -> int:
         try:
-            return dict(seg2d.read_model_file(self.path).get("meta", {}))
+            return int(seg2d.read_model_file(self.path).get("meta", {}).get("version", 0))
         except Exception:  # noqa: BLE001 - no model yet
-            return {}
+            return 0
 
     def __call__(self, request, datastore: Datastore):
         """Runs in monailabel's train subprocess: clients see only our marked lines (no traceback, no paths)."""
         try:
-            return self._train(request, datastore)
+            client = {k: v for k, v in request.items() if v is not None}
+            ignore = (*SERVER_TRAIN_KEYS, *[k for k, v in client.items() if isinstance(v, dict)])  # POST /train/ nests
+            r = {**self.config(), **safety.validate_train_params(client, PRETEXT_TASKS.names(), ignore=ignore)}
+            seg2d.check_train_args(tpp_epochs=r["tpp_epochs"], ft_epochs=r["epochs"], batch_size=r["batch_size"],
+                                   ft_lr=r["lr"])
+            req = {"model": request.get("model", self.name), "tpp": bool(strtobool(str(r["tpp"]))), "pretext": r["pretext"],
+                   "tpp_epochs": r["tpp_epochs"], "max_epochs": r["epochs"], "train_batch_size": r["batch_size"],
+                   "val_batch_size": r["batch_size"], "lr": r["lr"], "val_split": r["val_split"],
+                   "device": _device(r.get("device")), "multi_gpu": False}
+            return super().__call__(req, datastore)
         except Exception as e:  # noqa: BLE001 - the traceback goes to a server-side file, the client gets the reason
             os.makedirs(self.log_dir, exist_ok=True)
             with open(os.path.join(self.log_dir, "train_errors.log"), "a") as f:
@@ -178,26 +346,13 @@ class TPPSegTrain(TrainTask):
                 raise safety.RequestError(f"training failed: {type(e).__name__}", status=422) from None
             raise SystemExit(1) from None
 
-    def _train(self, request, datastore: Datastore):
-        client = {k: v for k, v in request.items() if v is not None}
-        ignore = (*SERVER_TRAIN_KEYS, *[k for k, v in client.items() if isinstance(v, dict)])  # POST /train/ nests by model
-        r = {**self.config(), **safety.validate_train_params(client, PRETEXT_TASKS.names(), ignore=ignore)}
-        say = lambda m: logger.info(safety.CLIENT_MARK + m)  # noqa: E731
-        images = [datastore.get_image_uri(i) for i in datastore.list_images()]
-        labelled = [(datastore.get_image_uri(i), datastore.get_label_uri(i, DefaultLabelTag.FINAL))
-                    for i in datastore.get_labeled_images(DefaultLabelTag.FINAL)]
-        prev = self.stats().get("version", 0)
-        say(f"{self.name}: train on {len(images)} images ({len(labelled)} labelled), "
-            f"{json.dumps({k: r[k] for k in safety.TRAIN_KEYS if k in r})}")
-        stats = seg2d.train_tpp_peft(
-            self.cfg, images, labelled, self.path, os.path.join(os.path.dirname(self.path), f"{self.name}_work"),
-            pretext=str(r["pretext"]), pretext_config=json.loads(self.conf["pretext_config"]),
-            tpp=bool(strtobool(str(r["tpp"]))), tpp_epochs=int(r["tpp_epochs"]), ft_epochs=int(r["epochs"]),
-            batch_size=int(r["batch_size"]), ft_lr=float(r["lr"]),
-            tpp_lr=float(self.conf["tpp_lr"]) if self.conf["tpp_lr"] else None,
-            device=_device(r.get("device")), version=int(prev) + 1, log=say,
-        )
-        return stats
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    """Write JSON through a temporary file + rename: a reader (GET /info) never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
 
 
 class SafeSessions(Sessions):
@@ -300,10 +455,11 @@ class MyApp(MONAILabelApp):
             in_chans=int(c["in_chans"]), backbone_ckpt=c["backbone_ckpt"], allow_pickle=bool(strtobool(c["allow_pickle"])),
             peft_method=c["peft"], peft_config=json.loads(c["peft_config"]), vit_overrides=json.loads(c["vit_overrides"]),
         )
+        self.allow_untrained = bool(strtobool(c["allow_untrained"]))
         for m in names:
             path = self.model_path(m)
-            if not os.path.isfile(path) and strtobool(c["init_model"]):
-                # untrained start (zero-init PEFT, random decoder) so clients can see the model before the first /train
+            if not os.path.isfile(path) and self.allow_untrained:
+                # asked for: an untrained start (zero-init PEFT, random decoder) served before the first /train
                 seg2d.save_model(path, seg2d.build_model(self.seg_cfg), self.seg_cfg, meta={"trained": False, "version": 0})
         state = self.serving.app.state if self.serving is not None else None
         self.sys_tmp = getattr(state, "tpp_label_sys_tmp", None) or tempfile.gettempdir()
@@ -353,12 +509,20 @@ class MyApp(MONAILabelApp):
         roots = lambda: (self.studies, *self.upload_roots())  # noqa: E731 - sessions load after the infer tasks
         return {m: TPPSegInfer(m, self.model_path(m), self.seg_cfg.labels,
                                f"ViT-{self.seg_cfg.size} + {self.seg_cfg.peft_method} 2D segmentation (tpp-monai)",
-                               roots=roots, max_pixels=self.max_pixels)
+                               roots=roots, max_pixels=self.max_pixels, allow_untrained=self.allow_untrained)
                 for m in self.model_names}
 
     def init_trainers(self):
         return {m: TPPSegTrain(m, self.model_path(m), self.seg_cfg, self.tconf, log_dir=self.log_dir)
                 for m in self.model_names}
+
+    def init_strategies(self):
+        return {"first": First(), "random": Random()}
+
+    def next_sample(self, request):
+        res = super().next_sample(request)
+        res.pop("path", None)  # clients get the id (GET /datastore/image?image=<id>), not a server path
+        return res
 
     def _known(self, model) -> None:
         if model is not None and model not in self._infers and model not in self._trainers:

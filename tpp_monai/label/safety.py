@@ -60,7 +60,8 @@ def inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
 
 # ------------------------------------------------------------------------------------ train params
 #: what a client may set for one /train run; everything else in the merged request is the server's
-TRAIN_KEYS = ("tpp", "pretext", "tpp_epochs", "epochs", "batch_size", "lr", "device")
+TRAIN_KEYS = ("tpp", "pretext", "tpp_epochs", "epochs", "batch_size", "lr", "val_split", "device")
+MAX_VAL_SPLIT = 0.9
 MAX_EPOCHS, MAX_BATCH = 100_000, 4096
 
 
@@ -96,7 +97,7 @@ def validate_train_params(params: Mapping[str, Any] | None, pretexts: Sequence[s
     """Check and normalise /train parameters; one RequestError lists every problem.
 
     ``epochs`` >= 1 (a run that fine-tunes nothing must not publish a model), ``tpp_epochs`` >= 0,
-    ``batch_size`` >= 1, ``lr`` finite and > 0, ``pretext`` registered, ``device`` cpu / cuda[:N].
+    ``batch_size`` >= 1, ``lr`` finite and > 0, ``val_split`` in [0, 0.9], ``pretext`` registered, ``device`` cpu / cuda[:N].
     Keys outside :data:`TRAIN_KEYS` are refused unless listed in ``ignore`` (keys monailabel adds itself).
     """
     if params is None:
@@ -126,6 +127,14 @@ def validate_train_params(params: Mapping[str, Any] | None, pretexts: Sequence[s
                 out[k] = f
             except (TypeError, ValueError):
                 errors.append(f"lr must be a finite number > 0, got {v!r}")
+        elif k == "val_split":
+            try:
+                f = float(v)
+                if isinstance(v, bool) or not 0.0 <= f <= MAX_VAL_SPLIT:
+                    raise ValueError
+                out[k] = f
+            except (TypeError, ValueError):
+                errors.append(f"val_split must be a fraction in [0, {MAX_VAL_SPLIT}], got {v!r}")
         elif k == "tpp":
             out[k] = _bool(v, k, errors)
         elif k == "pretext":

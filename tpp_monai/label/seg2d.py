@@ -338,6 +338,45 @@ def check_train_args(*, tpp_epochs: int, ft_epochs: int, batch_size: int, ft_lr:
         raise ValueError("train_tpp_peft: " + "; ".join(errors))
 
 
+def run_tpp_stage(cfg: Seg2DConfig, images: Sequence[str | os.PathLike], output_dir: str | os.PathLike, *,
+                  pretext: str = "mae", pretext_config: Mapping[str, Any] | None = None, epochs: int = 1,
+                  batch_size: int = 8, lr: float | None = None, device: str | torch.device = "cpu", seed: int = 0,
+                  log: Callable[[str], None] | None = None) -> str:
+    """TPP: the frozen backbone's target parameters + the pretext head learn on every image (labelled or not).
+
+    Returns the target-parameter checkpoint that :func:`build_model` hands over to fine-tuning.
+    """
+    from tpp_monai.tpp import tpp_pretrain
+
+    log = log or logger.info
+    t0 = time.time()
+    pool = torch.stack([to_model_input(read_image_2d(p)[0], cfg.img_size, cfg.in_chans) for p in images])
+    log(f"TPP: {pretext} on {len(pool)} images, {epochs} epoch(s), PEFT {cfg.peft_method}")
+    ckpt = tpp_pretrain(
+        build_backbone(cfg), cfg.peft_method, pretext, pool, peft_config=dict(cfg.peft_config),
+        pretext_config=dict(pretext_config or {}), epochs=epochs, batch_size=min(batch_size, len(pool)),
+        lr=lr, output_dir=Path(output_dir), seed=seed, device=torch.device(device), tensorboard=False,
+        checkpoint_every_epochs=epochs, log_every=10**9,
+    )
+    log(f"TPP done in {time.time() - t0:.1f} s -> {Path(ckpt).name}")
+    return str(ckpt)
+
+
+def check_trained(model: nn.Module, losses: Sequence[float], lr: float) -> None:
+    """Refuse to publish a model whose fine-tuning produced no finite loss or non-finite weights."""
+    bad = [n for n, v in trainable_state_dict(model).items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not losses or not all(math.isfinite(v) for v in losses) or bad:
+        raise FloatingPointError(
+            f"fine-tuning did not produce a usable model (losses {list(losses)[-3:]}, non-finite tensors {bad[:3]}); "
+            f"the previous model is kept. Check the images and labels, or lower lr (now {lr}).")
+
+
+def check_labelled(labelled: Sequence[tuple[str | os.PathLike, str | os.PathLike]], num_classes: int) -> None:
+    """Read every labelled pair once before training: a size mismatch or an unknown class stops the run at once."""
+    for img, lbl in read_labelled_pairs(labelled):
+        to_model_label(lbl, 1, num_classes)
+
+
 def train_tpp_peft(
     cfg: Seg2DConfig,
     images: Sequence[str | os.PathLike],
@@ -366,7 +405,6 @@ def train_tpp_peft(
     from monai.losses import DiceCELoss
 
     from tpp_monai.bundle.networks import build_optimizer
-    from tpp_monai.tpp import tpp_pretrain
 
     log = log or logger.info
     device = torch.device(device)
@@ -382,17 +420,9 @@ def train_tpp_peft(
     tpp_ckpt = None
     tpp_seconds = 0.0
     if tpp and tpp_epochs > 0:
-        pool = torch.stack([to_model_input(read_image_2d(p)[0], cfg.img_size, cfg.in_chans) for p in images])
-        log(f"TPP: {pretext} on {len(pool)} images, {tpp_epochs} epoch(s), PEFT {cfg.peft_method}")
-        backbone = build_backbone(cfg)
-        tpp_ckpt = tpp_pretrain(
-            backbone, cfg.peft_method, pretext, pool, peft_config=dict(cfg.peft_config),
-            pretext_config=dict(pretext_config or {}), epochs=tpp_epochs, batch_size=min(batch_size, len(pool)),
-            lr=tpp_lr, output_dir=work_dir / "tpp", seed=seed, device=device, tensorboard=False,
-            checkpoint_every_epochs=tpp_epochs, log_every=10**9,
-        )
+        tpp_ckpt = run_tpp_stage(cfg, images, work_dir / "tpp", pretext=pretext, pretext_config=pretext_config,
+                                 epochs=tpp_epochs, batch_size=batch_size, lr=tpp_lr, device=device, seed=seed, log=log)
         tpp_seconds = time.time() - t0
-        log(f"TPP done in {tpp_seconds:.1f} s -> {Path(tpp_ckpt).name}")
 
     # --- fine-tuning: same target parameters (loaded) + decoder on the labelled images
     torch.manual_seed(seed)
@@ -417,11 +447,7 @@ def train_tpp_peft(
             tot += float(loss) * len(idx)
         losses.append(tot / len(xs))
         log(f"fine-tune epoch {ep + 1}/{ft_epochs}: loss {losses[-1]:.4f}")
-    bad = [n for n, v in trainable_state_dict(model).items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if not losses or not all(math.isfinite(v) for v in losses) or bad:
-        raise FloatingPointError(
-            f"fine-tuning did not produce a usable model (losses {losses[-3:]}, non-finite tensors {bad[:3]}); "
-            f"the previous model is kept. Check the images and labels, or lower lr (now {ft_lr}).")
+    check_trained(model, losses, ft_lr)
     model.eval()
     with torch.no_grad():
         pred = torch.cat([model(xs[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(xs), batch_size)])
