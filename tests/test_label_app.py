@@ -90,6 +90,47 @@ def test_model_file_round_trip_and_backbone_check(cache, tmp_path):
         seg2d.load_model(tmp_path / "m.pt", overrides={"init_seed": 1})
 
 
+class _Pickled:  # not plain data: a weights-only load refuses it
+    pass
+
+
+def test_nnunet_fold_checks_before_serving(tmp_path):
+    """The 3D task's model folder: clear errors naming the file and the fix, and no unpickling of a crafted file."""
+    import json
+
+    from tpp_monai.label import nnunet3d
+
+    assert nnunet3d.parse_folds("0, 2") == (0, 2) and nnunet3d.parse_folds("all") == ("all",)
+    with pytest.raises(nnunet3d.NnUNetFoldError, match="fold numbers or 'all'"):
+        nnunet3d.parse_folds("zero")
+    with pytest.raises(nnunet3d.NnUNetFoldError, match="dataset.json not found: point --conf nnunet_model_folder"):
+        nnunet3d.NnUNetFold(tmp_path / "nope")
+    (tmp_path / "plans.json").write_text("{}")
+    ds = {"channel_names": {"0": "CT", "1": "PET"}, "labels": {"background": 0, "lung": 1}, "file_ending": ".nii.gz"}
+    (tmp_path / "dataset.json").write_text(json.dumps(ds))
+    with pytest.raises(nnunet3d.NnUNetFoldError, match="2 input channels"):
+        nnunet3d.NnUNetFold(tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps({**ds, "channel_names": {"0": "CT"}}))
+    with pytest.raises(nnunet3d.NnUNetFoldError, match="fold_1/checkpoint_final.pth not found"):
+        nnunet3d.NnUNetFold(tmp_path, "0,1")
+    (tmp_path / "fold_0").mkdir()
+    torch.save({"network_weights": {}, "trainer_name": _Pickled()}, tmp_path / "fold_0" / "checkpoint_final.pth")
+    fold = nnunet3d.NnUNetFold(tmp_path, "0")
+    assert fold.labels == {"lung": 1}
+    with pytest.raises(nnunet3d.NnUNetFoldError, match="allow_pickle true"):
+        fold.predictor()  # refused before nnU-Net's weights_only=False load could run pickled code
+    vol = tmp_path / "v.nii.gz"
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.int16), np.eye(4)), str(vol))
+    assert fold.check_volume(vol, max_voxels=8000) == (20, 20, 20)
+    with pytest.raises(seg2d.ImageTooLarge, match="8000 voxels is more than the limit of 7999"):
+        fold.check_volume(vol, max_voxels=7999)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "s.png")
+    with pytest.raises(seg2d.ImageReadError, match="single-channel 3D volume"):
+        fold.check_volume(tmp_path / "s.png")
+
+
 # ------------------------------------------------------------------------ server (needs monailabel)
 @pytest.fixture(scope="module")
 def server(cache, tmp_path_factory):

@@ -93,6 +93,12 @@ def test_cli_trainer_path():
     assert Path(out.stdout.strip()) == REPO / "tpp_monai" / "nnunet"
 
 
+def STUNet_small():
+    from tpp_monai.backbones.stunet import STUNet
+
+    return STUNet(1, 3, size="small", strides=[[2, 2, 2]] * 3 + [[1, 1, 1]] * 2)
+
+
 @pytest.fixture(scope="module")
 def demo_raw(tmp_path_factory):
     raw = tmp_path_factory.mktemp("nnunet_raw")
@@ -104,8 +110,11 @@ def demo_raw(tmp_path_factory):
     return raw
 
 
-@pytest.mark.slow
-def test_plan_train_tpp_predict(demo_raw, tmp_path):
+@pytest.fixture(scope="module")
+def nnunet_fold(demo_raw, tmp_path_factory):
+    """Plan, TPP-only, TPP + fine-tuning and prediction of fold 0 on the tiny CT set, once per module: the
+    trained results folder also serves the label app's 3D task test (no second nnU-Net training)."""
+    tmp_path = tmp_path_factory.mktemp("nnunet_fold")
     env = dict(os.environ, nnUNet_raw=str(demo_raw), nnUNet_preprocessed=str(tmp_path / "pre"),
                nnUNet_results=str(tmp_path / "res"), OMP_NUM_THREADS="1", nnUNet_compile="0")
 
@@ -131,7 +140,26 @@ def test_plan_train_tpp_predict(demo_raw, tmp_path):
     res = tmp_path / "res" / "Dataset990_DemoLungCT"
     out, tpp_out = res / f"{tr}__nnUNetPlans__3d_fullres" / "fold_0", res / f"{tpp_tr}__nnUNetPlans__3d_fullres" / "fold_0"
     # TPP only (the bundles' tpp_pretrain stage) is a trainer variant with its own results folder
-    log = run(train(tpp_tr), nnUNet_n_proc_DA="0")
+    tpp_log = run(train(tpp_tr), nnUNet_n_proc_DA="0")
+    tpp_file = tpp_out / "tpp_target_params.pt"
+    tpp_only = torch.load(tpp_file, map_location="cpu", weights_only=True) if tpp_file.is_file() else None
+    tpp_ckpts = list(tpp_out.glob("checkpoint_*.pth"))
+    # fine-tuning variant: its own results folder; reuses the TPP-only twin's file instead of redoing TPP
+    ft_log = run(train(tr), nnUNet_n_proc_DA="0")
+    # prediction: nnU-Net rebuilds the network (adapters included) through our trainer
+    pred = tmp_path / "pred"
+    run([sys.executable, "-m", "tpp_monai.cli", "nnunet-predict", "-i", str(demo_raw / "Dataset990_DemoLungCT" / "imagesTr"),
+         "-o", str(pred), "-d", "990", "-c", "3d_fullres", "-f", "0", "-tr", tr, "-device", "cpu", "--disable_tta",
+         "-npp", "1", "-nps", "1"], nnUNet_n_proc_DA="0")
+    return {"tr": tr, "tpp_tr": tpp_tr, "out": out, "tpp_out": tpp_out, "tpp_log": tpp_log, "ft_log": ft_log,
+            "tpp_only": tpp_only, "tpp_ckpts_after_tpp": tpp_ckpts, "pre": pre, "pred": pred}
+
+
+@pytest.mark.slow
+def test_plan_train_tpp_predict(demo_raw, nnunet_fold, tmp_path):
+    f = nnunet_fold
+    tr, tpp_tr, out, tpp_out, pre, pred = f["tr"], f["tpp_tr"], f["out"], f["tpp_out"], f["pre"], f["pred"]
+    log = f["tpp_log"]
     assert "skipped 10 (seg_outputs)" in log and "stopping after the TPP stage" in log
     m = re.search(r"TPP stage: 3D DINO \(decoder features\), (\d+) training cases, 2 epochs x (\d+) steps, "
                   r"batch (\d+) = (\d+) x (\d+), lr (\S+) \(warm-up (\d+) steps\), wd 0.04 -> 0.4, AMP False", log)
@@ -141,17 +169,17 @@ def test_plan_train_tpp_predict(demo_raw, tmp_path):
     assert float(lr) == pytest.approx(1e-4 * int(batch) / 256, rel=1e-2) and int(warm) == int(per_epoch)
     steps = 2 * int(per_epoch)
     assert f"TPP iteration {steps}/{steps}" in log
-    assert (tpp_out / "tpp_target_params.pt").is_file() and not list(tpp_out.glob("checkpoint_*.pth"))
-    tpp_only = torch.load(tpp_out / "tpp_target_params.pt", map_location="cpu", weights_only=True)
+    assert f["tpp_only"] is not None and not f["tpp_ckpts_after_tpp"]
+    tpp_only = f["tpp_only"]
     assert tpp_only["meta"]["plan"]["accumulation"] == int(accum) and tpp_only["meta"]["trainer"] == tpp_tr
     # every adapter (encoder and decoder) left its initial value in TPP; no other tensor is in the file
-    init = STUNet(1, 3, size="small", strides=[[2, 2, 2]] * 3 + [[1, 1, 1]] * 2)
+    init = STUNet_small()
     assert all("peft_conv_adapter" in k for k in tpp_only["state_dict"])
     assert any(k.startswith("conv_blocks_localization") for k in tpp_only["state_dict"])
     alphas = {k: v for k, v in tpp_only["state_dict"].items() if k.endswith("alpha")}
     assert len(alphas) == len(init.residual_blocks()) and all(not torch.equal(v, torch.ones_like(v)) for v in alphas.values())
     # fine-tuning variant: its own results folder; reuses the TPP-only twin's file instead of redoing TPP
-    log = run(train(tr), nnUNet_n_proc_DA="0")
+    log = f["ft_log"]
     assert "loaded" in log and "skipped 10 (seg_outputs)" in log
     assert f"Loaded TPP target parameters from {tpp_out / 'tpp_target_params.pt'}" in log and "TPP iteration" not in log
     assert (out / "tpp_target_params.pt").is_file() and (out / "checkpoint_final.pth").is_file()
@@ -168,17 +196,12 @@ def test_plan_train_tpp_predict(demo_raw, tmp_path):
     assert all(torch.equal(tpp["state_dict"][k], v) for k, v in tpp_only["state_dict"].items())  # reused as is
     assert any(not torch.equal(tpp["state_dict"][k], w[k]) for k in tpp["state_dict"])  # fine-tuning moved them
 
-    # prediction: nnU-Net rebuilds the network (adapters included) through our trainer
-    pred = tmp_path / "pred"
-    run([sys.executable, "-m", "tpp_monai.cli", "nnunet-predict", "-i", str(demo_raw / "Dataset990_DemoLungCT" / "imagesTr"),
-         "-o", str(pred), "-d", "990", "-c", "3d_fullres", "-f", "0", "-tr", tr, "-device", "cpu", "--disable_tta",
-         "-npp", "1", "-nps", "1"], nnUNet_n_proc_DA="0")
     import SimpleITK as sitk
 
     files = sorted(pred.glob("*.nii.gz"))
     assert len(files) == 6
-    for f in files:
-        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+    for p in files:
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
         assert arr.shape == (48, 48, 48) and set(np.unique(arr)) <= {0, 1, 2}
     summary = tmp_path / "dice.json"
     subprocess.run([sys.executable, str(REPO / "scripts" / "nnunet_dice_summary.py"), "--pred", str(pred), "--ref",
@@ -186,3 +209,64 @@ def test_plan_train_tpp_predict(demo_raw, tmp_path):
                     str(demo_raw / "Dataset990_DemoLungCT" / "dataset.json"), "--out", str(summary)], check=True)
     s = json.loads(summary.read_text())
     assert s["n_cases"] == 6 and set(s["per_label"]) == {"lung", "tumour"}
+
+
+@pytest.mark.slow
+def test_label_app_serves_the_trained_fold_3d(demo_raw, nnunet_fold, tmp_path):
+    """The label server's 3D task (``--conf nnunet_model_folder``) answers a NIfTI volume with nnU-Net's own
+    predictor: voxel for voxel what ``tpp-monai nnunet-predict`` wrote for the same case, on the input's grid."""
+    import shutil
+    import socket
+
+    import SimpleITK as sitk
+    from conftest import label_server
+
+    requests = pytest.importorskip("requests")
+    pytest.importorskip("monailabel")
+    fold_dir = nnunet_fold["out"].parent
+    case = sorted((demo_raw / "Dataset990_DemoLungCT" / "imagesTr").glob("*_0000.nii.gz"))[0]
+    ref = nnunet_fold["pred"] / case.name.replace("_0000.nii.gz", ".nii.gz")
+    (tmp_path / "app").mkdir()
+    (tmp_path / "studies").mkdir()
+    shutil.copy(REPO / "apps" / "tpp_label" / "main.py", tmp_path / "app" / "main.py")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "tpp_monai.label.serve", "--app", str(tmp_path / "app"), "--studies",
+           str(tmp_path / "studies"), "--port", str(port), "--conf", "model_dir", str(tmp_path / "model"),
+           "--conf", "nnunet_model_folder", str(fold_dir), "--conf", "nnunet_folds", "0",
+           "--conf", "nnunet_tta", "false", "--conf", "img_size", "32", "--conf", "vit_overrides", '{"depth": 2}']
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "nnUNet_n_proc_DA": "0",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_TRACKING_ENABLED": "false"}
+    url = f"http://127.0.0.1:{port}"
+    with label_server(cmd, env, tmp_path, url, 180):
+        info = requests.get(f"{url}/info/", timeout=60).json()
+        m = info["models"]["stunet3d"]
+        assert m["dimension"] == 3 and m["type"] == "segmentation" and m["labels"] == {"lung": 1, "tumour": 2}
+        assert "stunet3d" not in info["trainers"]  # trained with nnU-Net, not from the label server
+        with open(case, "rb") as f:
+            r = requests.post(f"{url}/infer/stunet3d", params={"output": "image"},
+                              files={"file": (case.name, f, "application/gzip")}, timeout=300)
+        assert r.status_code == 200, r.text
+        (tmp_path / "out.nii.gz").write_bytes(r.content)
+        with open(case, "rb") as f:
+            js = requests.post(f"{url}/infer/stunet3d", params={"output": "json"},
+                               files={"file": (case.name, f, "application/gzip")}, timeout=300).json()
+        png = tmp_path / "slice.png"
+        from PIL import Image
+
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
+        with open(png, "rb") as f:
+            bad = requests.post(f"{url}/infer/stunet3d", params={"output": "json"},
+                                files={"file": ("slice.png", f, "image/png")}, timeout=60)
+        assert requests.post(f"{url}/train/stunet3d", json={}, timeout=60).status_code == 404
+    got, want, img = (sitk.ReadImage(str(p)) for p in (tmp_path / "out.nii.gz", ref, case))
+    a, b = sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want)
+    assert a.shape == b.shape == sitk.GetArrayFromImage(img).shape and np.array_equal(a, b)
+    assert len(np.unique(b)) > 1  # a real segmentation, not an all-background volume
+    assert got.GetSpacing() == img.GetSpacing() and got.GetOrigin() == img.GetOrigin()
+    assert got.GetDirection() == img.GetDirection()
+    assert js["model"] == "stunet3d" and js["shape"] == list(b.shape) and js["label_names"] == {"lung": 1, "tumour": 2}
+    assert js["folds"] == [0] and js["classes_present"] == sorted(int(v) for v in np.unique(b))
+    assert bad.status_code == 400 and "3D volume" in bad.json()["detail"], bad.text

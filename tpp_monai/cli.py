@@ -77,11 +77,19 @@ def _numpy_data_globals() -> list:
 def check_predict_checkpoints(args: list[str]) -> str | None:
     """None when every checkpoint ``nnUNetv2_predict args`` would load passes a weights-only load (tensors,
     plain data, numpy numbers); else the refusal message naming the file and the fix."""
+    return check_checkpoints_weights_only(predict_checkpoints(args))
+
+
+def check_checkpoints_weights_only(paths: list[str],
+                                   pickle_hint: str = "re-run with `tpp-monai nnunet-predict --allow-pickle ...`"
+                                   ) -> str | None:
+    """None when every existing file in ``paths`` loads with ``weights_only=True`` (nnU-Net's own loader then
+    unpickles nothing but tensors and plain data); else the refusal message naming the file and the fix."""
     import torch
 
     from tpp_monai.checkpoint import describe_unreadable
 
-    for path in predict_checkpoints(args):
+    for path in paths:
         if not os.path.isfile(path):
             continue  # a missing fold: nnU-Net names it
         try:
@@ -91,7 +99,7 @@ def check_predict_checkpoints(args: list[str]) -> str | None:
             msg = describe_unreadable(path, e, allow_pickle=False, what="nnU-Net checkpoint")
             if "not an allowed global" in str(e):
                 msg += (" Upstream nnU-Net would load it with weights_only=False, running any code pickled into it: "
-                        "re-run with `tpp-monai nnunet-predict --allow-pickle ...` only if you trust this file.")
+                        f"{pickle_hint} only if you trust this file.")
             return msg
     return None
 

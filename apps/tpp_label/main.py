@@ -1,17 +1,23 @@
-"""MONAI Label app serving tpp-monai's 2D ViT + PEFT segmentation model, with TPP + PEFT re-training.
+"""MONAI Label app serving tpp-monai's 2D ViT + PEFT segmentation model (TPP + PEFT re-training) and,
+optionally, a 3D STU-Net + Conv-Adapter model trained with nnU-Net.
 
     python -m tpp_monai.label.serve --studies <dir> --conf models tpp_seg        # listens on 127.0.0.1
     monailabel start_server --app apps/tpp_label --host 127.0.0.1 --studies <dir>  # the same, by hand
 
-Infer task ``tpp_seg``: loads ``<model_dir>/tpp_seg.pt`` (a :mod:`tpp_monai.label.seg2d` model file)
-and reloads it whenever its mtime changes (a finished training run replaces it atomically).
-Train task ``tpp_seg``: TPP (MAE by default) on every datastore image, labelled or not, then PEFT
-fine-tuning on the images with a ``final`` label; writes the new model file atomically.
+Infer task ``tpp_seg`` (BasicInferTask): upright 2D reader, [0, 1], 4-flip TTA; loads
+``<model_dir>/tpp_seg.pt`` (a :mod:`tpp_monai.label.seg2d` model file) and reloads it whenever its mtime
+changes; refuses to serve an untrained model unless ``--conf allow_untrained true``.
+Train task ``tpp_seg`` (BasicTrainTask): TPP (MAE by default) on every datastore image, labelled or not,
+then PEFT fine-tuning on the images with a ``final`` label with a validation split; MONAI Label's
+train_stats; the best epoch's model file written atomically.
+Infer task ``stunet3d`` (only with ``--conf nnunet_model_folder``): nnU-Net's own predictor on a NIfTI volume.
+Strategies ``first`` and ``random``.
 
 ``--conf`` keys (all optional; defaults in ``DEFAULTS``): models, labels, vit_size, img_size,
 backbone_ckpt, allow_pickle, peft, peft_config (JSON), vit_overrides (JSON), pretext,
-pretext_config (JSON), tpp, tpp_epochs, epochs, batch_size, lr, val_split, tpp_lr, model_dir, allow_untrained,
-expose, max_image_pixels, max_upload_mb.
+pretext_config (JSON), tpp, tpp_epochs, epochs, batch_size, lr, val_split, tpp_lr, model_dir,
+allow_untrained, nnunet_model_folder, nnunet_folds, nnunet_checkpoint, nnunet_tta, nnunet_device,
+expose, max_image_pixels, max_volume_voxels, max_upload_mb.
 All model building, I/O and training live in the library (``tpp_monai.label``); the request checks
 (plain-name ids and tags, datastore-only images, train parameters, size caps, temp-file sweeping,
 client-safe errors) are in :mod:`tpp_monai.label.safety` and wired here. The server refuses to
@@ -43,7 +49,7 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException, MONAILabelException
-from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.infer.basic_infer import BasicInferTask
@@ -53,14 +59,16 @@ from monailabel.utils.sessions import Sessions
 from starlette.middleware import Middleware
 
 from tpp_monai.bundle.inferers import FlipTTAInferer
-from tpp_monai.label import pipeline, safety, seg2d
+from tpp_monai.label import nnunet3d, pipeline, safety, seg2d
 from tpp_monai.pretext import PRETEXT_TASKS
 
 logger = logging.getLogger(__name__)
 
 MODELS_2D = ("tpp_seg",)
-#: names reserved for models this app does not serve yet (clear message instead of "unknown")
-NOT_IMPLEMENTED = {"stunet3d": "the 3D STU-Net model is not served by this app yet (2D ViT+PEFT only)"}
+#: the 3D task: an nnU-Net-trained STU-Net (+ Conv-Adapter) fold, served when --conf nnunet_model_folder is set
+MODEL_3D = "stunet3d"
+NEEDS_FOLDER = (f"model '{MODEL_3D}' is served only with --conf nnunet_model_folder "
+                "<nnUNet_results>/DatasetXXX/<Trainer>__<Plans>__3d_fullres (a trained fold)")
 
 DEFAULTS: Dict[str, str] = {
     "models": "tpp_seg",
@@ -82,6 +90,12 @@ DEFAULTS: Dict[str, str] = {
     "lr": "1e-3",
     "tpp_lr": "",
     "val_split": "0.2",
+    "nnunet_model_folder": "",
+    "nnunet_folds": "0",
+    "nnunet_checkpoint": "checkpoint_final.pth",
+    "nnunet_tta": "true",
+    "nnunet_device": "cuda",
+    "max_volume_voxels": str(nnunet3d.MAX_VOLUME_VOXELS),
     "allow_untrained": "false",
     "expose": "false",
     "max_image_pixels": str(seg2d.MAX_IMAGE_PIXELS),
@@ -355,6 +369,36 @@ def atomic_write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+class STUNet3DInfer(InferTask):
+    """3D segmentation of a NIfTI volume by an nnU-Net-trained STU-Net (+ Conv-Adapter) fold, through nnU-Net's
+    own predictor (:class:`nnunet3d.NnUNetFold`); the label volume comes back on the input's grid."""
+
+    def __init__(self, name: str, fold: nnunet3d.NnUNetFold, roots: Callable[[], tuple] | None = None,
+                 max_voxels: int | None = nnunet3d.MAX_VOLUME_VOXELS):
+        super().__init__(type=InferType.SEGMENTATION, labels=fold.labels, dimension=3,
+                         description=f"STU-Net 3D segmentation, nnU-Net fold(s) {', '.join(map(str, fold.folds))} "
+                                     f"of {fold.folder.name} (tpp-monai)", config={"device": [fold.device]})
+        self.name, self.fold, self.roots, self.max_voxels = name, fold, roots, max_voxels
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request):
+        image = request.get("image")
+        if not isinstance(image, str) or (self.roots and not any(safety.inside(image, r) for r in self.roots())) \
+                or not os.path.isfile(image):
+            raise safety.RequestError(NOT_A_DATASTORE_IMAGE)
+        out = tempfile.NamedTemporaryFile(suffix=self.fold.file_ending, delete=False).name
+        try:
+            summary = self.fold.predict_file(image, out, max_voxels=self.max_voxels)
+        except seg2d.ImageTooLarge as e:
+            raise safety.RequestError(f"volume too large: {e} (server limit: --conf max_volume_voxels)", status=413) from e
+        except nnunet3d.NnUNetFoldError as e:
+            raise safety.RequestError(f"the 3D model cannot be loaded: {e}", status=503) from e
+        return out, {"model": self.name, "label_names": self.fold.labels, "folds": list(self.fold.folds),
+                     "trained": True, **summary}
+
+
 class SafeSessions(Sessions):
     """monailabel's session store with plain-name session ids (they are joined into paths, removed with rmtree)."""
 
@@ -445,11 +489,23 @@ class MyApp(MONAILabelApp):
         os.makedirs(self.model_dir, exist_ok=True)
         names = [m.strip() for m in c["models"].split(",") if m.strip()]
         names = list(MODELS_2D) if names == ["all"] else names
+        if MODEL_3D in names and not c["nnunet_model_folder"]:
+            raise MONAILabelException("APP_INIT_ERROR", f"--conf models: {NEEDS_FOLDER}")
+        names = [m for m in names if m != MODEL_3D]
         bad = [m for m in names if m not in MODELS_2D]
         if bad:
-            why = "; ".join(NOT_IMPLEMENTED.get(m, f"unknown model '{m}'") for m in bad)
-            raise MONAILabelException("APP_INIT_ERROR", f"--conf models: {why}. Available: {', '.join(MODELS_2D)}")
-        self.model_names = names
+            raise MONAILabelException("APP_INIT_ERROR", f"--conf models: unknown model(s) {', '.join(bad)}. Available: "
+                                                        f"{', '.join(MODELS_2D)}, and {MODEL_3D} ({NEEDS_FOLDER})")
+        self.model_names = names  # the 2D models: each has an infer and a train task
+        self.fold3d: nnunet3d.NnUNetFold | None = None
+        if c["nnunet_model_folder"]:
+            try:
+                self.fold3d = nnunet3d.NnUNetFold(
+                    c["nnunet_model_folder"], c["nnunet_folds"], checkpoint_name=c["nnunet_checkpoint"],
+                    use_mirroring=bool(strtobool(c["nnunet_tta"])), device=_device(c.get("nnunet_device", "cuda")),
+                    allow_pickle=bool(strtobool(c["allow_pickle"])))
+            except nnunet3d.NnUNetFoldError as e:
+                raise MONAILabelException("APP_INIT_ERROR", f"--conf nnunet_model_folder: {e}") from None
         self.seg_cfg = seg2d.Seg2DConfig(
             labels=seg2d.parse_labels(c["labels"]), size=c["vit_size"], img_size=int(c["img_size"]),
             in_chans=int(c["in_chans"]), backbone_ckpt=c["backbone_ckpt"], allow_pickle=bool(strtobool(c["allow_pickle"])),
@@ -507,10 +563,14 @@ class MyApp(MONAILabelApp):
 
     def init_infers(self):
         roots = lambda: (self.studies, *self.upload_roots())  # noqa: E731 - sessions load after the infer tasks
-        return {m: TPPSegInfer(m, self.model_path(m), self.seg_cfg.labels,
+        infers: Dict[str, Any] = {m: TPPSegInfer(m, self.model_path(m), self.seg_cfg.labels,
                                f"ViT-{self.seg_cfg.size} + {self.seg_cfg.peft_method} 2D segmentation (tpp-monai)",
                                roots=roots, max_pixels=self.max_pixels, allow_untrained=self.allow_untrained)
                 for m in self.model_names}
+        if self.fold3d is not None:
+            infers[MODEL_3D] = STUNet3DInfer(MODEL_3D, self.fold3d, roots=roots,
+                                             max_voxels=int(self.tconf["max_volume_voxels"]))
+        return infers
 
     def init_trainers(self):
         return {m: TPPSegTrain(m, self.model_path(m), self.seg_cfg, self.tconf, log_dir=self.log_dir)
@@ -526,12 +586,18 @@ class MyApp(MONAILabelApp):
 
     def _known(self, model) -> None:
         if model is not None and model not in self._infers and model not in self._trainers:
-            hint = NOT_IMPLEMENTED.get(model, f"no model '{model}'")
-            raise HTTPException(status_code=404, detail=f"{hint}; available models: {', '.join(self.model_names)}")
+            hint = NEEDS_FOLDER if model == MODEL_3D else f"no model '{model}'"
+            raise HTTPException(status_code=404, detail=f"{hint}; available models: {', '.join(self._infers)}")
+
+    def _known_trainer(self, model) -> None:
+        self._known(model)
+        if model is not None and model not in self._trainers:
+            raise HTTPException(status_code=404, detail=f"model '{model}' has no train task here (the 3D model is "
+                                                        f"trained with nnU-Net); trainers: {', '.join(self._trainers)}")
 
     def bundle_path(self, model):
         # AsyncTask.run asks this before starting a background /train: reject unknown models with a 404 there
-        self._known(model)
+        self._known_trainer(model)
         return super().bundle_path(model)
 
     def _image_for_infer(self, image: Any, datastore: Datastore) -> str:
@@ -573,7 +639,7 @@ class MyApp(MONAILabelApp):
                                                          "the traceback is in the server log") from e
 
     def train(self, request):
-        self._known(request.get("model"))
+        self._known_trainer(request.get("model"))
         return super().train(request)
 
 
@@ -617,7 +683,7 @@ def _harden(fastapi_app, uploads: safety.UploadFolder, max_upload_mb: float) -> 
     async def train_model(model: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
                           enqueue: Optional[bool] = False,
                           user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
-        _app()._known(model)
+        _app()._known_trainer(model)
         safety.validate_train_params(params, pretexts)
         res = train_ep.run_model(model, params, run_sync, enqueue)
         return res if run_sync else safety.client_task_view(res, _app().roots())
