@@ -123,12 +123,12 @@ def test_nnunet_fold_checks_before_serving(tmp_path):
     import nibabel as nib
 
     nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.int16), np.eye(4)), str(vol))
-    assert fold.check_volume(vol, max_voxels=8000) == (20, 20, 20)
+    assert nnunet3d.check_volume(vol, max_voxels=8000) == (20, 20, 20)
     with pytest.raises(seg2d.ImageTooLarge, match="8000 voxels is more than the limit of 7999"):
-        fold.check_volume(vol, max_voxels=7999)
+        nnunet3d.check_volume(vol, max_voxels=7999)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "s.png")
     with pytest.raises(seg2d.ImageReadError, match="single-channel 3D volume"):
-        fold.check_volume(tmp_path / "s.png")
+        nnunet3d.check_volume(tmp_path / "s.png")
 
 
 # ------------------------------------------------------------------------ server (needs monailabel)

@@ -261,9 +261,17 @@ def test_label_app_serves_the_trained_fold_3d(demo_raw, nnunet_fold, tmp_path):
             bad = requests.post(f"{url}/infer/stunet3d", params={"output": "json"},
                                 files={"file": ("slice.png", f, "image/png")}, timeout=60)
         assert requests.post(f"{url}/train/stunet3d", json={}, timeout=60).status_code == 404
+        with open(case, "rb") as f:  # a volume in the datastore (3D Slicer's Next Sample / Submit Label flow)
+            up = requests.put(f"{url}/datastore/image", params={"image": "case0"},
+                              files={"file": ("case0.nii.gz", f, "application/gzip")}, timeout=60)
+        assert up.status_code == 200, up.text
+        by_id = requests.post(f"{url}/infer/stunet3d", params={"image": "case0", "output": "image"}, timeout=300)
+        assert by_id.status_code == 200, by_id.text
+        (tmp_path / "by_id.nii.gz").write_bytes(by_id.content)
     got, want, img = (sitk.ReadImage(str(p)) for p in (tmp_path / "out.nii.gz", ref, case))
     a, b = sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want)
     assert a.shape == b.shape == sitk.GetArrayFromImage(img).shape and np.array_equal(a, b)
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "by_id.nii.gz"))), b)
     assert len(np.unique(b)) > 1  # a real segmentation, not an all-background volume
     assert got.GetSpacing() == img.GetSpacing() and got.GetOrigin() == img.GetOrigin()
     assert got.GetDirection() == img.GetDirection()

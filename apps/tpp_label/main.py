@@ -419,18 +419,27 @@ class SafeDatastore(LocalDatastore):
     monailabel joins these client-given names into paths (``tag=../../x`` wrote outside the datastore).
     """
 
-    def __init__(self, *args, max_pixels: int | None = None, **kwargs):
-        self.max_pixels = max_pixels
+    def __init__(self, *args, max_pixels: int | None = None, max_voxels: int | None = None, volumes: bool = False,
+                 **kwargs):
+        self.max_pixels, self.max_voxels, self.volumes = max_pixels, max_voxels, volumes
         super().__init__(*args, **kwargs)
 
     def _upload(self, filename: str, what: str) -> None:
+        """A readable 2D image, or (when the 3D task is served) a 3D volume; size limits from the header."""
         safety.check_upload_ext(filename, what)
         try:
             seg2d.read_image_2d(filename, max_pixels=self.max_pixels)
         except seg2d.ImageTooLarge as e:
             raise safety.RequestError(f"{what}: {e} (server limit: --conf max_image_pixels)", status=413) from e
         except seg2d.ImageReadError as e:
-            raise safety.RequestError(f"{what}: {e}") from e
+            if not self.volumes:
+                raise safety.RequestError(f"{what}: {e}") from e
+            try:
+                nnunet3d.check_volume(filename, self.max_voxels)
+            except seg2d.ImageTooLarge as e3:
+                raise safety.RequestError(f"{what}: {e3} (server limit: --conf max_volume_voxels)", status=413) from e3
+            except seg2d.ImageReadError as e3:
+                raise safety.RequestError(f"{what}: {e}; nor a 3D volume: {e3}") from e3
 
     def add_image(self, image_id, image_filename, image_info):
         if image_id:
@@ -529,7 +538,8 @@ class MyApp(MONAILabelApp):
         self.log_dir = os.path.join(app_dir, "logs")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="tpp_label",
                          description="tpp-monai: ViT + PEFT segmentation with Target Parameter Pre-training",
-                         version="0.1.0", labels=self.seg_cfg.labels)
+                         version="0.1.0",
+                         labels=self.seg_cfg.labels if names or self.fold3d is None else self.fold3d.labels)
         if state is not None and not getattr(state, "tpp_label_hardened", False):
             _harden(self.serving.app, self.uploads, float(c["max_upload_mb"]))
             state.tpp_label_hardened = True
@@ -539,7 +549,8 @@ class MyApp(MONAILabelApp):
             return super().init_datastore()
         return SafeDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                              auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-                             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY, max_pixels=self.max_pixels)
+                             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY, max_pixels=self.max_pixels,
+                             max_voxels=int(self.tconf["max_volume_voxels"]), volumes=self.fold3d is not None)
 
     def _load_sessions(self, load=False):
         return SafeSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY) if load else None

@@ -26,6 +26,28 @@ from tpp_monai.label.seg2d import ImageReadError, ImageTooLarge
 MAX_VOLUME_VOXELS = 512 * 512 * 1024
 
 
+def check_volume(path: str | os.PathLike, max_voxels: int | None = MAX_VOLUME_VOXELS) -> tuple[int, ...]:
+    """The volume's size from its header (nothing decoded); too many voxels or not 3D is refused."""
+    import SimpleITK as sitk
+
+    r = sitk.ImageFileReader()
+    r.SetFileName(str(path))
+    try:
+        r.ReadImageInformation()
+    except RuntimeError as e:
+        raise ImageReadError(f"cannot read {Path(path).name} as a volume (send a NIfTI file): "
+                             f"{str(e).strip().splitlines()[-1][:200]}") from e
+    size = tuple(int(s) for s in r.GetSize())
+    if r.GetDimension() != 3 or r.GetNumberOfComponents() != 1:
+        raise ImageReadError(f"{Path(path).name}: a single-channel 3D volume is expected, got size {size} with "
+                             f"{r.GetNumberOfComponents()} component(s)")
+    n = size[0] * size[1] * size[2]
+    if max_voxels is not None and n > max_voxels:
+        raise ImageTooLarge(f"{Path(path).name}: {' x '.join(map(str, size))} = {n} voxels is more than the limit "
+                            f"of {max_voxels} voxels; send a smaller volume")
+    return size
+
+
 class NnUNetFoldError(ValueError):
     """The nnU-Net model folder cannot be served (message names the folder / file and the fix)."""
 
@@ -120,33 +142,12 @@ class NnUNetFold:
                 self._predictor = p
             return self._predictor
 
-    def check_volume(self, path: str | os.PathLike, max_voxels: int | None = MAX_VOLUME_VOXELS) -> tuple[int, ...]:
-        """The volume's size from its header (nothing decoded); too many voxels or not 3D is refused."""
-        import SimpleITK as sitk
-
-        r = sitk.ImageFileReader()
-        r.SetFileName(str(path))
-        try:
-            r.ReadImageInformation()
-        except RuntimeError as e:
-            raise ImageReadError(f"cannot read {Path(path).name} as a volume (send a NIfTI file): "
-                                 f"{str(e).strip().splitlines()[-1][:200]}") from e
-        size = tuple(int(s) for s in r.GetSize())
-        if r.GetDimension() != 3 or r.GetNumberOfComponents() != 1:
-            raise ImageReadError(f"{Path(path).name}: a single-channel 3D volume is expected, got size {size} with "
-                                 f"{r.GetNumberOfComponents()} component(s)")
-        n = size[0] * size[1] * size[2]
-        if max_voxels is not None and n > max_voxels:
-            raise ImageTooLarge(f"{Path(path).name}: {' x '.join(map(str, size))} = {n} voxels is more than the limit "
-                                f"of {max_voxels} voxels; send a smaller volume")
-        return size
-
     def predict_file(self, image: str | os.PathLike, output: str | os.PathLike,
                      max_voxels: int | None = MAX_VOLUME_VOXELS) -> dict[str, Any]:
         """Segment ``image`` and write the label volume to ``output`` (same geometry); returns a summary."""
         import numpy as np
 
-        self.check_volume(image, max_voxels)
+        check_volume(image, max_voxels)
         p = self.predictor()
         rw = p.plans_manager.image_reader_writer_class()
         try:
