@@ -237,7 +237,7 @@ class TPPSegTrain(BasicTrainTask):
         tpp_ckpt = None
         if r["tpp"] and r["tpp_epochs"] > 0:
             tpp_ckpt = seg2d.run_tpp_stage(
-                self.cfg, r["tpp_images"], os.path.join(context.output_dir, f"tpp_{context.run_id}"),
+                self.cfg, r["tpp_images"], os.path.join(context.output_dir, "tpp"),  # replaced by each run
                 pretext=r["pretext"], pretext_config=json.loads(self.conf["pretext_config"]), epochs=r["tpp_epochs"],
                 batch_size=r["train_batch_size"], lr=float(self.conf["tpp_lr"]) if self.conf["tpp_lr"] else None,
                 device=str(context.device), log=say)
