@@ -10,12 +10,13 @@ from tpp_monai.bundle.networks import (
     TPPCheckpointMissing, build_backbone, build_classifier, build_optimizer, build_peft_backbone, build_segmenter,
     load_target_params, log_trainable, poly_lr, read_backbone_checkpoint, read_decoder_state, trainable_report,
 )
+from tpp_monai.bundle.resume import FineTuneResume
 from tpp_monai.bundle.tpp_stage import (
     build_pretext, build_tpp_optimizer, build_tpp_trainer, save_mae_checkpoint,
 )
 
 __all__ = [
-    "AtomicCheckpointSaver", "BundleDataError", "CheckedCheckpointLoader", "FlipTTAInferer", "GradClipHandler",
+    "AtomicCheckpointSaver", "BundleDataError", "FineTuneResume", "CheckedCheckpointLoader", "FlipTTAInferer", "GradClipHandler",
     "JsonlLogger", "NonFiniteModelError", "OutputFolderLock", "PredictionWriter", "SegmentationMetric",
     "StopOnNonFiniteLoss", "TPPCheckpointMissing",
     "build_backbone", "build_classifier", "build_optimizer", "build_peft_backbone", "build_pretext",

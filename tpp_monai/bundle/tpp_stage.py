@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tpp_monai.bundle.networks import _is_empty, read_backbone_checkpoint
+from tpp_monai.bundle.resume import parse_resume
 
 logger = logging.getLogger("tpp_monai.bundle")
 
@@ -97,20 +98,6 @@ def build_tpp_trainer(
     )
     trainer.checkpointer.target_path = Path(output_dir) / target_name
     return trainer
-
-
-def parse_resume(value: bool | str | None) -> bool | str:
-    """The resume switch from JSON/CLI (``true``/``false``/``auto``, any case) as True/False/"auto"."""
-    if isinstance(value, bool):
-        return value
-    v = str(value).strip().lower()
-    if v in ("auto", "none", ""):
-        return "auto"
-    if v in ("true", "1", "yes"):
-        return True
-    if v in ("false", "0", "no"):
-        return False
-    raise ValueError(f"resume must be auto, true or false; got {value!r}")
 
 
 def save_mae_checkpoint(task: nn.Module, path: str | os.PathLike) -> Path:
