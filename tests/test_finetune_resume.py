@@ -53,8 +53,10 @@ def trainer(data: Path, root: Path, files=("train.json",), **over):
         pass
     tr = p.get_parsed_content("tpp#trainer" if "tpp_pretrain.json" in files else "train#trainer")
     tr.evaluator = p.get_parsed_content("validate#evaluator")  # the same (cached) instance the trainer validates with
-    tr.resume_handler = next(h for h in p.get_parsed_content("train#default_handlers")
-                             if type(h).__name__ == "FineTuneResume")
+    if "tpp_pretrain.json" not in files:
+        handlers = p.get_parsed_content("train#default_handlers")
+        tr.resume_handler = next(h for h in handlers if type(h).__name__ == "FineTuneResume")
+        tr.folder_lock = next(h for h in handlers if type(h).__name__ == "OutputFolderLock").lock
     tr.seen = []  # (iteration, checksum of the batch's images): proves no batch is lost or repeated
 
     @tr.on(Events.ITERATION_COMPLETED)
@@ -144,3 +146,69 @@ def test_finished_run_is_kept_with_true_retrained_with_auto_and_nan_is_never_sav
     with pytest.raises(NonFiniteModelError, match="not saving .*finetune_resume.pt"):
         again.resume_handler.save(again)
     assert path.read_bytes() == good
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def test_tpp_resume_switch_reaches_the_trainer_from_the_bundle_overrides(data, tmp_path, capsys):
+    """TPP killed through the bundle config; ``monai.bundle run ... --resume False`` starts over and
+    ``--resume True`` requires the file (the overrides go through MONAI's own ``run``, as on the command line)."""
+    from monai.bundle import run
+
+    from tpp_monai.engines.tpp_trainer import RESUME_NAME
+
+    over = {"tpp_epochs": 2, "tpp_batch_size": 3, "tpp_warmup_epochs": 1}
+    files = ("train.json", "tpp_pretrain.json")
+    crashed = trainer(data, tmp_path / "run", files=files, **over)
+    run_interrupted(crashed, crashed.state.epoch_length + 1)  # the resume state of epoch 1 is on disk
+    state = tmp_path / "run" / "models" / RESUME_NAME
+    assert torch.load(state, weights_only=True)["iteration"] == crashed.state.epoch_length
+
+    def bundle_run(root: Path, resume) -> None:
+        run(config_file=[cfg(BUNDLE, f) for f in files], meta_file=cfg(BUNDLE, "metadata.json"),
+            **{**TINY, "vit_overrides": {"depth": 1}, "dataset_dir": str(data), "bundle_root": str(root), **over,
+               "resume": resume})
+
+    capsys.readouterr()
+    bundle_run(tmp_path / "run", False)
+    out = capsys.readouterr().out
+    assert "resuming TPP" not in out
+    assert torch.load(state, weights_only=True)["iteration"] == 2 * crashed.state.epoch_length  # ran all over
+    with pytest.raises(Exception) as ei:
+        bundle_run(tmp_path / "empty", True)
+    assert any(isinstance(e, FileNotFoundError) and "No resume state" in str(e) for e in _chain(ei.value))
+    # and "auto" / True continue a killed run (the kill test through the config: tests/test_reliability.py)
+    crashed = trainer(data, tmp_path / "run2", files=files, **over)
+    run_interrupted(crashed, crashed.state.epoch_length + 1)
+    capsys.readouterr()
+    bundle_run(tmp_path / "run2", "True")  # the command line's string form
+    assert f"resuming TPP from {tmp_path / 'run2' / 'models' / RESUME_NAME} at iteration " \
+           f"{crashed.state.epoch_length}" in capsys.readouterr().out
+
+
+def test_finetuning_resume_true_on_the_command_line(data, tmp_path):
+    """``python -m monai.bundle run --config_file .../train.json --resume True`` continues a killed run."""
+    import json
+    import os
+    import subprocess
+
+    killed = trainer(data, tmp_path / "run")
+    run_interrupted(killed, 5)  # saved at iteration 4
+    killed.folder_lock.release()  # a killed process's lock is stale; this one is still alive
+    over = {**TINY, "vit_overrides": {"depth": 1}, "dataset_dir": str(data), "bundle_root": str(tmp_path / "run"),
+            "batch_size": 3, "num_iterations": 9, "save_interval": 2}
+    args = [a for k, v in over.items() for a in (f"--{k}", json.dumps(v) if not isinstance(v, str) else v)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", cfg(BUNDLE, "train.json"),
+                           "--meta_file", cfg(BUNDLE, "metadata.json"), *args, "--resume", "True"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "resuming fine-tuning from" in proc.stdout and "at iteration 4 of 9" in proc.stdout
+    state = torch.load(tmp_path / "run" / "models" / "finetune_resume.pt", weights_only=True)
+    assert state["iteration"] == 9

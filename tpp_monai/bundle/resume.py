@@ -17,8 +17,8 @@ No lost or repeated iteration: the trainer's data loader is wrapped in
 :class:`~tpp_monai.engines.resumable_data.ResumableLoader` (each pass over the data shuffles and augments from
 ``(seed, pass)``), so a run resumed inside an epoch draws exactly the batches an uninterrupted run draws next.
 A save that falls on the last iteration of an epoch is made after that epoch's validation instead (a resume
-does not skip the validation). Under DDP the per-rank dropout RNG streams are not restored (rank 0's state
-is saved); data order, weights, optimiser and schedule are.
+does not skip the validation). Under DDP only rank 0's RNG state is saved and restored (the other ranks keep
+their seeding); data order, weights, optimiser and schedule continue exactly.
 """
 
 from __future__ import annotations
@@ -204,7 +204,8 @@ class FineTuneResume:
         self._restore_validation(obj.get("validation") or {})
         if obj.get("scaler") and getattr(engine, "scaler", None) is not None:
             engine.scaler.load_state_dict(obj["scaler"])  # MONAI's Trainer.run() made a new one
-        _set_rng(obj["rng"])  # after set-up, right before the first resumed iteration
+        if is_main_process():  # after set-up, right before the first resumed iteration; other DDP ranks keep their
+            _set_rng(obj["rng"])  # own seeding (rank 0's state would give every rank the same dropout masks)
         it = int(obj["iteration"])
         self._last_saved = it
         total = engine.state.max_epochs * engine.state.epoch_length
