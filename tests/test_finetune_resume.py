@@ -8,6 +8,7 @@ reaches its trainer from the command-line overrides. Tiny ViT (depth 1, 32 px), 
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -102,6 +103,11 @@ def test_killed_finetuning_resumes_to_the_uninterrupted_result(data, tmp_path, s
     assert resumed.evaluator.state.best_metric_epoch == ref.evaluator.state.best_metric_epoch
     state = torch.load(resume_file, weights_only=True)  # the final state, readable without pickles
     assert state["iteration"] == 9
+    # the logs hold each iteration and each validation once, as the uninterrupted run's
+    for name in ("train_log.jsonl", "val_log.jsonl"):
+        got = [(r["kind"], r["iteration"]) for r in map(json.loads, (tmp_path / "run" / "logs" / name).open())]
+        want = [(r["kind"], r["iteration"]) for r in map(json.loads, (tmp_path / "ref" / "logs" / name).open())]
+        assert got == want and got, name
 
 
 def test_resume_refuses_other_settings_and_a_missing_file(data, tmp_path):

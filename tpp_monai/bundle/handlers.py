@@ -142,6 +142,16 @@ class JsonlLogger:
             self.path.unlink()
         self._fresh = False
 
+    def keep_until(self, iteration: int, epoch: int) -> None:
+        """A resumed run continues after ``iteration`` with ``epoch`` epochs done: drop the killed run's records
+        past that point (atomically) and append from now on, so each iteration and epoch is logged once."""
+        self._fresh = False
+        if not self.path.is_file():
+            return
+        kept = [ln for ln in self.path.read_text().splitlines(keepends=True)
+                if ln.strip() and _record_kept(ln, iteration, epoch)]
+        atomic_write(self.path, "".join(kept))
+
     def _iteration(self, engine: Engine) -> None:
         loss = _loss_of(engine.state.output)
         if loss is not None:
@@ -153,6 +163,15 @@ class JsonlLogger:
             it = self.trainer.state.iteration if self.trainer is not None else engine.state.iteration
             ep = self.trainer.state.epoch if self.trainer is not None else engine.state.epoch
             self._write({"stage": self.stage, "kind": "metrics", "epoch": ep, "iteration": it, **metrics})
+
+
+def _record_kept(line: str, iteration: int, epoch: int) -> bool:
+    """Epoch records (metrics) by their epoch, loss records by their iteration; unreadable lines are kept."""
+    try:
+        rec = json.loads(line)
+        return int(rec["epoch"]) <= epoch if "epoch" in rec else int(rec.get("iteration", 0)) <= iteration
+    except (ValueError, AttributeError, TypeError, KeyError):
+        return True
 
 
 class PredictionWriter:

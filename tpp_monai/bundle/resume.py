@@ -210,6 +210,11 @@ class FineTuneResume:
         self._last_saved = it
         total = engine.state.max_epochs * engine.state.epoch_length
         engine.state.iteration, engine.state.epoch = it, it // engine.state.epoch_length
+        from tpp_monai.bundle.handlers import JsonlLogger
+
+        for log in _attached(engine, JsonlLogger) + (_attached(self.evaluator, JsonlLogger) if self.evaluator else []):
+            if is_main_process():
+                log.keep_until(it, engine.state.epoch)  # the killed run's records past the saved iteration are not kept twice
         if it >= total:  # ignite ends the run at once (COMPLETED handlers still run)
             _say(f"fine-tuning already finished ({it} iterations, {self.path}); nothing to do. "
                  "Pass --resume False to train again.")
@@ -219,15 +224,7 @@ class FineTuneResume:
 
     # ------------------------------------------------------------------ best-model bookkeeping
     def _savers(self) -> list[CheckpointSaver]:
-        if self.evaluator is None:
-            return []
-        found = []
-        for handlers in self.evaluator._event_handlers.values():
-            for h, *_ in handlers:
-                obj = getattr(h, "__self__", None)
-                if isinstance(obj, CheckpointSaver) and obj not in found:
-                    found.append(obj)
-        return found
+        return _attached(self.evaluator, CheckpointSaver) if self.evaluator is not None else []
 
     def _validation_state(self) -> dict:
         if self.evaluator is None:
@@ -245,6 +242,17 @@ class FineTuneResume:
         for saver, st in zip(self._savers(), v.get("savers", [])):
             if saver._key_metric_checkpoint is not None and st.get("key_metric") is not None:
                 saver._key_metric_checkpoint.load_state_dict(st["key_metric"])
+
+
+def _attached(engine: Engine, cls: type) -> list:
+    """The handler objects of type ``cls`` attached to ``engine`` (through their bound methods)."""
+    found: list = []
+    for handlers in engine._event_handlers.values():
+        for h, *_ in handlers:
+            obj = getattr(h, "__self__", None)
+            if isinstance(obj, cls) and obj not in found:
+                found.append(obj)
+    return found
 
 
 def _finished(obj: Mapping[str, Any]) -> bool:
