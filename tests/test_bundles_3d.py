@@ -94,9 +94,12 @@ def test_bundles_share_everything_but_the_dataset():
     a, b = (REPO / "bundles" / "lits_convadapter_tpp" / "configs", REPO / "bundles" / "kits_convadapter_tpp" / "configs")
     for stage in STAGES:
         ta, tb = json.loads((a / f"{stage}.json").read_text()), json.loads((b / f"{stage}.json").read_text())
-        assert {k: v for k, v in ta.items() if k != "dataset"} == {k: v for k, v in tb.items() if k != "dataset"}
-        assert all(str(v).startswith("%bundles/common/nnunet_tpp.json::") for k, v in ta.items()
-                   if k not in ("dataset", "settings", "network"))
+        assert {k: v for k, v in ta.items() if k not in ("dataset", "bundle_root")} == {
+            k: v for k, v in tb.items() if k not in ("dataset", "bundle_root")}
+        common = json.loads((REPO / "bundles" / "common" / "nnunet_tpp.json").read_text())
+        assert {k: ta[k] for k in ("imports", "defaults", "runner", "network_defaults", "network_def")} == {
+            k: common[k] for k in ("imports", "defaults", "runner", "network_defaults", "network_def")}
+        assert ta["run"] == common["stages"][stage]
         assert ta["settings"] == {} and ta["network"] == {}  # command-line override slots
 
 
@@ -255,7 +258,7 @@ def test_network_def_is_the_trainers_network(bundle):
 
     p = ConfigParser()
     p.read_config(str(REPO / "bundles" / bundle / "configs" / "inference.json"))
-    assert p["network_defaults"] == "%bundles/common/nnunet_tpp.json::network_defaults"
+    assert p["network_defaults"] == json.loads((REPO / "bundles/common/nnunet_tpp.json").read_text())["network_defaults"]
     p["network"] = {"stunet_size": "small", "patch_size": [32, 32, 32]}
     net = p.get_parsed_content("network_def")
     ref = T.nnUNetTrainer_STUNet_ConvAdapter_small.build_network_architecture(

@@ -11,16 +11,17 @@ from tpp_monai.bundle.networks import (
     load_target_params, log_trainable, poly_lr, read_backbone_checkpoint, read_decoder_state, trainable_report,
 )
 from tpp_monai.bundle.resume import FineTuneResume
+from tpp_monai.bundle.root import BundleRootError, resolve_bundle_root
 from tpp_monai.bundle.tpp_stage import (
     build_pretext, build_tpp_optimizer, build_tpp_trainer, save_mae_checkpoint,
 )
 
 __all__ = [
-    "AtomicCheckpointSaver", "BundleDataError", "FineTuneResume", "CheckedCheckpointLoader", "FlipTTAInferer", "GradClipHandler",
+    "AtomicCheckpointSaver", "BundleDataError", "BundleRootError", "FineTuneResume", "CheckedCheckpointLoader", "FlipTTAInferer", "GradClipHandler",
     "JsonlLogger", "NonFiniteModelError", "OutputFolderLock", "PredictionWriter", "SegmentationMetric",
     "StopOnNonFiniteLoss", "TPPCheckpointMissing",
     "build_backbone", "build_classifier", "build_optimizer", "build_peft_backbone", "build_pretext",
     "build_segmenter", "build_tpp_optimizer", "build_tpp_trainer", "default_bundle_root", "epochs_for_iterations",
     "load_datalist", "load_target_params", "log_trainable", "poly_lr", "read_backbone_checkpoint", "read_decoder_state",
-    "save_mae_checkpoint", "save_metrics_json", "trainable_report", "with_paths",
+    "resolve_bundle_root", "save_mae_checkpoint", "save_metrics_json", "trainable_report", "with_paths",
 ]
