@@ -1,26 +1,31 @@
 """Throughput of the TPP stage (MAE, DINO) and of fine-tuning, end to end including data loading.
 
-    python benchmarks/tpp_throughput.py                      # ViT-B/16 at 224, batch 8, 1 and 2 processes
-    python benchmarks/tpp_throughput.py --size tiny --img 32 --steps 2 --batch 4   # quick check
+    python benchmarks/tpp_throughput.py                      # ViT-B/16 at 224: step ratio at batch 64, engine rows at 8
+    python benchmarks/tpp_throughput.py --size tiny --img 32 --steps 2 --ratio_batch 4 --batch 4   # quick check
 
-Every configuration runs the library's own engines (``TPPTrainer`` for TPP, MONAI's
-``SupervisedTrainer`` for fine-tuning, Adapter with bottleneck 64) over PNG files read through the
-bundles' transforms (``cls_transforms``), in a fresh Python subprocess (``run_workers``); N-process
-rows run N gloo processes (``spawn_cpu``; CUDA: one GPU per process is not set up here, use
-torchrun) with the *global* batch ``--batch`` split over them. Timing per iteration from ignite's
-events on rank 0: data time = ``GET_BATCH_STARTED -> GET_BATCH_COMPLETED`` (reading, decoding,
-resizing or the cache fetch, collation), step time = the whole iteration (data + forward + backward
-+ optimiser + DDP all-reduce). One warm-up iteration, then the median of ``--steps``.
+Two parts, each in fresh Python subprocesses (``run_workers``):
 
-Printed ratios:
-* MAE-TPP step / fine-tuning step, frozen and trainable MAE decoder (8 blocks, width 512, 16 heads,
-  as MedCoSS/MAE); the physical estimate is ~0.55 frozen and ~0.7 trainable (encoder on 25% of the
-  tokens + decoder on all tokens, against the encoder on all tokens);
-* data-loading share of the step, without cache and with the in-memory cache (``cached_dataset``);
-* DDP scaling efficiency = (images/s with N processes) / (N x images/s with one).
+1. **Step ratio** (``--ratio_batch``, default 64 as the paper's TPP batch; 0 skips it): one process, one
+   thread, an Adapter (bottleneck 64) ViT with a linear head (fine-tuning) and two MAE tasks (decoder 8
+   blocks x 512, 16 heads, frozen / trained) on one in-memory batch. Each round runs the three steps
+   (forward + backward + AdamW) one after the other, so load from other jobs on a shared machine hits
+   the three alike; round 0 is the warm-up and counts the FLOPs (:mod:`tpp_monai.benchmark.flops`),
+   then the median of ``--steps`` rounds. Printed: MAE-TPP step / fine-tuning step as measured time,
+   counted FLOPs, the shape estimate and the issue's physical estimate (~0.55 frozen, ~0.7 trained:
+   encoder on 25% of the tokens + decoder on all tokens, against the encoder on all tokens).
+2. **Engine rows** (``--batch``, global batch, default 8; 0 skips them): the library's own engines
+   (``TPPTrainer`` for TPP, MONAI's ``SupervisedTrainer`` for fine-tuning, Adapter bottleneck 64) over PNG
+   files read through the bundles' transforms (``cls_transforms``); N-process rows run N gloo processes
+   (``spawn_cpu``; CUDA: use torchrun) with the global batch split over them. Timing per iteration from
+   ignite's events on rank 0: data time = ``GET_BATCH_STARTED -> GET_BATCH_COMPLETED`` (reading,
+   decoding, resizing or the cache fetch, collation), step time = the whole iteration. One warm-up
+   iteration, then the median of ``--steps``. Printed: data-loading share without cache and with the
+   in-memory cache (``cached_dataset``); DDP scaling efficiency = (images/s with N processes) / (N x
+   images/s with one); these configurations run one after another, so on a shared CPU their step times
+   (and the ratios between rows) move with the load.
 
-Results go to ``benchmarks/results/tpp_throughput_<size>_<device>.md``. On a CPU shared with other
-jobs the absolute figures move with the load; the ratios of one invocation are what to read.
+Results go to ``benchmarks/results/tpp_throughput_<size>_cpu.md`` with the date, the load average and
+the command line.
 """
 
 from __future__ import annotations
@@ -154,6 +159,75 @@ def _run_rank(rank: int, world: int, mode: str, size: str, img: int, batch: int,
             json.dump(row, f)
 
 
+def interleaved_ratio(size: str, img: int, batch: int, steps: int, bottleneck: int = 64) -> dict:
+    """MAE-TPP (frozen and trained decoder) vs fine-tuning, the three steps interleaved in one process.
+
+    One thread; round ``r`` runs one fine-tuning step, one frozen-decoder MAE step and one trained-decoder
+    MAE step on the same in-memory batch, so a load change on a shared machine hits the three alike. The
+    first round is the warm-up and also counts the FLOPs (``count_flops``); the median of the next
+    ``steps`` rounds is reported, with the FLOP ratios and the shape estimate (``mae_finetune_ratio``).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from tpp_monai.backbones.vit import build_vit
+    from tpp_monai.benchmark.flops import StepShape, count_flops, mae_finetune_ratio
+    from tpp_monai.bundle.networks import build_classifier
+    from tpp_monai.bundle.networks import build_optimizer as build_ft_optimizer
+    from tpp_monai.engines.optim import build_optimizer
+    from tpp_monai.peft import apply_peft
+    from tpp_monai.pretext.mae import MAEPretext
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, img, img)
+    y = torch.randint(0, 2, (batch,))
+
+    def adapter_vit():
+        vit = build_vit(size, img_size=img)
+        apply_peft(vit, "adapter", {"bottleneck": bottleneck})
+        return vit
+
+    net = build_classifier(adapter_vit(), num_classes=2).train()
+    ft_opt = build_ft_optimizer(net)
+    steps_fn = {}
+
+    def ft_step() -> None:
+        ft_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+        ft_opt.step()
+
+    steps_fn["finetune"] = ft_step
+    for mode in ("mae_frozen", "mae_trainable"):
+        task = MAEPretext(adapter_vit(), decoder_dim=512, decoder_depth=8, decoder_heads=16).train()
+        task.set_decoder_trainable(mode == "mae_trainable")
+        opt = build_optimizer(task)
+
+        def mae_step(task=task, opt=opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            task(x)["loss"].backward()
+            opt.step()
+
+        steps_fn[mode] = mae_step
+    times: dict[str, list[float]] = {m: [] for m in steps_fn}
+    flops: dict[str, int] = {}
+    for r in range(steps + 1):
+        for mode, fn in steps_fn.items():
+            if r == 0:
+                flops[mode] = count_flops(fn)
+                continue
+            t0 = time.perf_counter()
+            fn()
+            times[mode].append(time.perf_counter() - t0)
+    cfg = net.backbone.cfg
+    shape = StepShape(cfg.embed_dim, cfg.depth, (img // cfg.patch_size) ** 2, cfg.patch_size ** 2 * cfg.in_chans,
+                      mlp_ratio=cfg.mlp_ratio, bottleneck=bottleneck)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    return {"kind": "interleaved", "size": size, "img": img, "batch": batch, "steps": steps, "threads": 1,
+            "step_s": med, "all_s": times, "flops": flops,
+            "estimate": {"mae_frozen": mae_finetune_ratio(shape, False), "mae_trainable": mae_finetune_ratio(shape, True)}}
+
+
 def worker(mode: str, size: str, img: int, batch: int, steps: int, cache: str, procs: int, images: int) -> dict:
     import torch
 
@@ -177,7 +251,7 @@ def configurations(args) -> dict[str, list[str]]:
     common = ["--size", args.size, "--img", str(args.img), "--batch", str(args.batch), "--steps", str(args.steps),
               "--images", str(args.images)]
     runs = {}
-    for mode in MODES:
+    for mode in args.modes:
         runs[f"{mode}-1-none"] = [*common, "--mode", mode, "--cache", "none", "--procs", "1"]
     runs["mae_frozen-1-memory"] = [*common, "--mode", "mae_frozen", "--cache", "memory", "--procs", "1"]
     runs["finetune-1-memory"] = [*common, "--mode", "finetune", "--cache", "memory", "--procs", "1"]
@@ -188,13 +262,47 @@ def configurations(args) -> dict[str, list[str]]:
     return runs
 
 
+def header(args) -> str:
+    """Date, load average and settings: figures from a shared machine mean little without them."""
+    load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    return (f"# TPP throughput, ViT-{args.size}/{args.img}, CPU ({platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores)\n\n"
+            f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average (1/5/15 min) at the end "
+            f"{load}; `python benchmarks/tpp_throughput.py --size {args.size} --img {args.img} "
+            f"--ratio_batch {args.ratio_batch} --batch {args.batch} --steps {args.steps} --images {args.images} "
+            f"--procs {' '.join(map(str, args.procs))} --modes {' '.join(args.modes)}`\n\n")
+
+
+def ratio_table(r: dict) -> str:
+    """MAE-TPP step / fine-tuning step: measured time, counted FLOPs, shape estimate, issue estimate."""
+    ft_s, ft_f = r["step_s"]["finetune"], r["flops"]["finetune"]
+    lines = [
+        f"## MAE-TPP step / fine-tuning step (batch {r['batch']}, one thread, the three steps interleaved, "
+        f"median of {r['steps']} rounds after one warm-up round)",
+        "",
+        "Step = forward + backward + AdamW on an in-memory batch; Adapter (bottleneck 64) in both; MAE decoder "
+        "8 blocks x 512, 16 heads, mask ratio 0.75.",
+        "",
+        "| step | time s (all rounds) | TFLOP | time ratio | FLOP ratio | shape estimate | issue estimate |",
+        "|---|---|---|---|---|---|---|",
+        f"| finetune | {ft_s:.2f} ({', '.join(f'{t:.2f}' for t in r['all_s']['finetune'])}) | {ft_f / 1e12:.3f} "
+        "| 1 | 1 | 1 | 1 |",
+    ]
+    for mode, issue in (("mae_frozen", "~0.55"), ("mae_trainable", "~0.7")):
+        t, f = r["step_s"][mode], r["flops"][mode]
+        lines.append(
+            f"| {mode} | {t:.2f} ({', '.join(f'{v:.2f}' for v in r['all_s'][mode])}) | {f / 1e12:.3f} "
+            f"| {t / ft_s:.3f} | {f / ft_f:.3f} | {r['estimate'][mode]:.3f} | {issue} |")
+    return "\n".join(lines) + "\n\n"
+
+
 def table(rows: list[dict], args) -> str:
     def get(mode, procs=1, cache="none"):
         return next((r for r in rows if r["mode"] == mode and r["procs"] == procs and r["cache"] == cache), None)
 
     lines = [
-        f"# TPP throughput, ViT-{args.size}/{args.img}, global batch {args.batch}, CPU "
-        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {rows[0]['threads']})",
+        f"## Engine rows: global batch {args.batch}, torch threads {rows[0]['threads']}, configurations one after "
+        "another (each in a fresh process)",
         "",
         f"Median of {args.steps} iterations after one warm-up; Adapter (bottleneck 64); {args.images} PNG images "
         "through cls_transforms; step = data + forward + backward + AdamW (+ DDP all-reduce).",
@@ -228,21 +336,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="base")
     ap.add_argument("--img", type=int, default=224)
-    ap.add_argument("--batch", type=int, default=8, help="global batch (split over the processes)")
+    ap.add_argument("--batch", type=int, default=8,
+                    help="global batch of the engine rows (split over the processes); 0: skip them")
+    ap.add_argument("--ratio_batch", type=int, default=64,
+                    help="batch of the interleaved one-thread step ratio (paper: 64); 0: skip it")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--images", type=int, default=40)
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="engine rows to run")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="mae_frozen", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--cache", default="none", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker == "interleaved":
+        print(json.dumps(interleaved_ratio(args.size, args.img, args.ratio_batch, args.steps)))
+        return
     if args.worker:
         print(json.dumps(worker(args.mode, args.size, args.img, args.batch, args.steps, args.cache,
                                 args.procs[0], args.images)))
         return
-    rows = run_workers(__file__, configurations(args))
-    text = table(rows, args)
+    ratio = None
+    if args.ratio_batch:
+        common = ["--size", args.size, "--img", str(args.img), "--steps", str(args.steps),
+                  "--ratio_batch", str(args.ratio_batch)]
+        ratio = run_workers(__file__, {"interleaved": common})[0]
+    rows = run_workers(__file__, configurations(args)) if args.batch else []
+    text = header(args) + (ratio_table(ratio) if ratio else "") + (table(rows, args) if rows else "")
     print(text)
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"tpp_throughput_{args.size}_cpu.md")
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -91,3 +91,28 @@ def test_frozen_weights_get_no_gradient(batch):
     assert with_grad and all(".peft_adapter." in n for n in with_grad), sorted(with_grad)
     trainable = {n for n, p in task.named_parameters() if p.requires_grad}
     assert with_grad == trainable
+
+
+def test_benchmark_prints_time_and_flop_ratio_beside_the_estimates():
+    """``benchmarks/tpp_throughput.py``'s interleaved part: counted FLOP ratios equal the shape estimate and
+    the table shows time ratio, FLOP ratio, shape estimate and the issue's estimate on one row."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tpp_throughput.py"
+    spec = importlib.util.spec_from_file_location("tpp_throughput_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        r = bench.interleaved_ratio("tiny", 32, 2, 1)
+    finally:
+        torch.set_num_threads(threads)
+    for mode in ("mae_frozen", "mae_trainable"):
+        assert r["flops"][mode] / r["flops"]["finetune"] == pytest.approx(r["estimate"][mode], rel=0.01)
+        assert len(r["all_s"][mode]) == 1 and r["step_s"][mode] > 0
+    text = bench.ratio_table(r)
+    row = next(line for line in text.splitlines() if line.startswith("| mae_frozen |")).split("|")
+    assert float(row[5]) == pytest.approx(r["flops"]["mae_frozen"] / r["flops"]["finetune"], abs=1e-3)
+    assert float(row[4]) == pytest.approx(r["step_s"]["mae_frozen"] / r["step_s"]["finetune"], abs=1e-3)
+    assert row[7].strip() == "~0.55"
