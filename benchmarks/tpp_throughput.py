@@ -159,13 +159,14 @@ def _run_rank(rank: int, world: int, mode: str, size: str, img: int, batch: int,
             json.dump(row, f)
 
 
-def interleaved_ratio(size: str, img: int, batch: int, steps: int, bottleneck: int = 64) -> dict:
+def interleaved_ratio(size: str, img: int, batch: int, steps: int, bottleneck: int = 64, threads: int = 1) -> dict:
     """MAE-TPP (frozen and trained decoder) vs fine-tuning, the three steps interleaved in one process.
 
-    One thread; round ``r`` runs one fine-tuning step, one frozen-decoder MAE step and one trained-decoder
-    MAE step on the same in-memory batch, so a load change on a shared machine hits the three alike. The
-    first round is the warm-up and also counts the FLOPs (``count_flops``); the median of the next
-    ``steps`` rounds is reported, with the FLOP ratios and the shape estimate (``mae_finetune_ratio``).
+    ``threads`` torch threads (1: the rule on a shared machine); round ``r`` runs one fine-tuning step, one
+    frozen-decoder MAE step and one trained-decoder MAE step on the same in-memory batch, so a load change
+    on a shared machine hits the three alike. The first round is the warm-up and also counts the FLOPs
+    (``count_flops``); the median of the next ``steps`` rounds is reported, with the FLOP ratios and the
+    shape estimate (``mae_finetune_ratio``).
     """
     import torch
     import torch.nn.functional as F
@@ -178,7 +179,7 @@ def interleaved_ratio(size: str, img: int, batch: int, steps: int, bottleneck: i
     from tpp_monai.peft import apply_peft
     from tpp_monai.pretext.mae import MAEPretext
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     x = torch.rand(batch, 3, img, img)
     y = torch.randint(0, 2, (batch,))
@@ -223,9 +224,9 @@ def interleaved_ratio(size: str, img: int, batch: int, steps: int, bottleneck: i
     shape = StepShape(cfg.embed_dim, cfg.depth, (img // cfg.patch_size) ** 2, cfg.patch_size ** 2 * cfg.in_chans,
                       mlp_ratio=cfg.mlp_ratio, bottleneck=bottleneck)
     med = {m: statistics.median(t) for m, t in times.items()}
-    return {"kind": "interleaved", "size": size, "img": img, "batch": batch, "steps": steps, "threads": 1,
+    return {"kind": "interleaved", "size": size, "img": img, "batch": batch, "steps": steps, "threads": threads,
             "step_s": med, "all_s": times, "flops": flops,
-            "estimate": {"mae_frozen": mae_finetune_ratio(shape, False), "mae_trainable": mae_finetune_ratio(shape, True)}}
+            "estimate": {m: mae_finetune_ratio(shape, m == "mae_trainable") for m in ("mae_frozen", "mae_trainable")}}
 
 
 def worker(mode: str, size: str, img: int, batch: int, steps: int, cache: str, procs: int, images: int) -> dict:
@@ -269,7 +270,8 @@ def header(args) -> str:
             f"{os.cpu_count()} cores)\n\n"
             f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average (1/5/15 min) at the end "
             f"{load}; `python benchmarks/tpp_throughput.py --size {args.size} --img {args.img} "
-            f"--ratio_batch {args.ratio_batch} --batch {args.batch} --steps {args.steps} --images {args.images} "
+            f"--ratio_batch {args.ratio_batch} --ratio_threads {args.ratio_threads} --batch {args.batch} "
+            f"--steps {args.steps} --images {args.images} "
             f"--procs {' '.join(map(str, args.procs))} --modes {' '.join(args.modes)}`\n\n")
 
 
@@ -277,8 +279,8 @@ def ratio_table(r: dict) -> str:
     """MAE-TPP step / fine-tuning step: measured time, counted FLOPs, shape estimate, issue estimate."""
     ft_s, ft_f = r["step_s"]["finetune"], r["flops"]["finetune"]
     lines = [
-        f"## MAE-TPP step / fine-tuning step (batch {r['batch']}, one thread, the three steps interleaved, "
-        f"median of {r['steps']} rounds after one warm-up round)",
+        f"## MAE-TPP step / fine-tuning step (batch {r['batch']}, {r['threads']} thread(s), the three steps "
+        f"interleaved, median of {r['steps']} rounds after one warm-up round)",
         "",
         "Step = forward + backward + AdamW on an in-memory batch; Adapter (bottleneck 64) in both; MAE decoder "
         "8 blocks x 512, 16 heads, mask ratio 0.75.",
@@ -342,6 +344,7 @@ def main() -> None:
                     help="batch of the interleaved one-thread step ratio (paper: 64); 0: skip it")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--images", type=int, default=40)
+    ap.add_argument("--ratio_threads", type=int, default=1, help="torch threads of the step-ratio process")
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="engine rows to run")
     ap.add_argument("--out", default=None)
@@ -350,7 +353,8 @@ def main() -> None:
     ap.add_argument("--cache", default="none", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker == "interleaved":
-        print(json.dumps(interleaved_ratio(args.size, args.img, args.ratio_batch, args.steps)))
+        print(json.dumps(interleaved_ratio(args.size, args.img, args.ratio_batch, args.steps,
+                                           threads=args.ratio_threads)))
         return
     if args.worker:
         print(json.dumps(worker(args.mode, args.size, args.img, args.batch, args.steps, args.cache,
@@ -359,7 +363,7 @@ def main() -> None:
     ratio = None
     if args.ratio_batch:
         common = ["--size", args.size, "--img", str(args.img), "--steps", str(args.steps),
-                  "--ratio_batch", str(args.ratio_batch)]
+                  "--ratio_batch", str(args.ratio_batch), "--ratio_threads", str(args.ratio_threads)]
         ratio = run_workers(__file__, {"interleaved": common})[0]
     rows = run_workers(__file__, configurations(args)) if args.batch else []
     text = header(args) + (ratio_table(ratio) if ratio else "") + (table(rows, args) if rows else "")
