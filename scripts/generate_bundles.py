@@ -7,6 +7,8 @@ Sources (edit these, never the generated files):
   bundles/common/logging.conf, LICENSE  copied into every bundle
 Each ``%file::id`` macro is replaced by a copy of what it names (recursively), and every standalone config
 (one with "imports") gets ``bundle_root`` = ``tpp_monai.bundle.resolve_bundle_root('<bundle>')`` first.
+A spec may build on a sibling spec: ``"_from": "train.json"`` + ``"_from_ids": [ids]`` copy those ids (the ones it has) of the
+sibling's expansion, ``"_add": {...}`` adds ids (how the standalone inference.json reuses train.json's values).
 
     python scripts/generate_bundles.py           # regenerate
     python scripts/generate_bundles.py --check   # exit 1 naming each stale file (CI)
@@ -69,8 +71,15 @@ def expand(value: Any, where: str, cache: dict[str, Any], depth: int = 0) -> Any
 
 def render_config(bundle: str, spec: Path, cache: dict[str, Any]) -> str:
     """The generated text of ``bundles/<bundle>/configs/<spec.name>``."""
-    raw = json.loads(spec.read_text())
-    out = expand(raw, str(spec.relative_to(ROOT)), cache)
+    where = str(spec.relative_to(ROOT))
+    out = expand(json.loads(spec.read_text()), where, cache)
+    if "_from" in out:
+        base = expand(json.loads((spec.parent / out["_from"]).read_text()), where, cache)
+        if "imports" not in base:
+            raise TemplateError(f"{where}: _from {out['_from']} is not a standalone config (no imports)")
+        rest = {k: v for k, v in out.items() if k not in ("_from", "_from_ids", "_add")}
+        # ids the sibling lacks are skipped (feature_size exists for segmentation bundles only)
+        out = {**{i: base[i] for i in out.get("_from_ids", []) if i in base}, **out.get("_add", {}), **rest}
     if "imports" in out:
         out = {"bundle_root": f"$tpp_monai.bundle.resolve_bundle_root('{bundle}')",
                **{k: v for k, v in out.items() if k != "bundle_root"}}

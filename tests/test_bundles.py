@@ -198,7 +198,7 @@ def test_pipeline_tpp_train_evaluate_inference(bundle, maker, tmp_path, capsys):
         masks = sorted(pred.glob("*_seg.png"))
         assert len(masks) == 3
         m = np.asarray(Image.open(masks[0]))
-        assert m.shape == (32, 32) and set(np.unique(m)) <= {0, 1}
+        assert m.shape == (48, 48) and set(np.unique(m)) <= {0, 1}  # at the input's size (model runs at 32)
     else:
         rows = (pred / "predictions.csv").read_text().splitlines()
         assert rows[0] == "path,pred,prob_0,prob_1" and len(rows) == 5

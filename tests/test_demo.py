@@ -67,4 +67,4 @@ def _all_air_slice_predicts_background(work, tmp_path):
                          vit_size="tiny", vit_overrides={"depth": 4}, num_workers=0, tpp_ckpt="",
                          backbone_ckpt=str(work / "upstream" / "models" / "backbone_mae.pt"))
         mask = np.asarray(Image.open(pred_dir / "empty_slice_seg.png"))
-        assert mask.shape == (64, 64) and int((mask > 0).sum()) == 0, f"{init}: {(mask > 0).sum()} foreground pixels"
+        assert mask.shape == (96, 96) and int((mask > 0).sum()) == 0, f"{init}: {(mask > 0).sum()} foreground pixels"

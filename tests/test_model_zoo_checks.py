@@ -11,7 +11,8 @@ What the zoo checks and where it is checked here:
   ``TPP_MONAI_META_SCHEMA``, or ``../shared/schemas/meta_schema_20240725.json`` beside the repository) the metadata is
   also validated with ``jsonschema`` against it, and ``test_restatement_agrees_with_the_official_schema`` checks that
   the re-statement and the official file give the same verdict on every metadata mutation in ``SCHEMA_CASES``.
-- ``verify_data_shape`` / ``verify_torchscript``: MONAI's ``verify_net_in_out`` / ``ckpt_export`` in
+- ``verify_data_shape`` / ``verify_torchscript``: MONAI's ``verify_net_in_out`` (also on ``inference.json`` alone, with MONAI's
+  Train/InferProperties checks, in ``tests/test_bundle_inference.py``) / ``ckpt_export`` in
   ``tests/test_bundles.py`` and ``tests/test_torchscript_export.py``.
 - README sections of the zoo's readme template (Model, Data, Training, Performance, System configuration,
   Limitations, Citation).

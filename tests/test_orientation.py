@@ -41,3 +41,23 @@ def test_prediction_writer_masks_overlay_their_image(tmp_path):
     writer._start(None)
     written = writer._save_mask(logits.argmax(0, keepdim=True).to(torch.uint8), entry["image"])
     assert np.array_equal(np.asarray(Image.open(written)), mask)
+
+
+def test_inference_masks_are_written_at_the_input_size_and_orientation(tmp_path):
+    """infer_transforms records the input's size; the writer resizes the mask back (nearest): a perfect
+    prediction made at 2x the size comes back equal to the original non-square mask."""
+    from types import SimpleNamespace
+
+    from tpp_monai.data.transforms import infer_transforms
+
+    entry, _, mask = _asymmetric_pair(tmp_path)
+    x = infer_transforms(image_size=(40, 60), in_channels=3)({"image": entry["image"]})
+    assert x["image"].shape == (3, 40, 60) and x["orig_size"].tolist() == [20, 30] and "label" not in x
+    label = seg_transforms(False, image_size=(40, 60), in_channels=3, num_classes=3)(entry)["label"]
+    logits = torch.nn.functional.one_hot(label[0], 3).permute(2, 0, 1).float()
+    writer = PredictionWriter(tmp_path / "pred", kind="seg")
+    writer._start(None)
+    engine = SimpleNamespace(state=SimpleNamespace(output=[{"pred": logits}],
+                                                   batch=[{"path": entry["image"], "orig_size": x["orig_size"]}]))
+    writer._iteration(engine)
+    assert np.array_equal(np.asarray(Image.open(writer.written[0])), mask)

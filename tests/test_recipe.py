@@ -229,7 +229,7 @@ def test_evaluation_uses_flip_tta_for_segmentation_only(bundle, tmp_path):
 
     from tpp_monai.bundle import FlipTTAInferer
 
-    for stage, key in (("evaluate.json", "evaluate#evaluator#inferer"), ("inference.json", "infer#evaluator#inferer")):
+    for stage, key in (("evaluate.json", "evaluate#evaluator#inferer"), ("inference.json", "evaluator#inferer")):
         p = ConfigParser()
         p.read_config([str(ROOT / f"bundles/{bundle}_adapter_tpp/configs/{f}") for f in ("train.json", stage)])
         for k, v in {**TINY, "bundle_root": str(tmp_path)}.items():

@@ -1,6 +1,8 @@
 """Factories and handlers used by the MONAI bundles in ``bundles/`` (JSON wires them by ``_target_`` / ``$``)."""
 
-from tpp_monai.bundle.data import BundleDataError, default_bundle_root, epochs_for_iterations, load_datalist, with_paths
+from tpp_monai.bundle.data import (
+    BundleDataError, default_bundle_root, epochs_for_iterations, inference_inputs, load_datalist, with_paths,
+)
 from tpp_monai.bundle.inferers import FlipTTAInferer
 from tpp_monai.bundle.handlers import (
     AtomicCheckpointSaver, CheckedCheckpointLoader, GradClipHandler, JsonlLogger, NonFiniteModelError, OutputFolderLock,
@@ -21,7 +23,7 @@ __all__ = [
     "JsonlLogger", "NonFiniteModelError", "OutputFolderLock", "PredictionWriter", "SegmentationMetric",
     "StopOnNonFiniteLoss", "TPPCheckpointMissing",
     "build_backbone", "build_classifier", "build_optimizer", "build_peft_backbone", "build_pretext",
-    "build_segmenter", "build_tpp_optimizer", "build_tpp_trainer", "default_bundle_root", "epochs_for_iterations",
+    "build_segmenter", "build_tpp_optimizer", "build_tpp_trainer", "default_bundle_root", "epochs_for_iterations", "inference_inputs",
     "load_datalist", "load_target_params", "log_trainable", "poly_lr", "read_backbone_checkpoint", "read_decoder_state",
     "resolve_bundle_root", "save_mae_checkpoint", "save_metrics_json", "trainable_report", "with_paths",
 ]

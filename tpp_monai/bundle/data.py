@@ -62,6 +62,26 @@ def with_paths(entries: list[dict[str, Any]], key: str = "image", name: str = "p
     return [{**e, name: str(e[key])} for e in entries]
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz")
+
+
+def inference_inputs(datalist: str | os.PathLike, split: str = "test", input_dir: str | os.PathLike | None = None,
+                     ) -> list[dict[str, Any]]:
+    """Images to predict: every image file in ``input_dir`` (sorted; new images, model-zoo style) when given,
+    else the ``split`` of the datalist. Entries ``{"image": path, "path": path}`` (no label needed)."""
+    if input_dir:
+        folder = Path(input_dir)
+        if not folder.is_dir():
+            raise BundleDataError(f"--input_dir {folder} is not a folder; pass a folder of images "
+                                  f"({', '.join(IMAGE_SUFFIXES)}) or leave it empty to use the datalist's '{split}' split")
+        files = sorted(str(f) for f in folder.iterdir()
+                       if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES) and not f.name.startswith("."))
+        if not files:
+            raise BundleDataError(f"--input_dir {folder} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
+        return [{"image": f, "path": f} for f in files]
+    return [{"image": e["image"], "path": str(e["image"])} for e in load_datalist(datalist, split)]
+
+
 def epochs_for_iterations(num_iterations: int, batches_per_epoch: int) -> int:
     """Epochs covering ``num_iterations`` training iterations (the paper counts iterations); refuses
     ``num_iterations < 1`` and an empty training loader with what to change."""

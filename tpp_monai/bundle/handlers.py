@@ -180,14 +180,17 @@ class PredictionWriter:
     ``kind="cls"``: rows ``path, pred, prob_0..prob_{C-1}`` into ``output_dir/predictions.csv``
     (``pred`` after softmax). ``kind="seg"``: the argmax mask of each image via MONAI
     ``SaveImage`` to ``output_dir/<name>_seg<ext>`` (``.png``: uint8 class indices; ``.nii.gz``).
-    The image path comes from the batch key ``path_key`` (see :func:`tpp_monai.bundle.data.with_paths`).
+    The image path comes from the batch key ``path_key`` (see :func:`tpp_monai.bundle.data.with_paths`);
+    when the batch carries ``size_key`` (the input's spatial size, :func:`tpp_monai.data.transforms.infer_transforms`)
+    the mask is resized back to it (nearest), so it overlays the input image.
     """
 
     def __init__(self, output_dir: str | os.PathLike, kind: str = "cls", path_key: str = "path",
-                 output_ext: str = ".png", class_names: Sequence[str] | None = None) -> None:
+                 output_ext: str = ".png", class_names: Sequence[str] | None = None, size_key: str = "orig_size") -> None:
         if kind not in ("cls", "seg"):
             raise ValueError(f"kind must be 'cls' or 'seg', got {kind!r}")
         self.output_dir, self.kind, self.path_key, self.ext = Path(output_dir), kind, path_key, output_ext
+        self.size_key = size_key
         self.class_names = list(class_names) if class_names else None
         self.csv_path = self.output_dir / "predictions.csv"
         self.written: list[str] = []
@@ -207,13 +210,16 @@ class PredictionWriter:
         if isinstance(outs, dict):  # not decollated
             outs = [{k: v[i] for k, v in outs.items() if isinstance(v, torch.Tensor)} for i in range(len(outs["pred"]))]
         if isinstance(batch, dict):
-            batch = [{self.path_key: p} for p in batch.get(self.path_key, [None] * len(outs))]
+            sizes = batch.get(self.size_key, [None] * len(outs))
+            batch = [{self.path_key: p, self.size_key: s}
+                     for p, s in zip(batch.get(self.path_key, [None] * len(outs)), sizes)]
         for i, o in enumerate(outs):
             path = batch[i].get(self.path_key) if i < len(batch) else None
-            yield o, str(path) if path is not None else f"item_{len(self.written) + i:05d}"
+            size = batch[i].get(self.size_key) if i < len(batch) else None
+            yield o, str(path) if path is not None else f"item_{len(self.written) + i:05d}", size
 
     def _iteration(self, engine: Engine) -> None:
-        for o, path in list(self._items(engine)):
+        for o, path, size in list(self._items(engine)):
             pred = torch.as_tensor(o["pred"]).detach().cpu().float()
             if self.kind == "cls":
                 prob = torch.softmax(pred, 0) if (pred.min() < 0 or abs(float(pred.sum()) - 1) > 1e-3) else pred
@@ -226,6 +232,9 @@ class PredictionWriter:
                     mask = pred
                 else:  # one foreground probability
                     mask = pred > 0.5
+                if size is not None and tuple(mask.shape[1:]) != tuple(int(s) for s in size):
+                    mask = torch.nn.functional.interpolate(mask[None].float(), size=[int(s) for s in size],
+                                                           mode="nearest")[0]
                 self.written.append(self._save_mask(mask.to(torch.uint8), path))
 
     def _save_mask(self, mask: torch.Tensor, path: str) -> str:

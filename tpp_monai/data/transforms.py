@@ -342,16 +342,46 @@ def cls_transforms(
     """
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     t = [
-        load_image_2d("image"),
-        EnsureChannelFirstd("image"),
-        EnsureChannelsd("image", in_channels),
-        ScaleToUnitd("image", intensity_range),
+        *_image_head(in_channels, intensity_range),
         Resized("image", spatial_size=size, mode="bilinear"),
         *_tail(["image"], train, in_channels, normalize, seg=False, augment=augment),
         EnsureTyped("image", dtype=torch.float32, track_meta=False),
         EnsureTyped("label", dtype=torch.long, track_meta=False),
     ]
     return Compose(t)
+
+
+def _image_head(in_channels: int, intensity_range: str | Sequence[float]) -> list:
+    """Read an image upright, channel first, ``in_channels`` channels, intensities in [0, 1]."""
+    return [load_image_2d("image"), EnsureChannelFirstd("image"), EnsureChannelsd("image", in_channels),
+            ScaleToUnitd("image", intensity_range)]
+
+
+class RecordSpatialSized(MapTransform):
+    """Store the image's spatial size (before resizing) under ``out_key``, so masks can be written at it."""
+
+    def __init__(self, keys: KeysCollection = "image", out_key: str = "orig_size") -> None:
+        super().__init__(keys)
+        self.out_key = out_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        d[self.out_key] = torch.as_tensor(list(d[self.keys[0]].shape[1:]), dtype=torch.long)
+        return d
+
+
+def infer_transforms(image_size: int | Sequence[int] = 224, in_channels: int = 3,
+                     intensity_range: str | Sequence[float] = "auto") -> Compose:
+    """Image-only evaluation transforms for ``{"image": path}`` entries (new images have no label):
+    the same image pipeline as :func:`cls_transforms`/:func:`seg_transforms` with ``train=False``, plus the
+    input's size under ``orig_size``."""
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return Compose([
+        *_image_head(in_channels, intensity_range),
+        RecordSpatialSized("image", "orig_size"),
+        Resized("image", spatial_size=size, mode="bilinear"),
+        EnsureTyped("image", dtype=torch.float32, track_meta=False),
+    ])
 
 
 def seg_transforms(
