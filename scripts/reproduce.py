@@ -192,7 +192,7 @@ def run(argv: list[str] | None = None) -> dict:
         for title, files, o in stages:
             print(f"# {title}\n{command(files, o)}")
         return {}
-    os.chdir(ROOT)  # bundle macros (%bundles/common/...) are relative to the repository root
+    os.chdir(ROOT)  # bundle_root resolves to bundles/<name> from the repository root
     import torch
     from monai.bundle import run as bundle_run
 

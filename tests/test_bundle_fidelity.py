@@ -83,7 +83,7 @@ def test_glas_bundle_trains_and_evaluates_at_512(monkeypatch):
 # ------------------------------------------------------------ defects 1-4 (MedCoSS-layout checkpoint)
 @pytest.fixture(autouse=True)
 def _repo_root(monkeypatch):
-    monkeypatch.chdir(ROOT)  # bundle macros (%bundles/common/...) are relative to the repository root
+    monkeypatch.chdir(ROOT)  # bundle_root resolves to bundles/<name> from the repository root
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="No --backbone_ckpt given")
 

@@ -37,7 +37,7 @@ def cfg(bundle: str, name: str) -> str:
 
 @pytest.fixture(autouse=True)
 def _repo_root(monkeypatch):
-    monkeypatch.chdir(ROOT)  # bundle macros (%bundles/common/...) are relative to the repository root
+    monkeypatch.chdir(ROOT)  # bundle_root resolves to bundles/<name> from the repository root
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="No --backbone_ckpt given")
 

@@ -20,7 +20,7 @@ TPP_FILES = ("tpp_pretrain.json", "multi_gpu_tpp_pretrain.json")
 
 @pytest.fixture(autouse=True)
 def _repo_root(monkeypatch):
-    monkeypatch.chdir(ROOT)  # bundle macros (%bundles/common/...) are relative to the repository root
+    monkeypatch.chdir(ROOT)  # bundle_root resolves to bundles/<name> from the repository root
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)

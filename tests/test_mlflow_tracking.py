@@ -24,7 +24,7 @@ mlflow = pytest.importorskip("mlflow")
 
 @pytest.fixture(autouse=True)
 def _repo_root(monkeypatch):
-    monkeypatch.chdir(ROOT)  # bundle macros (%bundles/common/...) are relative to the repository root
+    monkeypatch.chdir(ROOT)  # bundle_root resolves to bundles/<name> from the repository root
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="No --backbone_ckpt given")
 

@@ -27,7 +27,7 @@ MEDCOSS_LAYOUT = {"depth": 2, "pos_embed_mode": "first_rows", "cls_pos": False, 
 
 @pytest.fixture(autouse=True)
 def _repo_root(monkeypatch):
-    monkeypatch.chdir(ROOT)  # bundle macros (%bundles/common/...) are relative to the repository root
+    monkeypatch.chdir(ROOT)  # bundle_root resolves to bundles/<name> from the repository root
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="No --backbone_ckpt given")
 
