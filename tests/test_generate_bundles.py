@@ -77,10 +77,10 @@ def test_bundle_root_resolution(tmp_path, monkeypatch):
         resolve_bundle_root("qata_adapter_tpp")
 
 
-def _train_from(folder: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
+def _train_from(folder: Path, data: Path, *extra: str, config: str = "configs/train.json") -> subprocess.CompletedProcess:
     over = {**TINY, "dataset_dir": str(data), "batch_size": 4}
     args = [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in over.items()]
-    cmd = [PY, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", *args, *extra]
+    cmd = [PY, "-m", "monai.bundle", "run", "--config_file", config, *args, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=300, env=env)
 
@@ -127,3 +127,15 @@ def test_runs_from_the_bundle_root_in_process(tmp_path, monkeypatch):
         p[k] = v
     assert p["train"]["trainer"]["max_epochs"] == 3
     torch.set_num_threads(1)
+
+
+def test_readme_command_from_a_repository_root(tmp_path):
+    """The README's form, run from a repository root: outputs land in bundles/<name>/ (bundle_root resolved)."""
+    data = make_mhist(tmp_path / "data")
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "bundles" / "mhist_adapter_tpp", repo / "bundles" / "mhist_adapter_tpp",
+                    ignore=shutil.ignore_patterns("models", "logs", "eval", "predictions", "cache"))
+    r = _train_from(repo, data, "--num_iterations=1", config="bundles/mhist_adapter_tpp/configs/train.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (repo / "bundles" / "mhist_adapter_tpp" / "models" / "model.pt").is_file()
+    assert not (repo / "models").exists()
