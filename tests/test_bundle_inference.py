@@ -85,6 +85,15 @@ def test_segmentation_inference_alone_from_the_bundle_root_and_from_a_zip(tmp_pa
     _monai_run(there, "configs/inference.json", {**over, "input_dir": str(new), "dataset_dir": str(tmp_path / "nowhere")})
     got = {p.name: np.asarray(Image.open(p)).shape for p in (there / "predictions").glob("*_seg.png")}
     assert got == {"wide_seg.png": (40, 56), "tall_seg.png": (60, 36)}
+    # --mask_ext .nii.gz: the same masks as NIfTI (MONAI's (H, W) order), nothing half-written left behind
+    _monai_run(there, "configs/inference.json", {**over, "input_dir": str(new), "dataset_dir": str(tmp_path / "nowhere"),
+                                                 "mask_ext": ".nii.gz", "infer_dir": str(tmp_path / "nii")})
+    import nibabel as nib
+
+    assert sorted(p.name for p in (tmp_path / "nii").iterdir()) == ["tall_seg.nii.gz", "wide_seg.nii.gz"]
+    for stem in ("wide", "tall"):
+        nii = np.asarray(nib.load(tmp_path / "nii" / f"{stem}_seg.nii.gz").dataobj)
+        assert np.array_equal(nii, np.asarray(Image.open(there / "predictions" / f"{stem}_seg.png")))
 
 
 def test_classification_inference_alone_writes_probabilities(tmp_path, monkeypatch):

@@ -84,6 +84,27 @@ def test_configs_parse_and_network_def(bundle, tmp_path):
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
+def test_inference_postprocessing_writes_masks_with_monai_saveimaged(bundle, tmp_path):
+    """Model-zoo shape: segmentation masks are written by a MONAI ``SaveImaged`` at the end of the standalone
+    inference.json's postprocessing (after argmax), into --infer_dir; classification keeps predictions.csv."""
+    from monai.transforms import AsDiscreted, SaveImaged
+
+    from tpp_monai.bundle import PredictionWriter
+
+    p = parser_for(bundle, "inference.json", infer_dir=str(tmp_path / "out"), mask_ext=".nii.gz")
+    steps = p.get_parsed_content("postprocessing").transforms
+    savers = [t for t in steps if isinstance(t, SaveImaged)]
+    writers = [h for h in p.get_parsed_content("handlers") if isinstance(h, PredictionWriter)]
+    if bundle in SEG:
+        assert len(savers) == 1 and steps[-1] is savers[0] and not writers
+        assert any(isinstance(t, AsDiscreted) for t in steps[: steps.index(savers[0])])
+        assert savers[0].saver.folder_layout.output_dir == str(tmp_path / "out")
+        assert savers[0].saver.output_ext == ".nii.gz"
+    else:
+        assert not savers and len(writers) == 1 and writers[0].output_dir == tmp_path / "out"
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
 def test_metadata_spec_fields(bundle):
     meta = json.loads((ROOT / cfg(bundle, "metadata.json")).read_text())
     for f in SPEC_FIELDS:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tpp_monai.bundle.handlers import PredictionWriter
+from tpp_monai.bundle import SaveMaskd
 from tpp_monai.data.transforms import cls_transforms, seg_transforms
 
 
@@ -33,31 +33,46 @@ def test_seg_and_cls_pipelines_read_pngs_upright(tmp_path):
     assert np.allclose(x["image"].numpy(), img.transpose(2, 0, 1) / 255.0, atol=1e-6)
 
 
-def test_prediction_writer_masks_overlay_their_image(tmp_path):
+def test_saved_masks_overlay_their_image(tmp_path):
     entry, _, mask = _asymmetric_pair(tmp_path)
     label = seg_transforms(False, image_size=(20, 30), in_channels=3, num_classes=3)(entry)["label"]
     logits = torch.nn.functional.one_hot(label[0], 3).permute(2, 0, 1).float()  # a perfect prediction
-    writer = PredictionWriter(tmp_path / "pred", kind="seg")
-    writer._start(None)
-    written = writer._save_mask(logits.argmax(0, keepdim=True).to(torch.uint8), entry["image"])
-    assert np.array_equal(np.asarray(Image.open(written)), mask)
+    out = SaveMaskd("pred", output_dir=tmp_path / "pred")({"pred": logits.argmax(0, keepdim=True), "path": entry["image"]})
+    assert out["pred_saved_to"] == str(tmp_path / "pred" / "img_seg.png")
+    written = np.asarray(Image.open(out["pred_saved_to"]))
+    assert written.dtype == np.uint8 and np.array_equal(written, mask)
+    assert [p.name for p in (tmp_path / "pred").iterdir()] == ["img_seg.png"]  # no temporary folder left
 
 
 def test_inference_masks_are_written_at_the_input_size_and_orientation(tmp_path):
-    """infer_transforms records the input's size; the writer resizes the mask back (nearest): a perfect
-    prediction made at 2x the size comes back equal to the original non-square mask."""
-    from types import SimpleNamespace
+    """infer_transforms records the input's size; the inference postprocessing (argmax -> RestoreSpatialSized
+    -> SaveMaskd, as inference.json wires it) writes a perfect prediction made at 2x the size back equal to
+    the original non-square mask."""
+    from monai.transforms import AsDiscreted, Compose
 
-    from tpp_monai.data.transforms import infer_transforms
+    from tpp_monai.data.transforms import RestoreSpatialSized, infer_transforms
 
     entry, _, mask = _asymmetric_pair(tmp_path)
     x = infer_transforms(image_size=(40, 60), in_channels=3)({"image": entry["image"]})
     assert x["image"].shape == (3, 40, 60) and x["orig_size"].tolist() == [20, 30] and "label" not in x
     label = seg_transforms(False, image_size=(40, 60), in_channels=3, num_classes=3)(entry)["label"]
     logits = torch.nn.functional.one_hot(label[0], 3).permute(2, 0, 1).float()
-    writer = PredictionWriter(tmp_path / "pred", kind="seg")
-    writer._start(None)
-    engine = SimpleNamespace(state=SimpleNamespace(output=[{"pred": logits}],
-                                                   batch=[{"path": entry["image"], "orig_size": x["orig_size"]}]))
-    writer._iteration(engine)
-    assert np.array_equal(np.asarray(Image.open(writer.written[0])), mask)
+    post = Compose([AsDiscreted("pred", argmax=True), RestoreSpatialSized("pred", "orig_size"),
+                    SaveMaskd("pred", output_dir=tmp_path / "pred")])
+    out = post({"pred": logits, "path": entry["image"], "orig_size": x["orig_size"]})
+    assert out["pred"].shape == (1, 20, 30)
+    assert np.array_equal(np.asarray(Image.open(out["pred_saved_to"])), mask)
+
+
+def test_nifti_masks_keep_monai_order_and_a_missing_path_is_named(tmp_path):
+    import nibabel as nib
+    import pytest
+
+    lab = torch.zeros(1, 5, 7, dtype=torch.uint8)
+    lab[0, 1:3, 2:6] = 2
+    saver = SaveMaskd("pred", output_dir=tmp_path, output_ext=".nii.gz")
+    out = saver({"pred": lab.float(), "path": str(tmp_path / "case_01.nii.gz")})
+    assert out["pred_saved_to"] == str(tmp_path / "case_01_seg.nii.gz")
+    assert np.array_equal(np.asarray(nib.load(out["pred_saved_to"]).dataobj), lab[0].numpy())
+    with pytest.raises(KeyError, match="path"):
+        saver({"pred": lab})

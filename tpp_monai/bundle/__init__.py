@@ -14,13 +14,14 @@ from tpp_monai.bundle.networks import (
 )
 from tpp_monai.bundle.resume import FineTuneResume
 from tpp_monai.bundle.root import BundleRootError, resolve_bundle_root
+from tpp_monai.bundle.saving import SaveMaskd
 from tpp_monai.bundle.tpp_stage import (
     build_pretext, build_tpp_optimizer, build_tpp_trainer, save_mae_checkpoint,
 )
 
 __all__ = [
     "AtomicCheckpointSaver", "BundleDataError", "BundleRootError", "FineTuneResume", "CheckedCheckpointLoader", "FlipTTAInferer", "GradClipHandler",
-    "JsonlLogger", "NonFiniteModelError", "OutputFolderLock", "PredictionWriter", "SegmentationMetric",
+    "JsonlLogger", "NonFiniteModelError", "OutputFolderLock", "PredictionWriter", "SaveMaskd", "SegmentationMetric",
     "StopOnNonFiniteLoss", "TPPCheckpointMissing",
     "build_backbone", "build_classifier", "build_optimizer", "build_peft_backbone", "build_pretext",
     "build_segmenter", "build_tpp_optimizer", "build_tpp_trainer", "default_bundle_root", "epochs_for_iterations", "inference_inputs",

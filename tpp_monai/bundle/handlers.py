@@ -6,8 +6,8 @@
   JSON-lines file (the demo draws its curves from it).
 * :class:`GradClipHandler`: gradient-norm clipping between backward and the optimiser step (MedCoSS
   fine-tunes with ``clip_grad_norm_(model.parameters(), 12)``).
-* :class:`PredictionWriter`: inference outputs as files: a CSV of class probabilities
-  (classification) or one mask per image written with MONAI ``SaveImage`` (PNG or NIfTI).
+* :class:`PredictionWriter`: classification inference outputs as a CSV of class probabilities
+  (segmentation masks are written by :class:`tpp_monai.bundle.SaveMaskd` in the inference postprocessing).
 * :class:`AtomicCheckpointSaver`: MONAI ``CheckpointSaver`` whose files (``models/model.pt``) are
   written atomically and never hold NaN/Inf (a kill mid-save keeps the previous good model).
 * :class:`CheckedCheckpointLoader`: MONAI ``CheckpointLoader`` that names a missing, empty or
@@ -15,7 +15,7 @@
 * :class:`StopOnNonFiniteLoss`: stops fine-tuning at the first NaN/Inf loss, naming likely causes.
 * :class:`OutputFolderLock`: one run per bundle output folder (:mod:`tpp_monai.runlock`).
 
-Every file written here (metrics, predictions, masks) is written atomically.
+Every file written here (metrics, predictions) is written atomically.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import csv
 import io
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -175,22 +173,20 @@ def _record_kept(line: str, iteration: int, epoch: int) -> bool:
 
 
 class PredictionWriter:
-    """Writes inference outputs at each iteration of an evaluator.
-
-    ``kind="cls"``: rows ``path, pred, prob_0..prob_{C-1}`` into ``output_dir/predictions.csv``
-    (``pred`` after softmax). ``kind="seg"``: the argmax mask of each image via MONAI
-    ``SaveImage`` to ``output_dir/<name>_seg<ext>`` (``.png``: uint8 class indices; ``.nii.gz``).
-    The image path comes from the batch key ``path_key`` (see :func:`tpp_monai.bundle.data.with_paths`);
-    when the batch carries ``size_key`` (the input's spatial size, :func:`tpp_monai.data.transforms.infer_transforms`)
-    the mask is resized back to it (nearest), so it overlays the input image.
+    """Writes classification predictions at each iteration of an evaluator: rows
+    ``path, pred, prob_0..prob_{C-1}`` into ``output_dir/predictions.csv`` (``pred`` after softmax),
+    written atomically when the run completes. The image path comes from the batch key ``path_key``
+    (see :func:`tpp_monai.bundle.data.with_paths`). Segmentation masks are written by the inference
+    ``postprocessing`` instead (:class:`tpp_monai.bundle.SaveMaskd`, a MONAI ``SaveImaged``).
     """
 
     def __init__(self, output_dir: str | os.PathLike, kind: str = "cls", path_key: str = "path",
-                 output_ext: str = ".png", class_names: Sequence[str] | None = None, size_key: str = "orig_size") -> None:
-        if kind not in ("cls", "seg"):
-            raise ValueError(f"kind must be 'cls' or 'seg', got {kind!r}")
-        self.output_dir, self.kind, self.path_key, self.ext = Path(output_dir), kind, path_key, output_ext
-        self.size_key = size_key
+                 class_names: Sequence[str] | None = None) -> None:
+        if kind != "cls":
+            raise ValueError(f"PredictionWriter writes classification predictions only (kind='cls'), got "
+                             f"kind={kind!r}; segmentation masks are written by tpp_monai.bundle.SaveMaskd in "
+                             f"the inference postprocessing (see bundles/common/inference.json)")
+        self.output_dir, self.kind, self.path_key = Path(output_dir), kind, path_key
         self.class_names = list(class_names) if class_names else None
         self.csv_path = self.output_dir / "predictions.csv"
         self.written: list[str] = []
@@ -210,62 +206,27 @@ class PredictionWriter:
         if isinstance(outs, dict):  # not decollated
             outs = [{k: v[i] for k, v in outs.items() if isinstance(v, torch.Tensor)} for i in range(len(outs["pred"]))]
         if isinstance(batch, dict):
-            sizes = batch.get(self.size_key, [None] * len(outs))
-            batch = [{self.path_key: p, self.size_key: s}
-                     for p, s in zip(batch.get(self.path_key, [None] * len(outs)), sizes)]
+            batch = [{self.path_key: p} for p in batch.get(self.path_key, [None] * len(outs))]
         for i, o in enumerate(outs):
             path = batch[i].get(self.path_key) if i < len(batch) else None
-            size = batch[i].get(self.size_key) if i < len(batch) else None
-            yield o, str(path) if path is not None else f"item_{len(self.written) + i:05d}", size
+            yield o, str(path) if path is not None else f"item_{len(self.written) + i:05d}"
 
     def _iteration(self, engine: Engine) -> None:
-        for o, path, size in list(self._items(engine)):
+        for o, path in list(self._items(engine)):
             pred = torch.as_tensor(o["pred"]).detach().cpu().float()
-            if self.kind == "cls":
-                prob = torch.softmax(pred, 0) if (pred.min() < 0 or abs(float(pred.sum()) - 1) > 1e-3) else pred
-                self._rows.append([path, int(prob.argmax()), *[f"{v:.6f}" for v in prob.tolist()]])
-                self.written.append(path)
-            else:
-                if pred.shape[0] > 1:  # logits / probabilities per class
-                    mask = pred.argmax(0, keepdim=True)
-                elif torch.equal(pred, pred.round()):  # already a label map (post-processed by AsDiscreted)
-                    mask = pred
-                else:  # one foreground probability
-                    mask = pred > 0.5
-                if size is not None and tuple(mask.shape[1:]) != tuple(int(s) for s in size):
-                    mask = torch.nn.functional.interpolate(mask[None].float(), size=[int(s) for s in size],
-                                                           mode="nearest")[0]
-                self.written.append(self._save_mask(mask.to(torch.uint8), path))
-
-    def _save_mask(self, mask: torch.Tensor, path: str) -> str:
-        from monai.transforms import SaveImage
-
-        tmp = tempfile.mkdtemp(prefix=".writing.", dir=self.output_dir)  # then renamed: never half a mask
-        try:
-            saver = SaveImage(output_dir=tmp, output_postfix="seg", output_ext=self.ext,
-                              separate_folder=False, output_dtype=np.uint8, scale=None, resample=False,
-                              print_log=False)
-            mask = mask.as_subclass(torch.Tensor)  # SaveImage would name the file after a MetaTensor's own meta
-            # MONAI's PNG writer expects (C, W, H) spatial order (it transposes); keep the image orientation
-            saver(mask.permute(0, 2, 1) if self.ext == ".png" else mask, meta_data={"filename_or_obj": path})
-            stem = Path(path).name.split(".")[0]
-            os.replace(Path(tmp) / f"{stem}_seg{self.ext}", self.output_dir / f"{stem}_seg{self.ext}")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return str(self.output_dir / f"{stem}_seg{self.ext}")
+            prob = torch.softmax(pred, 0) if (pred.min() < 0 or abs(float(pred.sum()) - 1) > 1e-3) else pred
+            self._rows.append([path, int(prob.argmax()), *[f"{v:.6f}" for v in prob.tolist()]])
+            self.written.append(path)
 
     def _done(self, engine: Engine) -> None:
-        if self.kind == "cls":
-            n = len(self._rows[0]) - 2 if self._rows else 0
-            names = self.class_names or [str(c) for c in range(n)]
-            buf = io.StringIO(newline="")
-            w = csv.writer(buf)
-            w.writerow(["path", "pred", *[f"prob_{c}" for c in names]])
-            w.writerows(self._rows)
-            atomic_write(self.csv_path, buf.getvalue())
-            print(f"[tpp-monai] wrote {len(self._rows)} predictions to {self.csv_path}", flush=True)
-        else:
-            print(f"[tpp-monai] wrote {len(self.written)} masks to {self.output_dir}", flush=True)
+        n = len(self._rows[0]) - 2 if self._rows else 0
+        names = self.class_names or [str(c) for c in range(n)]
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        w.writerow(["path", "pred", *[f"prob_{c}" for c in names]])
+        w.writerows(self._rows)
+        atomic_write(self.csv_path, buf.getvalue())
+        print(f"[tpp-monai] wrote {len(self._rows)} predictions to {self.csv_path}", flush=True)
 
 
 def save_metrics_json(engine: Engine, path: str | os.PathLike) -> dict:

@@ -64,7 +64,7 @@ def load_image_2d(keys: KeysCollection) -> LoadImaged:
     MONAI's PIL reader transposes to (W, H) by default (``reverse_indexing=True``, so PNGs line up
     with ITK/NIfTI x-y order). The pre-trained ViTs (MedCoSS, MAE, DINO) saw upright images read
     by PIL/torchvision, so the 2D pipelines read them upright; masks written back as PNG by
-    :class:`tpp_monai.bundle.handlers.PredictionWriter` then overlay their source image. NIfTI
+    :class:`tpp_monai.bundle.SaveMaskd` then overlay their source image. NIfTI
     slices keep MONAI's (x, y) order: do not mix PNG images with NIfTI labels in one datalist.
     """
     return CheckedLoadImaged(keys, reader=upright_image_reader(), image_only=True)
@@ -367,6 +367,30 @@ class RecordSpatialSized(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         d[self.out_key] = torch.as_tensor(list(d[self.keys[0]].shape[1:]), dtype=torch.long)
+        return d
+
+
+class RestoreSpatialSized(MapTransform):
+    """Resize ``keys`` (label maps) back to the size :class:`RecordSpatialSized` stored under ``size_key``
+    (nearest: class indices stay class indices), so a predicted mask overlays its input image.
+
+    Inference ``postprocessing`` runs on each decollated item merged with its batch entry, so ``size_key``
+    is there; an item without it, or already at that size, is left as it is."""
+
+    def __init__(self, keys: KeysCollection = "pred", size_key: str = "orig_size") -> None:
+        super().__init__(keys)
+        self.size_key = size_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        size = d.get(self.size_key)
+        if size is None:
+            return d
+        size = [int(s) for s in torch.as_tensor(size).flatten().tolist()]
+        for key in self.key_iterator(d):
+            x = torch.as_tensor(d[key])
+            if list(x.shape[1:]) != size:
+                d[key] = F.interpolate(x[None].float(), size=size, mode="nearest")[0].to(x.dtype)
         return d
 
 
