@@ -99,3 +99,123 @@ def test_cached_dataset_decodes_once_and_augments_every_epoch(cache, tmp_path):
     assert flips == {True, False}  # the random flip still differs between epochs
     with pytest.raises(ValueError, match="cache must be one of"):
         cached_dataset([], tr, cache="ram")
+
+
+# ----------------------------------------------------------------- fine-tuning with validation
+FT = {"batch_size": 8, "num_iterations": 2, "val_interval": 1, "train_cache": "none",
+      # no random augmentation or stochastic depth: each rank draws those from its own RNG stream
+      "transforms#train#train": False, "network_def#drop_path": 0.0}
+
+
+def _odd_validation(data: Path, n: int = 5) -> None:
+    """Move test images into the validation split so it holds an odd number (uneven DDP shards)."""
+    p = data / "datalist.json"
+    d = json.loads(p.read_text())
+    d["validation"] = (d["validation"] + d["test"])[:n]
+    p.write_text(json.dumps(d))
+    assert len(d["validation"]) == n and len(d["training"]) == 8  # 8 = one global batch
+
+
+def _bundle_finetune(rank: int, world: int, data: str, work: str) -> None:
+    """Stage-3 fine-tuning through the bundle (train.json [+ multi_gpu_train.json]); each rank its own
+    bundle_root so that what rank 1 writes can be checked to be nothing."""
+    from monai.bundle import ConfigWorkflow
+
+    from tpp_monai.engines.distributed import unwrap
+
+    extras = ["multi_gpu_train.json"] if world > 1 else []
+    root = Path(work, f"rank{rank}")
+    wf = ConfigWorkflow(config_file=[cfg("mhist", "train.json")] + [cfg("mhist", e) for e in extras],
+                        meta_file=cfg("mhist", "metadata.json"), workflow_type="train",
+                        **{**TINY, **FT, "dataset_dir": data, "bundle_root": str(root)})
+    wf.initialize()
+    wf.run()
+    net = unwrap(wf.parser.get_parsed_content("network"))
+    torch.save({k: v.detach().cpu() for k, v in net.named_parameters() if v.requires_grad}, Path(work, f"params{rank}.pt"))
+    ev = wf.parser.get_parsed_content("validate#evaluator")
+    Path(work, f"metrics{rank}.json").write_text(json.dumps({"metrics": ev.state.metrics,
+                                                            "seen": len(ev.data_loader.sampler)}))
+    wf.finalize()
+
+
+def _val_log(root: Path) -> list[dict]:
+    return [json.loads(x) for x in (root / "logs" / "val_log.jsonl").read_text().splitlines() if x.strip()]
+
+
+def test_bundle_finetune_two_gloo_processes_with_validation_equal_one(tmp_path):
+    from tpp_monai.engines.distributed import spawn_cpu
+
+    data = make_mhist(tmp_path)
+    _odd_validation(data)
+    one, two = tmp_path / "single", tmp_path / "ddp"
+    _bundle_finetune(0, 1, str(data), str(one))
+    # the old overlay ran validation on rank 0 only and its metric gather waited forever: fail, not hang
+    spawn_cpu(_bundle_finetune, 2, str(data), str(two), timeout=120)
+    # rank 0 writes the model, logs and resume file; rank 1 writes none of them
+    assert (two / "rank0" / "models" / "model.pt").is_file()
+    assert (two / "rank0" / "models" / "finetune_resume.pt").is_file()
+    assert not (two / "rank1" / "models" / "model.pt").exists()
+    assert not list((two / "rank1").rglob("*.jsonl")) and not list((two / "rank1").rglob("finetune_resume.pt"))
+    # same trainable parameters as one process with the same global batch and seed
+    a, b = torch.load(one / "params0.pt"), torch.load(two / "params0.pt")
+    c = torch.load(two / "params1.pt")
+    assert set(a) == set(b) == set(c) and a
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert max(float((b[k] - c[k]).abs().max()) for k in b) == 0.0
+    # the 5 validation images are split 3 + 2 and every rank's metrics are those of all 5
+    m1 = json.loads((one / "metrics0.json").read_text())
+    r0, r1 = (json.loads((two / f"metrics{r}.json").read_text()) for r in (0, 1))
+    assert (m1["seen"], r0["seen"], r1["seen"]) == (5, 3, 2)
+    assert set(m1["metrics"]) == set(r0["metrics"]) == {"acc_auc_f1", "acc", "auc", "f1"}
+    for k, v in m1["metrics"].items():
+        assert abs(r0["metrics"][k] - v) < 1e-6 and abs(r1["metrics"][k] - v) < 1e-6, k
+    # and the logged validation metric (rank 0's val_log.jsonl) equals the single-process one, epoch by epoch
+    log1, log2 = _val_log(one / "rank0"), _val_log(two / "rank0")
+    assert len(log1) == len(log2) == 2
+    for x, y in zip(log1, log2):
+        for k in m1["metrics"]:
+            assert abs(x[k] - y[k]) < 1e-6, (k, x, y)
+
+
+def _metrics_on_shard(rank: int, world: int, out: str) -> None:
+    """Each rank feeds its DistributedSampler(even_divisible=False) shard of 7 samples (4 + 3) to the metrics."""
+    from monai.data import DistributedSampler
+
+    from tpp_monai.bundle import SegmentationMetric
+    from tpp_monai.metrics.classification import EpochClassificationMetric
+
+    g = torch.Generator().manual_seed(0)
+    score = torch.softmax(torch.randn(7, 3, generator=g), 1)
+    label = torch.tensor([0, 1, 2, 0, 1, 2, 1])
+    seg_pred = (torch.rand(7, 1, 12, 12, generator=g) > 0.5).long()
+    seg_label = (torch.rand(7, 1, 12, 12, generator=g) > 0.4).long()
+    seg_label[3] = 0  # one empty ground truth: the 500 px HD95 case
+    idx = list(DistributedSampler(range(7), shuffle=False, even_divisible=False)) if world > 1 else list(range(7))
+    res = {}
+    for name in ("acc", "auc", "f1", "acc_auc_f1"):
+        m = EpochClassificationMetric(name)
+        m.reset()
+        for i in idx:  # one sample per update, like a batch size 1 evaluator
+            m.update((score[i:i + 1], label[i:i + 1]))
+        res[name] = m.compute()
+    for name in ("dice", "hd95"):
+        m = SegmentationMetric(name)
+        m.reset()
+        for i in idx:
+            m.update((seg_pred[i:i + 1], seg_label[i:i + 1]))
+        res[name] = m.compute()
+    Path(out, f"m{world}_{rank}.json").write_text(json.dumps({"n": len(idx), **res}))
+
+
+def test_epoch_metrics_gather_uneven_shards(tmp_path):
+    from tpp_monai.engines.distributed import spawn_cpu
+
+    _metrics_on_shard(0, 1, str(tmp_path))
+    spawn_cpu(_metrics_on_shard, 2, str(tmp_path), timeout=60)
+    one = json.loads((tmp_path / "m1_0.json").read_text())
+    ranks = [json.loads((tmp_path / f"m2_{r}.json").read_text()) for r in (0, 1)]
+    assert (one["n"], ranks[0]["n"], ranks[1]["n"]) == (7, 4, 3)  # uneven, nothing padded or repeated
+    assert 0 < one["acc"] < 1 and one["hd95"] > 0  # not a degenerate case
+    for r in ranks:
+        for k in ("acc", "auc", "f1", "acc_auc_f1", "dice", "hd95"):
+            assert abs(r[k] - one[k]) < 1e-6, (k, r[k], one[k])

@@ -73,9 +73,20 @@ class SegmentationMetric(Metric):
         self._n += pred.shape[0]
 
     def compute(self) -> float:
-        if not self._n:
+        """Mean over every rank's validation images (uneven DDP shards gathered); NaN with no image."""
+        from tpp_monai.engines.distributed import gather_rows, is_distributed
+        from tpp_monai.metrics.segmentation import SegmentationMeter
+
+        meter, n = self._meter, self._n
+        if is_distributed():  # pool the per-image scores of all ranks before averaging (self left as is)
+            meter = SegmentationMeter(self.num_classes)
+            empty = torch.zeros(0, self.num_classes - 1)
+            meter._dice = [gather_rows(torch.cat(self._meter._dice) if self._meter._dice else empty)]
+            meter._hd = [gather_rows(torch.cat(self._meter._hd) if self._meter._hd else empty)]
+            n = len(meter._dice[0])
+        if not n:
             return float("nan")
-        return float(self._meter.aggregate()[self.metric])
+        return float(meter.aggregate()[self.metric])
 
 
 class GradClipHandler:

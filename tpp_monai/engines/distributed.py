@@ -147,6 +147,19 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return v / dist.get_world_size()
 
 
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Rows of ``t`` from every rank, concatenated in rank order; the ranks may hold different numbers of
+    rows (validation shards of ``DistributedSampler(even_divisible=False)``, none padded or repeated).
+
+    Why not ``ignite.distributed.all_gather``: it assumes equal sizes (``zeros_like`` buffers), which fails or
+    hangs on uneven shards. Every rank must call this (a collective), also with zero rows."""
+    if not is_distributed():
+        return t
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, t.detach().cpu())
+    return torch.cat([torch.as_tensor(x) for x in parts], 0).to(t.device)
+
+
 def wrap_ddp(module: nn.Module, device: torch.device | str | None = None, find_unused_parameters: bool = False) -> nn.Module:
     """DDP wrapper over a task/network whose frozen tensors have ``requires_grad=False``: only target
     parameters and trainable heads get gradient all-reduce. Returns ``module`` unchanged outside DDP.
@@ -204,12 +217,27 @@ def _spawned(rank: int, fn: Callable, world: int, port: int, args: Sequence[Any]
         cleanup_distributed()  # ``fn`` may have left the group already (a bundle's finalize)
 
 
-def spawn_cpu(fn: Callable, world_size: int, *args: Any, start_method: str = "fork") -> None:
+def spawn_cpu(fn: Callable, world_size: int, *args: Any, start_method: str = "fork",
+              timeout: float | None = None) -> None:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` CPU processes joined by gloo (tests and the
     benchmark; real runs use torchrun). ``fork`` (default) skips re-importing torch/MONAI in every child;
     each child computes with ``TPP_THREADS_PER_RANK`` threads (default 1). With ``"spawn"``, ``fn`` must
-    be importable (a module-level function)."""
+    be importable (a module-level function). ``timeout`` (seconds): a run still going then (a hung
+    collective) is killed and ``TimeoutError`` raised, so a test fails instead of blocking."""
+    import time
+
     import torch.multiprocessing as mp
 
-    mp.start_processes(_spawned, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True,
-                       start_method=start_method)
+    ctx = mp.start_processes(_spawned, args=(fn, world_size, free_port(), args), nprocs=world_size,
+                             join=timeout is None, start_method=start_method)
+    if timeout is None:
+        return
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+                proc.join()
+            raise TimeoutError(f"{world_size} processes of {getattr(fn, '__name__', fn)} still running after "
+                               f"{timeout:.0f} s (a rank waits in a collective the others never reach?)")

@@ -155,6 +155,21 @@ class EpochClassificationMetric(_EpochMetric):  # type: ignore[misc,valid-type]
         super().__init__(lambda p, t: fn(t, p), output_transform=self._stack(output_transform),
                          check_compute_fn=False, device=device)
 
+    def compute(self) -> float:
+        """The metric over the whole epoch, every rank's validation shard gathered (the shards of
+        ``DistributedSampler(even_divisible=False)`` may differ in size, which ignite's own gather cannot
+        take); every rank returns the same value, equal to the single-process one."""
+        from tpp_monai.engines.distributed import gather_rows
+
+        local_p = torch.cat(self._predictions, 0) if self._predictions else torch.zeros(0)
+        local_y = torch.cat(self._targets, 0) if self._targets else torch.zeros(0, dtype=torch.long)
+        p, y = gather_rows(local_p), gather_rows(local_y)
+        if not len(y):
+            from ignite.exceptions import NotComputableError
+
+            raise NotComputableError("EpochClassificationMetric needs at least one validation sample")
+        return float(self.compute_fn(p, y))
+
     @staticmethod
     def _stack(transform: Callable) -> Callable:
         def f(output):
