@@ -116,19 +116,27 @@ def _odd_validation(data: Path, n: int = 5) -> None:
     assert len(d["validation"]) == n and len(d["training"]) == 8  # 8 = one global batch
 
 
-def _bundle_finetune(rank: int, world: int, data: str, work: str) -> None:
+def _bundle_finetune(rank: int, world: int, data: str, work: str, shared: bool = False, kill_at: int = 0,
+                     **over) -> None:
     """Stage-3 fine-tuning through the bundle (train.json [+ multi_gpu_train.json]); each rank its own
-    bundle_root so that what rank 1 writes can be checked to be nothing."""
+    bundle_root (unless ``shared``) so that what rank 1 writes can be checked to be nothing; ``kill_at``:
+    every rank dies after that iteration."""
+    from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
     from tpp_monai.engines.distributed import unwrap
 
     extras = ["multi_gpu_train.json"] if world > 1 else []
-    root = Path(work, f"rank{rank}")
+    root = Path(work, "shared" if shared else f"rank{rank}")
     wf = ConfigWorkflow(config_file=[cfg("mhist", "train.json")] + [cfg("mhist", e) for e in extras],
                         meta_file=cfg("mhist", "metadata.json"), workflow_type="train",
-                        **{**TINY, **FT, "dataset_dir": data, "bundle_root": str(root)})
+                        **{**TINY, **FT, "dataset_dir": data, "bundle_root": str(root), **over})
     wf.initialize()
+    if kill_at:
+        def die(_):
+            raise RuntimeError(f"killed after iteration {kill_at}")
+
+        wf.parser.get_parsed_content("train#trainer").add_event_handler(Events.ITERATION_COMPLETED(once=kill_at), die)
     wf.run()
     net = unwrap(wf.parser.get_parsed_content("network"))
     torch.save({k: v.detach().cpu() for k, v in net.named_parameters() if v.requires_grad}, Path(work, f"params{rank}.pt"))
@@ -219,3 +227,26 @@ def test_epoch_metrics_gather_uneven_shards(tmp_path):
     for r in ranks:
         for k in ("acc", "auc", "f1", "acc_auc_f1", "dice", "hd95"):
             assert abs(r[k] - one[k]) < 1e-6, (k, r[k], one[k])
+
+
+def test_bundle_finetune_two_processes_killed_then_resumed_equals_uninterrupted(tmp_path):
+    """2-process fine-tuning killed after iteration 3 (last save at 2) continues with ``resume`` True and
+    ends with the trainable parameters of the uninterrupted 2-process run."""
+    from tpp_monai.engines.distributed import spawn_cpu
+
+    data = str(make_mhist(tmp_path))
+    over = {"num_iterations": 4, "save_interval": 2}
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    spawn_cpu(lambda r, w: _bundle_finetune(r, w, data, str(ref), True, **over), 2, timeout=120)
+    with pytest.raises(Exception, match="killed after iteration 3"):
+        spawn_cpu(lambda r, w: _bundle_finetune(r, w, data, str(run), True, 3, **over), 2, timeout=120)
+    assert not (run / "params0.pt").exists()
+    saved = torch.load(run / "shared" / "models" / "finetune_resume.pt", weights_only=False)
+    assert saved["iteration"] == 2  # what the resumed run starts from (iteration 3 is redone)
+    first = torch.load(ref / "params0.pt")
+    assert max(float((first[k] - saved["model"][k]).abs().max()) for k in first) > 1e-6  # not yet the end point
+    spawn_cpu(lambda r, w: _bundle_finetune(r, w, data, str(run), True, resume=True, **over), 2, timeout=120)
+    a, b = torch.load(ref / "params0.pt"), torch.load(run / "params0.pt")
+    assert set(a) == set(b) and a
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert max(float((b[k] - torch.load(run / "params1.pt")[k]).abs().max()) for k in b) == 0.0
