@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from monai.bundle import ConfigParser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -382,3 +383,36 @@ def test_inference_stage_runs_nnunet_predictor(tmp_path):
     with pytest.raises(FileNotFoundError, match="predict_input"):
         p["settings"]["predict_input"] = str(tmp_path / "missing")
         p.get_parsed_content("runner", lazy=False).predict()
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_torchscript_export_by_tracing(bundle, tmp_path):
+    """The zoo's verify_torchscript with MONAI's ckpt_export: Conv-Adapters are forward hooks, which
+    TorchScript cannot script, so the export traces; the traced STU-Net accepts other 32*n sizes than the
+    trace size (metadata declares 32*n) and equals the eager network."""
+    from monai.bundle import ckpt_export
+
+    b = REPO / "bundles" / bundle / "configs"
+    tiny = {"network::stunet_size": "small", "network::patch_size": [32, 32, 32]}
+    p = ConfigParser()
+    p.read_config(str(b / "inference.json"))
+    p["network"] = {"stunet_size": "small", "patch_size": [32, 32, 32]}
+    net = p.get_parsed_content("network_def").eval()
+    with torch.no_grad():
+        for prm in net.parameters():
+            prm.add_(0.01 * torch.randn_like(prm))  # adapters are zero-init: make them matter
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    common = dict(net_id="network_def", ckpt_file=str(tmp_path / "model.pt"), meta_file=str(b / "metadata.json"),
+                  config_file=str(b / "inference.json"), **tiny)
+    # scripting fails on the adapter hooks (a second attempt in one process fails earlier, on TorchScript's
+    # cache of the first attempt's Conv3d class)
+    with pytest.raises(RuntimeError, match=r"[Hh]ook|redefine method: forward on class: .*Conv3d"):
+        ckpt_export(filepath=str(tmp_path / "scripted.ts"), use_trace=False, **common)
+    ckpt_export(filepath=str(tmp_path / "model.ts"), use_trace=True, input_shape=[1, 1, 32, 32, 32], **common)
+    ts = torch.jit.load(str(tmp_path / "model.ts"))
+    for shape in ((32, 32, 32), (64, 32, 64)):
+        x = torch.rand(1, 1, *shape)
+        with torch.no_grad():
+            want = net(x)
+            got = ts(x)
+        assert got.shape == (1, 3, *shape) and torch.allclose(got, want, atol=1e-5)
