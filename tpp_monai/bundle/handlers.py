@@ -64,29 +64,15 @@ class SegmentationMetric(Metric):
         from tpp_monai.metrics.segmentation import SegmentationMeter
 
         self._meter = SegmentationMeter(self.num_classes)
-        self._n = 0
 
     def update(self, output: Sequence[Any]) -> None:
         pred, label = output
-        pred, label = _stack(pred).detach().cpu(), _stack(label).detach().cpu()
-        self._meter.update(pred, label)
-        self._n += pred.shape[0]
+        self._meter.update(_stack(pred).detach().cpu(), _stack(label).detach().cpu())
 
     def compute(self) -> float:
         """Mean over every rank's validation images (uneven DDP shards gathered); NaN with no image."""
-        from tpp_monai.engines.distributed import gather_rows, is_distributed
-        from tpp_monai.metrics.segmentation import SegmentationMeter
-
-        meter, n = self._meter, self._n
-        if is_distributed():  # pool the per-image scores of all ranks before averaging (self left as is)
-            meter = SegmentationMeter(self.num_classes)
-            empty = torch.zeros(0, self.num_classes - 1)
-            meter._dice = [gather_rows(torch.cat(self._meter._dice) if self._meter._dice else empty)]
-            meter._hd = [gather_rows(torch.cat(self._meter._hd) if self._meter._hd else empty)]
-            n = len(meter._dice[0])
-        if not n:
-            return float("nan")
-        return float(meter.aggregate()[self.metric])
+        meter = self._meter.gathered()
+        return float(meter.aggregate()[self.metric]) if len(meter) else float("nan")
 
 
 class GradClipHandler:

@@ -35,6 +35,7 @@ empty masks: do not use it for the paper's numbers.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Literal, Sequence
@@ -151,6 +152,22 @@ class SegmentationMeter:
         d, h = dice_hd95_per_image(pred, label, self.num_classes, self.empty, self.hd)
         self._dice.append(d)
         self._hd.append(h)
+
+    def __len__(self) -> int:
+        """Images scored so far."""
+        return sum(len(d) for d in self._dice)
+
+    def gathered(self) -> "SegmentationMeter":
+        """A meter with the same settings holding every DDP rank's per-image scores (uneven shards of
+        ``DistributedSampler(even_divisible=False)``); a collective: every rank calls it, also with no image.
+        Outside DDP it holds this meter's scores."""
+        from tpp_monai.engines.distributed import gather_rows
+
+        out = copy.copy(self)
+        empty = torch.zeros(0, self.num_classes - 1)
+        out._dice = [gather_rows(torch.cat(self._dice) if self._dice else empty)]
+        out._hd = [gather_rows(torch.cat(self._hd) if self._hd else empty)]
+        return out
 
     def aggregate(self, percent_dice: bool = False) -> dict[str, float]:
         if not self._dice:
