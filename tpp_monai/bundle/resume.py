@@ -23,7 +23,6 @@ their seeding); data order, weights, optimiser and schedule continue exactly.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch import nn
 from tpp_monai.checkpoint import CheckpointMismatch, atomic_save, non_finite_tensors, safe_load
 from tpp_monai.engines.distributed import is_main_process, unwrap
 from tpp_monai.engines.resumable_data import ResumableLoader
+from tpp_monai.peft.api import tensors_digest
 
 RESUME_NAME = "finetune_resume.pt"
 RESUME_FORMAT = "tpp-finetune-resume"
@@ -59,17 +59,6 @@ def parse_resume(value: bool | str | None) -> bool | str:
     if v in ("false", "0", "no"):
         return False
     raise ValueError(f"resume must be auto, true or false; got {value!r}")
-
-
-def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and values (identifies weights independent of the file they came from)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        if t.numel():
-            h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _trainable(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -125,8 +114,8 @@ class FineTuneResume:
             "max_epochs": int(engine.state.max_epochs), "epoch_length": int(engine.state.epoch_length),
             "dataset_size": _dataset_size(engine.data_loader.loader), "amp": bool(getattr(engine, "amp", False)),
             "trainable": {n: list(p.shape) for n, p in _trainable(net).items()},
-            "frozen_weights": _digest(_frozen(net)),
-            "initial_trainable": _digest(_trainable(net)),
+            "frozen_weights": tensors_digest(_frozen(net).items()),
+            "initial_trainable": tensors_digest(_trainable(net).items()),
         }
         obj = self._read() if self.resume and self.path.is_file() else None
         if obj is not None and self.resume == "auto" and _finished(obj):

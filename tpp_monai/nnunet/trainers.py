@@ -52,7 +52,6 @@ Single-process training only for the TPP stage (not with ``-num_gpus`` > 1).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import shutil
@@ -70,7 +69,7 @@ from tpp_monai.engines.distributed import accumulation_context, barrier, rank_wo
 from tpp_monai.engines.optim import build_optimizer
 from tpp_monai.engines.schedules import WarmupCosineSchedule
 from tpp_monai.nnunet import tpp_only_trainer_name
-from tpp_monai.peft.api import apply_peft, get_peft
+from tpp_monai.peft.api import apply_peft, get_peft, tensors_digest
 
 TPP_FILE = "tpp_target_params.pt"
 TPP_RECORD = "tpp_stage"
@@ -118,14 +117,8 @@ def install_pretrained_loader() -> None:
 def frozen_fingerprint(net: nn.Module) -> str:
     """SHA-256 of the frozen STU-Net tensors (no target parameters, no ``seg_outputs``)."""
     peft = getattr(net, "tpp_peft", None)
-    h = hashlib.sha256()
-    for name, t in sorted(list(net.named_parameters()) + list(net.named_buffers()), key=lambda kv: kv[0]):
-        if name.startswith("seg_outputs") or (peft is not None and peft.is_target(name)):
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return tensors_digest((name, t) for name, t in list(net.named_parameters()) + list(net.named_buffers())
+                          if not (name.startswith("seg_outputs") or (peft is not None and peft.is_target(name))))
 
 
 def set_trainable(net: nn.Module, train_scope: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -114,11 +114,27 @@ def load_target_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) 
             params[k].copy_(v.to(params[k].device, params[k].dtype))
 
 
+def _tensor_record(name: str, t: torch.Tensor) -> tuple[bytes, bytes]:
+    """What a digest of a named tensor covers: its name, dtype and shape, then its bytes."""
+    t = t.detach().cpu().contiguous()
+    return f"{name}|{t.dtype}|{tuple(t.shape)}".encode(), t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def tensors_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over names, dtypes, shapes and values of named tensors in name order: identifies weights
+    independent of the file or module they came from."""
+    h = hashlib.sha256()
+    for name, t in sorted(tensors, key=lambda kv: kv[0]):
+        for part in _tensor_record(name, t):
+            h.update(part)
+    return h.hexdigest()
+
+
 def backbone_hashes(model: nn.Module) -> tuple[str, dict[str, str]]:
     """The backbone fingerprint and a short digest per non-target tensor, in one pass over the weights.
 
-    The fingerprint is SHA-256 over names, dtypes, shapes and values of every non-target tensor (parameters and
-    buffers): it identifies the frozen backbone a set of target parameters was trained on. The per-tensor digests
+    The fingerprint is :func:`tensors_digest` of every non-target tensor (parameters and buffers): it
+    identifies the frozen backbone a set of target parameters was trained on. The per-tensor digests
     (16 hex digits) let a mismatch name what differs (:func:`backbone_difference`).
     """
     m = getattr(model, PEFT_ATTR, None)
@@ -128,9 +144,7 @@ def backbone_hashes(model: nn.Module) -> tuple[str, dict[str, str]]:
     for name, t in sorted(tensors, key=lambda kv: kv[0]):
         if m is not None and m.is_target(name):
             continue
-        t = t.detach().cpu().contiguous()
-        head = f"{name}|{t.dtype}|{tuple(t.shape)}".encode()
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        head, data = _tensor_record(name, t)
         h.update(head)
         h.update(data)
         digests[name] = hashlib.sha256(head + data).hexdigest()[:16]
