@@ -85,13 +85,178 @@ def test_names_params_and_bind_checks():
 
     assert server_argv(["--studies", "s"])[-4:] == ["--host", "127.0.0.1", "--app", str(REPO / "apps" / "tpp_label")]
     assert "0.0.0.0" in server_argv(["--host", "0.0.0.0", "--studies", "s"])
-    assert safety.host_from_argv(["start_server", "--studies", "s"]) is None  # monailabel would bind 0.0.0.0
+    assert safety.bound_host(["start_server", "--studies", "s"]) == "0.0.0.0"  # monailabel's default
     for host in (None, "0.0.0.0", "192.168.1.5"):
         with pytest.raises(RuntimeError, match="--host 127.0.0.1"):
             safety.check_bind(host, expose=False, auth_enabled=False)
     assert "WITHOUT authentication" in safety.check_bind("0.0.0.0", expose=True, auth_enabled=False)
     assert safety.check_bind("0.0.0.0", expose=True, auth_enabled=True) is None
     assert safety.check_bind("127.0.0.1", expose=False, auth_enabled=False) is None
+
+
+def test_bound_host_is_read_like_monailabel_reads_it():
+    """Issue 21.4: the guard read the first --host and ignored -i; monailabel's argparse binds the last one."""
+    main = "/x/monailabel/main.py"
+    for argv, bound in ((["start_server", "--host", "127.0.0.1", "--host", "0.0.0.0"], "0.0.0.0"),
+                        (["start_server", "-i", "0.0.0.0", "--studies", "s"], "0.0.0.0"),
+                        (["start_server", "--host", "127.0.0.1", "-i", "192.168.1.5"], "192.168.1.5"),
+                        (["start_server", "--ho", "0.0.0.0"], "0.0.0.0"),  # argparse accepts abbreviations
+                        (["start_server", "--host=0.0.0.0", "-i", "127.0.0.1"], "127.0.0.1"),
+                        (["start_server", "--studies", "s"], "0.0.0.0")):
+        assert safety.bound_host([main, *argv]) == bound, argv
+        if bound != "127.0.0.1":
+            with pytest.raises(RuntimeError, match="--host 127.0.0.1"):
+                safety.check_bind(safety.bound_host([main, *argv]), expose=False, auth_enabled=False)
+    assert safety.bound_host(["uvicorn", "monailabel.app:app"]) is None  # not start_server: the socket check guards
+    # the launcher adds loopback only when no host is given in any spelling
+    assert "127.0.0.1" not in server_argv(["-i", "0.0.0.0", "--studies", "s"])
+    assert server_argv(["--studies", "s", "-a", "app"])[-2:] == ["--host", "127.0.0.1"]
+    assert safety.validate_train_params({"epochs": 2, "client_id": "user-xyz"}, ["mae"]) == {"epochs": 2}
+
+
+def _scope(host=b"127.0.0.1:8000", origin=None, server=("127.0.0.1", 8000), method="GET"):
+    headers = [(b"host", host)] if host is not None else []
+    if origin is not None:
+        headers.append((b"origin", origin))
+    return {"type": "http", "method": method, "headers": headers, "server": server}
+
+
+def test_browser_guard_decisions():
+    """Issue 21.2 without a server: cross-origin, DNS rebinding (Host), non-loopback connections."""
+    g = safety.BrowserGuard(None, allowed_origins=["http://localhost:3000"])
+    assert g.refusal(_scope()) is None
+    assert g.refusal(_scope(origin=b"http://127.0.0.1:8000")) is None  # the server's own pages
+    assert g.refusal(_scope(origin=b"http://localhost:3000", method="OPTIONS")) is None  # the listed OHIF origin
+    assert g.refusal(_scope(host=b"[::1]:8000", server=("::1", 8000))) is None
+    status, text = g.refusal(_scope(origin=b"https://evil.example"))
+    assert status == 403 and "cors_origins" in text
+    status, text = g.refusal(_scope(origin=b"null"))  # sandboxed frames and file:// pages
+    assert status == 403
+    status, text = g.refusal(_scope(host=b"evil.example:8000"))
+    assert status == 400 and "DNS-rebinding" in text and "allowed_hosts" in text
+    status, text = g.refusal(_scope(host=b"192.168.1.5:8000", server=("192.168.1.5", 8000)))
+    assert status == 403 and "loopback" in text  # arrived on the LAN address, not exposed
+    exposed = safety.BrowserGuard(None, allowed_hosts=["annot.lab"], expose=True)
+    assert exposed.refusal(_scope(host=b"192.168.1.5:8000", server=("192.168.1.5", 8000))) is None
+    assert exposed.refusal(_scope(host=b"annot.lab:8000", server=("192.168.1.5", 8000))) is None
+    assert exposed.refusal(_scope(host=b"evil.example", server=("192.168.1.5", 8000)))[0] == 400
+    with pytest.raises(RuntimeError, match="never '\\*'"):
+        safety.check_origins(["*"])
+    assert safety.check_origins(["HTTP://LocalHost:3000/"]) == ["http://localhost:3000"]
+
+
+def test_nan_images_and_255_labels_are_refused_naming_the_file(tmp_path):
+    """Issue 21.10 (NaN / Inf images became black images) and 25.1 (a 0/255 label failed only at training)."""
+    import nibabel as nib
+
+    a = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    for bad in (np.nan, np.inf):
+        b = a.copy()
+        b[3, 4] = bad
+        nib.save(nib.Nifti1Image(b[..., None], np.eye(4)), str(tmp_path / "scan.nii.gz"))
+        with pytest.raises(seg2d.ImageReadError, match=r"scan.nii.gz: 1 of 256 pixels are NaN or Inf"):
+            seg2d.read_image_2d(tmp_path / "scan.nii.gz")
+        with pytest.raises(seg2d.ImageReadError, match="NaN or Inf"):
+            seg2d.to_model_input(b, 8)
+    nib.save(nib.Nifti1Image(a[..., None], np.eye(4)), str(tmp_path / "ok.nii.gz"))
+    assert np.array_equal(seg2d.read_image_2d(tmp_path / "ok.nii.gz")[0], a.T)
+
+    lbl = np.zeros((16, 16), np.uint8)
+    lbl[2:8, 2:8] = 255
+    with pytest.raises(seg2d.ImageReadError, match=r"label mask.png has class value\(s\) \[255\].*divide the mask by 255"):
+        seg2d.check_label_classes(lbl, 2, "mask.png")
+    seg2d.check_label_classes(lbl // 255, 2, "mask.png")
+    _png(tmp_path / "i.png", np.zeros((16, 16), np.uint8))
+    _png(tmp_path / "l.png", lbl)
+    with pytest.raises(seg2d.ImageReadError, match="label l.png has class"):  # training names the file too
+        seg2d.check_labelled([(tmp_path / "i.png", tmp_path / "l.png")], 3)
+
+
+class _Marker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_model_upload_is_validated_and_atomic(tmp_path):
+    """Issue 21.5: an uploaded model replaces the served one only if it is a safe, fitting model file."""
+    import torch
+
+    dest = tmp_path / "tpp_seg.pt"
+    torch.manual_seed(0)
+    seg2d.save_model(dest, seg2d.build_model(TINY), TINY, {"version": 1, "trained": True})
+    before = dest.read_bytes()
+    (tmp_path / "junk.pt").write_bytes(os.urandom(2000))
+    torch.save({"x": _Marker(str(tmp_path / "PWNED"))}, tmp_path / "evil.pt")
+    other = seg2d.Seg2DConfig(img_size=32, vit_overrides={"depth": 2}, labels={"tumour": 1})
+    seg2d.save_model(tmp_path / "other.pt", seg2d.build_model(other), other, {"version": 5})
+    for name, what in (("junk.pt", "not a usable"), ("evil.pt", "not a usable"), ("other.pt", "labels=")):
+        with pytest.raises(Exception, match=what):
+            seg2d.install_model_file(tmp_path / name, dest, TINY)
+        assert dest.read_bytes() == before and not (tmp_path / "PWNED").exists()
+    torch.manual_seed(1)
+    seg2d.save_model(tmp_path / "new.pt", seg2d.build_model(TINY), TINY, {"version": 7, "trained": True})
+    assert seg2d.install_model_file(tmp_path / "new.pt", dest, TINY)["version"] == 7
+    assert dest.read_bytes() == (tmp_path / "new.pt").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp file left
+
+
+def test_datastore_upload_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
+    """Issue 21.6: a copy that fails on a full disk answered 500 and left a truncated file in the datastore."""
+    if not HAVE_MONAILABEL:
+        pytest.skip(NO_MONAILABEL)
+    import errno
+
+    import monailabel.datastore.local as local
+
+    main = _load_app_module()
+    studies = _studies(tmp_path)
+    store = main.SafeDatastore(str(studies), extensions=["*.png"], auto_reload=False, num_classes=3)
+    old_label = (studies / "labels" / "final" / "img_0.png").read_bytes()
+    new = tmp_path / "upload.png"
+    lbl = np.zeros((32, 32), np.uint8)
+    lbl[1:5, 1:5] = 2
+    _png(new, lbl)
+    real_copy = local.shutil.copy
+
+    def full_disk_copy(src, dst):  # writes half the file, then the disk is full
+        data = Path(src).read_bytes()
+        Path(dst).write_bytes(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local.shutil, "copy", full_disk_copy)
+    with pytest.raises(safety.RequestError, match="disk is full") as e:
+        store.save_label("img_0", str(new), "final", {})
+    assert e.value.status == 507 and (studies / "labels" / "final" / "img_0.png").read_bytes() == old_label
+    with pytest.raises(safety.RequestError, match="disk is full"):
+        store.add_image("img_9", str(new), {})
+    assert not (studies / "img_9.png").exists() and "img_9" not in store.list_images()
+    assert not list(studies.rglob("*.tpp-previous"))
+    monkeypatch.setattr(local.shutil, "copy", real_copy)
+    bad = tmp_path / "mask255.png"
+    _png(bad, lbl * 100)
+    with pytest.raises(safety.RequestError, match=r"label upload for image 'img_0': label has class value\(s\) \[200\]"):
+        store.save_label("img_0", str(bad), "final", {})
+    store.save_label("img_0", str(new), "final", {})
+    assert np.array_equal(np.asarray(Image.open(studies / "labels" / "final" / "img_0.png")), lbl)
+    assert json.loads((studies / "datastore_v2.json").read_text())["objects"]["img_0"]["labels"]["final"]
+
+
+def test_stage_progress_counts_the_whole_run():
+    """Issue 25.1: during TPP train_stats were empty (Slicer's bar sat at 1%)."""
+    from types import SimpleNamespace
+
+    from tpp_monai.label.pipeline import StageProgress
+
+    seen = []
+    p = StageProgress(seen.append, stage_epochs=3, total_epochs=5)
+    for ep in (0, 1, 3):
+        p(SimpleNamespace(state=SimpleNamespace(epoch=ep, output={"loss": 0.5})))
+    assert [(s["stage"], s["epoch"], s["total_epochs"], s["stage_epoch"]) for s in seen] == \
+        [("tpp", 0, 5, 0), ("tpp", 1, 5, 1), ("tpp", 3, 5, 3)]
+    assert all("total_time" not in s and s["tpp_loss"] == 0.5 for s in seen)  # Slicer: total_time = finished
 
 
 def test_task_view_hides_tracebacks_and_paths(tmp_path):

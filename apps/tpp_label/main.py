@@ -17,11 +17,13 @@ Strategies ``first`` and ``random``.
 backbone_ckpt, allow_pickle, peft, peft_config (JSON), vit_overrides (JSON), pretext,
 pretext_config (JSON), tpp, tpp_epochs, epochs, batch_size, lr, val_split, tpp_lr, model_dir,
 allow_untrained, nnunet_model_folder, nnunet_folds, nnunet_checkpoint, nnunet_tta, nnunet_device,
-expose, max_image_pixels, max_volume_voxels, max_upload_mb.
+expose, cors_origins, allowed_hosts, allow_model_upload, max_image_pixels, max_volume_voxels, max_upload_mb.
 All model building, I/O and training live in the library (``tpp_monai.label``); the request checks
 (plain-name ids and tags, datastore-only images, train parameters, size caps, temp-file sweeping,
-client-safe errors) are in :mod:`tpp_monai.label.safety` and wired here. The server refuses to
-listen beyond loopback unless ``--conf expose true`` (see README: enable authentication first).
+client-safe errors, browser guard) are in :mod:`tpp_monai.label.safety` and wired here. The server refuses to
+listen beyond loopback unless ``--conf expose true`` (see README: enable authentication first), answers no
+other web origin unless listed (``--conf cors_origins``), checks ``Host`` (DNS rebinding), refuses model
+uploads unless ``--conf allow_model_upload true`` with authentication, and stops its training with it.
 """
 
 from __future__ import annotations
@@ -30,18 +32,19 @@ import atexit
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from monai.engines.workflow import Events
 from monai.inferers import SimpleInferer
 from monai.transforms import Activationsd, AsDiscreted, SelectItemsd
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, BackgroundTasks, Depends, File, HTTPException, UploadFile
 from fastapi.responses import JSONResponse
 from monailabel.config import settings
 from monailabel.datastore.local import LocalDatastore
@@ -54,9 +57,15 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.tasks.train.basic_train import BasicTrainTask
+from monailabel.tasks.train.handler import prepare_stats
 from monailabel.utils.others.generic import strtobool
 from monailabel.utils.sessions import Sessions
+from filelock import FileLock
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+
+from tpp_monai.checkpoint import CheckpointMismatch, atomic_write
 
 from tpp_monai.bundle.inferers import FlipTTAInferer
 from tpp_monai.label import nnunet3d, pipeline, safety, seg2d
@@ -98,11 +107,25 @@ DEFAULTS: Dict[str, str] = {
     "max_volume_voxels": str(nnunet3d.MAX_VOLUME_VOXELS),
     "allow_untrained": "false",
     "expose": "false",
+    "cors_origins": "",
+    "allowed_hosts": "",
+    "allow_model_upload": "false",
     "max_image_pixels": str(seg2d.MAX_IMAGE_PIXELS),
     "max_upload_mb": "256",
 }
+#: free space an upload must leave on the datastore's disk (the datastore JSON is rewritten after it)
+UPLOAD_HEADROOM = 1 << 20
 #: keys monailabel itself adds to a train request (not the client's)
 SERVER_TRAIN_KEYS = ("model", "bundle_path", "gpus", "local_rank", "multi_gpu")
+NOT_AN_UPLOADED_LABEL = ("label must be a file uploaded with the request (form field 'label'); "
+                         "server paths are not accepted")
+#: monailabel's own HTTP 500 answers that are the client's mistake (answered 400 with what to send)
+CLIENT_ERRORS_500 = {
+    "Neither Image nor File not Session ID input is provided":
+        "no input: send ?image=<datastore image id>, an uploaded file (form field 'file') or ?session_id=<id>",
+    "DICOM SEG format is not supported in a non-DICOM datastore":
+        "output=dicom_seg needs a DICOMweb datastore; this server's datastore is a local folder (use output=image)",
+}
 #: the one message for any image that is not a datastore id or an upload: never says whether a path exists
 NOT_A_DATASTORE_IMAGE = ("image must be the id of a datastore image (GET /datastore/?output=all lists them) "
                          "or an uploaded file; server paths are not accepted")
@@ -191,7 +214,8 @@ class TPPSegInfer(BasicInferTask):
                 or not os.path.isfile(image):
             raise safety.RequestError(NOT_A_DATASTORE_IMAGE)
         mtime, _, _, cfg, meta = self._model(_device(request.get("device")))
-        request = {**request, "device": _device(request.get("device")), "model_cfg": cfg, "model_meta": meta,
+        request = {**{k: v for k, v in request.items() if k != "label"},  # the 2D model takes no prior label
+                   "device": _device(request.get("device")), "model_cfg": cfg, "model_meta": meta,
                    "model_mtime_ns": mtime}
         out, res = super().__call__(request, callbacks)
         res["label_names"] = cfg.labels
@@ -222,6 +246,7 @@ class TPPSegTrain(BasicTrainTask):
             amp=False, publish_path=None, train_save_interval=0, n_saved=1, labels=list(cfg.labels),
             stats_path=os.path.join(os.path.dirname(path), f"{name}_train_stats.json"), tracking=None)
         self._keeper: pipeline.KeepBestTrainable | None = None
+        self._server_pid: int | None = None  # set in the train subprocess: the server that started it
 
     def config(self):
         """What a client may set (3D Slicer sends these back with /train): the keys safety.validate_train_params takes."""
@@ -232,15 +257,23 @@ class TPPSegTrain(BasicTrainTask):
                 "device": ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]}
 
     # ---- BasicTrainTask hooks
+    def tpp_epochs_run(self, request) -> int:
+        """TPP epochs this run does (0 without TPP): the offset of fine-tuning's epochs in the progress report."""
+        return int(request["tpp_epochs"]) if request["tpp"] and int(request["tpp_epochs"]) > 0 else 0
+
     def network(self, context):
         r, say = context.request, self._say
         tpp_ckpt = None
-        if r["tpp"] and r["tpp_epochs"] > 0:
+        n_tpp = self.tpp_epochs_run(r)
+        if n_tpp:
+            progress = pipeline.StageProgress(lambda st: atomic_write_json(self._stats_path, st), n_tpp,
+                                              n_tpp + int(r["max_epochs"]), start_ts=context.start_ts)
+            progress.write(progress.stats(0))  # replaces the previous run's (finished) stats at once
             tpp_ckpt = seg2d.run_tpp_stage(
                 self.cfg, r["tpp_images"], os.path.join(context.output_dir, "tpp"),  # replaced by each run
-                pretext=r["pretext"], pretext_config=json.loads(self.conf["pretext_config"]), epochs=r["tpp_epochs"],
+                pretext=r["pretext"], pretext_config=json.loads(self.conf["pretext_config"]), epochs=n_tpp,
                 batch_size=r["train_batch_size"], lr=float(self.conf["tpp_lr"]) if self.conf["tpp_lr"] else None,
-                device=str(context.device), log=say)
+                device=str(context.device), log=say, handlers=[progress])
         context.request["tpp_ckpt"] = tpp_ckpt
         torch.manual_seed(0)
         return seg2d.build_model(self.cfg, tpp_ckpt=tpp_ckpt)
@@ -291,6 +324,19 @@ class TPPSegTrain(BasicTrainTask):
             float(e.state.output[0]["loss"]) if isinstance(e.state.output, list) else float(e.state.output["loss"])))
         context.trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: self._say(
             f"epoch {e.state.epoch}/{e.state.max_epochs}: loss {losses[-1]:.4f}" if losses else f"epoch {e.state.epoch}"))
+        # after MONAI Label's publisher (registered first, same event) has written this epoch's stats
+        (context.evaluator or context.trainer).add_event_handler(Events.EPOCH_COMPLETED, lambda e: atomic_write_json(
+            self._stats_path, self.run_stats(prepare_stats(context.start_ts, context.trainer, context.evaluator),
+                                             context.request)))
+
+    def run_stats(self, stats: Dict[str, Any], request) -> Dict[str, Any]:
+        """MONAI Label's fine-tuning stats with ``epoch`` / ``total_epochs`` counted over the whole run (TPP +
+        fine-tuning, as during TPP) and the stage; fine-tuning's own count stays in ``stage_epoch(s)``."""
+        n_tpp = self.tpp_epochs_run(request)
+        stats = json.loads(json.dumps(stats, default=float))
+        ep, total = int(stats.get("epoch", 0)), int(stats.get("total_epochs", request["max_epochs"]))
+        return {**stats, "stage": "finetune", "stage_epoch": ep, "stage_epochs": total, "tpp_epochs_done": n_tpp,
+                "epoch": n_tpp + ep, "total_epochs": n_tpp + total}
 
     def pre_process(self, request, datastore):
         images = [datastore.get_image_uri(i) for i in datastore.list_images()]
@@ -319,8 +365,10 @@ class TPPSegTrain(BasicTrainTask):
             "published_metric": keeper.metric, "final_loss": request["losses"][-1], "total_seconds": round(time.time() - t0, 2),
         }
         network.to("cpu")
+        if self._server_pid is not None and os.getppid() != self._server_pid:
+            raise RuntimeError("the label server stopped during training: the model is not published")
         seg2d.save_model(self.path, network, self.cfg, meta=ours)
-        stats = {**json.loads(json.dumps(stats, default=float)), **ours}
+        stats = {**self.run_stats(stats, request), **ours, "stage": "done"}
         atomic_write_json(self._stats_path, stats)
         self._say(f"saved {os.path.basename(self.path)}: version {ours['version']}, best metric {stats.get('best_metric')}")
         return stats
@@ -338,6 +386,10 @@ class TPPSegTrain(BasicTrainTask):
 
     def __call__(self, request, datastore: Datastore):
         """Runs in monailabel's train subprocess: clients see only our marked lines (no traceback, no paths)."""
+        if "monailabel.app" not in sys.modules and self._server_pid is None:  # the subprocess the server started
+            self._server_pid = os.getppid()
+            threading.Thread(target=_exit_when_orphaned, args=(self._server_pid,), daemon=True,
+                             name="tpp-label-server-watch").start()
         try:
             client = {k: v for k, v in request.items() if v is not None}
             ignore = (*SERVER_TRAIN_KEYS, *[k for k, v in client.items() if isinstance(v, dict)])  # POST /train/ nests
@@ -363,10 +415,47 @@ class TPPSegTrain(BasicTrainTask):
 
 def atomic_write_json(path: str, obj: Any) -> None:
     """Write JSON through a temporary file + rename: a reader (GET /info) never sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, default=str))
+
+
+def _exit_when_orphaned(server_pid: int, every_s: float = 1.0) -> None:
+    """In the train subprocess: end the run as soon as the server that started it is gone.
+
+    A stopped (or killed) server used to leave its training running, which then replaced the model that a
+    new server might already serve. The model is written only at the very end, so exiting loses nothing
+    that was published; the previous model stays.
+    """
+    while True:
+        time.sleep(every_s)
+        if os.getppid() != server_pid:
+            logger.error(f"{safety.CLIENT_MARK}the label server stopped: training stopped, the previous model is kept")
+            logging.shutdown()
+            os._exit(3)
+
+
+def _stop_training_with_server() -> None:
+    """In the server: when uvicorn has stopped (the main thread ends), kill the train subprocess it started.
+
+    monailabel's executor thread waits for the subprocess at interpreter exit, so without this a stopped
+    server kept training (and then published) until the run ended.
+    """
+    from monailabel.utils.async_tasks import utils as tasks
+
+    def watch() -> None:
+        threading.main_thread().join()
+        for procs in list(tasks.background_processes.values()):
+            for proc in list(procs.values()):
+                try:
+                    import psutil
+
+                    for child in psutil.Process(proc.pid).children(recursive=True):
+                        child.kill()
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+                if proc.poll() is None:
+                    proc.kill()
+
+    threading.Thread(target=watch, daemon=True, name="tpp-label-stop-training").start()
 
 
 class STUNet3DInfer(InferTask):
@@ -409,6 +498,21 @@ class SafeSessions(Sessions):
         return super().remove_session(safety.check_name(session_id, "session id"))
 
 
+#: a datastore file moved aside while an upload replaces it (SafeDatastore._copy_in)
+PREVIOUS_SUFFIX = ".tpp-previous"
+
+
+def restore_previous(folder: str) -> None:
+    """Put back files an interrupted upload moved aside. The upload never got its answer (the previous file is
+    removed before the server answers), so its copy may be partial: the previous file wins."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name.endswith(PREVIOUS_SUFFIX):
+                prev = os.path.join(root, name)
+                os.replace(prev, prev[: -len(PREVIOUS_SUFFIX)])
+                logger.warning(f"restored {prev[: -len(PREVIOUS_SUFFIX)]} (an upload replacing it was interrupted)")
+
+
 def datastore_root(datastore: Datastore) -> str:
     return str(getattr(datastore, "_datastore_path", "") or "")
 
@@ -420,15 +524,24 @@ class SafeDatastore(LocalDatastore):
     """
 
     def __init__(self, *args, max_pixels: int | None = None, max_voxels: int | None = None, volumes: bool = False,
-                 **kwargs):
-        self.max_pixels, self.max_voxels, self.volumes = max_pixels, max_voxels, volumes
+                 num_classes: int | None = None, **kwargs):
+        self.max_pixels, self.max_voxels, self.volumes, self.num_classes = max_pixels, max_voxels, volumes, num_classes
+        restore_previous(args[0] if args else kwargs["datastore_path"])
         super().__init__(*args, **kwargs)
 
-    def _upload(self, filename: str, what: str) -> None:
-        """A readable 2D image, or (when the 3D task is served) a 3D volume; size limits from the header."""
+    def _upload(self, filename: str, what: str, label_of: str | None = None) -> None:
+        """A readable 2D image, or (when the 3D task is served) a 3D volume; size limits from the header.
+
+        ``label_of``: the image id a label upload belongs to; its classes must be the model's (a 0/255 PNG
+        was accepted here and only the next training failed, naming no file)."""
         safety.check_upload_ext(filename, what)
         try:
-            seg2d.read_image_2d(filename, max_pixels=self.max_pixels)
+            arr, _ = seg2d.read_image_2d(filename, max_pixels=self.max_pixels)
+            if label_of is not None and self.num_classes:
+                try:
+                    seg2d.check_label_classes(arr, self.num_classes)
+                except seg2d.ImageReadError as e:
+                    raise safety.RequestError(f"{what} for image {label_of!r}: {e}") from None
         except seg2d.ImageTooLarge as e:
             raise safety.RequestError(f"{what}: {e} (server limit: --conf max_image_pixels)", status=413) from e
         except seg2d.ImageReadError as e:
@@ -445,13 +558,68 @@ class SafeDatastore(LocalDatastore):
         if image_id:
             safety.check_name(image_id, "image id")
         self._upload(image_filename, "image upload")
-        return super().add_image(image_id, image_filename, image_info)
+        image_id_, ext = self._to_id(os.path.basename(image_filename))
+        dest = os.path.realpath(os.path.join(self._datastore.image_path(), self._filename(image_id or image_id_, ext)))
+        return self._copy_in(image_filename, dest, "image upload",
+                             lambda: super(SafeDatastore, self).add_image(image_id, image_filename, image_info))
 
     def save_label(self, image_id, label_filename, label_tag, label_info):
         safety.check_name(image_id, "image id")
         safety.check_name(label_tag, "label tag")
-        self._upload(label_filename, "label upload")
-        return super().save_label(image_id, label_filename, label_tag, label_info)
+        self._upload(label_filename, "label upload", label_of=image_id)
+        _, ext = self._to_id(os.path.basename(label_filename))
+        dest = os.path.join(self._datastore.label_path(label_tag), self._filename(image_id, ext))
+        return self._copy_in(label_filename, dest, "label upload",
+                             lambda: super(SafeDatastore, self).save_label(image_id, label_filename, label_tag, label_info))
+
+    @staticmethod
+    def _copy_in(src: str, dest: str, what: str, store: Callable[[], Any]) -> Any:
+        """Run monailabel's store (it copies ``src`` over ``dest`` in place) so that a full disk loses nothing.
+
+        Refused with 507 before writing when the disk lacks room for the file; if the copy still fails, the
+        previous file (moved aside by a rename, which costs no space; a copy writes a new file) is put back,
+        or the partial file removed: a truncated image or label never stays in the datastore (every later
+        /train would fail on it). A server killed mid-copy puts the previous file back at the next start.
+        """
+        folder = os.path.dirname(dest)
+        os.makedirs(folder, exist_ok=True)
+        if shutil.disk_usage(folder).free < os.path.getsize(src) + UPLOAD_HEADROOM:
+            raise safety.RequestError(safety.disk_full_message(what), status=507)
+        backup = None
+        if os.path.isfile(dest):
+            backup = dest + PREVIOUS_SUFFIX
+            os.replace(dest, backup)
+        try:
+            return store()
+        except OSError as e:
+            try:
+                if backup is not None:
+                    os.replace(backup, dest)
+                    backup = None
+                elif os.path.exists(dest):
+                    os.unlink(dest)
+            except OSError:
+                logger.exception(f"could not restore {dest} after a failed {what}")
+            if safety.is_disk_full(e):
+                raise safety.RequestError(safety.disk_full_message(what), status=507) from e
+            raise
+        finally:
+            if backup is not None and os.path.exists(backup):
+                os.unlink(backup)
+
+    def _update_datastore_file(self, lock=True):
+        """monailabel rewrites datastore_v2.json in place: a full disk truncated it and broke every later start."""
+        def write():
+            self._ignore_event_config = True
+            atomic_write(self._datastore_config_path,
+                         json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
 
     def remove_image(self, image_id):
         return super().remove_image(safety.check_name(image_id, "image id"))
@@ -486,10 +654,20 @@ class MyApp(MONAILabelApp):
         self.tconf = {**DEFAULTS, **{k: str(v) for k, v in (conf or {}).items()}}
         c = self.tconf
         self.serving = sys.modules.get("monailabel.app")  # None in the train subprocess and the CLI
+        self.expose = bool(strtobool(c["expose"]))
+        self.cors_origins = safety.check_origins(
+            [*safety.parse_list(c["cors_origins"]), *[str(o) for o in settings.MONAI_LABEL_CORS_ORIGINS or []]])
+        self.allowed_hosts = safety.parse_list(c["allowed_hosts"])
+        self.allow_model_upload = bool(strtobool(c["allow_model_upload"]))
+        if self.allow_model_upload and not settings.MONAI_LABEL_AUTH_ENABLE:
+            raise MONAILabelException("APP_INIT_ERROR", "--conf allow_model_upload true needs authentication "
+                                      "(MONAI_LABEL_AUTH_ENABLE=true): without it anyone who reaches the port could "
+                                      "replace the model")
         if self.serving is not None:
-            argv_host = safety.host_from_argv(sys.argv)
-            host = argv_host if argv_host or "start_server" in sys.argv else "127.0.0.1"  # bare uvicorn: loopback
-            warning = safety.check_bind(host, bool(strtobool(c["expose"])), settings.MONAI_LABEL_AUTH_ENABLE)
+            # the address monailabel's own argparse gives uvicorn (the last --host / -i); other launchers: the
+            # BrowserGuard middleware refuses connections that do not arrive on loopback
+            host = safety.bound_host(sys.argv)
+            warning = safety.check_bind(host, self.expose, settings.MONAI_LABEL_AUTH_ENABLE) if host else None
             if warning:
                 logger.warning(warning)
         self.max_pixels = int(c["max_image_pixels"])
@@ -541,7 +719,8 @@ class MyApp(MONAILabelApp):
                          version="0.1.0",
                          labels=self.seg_cfg.labels if names or self.fold3d is None else self.fold3d.labels)
         if state is not None and not getattr(state, "tpp_label_hardened", False):
-            _harden(self.serving.app, self.uploads, float(c["max_upload_mb"]))
+            _harden(self.serving.app, self.uploads, float(c["max_upload_mb"]), self)
+            _stop_training_with_server()
             state.tpp_label_hardened = True
 
     def init_datastore(self) -> Datastore:
@@ -550,7 +729,8 @@ class MyApp(MONAILabelApp):
         return SafeDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                              auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                              read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY, max_pixels=self.max_pixels,
-                             max_voxels=int(self.tconf["max_volume_voxels"]), volumes=self.fold3d is not None)
+                             max_voxels=int(self.tconf["max_volume_voxels"]), volumes=self.fold3d is not None,
+                             num_classes=self.seg_cfg.num_classes if self.model_names else None)
 
     def _load_sessions(self, load=False):
         return SafeSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY) if load else None
@@ -628,9 +808,19 @@ class MyApp(MONAILabelApp):
         # monailabel's /infer/wsi probes the named path (exists? a slide?) before calling infer: check it first
         return self.infer(request, datastore, wsi=True)
 
+    def _label_for_infer(self, label: Any) -> None:
+        """A ``label`` (scribbles, a prior mask) must be the file uploaded with this request: a path given in
+        ``params`` would be opened by the pre-transforms (and the answer would say whether it exists)."""
+        if label is None:
+            return
+        if not (isinstance(label, str) and any(safety.inside(label, r) for r in self.upload_roots())
+                and os.path.isfile(label)):
+            raise safety.RequestError(NOT_AN_UPLOADED_LABEL)
+
     def infer(self, request, datastore=None, wsi: bool = False):
         self._known(request.get("model"))
         try:
+            self._label_for_infer(request.get("label"))
             request = {**request, "image": self._image_for_infer(request.get("image"), datastore or self.datastore())}
             return super().infer_wsi(request, datastore) if wsi else super().infer(request, datastore)
         except HTTPException:
@@ -665,26 +855,63 @@ def _app() -> MyApp:
     return app_instance()  # the current instance (POST /reload replaces it)
 
 
-def _harden(fastapi_app, uploads: safety.UploadFolder, max_upload_mb: float) -> None:
-    """Wire the request checks into monailabel's FastAPI app: error handlers, body cap + temp sweep, train routes.
+def _session_view(info: Any) -> Any:
+    """A session record without server paths (``path`` / ``image`` name files in the server's session store)."""
+    if not isinstance(info, dict):
+        return info
+    out = {k: v for k, v in info.items() if k not in ("path", "image")}
+    if info.get("image"):
+        out["image"] = os.path.basename(str(info["image"]))
+    return out
+
+
+def _cors(fastapi_app, origins: list) -> None:
+    """monailabel allows every origin with credentials (``*`` reflected): keep CORS only for the listed ones."""
+    mw = [m for m in fastapi_app.user_middleware if m.cls is not CORSMiddleware]
+    if origins:
+        mw.append(Middleware(CORSMiddleware, allow_origins=list(origins), allow_credentials=True,
+                             allow_methods=["GET", "POST", "PUT", "DELETE"], allow_headers=["*"]))
+    fastapi_app.user_middleware[:] = mw
+
+
+def _harden(fastapi_app, uploads: safety.UploadFolder, max_upload_mb: float, app: "MyApp") -> None:
+    """Wire the request checks into monailabel's FastAPI app: error handlers, body cap + temp sweep, browser
+    guard (Origin / Host / loopback), CORS allow-list, and our train / model / session / logs / proxy routes.
 
     monailabel builds its app before ours exists; the handlers and middleware are added here and the
     middleware stack is rebuilt on the next request (nothing has been served yet: this runs at start-up).
     """
+    from monailabel.endpoints import logs as logs_ep
+    from monailabel.endpoints import session as session_ep
     from monailabel.endpoints import train as train_ep
 
     def msg(text: str) -> str:
         return _app().client_message(text)
+
+    def http_error(request, e):
+        status, detail = e.status_code, e.detail
+        if status == 500 and str(detail) in CLIENT_ERRORS_500:
+            status, detail = 400, CLIENT_ERRORS_500[str(detail)]
+        return JSONResponse({"detail": msg(str(detail)) if isinstance(detail, str) else detail}, status_code=status,
+                            headers=getattr(e, "headers", None))
+
+    def unexpected(request, e):
+        if safety.is_disk_full(e):
+            return _json_error(507, safety.disk_full_message(f"{request.method} {request.url.path}"))
+        return _json_error(500, f"internal server error ({type(e).__name__}); the traceback is in the server log")
 
     fastapi_app.add_exception_handler(safety.RequestError, lambda r, e: _json_error(e.status, msg(str(e))))
     fastapi_app.add_exception_handler(json.JSONDecodeError, lambda r, e: _json_error(
         400, f"a JSON form field (params / info) is not valid JSON: {e.msg} at character {e.pos}"))
     for exc in (ImageNotFoundException, LabelNotFoundException):
         fastapi_app.add_exception_handler(exc, lambda r, e: _json_error(404, msg(str(e.msg))))
-    fastapi_app.add_exception_handler(Exception, lambda r, e: _json_error(
-        500, f"internal server error ({type(e).__name__}); the traceback is in the server log"))
+    fastapi_app.add_exception_handler(StarletteHTTPException, http_error)
+    fastapi_app.add_exception_handler(Exception, unexpected)
+    _cors(fastapi_app, app.cors_origins)
     fastapi_app.user_middleware.insert(0, Middleware(safety.RequestGuard, folder=uploads,
                                                      max_body_bytes=int(max_upload_mb * 2**20)))
+    fastapi_app.user_middleware.insert(0, Middleware(safety.BrowserGuard, allowed_origins=app.cors_origins,
+                                                     allowed_hosts=app.allowed_hosts, expose=app.expose))
     fastapi_app.middleware_stack = None
 
     router = APIRouter()
@@ -720,6 +947,71 @@ def _harden(fastapi_app, uploads: safety.UploadFolder, max_upload_mb: float) -> 
             raise safety.RequestError("the server log is not served without authentication "
                                       "(MONAI_LABEL_AUTH_ENABLE=true, admin role); read <app>/logs/app.log on the server",
                                       status=403)
+
+    @router.get("/logs/gpu", include_in_schema=False)
+    async def gpu_info(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+        if not settings.MONAI_LABEL_AUTH_ENABLE:
+            raise safety.RequestError("GPU details are not served without authentication "
+                                      "(MONAI_LABEL_AUTH_ENABLE=true, admin role); run nvidia-smi on the server", status=403)
+        if shutil.which("nvidia-smi") is None:
+            raise safety.RequestError("nvidia-smi is not installed on the server (no NVIDIA driver): no GPU details",
+                                      status=404)
+        return await logs_ep.gpu_info(user)
+
+    if not str(settings.MONAI_LABEL_STUDIES).startswith(("http://", "https://")):
+        @router.api_route("/proxy/dicom/{path:path}", methods=["GET", "POST"], include_in_schema=False)
+        async def no_dicomweb(path: str):  # monailabel would send the request to the local folder's path
+            raise safety.RequestError("this server's datastore is a local folder: there is no DICOMweb server to "
+                                      "proxy (start the server with --studies http(s)://<dicomweb-server>)", status=404)
+
+    @router.put("/model/{model}", summary="Upload a model file (off by default; needs authentication)")
+    async def upload_model(model: str, file: UploadFile,
+                           user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+        a = _app()
+        a._known_trainer(model)
+        if not a.allow_model_upload:
+            raise safety.RequestError("model upload is off: the model is replaced only by training here (POST /train/"
+                                      f"{model}); to allow uploads, enable authentication and start the server with "
+                                      "--conf allow_model_upload true", status=403)
+        tmp = tempfile.NamedTemporaryFile(suffix=".pt", delete=False).name  # in the swept upload folder
+        try:
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(file.file, f)
+            meta = seg2d.install_model_file(tmp, a.model_path(model), a.seg_cfg)
+        except CheckpointMismatch as e:
+            raise safety.RequestError(f"model upload refused, the model is unchanged: {e}", status=422) from e
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return {"model": model, "version": meta.get("version"), "trained": bool(meta.get("trained"))}
+
+    @router.delete("/model/{model}", summary="Delete the model file (off by default; needs authentication)")
+    async def delete_model(model: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+        a = _app()
+        a._known_trainer(model)
+        if not a.allow_model_upload:
+            raise safety.RequestError("model deletion is off (it goes with --conf allow_model_upload true and "
+                                      "authentication)", status=403)
+        from monailabel.endpoints import model as model_ep
+
+        return model_ep.delete_model(model)
+
+    @router.put("/session/", summary="Create a session with an image (answer without server paths)")
+    async def create_session(background_tasks: BackgroundTasks, uncompress: bool = False, expiry: int = 0,
+                             files: List[UploadFile] = File(...),
+                             user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+        res = session_ep.create_session(background_tasks, uncompress, expiry, files)
+        return {**res, "session_info": _session_view(res.get("session_info"))}
+
+    @router.get("/session/{session_id}", summary="Session details (without server paths)")
+    async def get_session(session_id: str, update_ts: bool = False, image: bool = False,
+                          user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+        res = session_ep.get_session(safety.check_name(session_id, "session id"), update_ts, image)
+        return res if image else _session_view(res)
+
+    @router.delete("/session/{session_id}", summary="Delete a session (answer without server paths)")
+    async def remove_session(session_id: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+        return _session_view(session_ep.remove_session(safety.check_name(session_id, "session id")))
 
     n = len(fastapi_app.router.routes)
     fastapi_app.include_router(router, prefix=settings.MONAI_LABEL_API_STR)

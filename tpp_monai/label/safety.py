@@ -9,6 +9,8 @@ input with HTTP 500 and shows training tracebacks and server paths to every clie
 
 from __future__ import annotations
 
+import argparse
+import errno
 import json
 import math
 import os
@@ -54,13 +56,19 @@ def check_upload_ext(filename: str, what: str = "upload") -> str:
 
 def inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     """True when ``path`` (symlinks resolved) lies inside ``folder``."""
-    p, f = os.path.realpath(path), os.path.realpath(folder)
-    return os.path.commonpath([p, f]) == f and p != f
+    try:
+        p, f = os.path.realpath(path), os.path.realpath(folder)
+        return os.path.commonpath([p, f]) == f and p != f
+    except (ValueError, TypeError):  # a NUL byte or a non-path: not a file of ours
+        return False
 
 
 # ------------------------------------------------------------------------------------ train params
 #: what a client may set for one /train run; everything else in the merged request is the server's
 TRAIN_KEYS = ("tpp", "pretext", "tpp_epochs", "epochs", "batch_size", "lr", "val_split", "device")
+#: what MONAI Label's own client and 3D Slicer add to every request (``MONAILabelClient._update_client_id``):
+#: accepted and ignored by training (the client id says who asked, it sets nothing)
+CLIENT_KEYS = ("client_id",)
 MAX_VAL_SPLIT = 0.9
 MAX_EPOCHS, MAX_BATCH = 100_000, 4096
 
@@ -104,7 +112,7 @@ def validate_train_params(params: Mapping[str, Any] | None, pretexts: Sequence[s
         return {}
     if not isinstance(params, Mapping):
         raise RequestError(f"train parameters must be a JSON object, got {type(params).__name__}")
-    ignore = set(ignore)
+    ignore = set(ignore) | set(CLIENT_KEYS)
     errors: list[str] = []
     unknown = sorted(k for k in params if k not in TRAIN_KEYS and k not in ignore)
     if unknown:
@@ -167,18 +175,36 @@ def parse_json_object(text: str | None, what: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ binding
-def host_from_argv(argv: Sequence[str]) -> str | None:
-    """The ``--host`` given to ``monailabel start_server`` (None when absent: monailabel then uses 0.0.0.0)."""
-    for i, a in enumerate(argv):
-        if a == "--host" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--host="):
-            return a.split("=", 1)[1]
-    return None
+def start_server_args(argv: Sequence[str]) -> argparse.Namespace:
+    """``monailabel start_server`` arguments parsed by monailabel's own argparse definition.
+
+    ``argv``: the words after ``start_server``. ``host`` is None when no ``--host`` / ``-i`` (or an
+    abbreviation argparse accepts, e.g. ``--ho``) is given; when several are, the last wins, as in
+    monailabel (the address uvicorn binds).
+    """
+    from monailabel.main import Main  # imported here: the other checks in this module work without monailabel
+
+    parser = argparse.ArgumentParser("monailabel start_server", add_help=False)
+    Main.args_start_server(None, parser)  # the method only adds arguments to the parser it is given
+    parser.set_defaults(host=None)
+    args, _ = parser.parse_known_args(list(argv))
+    return args
+
+
+def bound_host(argv: Sequence[str]) -> str | None:
+    """The address a ``... start_server ...`` command line makes uvicorn bind (monailabel's default 0.0.0.0
+    when no host is given); None when ``argv`` is not a start_server command (other launchers: the
+    per-request check of :class:`BrowserGuard` still refuses connections that are not to loopback)."""
+    argv = list(argv)
+    if "start_server" not in argv:
+        return None
+    host = start_server_args(argv[argv.index("start_server") + 1:]).host
+    return "0.0.0.0" if host is None else host
 
 
 def is_loopback(host: str | None) -> bool:
-    return host is not None and (host in LOOPBACK or host.startswith("127."))
+    host = host.strip("[]") if isinstance(host, str) else host
+    return host is not None and (host in LOOPBACK or host.startswith("127.") or host.startswith("::ffff:127."))
 
 
 def check_bind(host: str | None, expose: bool, auth_enabled: bool) -> str | None:
@@ -296,20 +322,149 @@ class RequestGuard:
             length = 0
         if length > self.max_body_bytes:
             return await self._refuse(send, 413, self.too_large(length))
-        seen = 0
+        seen, over, replaced = 0, None, False
 
         async def limited():
-            nonlocal seen
+            nonlocal seen, over
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_body_bytes:
-                    raise RequestError(self.too_large(seen), status=413)
+                    over = self.too_large(seen)
+                    raise RequestError(over, status=413)
             return msg
+
+        async def guarded_send(msg):
+            # a chunked body (no content-length) that grows past the cap fails inside the form parser, which
+            # answers 400 "error parsing the body": the client gets the 413 naming the limit instead
+            nonlocal replaced
+            if over is not None:
+                if msg["type"] == "http.response.start" and not replaced:
+                    replaced = True
+                    await self._refuse(send, 413, over)
+                return None
+            return await send(msg)
 
         self.active += 1
         try:
-            await self.app(scope, limited, send)
+            await self.app(scope, limited, guarded_send)
+        except RequestError:
+            if over is None:
+                raise
+            if not replaced:
+                await self._refuse(send, 413, over)
         finally:
             self.active -= 1
             self.folder.sweep(idle=self.active == 0)
+
+
+# ------------------------------------------------------------------------------- browsers (CORS, Host)
+def parse_list(spec: str | Sequence[str] | None) -> list[str]:
+    """``"a, b"`` / ``["a", "b"]`` -> ["a", "b"] (empty entries dropped)."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec or [])
+    return [str(i).strip() for i in items if str(i).strip()]
+
+
+def normalise_origin(origin: str) -> str:
+    """``HTTP://Host:3000/`` -> ``http://host:3000``: the form browsers send in the Origin header."""
+    return origin.strip().rstrip("/").lower()
+
+
+def check_origins(origins: Sequence[str]) -> list[str]:
+    """The cross-origin allow-list (``--conf cors_origins``): full origins only, never ``*``.
+
+    ``*`` with credentials lets every web page the annotator opens read the dataset and change labels.
+    """
+    out = []
+    for o in origins:
+        n = normalise_origin(o)
+        if n == "*" or not re.fullmatch(r"https?://[^/\s*]+", n):
+            raise RuntimeError(f"cors origin {o!r} is refused: list full origins such as http://localhost:3000 "
+                               "(scheme://host[:port] of the OHIF viewer), never '*' (it would let any web page "
+                               "use this server with the annotator's browser)")
+        out.append(n)
+    return out
+
+
+def host_name(host_header: str) -> str:
+    """``127.0.0.1:8000`` -> ``127.0.0.1``, ``[::1]:8000`` -> ``::1``, ``Name`` -> ``name``."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.index("]")] if "]" in h else h[1:]
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+class BrowserGuard:
+    """ASGI middleware: what a web browser (or a page in it) may ask of the server.
+
+    * ``Host`` must name this server: a loopback name, the address the connection arrived on, or one of
+      ``allowed_hosts`` (``*`` = any). A page on ``http://evil.example`` whose name an attacker re-points to
+      127.0.0.1 (DNS rebinding) sends ``Host: evil.example`` and gets 400.
+    * A request with an ``Origin`` that is neither the server's own nor in ``allowed_origins`` gets 403
+      before anything runs (a cross-site form POST needs no preflight); CORS headers are sent only
+      for listed origins (monailabel reflects any origin with credentials).
+    * Unless ``expose``: a connection that did not arrive on a loopback address is refused (403), whatever
+      address the server was started on (the start-up check reads the command line; this reads the socket).
+    """
+
+    def __init__(self, app, allowed_origins: Sequence[str] = (), allowed_hosts: Sequence[str] = (),
+                 expose: bool = False):
+        self.app = app
+        self.allowed_origins = {normalise_origin(o) for o in allowed_origins}
+        self.allowed_hosts = {h.lower() for h in allowed_hosts}
+        self.expose = bool(expose)
+
+    @staticmethod
+    async def _refuse(send, status: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"vary", b"Origin")]})
+        await send({"type": "http.response.body", "body": body})
+
+    def refusal(self, scope) -> tuple[int, str] | None:
+        """(status, message) when the request must be refused, else None."""
+        headers = {k.lower(): v for k, v in (scope.get("headers") or [])}
+        server = scope.get("server") or (None, None)
+        local = str(server[0]) if server[0] is not None else None
+        if not self.expose and local is not None and not is_loopback(local):
+            return 403, (f"this server answers only on loopback (connection arrived on {local}); start it with "
+                         "--host 127.0.0.1, or enable authentication and --conf expose true to serve other machines")
+        host = headers.get(b"host", b"").decode("latin-1")
+        name = host_name(host) if host else ""
+        if "*" not in self.allowed_hosts and not (is_loopback(name) or name == (local or "").lower()
+                                                   or name in self.allowed_hosts):
+            return 400, (f"Host header {host[:100]!r} does not name this server (DNS-rebinding guard); connect to "
+                         "http://127.0.0.1:<port>, or list the name with --conf allowed_hosts <name>[,<name>...]")
+        origin = headers.get(b"origin")
+        if origin is not None:
+            o = normalise_origin(origin.decode("latin-1"))
+            same = o.split("://", 1)[-1] == host.strip().lower() if host else False
+            if not same and o not in self.allowed_origins:
+                return 403, (f"cross-origin request from {o[:100]!r} refused: this server allows no other web origin by "
+                             "default; allow the OHIF viewer's origin with --conf cors_origins http://host:port")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        bad = self.refusal(scope)
+        if bad is not None:
+            if scope["type"] == "websocket":
+                return await send({"type": "websocket.close", "code": 1008})
+            return await self._refuse(send, *bad)
+        return await self.app(scope, receive, send)
+
+
+# ------------------------------------------------------------------------------------------ full disk
+#: errors of a write that ran out of room: the disk or quota is full, or the file-size limit was reached
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS
+
+
+def disk_full_message(what: str) -> str:
+    return (f"{what} failed: the server's disk is full (nothing was changed; the previous file is kept). "
+            "Free space on the server, then send it again")

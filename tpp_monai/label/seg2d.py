@@ -189,6 +189,40 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     return model, cfg, dict(obj.get("meta", {}))
 
 
+def install_model_file(upload: str | os.PathLike, dest: str | os.PathLike, expect: Seg2DConfig,
+                       device: str | torch.device = "cpu") -> dict:
+    """Put an uploaded model file in place of ``dest`` only if it is one this server can serve; atomically.
+
+    The upload must load weights-only (no pickled code), be a :data:`MODEL_FORMAT` file whose tensors fit
+    its network and whose backbone fingerprint matches, and predict the server's classes at the server's
+    input size (``expect``: labels, img_size, in_chans). Then it is copied next to ``dest`` and renamed
+    over it: a reader (or a crash) never sees half a model, and a refused upload leaves ``dest`` untouched.
+    Returns the file's ``meta``.
+    """
+    from tpp_monai.checkpoint import atomic_write
+
+    try:
+        _, cfg, meta = load_model(upload, device=device)
+    except CheckpointMismatch:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreadable / pickled / not a model: one clear refusal
+        raise CheckpointMismatch(f"the uploaded file is not a usable tpp-monai label model ({type(e).__name__}: "
+                                 f"{str(e)[:300]})") from e
+    for field_name in ("labels", "img_size", "in_chans"):
+        got, want = getattr(cfg, field_name), getattr(expect, field_name)
+        if got != want:
+            raise CheckpointMismatch(f"the uploaded model has {field_name}={got!r} but this server serves "
+                                     f"{field_name}={want!r}; train it with the same --conf settings")
+
+    def copy(f) -> None:
+        with open(upload, "rb") as src:
+            while chunk := src.read(1 << 20):
+                f.write(chunk)
+
+    atomic_write(dest, copy)
+    return meta
+
+
 # ----------------------------------------------------------------------------------------------- io
 def _ext(path: str | os.PathLike) -> str:
     p = str(path).lower()
@@ -213,6 +247,21 @@ def read_image_2d(path: str | os.PathLike, max_pixels: int | None = None) -> tup
     ``(y, x)`` here, the order of PNG pixels and of ITK / 3D Slicer's view of a PNG, so images and
     labels in different formats (PNG image + NIfTI label saved by Slicer) line up.
     """
+    arr, info = _read_2d(path, max_pixels)
+    _check_finite(arr, path)
+    return arr, info
+
+
+def _check_finite(arr: np.ndarray, path) -> None:
+    """NaN / Inf pixels have no intensity: min-max scaling would turn the whole image black (and train on it)."""
+    if np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise ImageReadError(f"{Path(path).name}: {bad} of {np.size(arr)} pixels are NaN or Inf; fix or remove "
+                                 "this image (replace the non-finite pixels, e.g. with numpy.nan_to_num) and send it again")
+
+
+def _read_2d(path: str | os.PathLike, max_pixels: int | None) -> tuple[np.ndarray, dict]:
     ext = _ext(path)
     try:
         if ext in NIFTI_EXT:
@@ -272,11 +321,33 @@ def to_model_input(arr: np.ndarray, img_size: int, in_chans: int = 3) -> torch.T
     if a.dtype == np.uint8:
         x = x / 255.0
     else:
+        if not torch.isfinite(x).all():
+            raise ImageReadError("the image has NaN or Inf pixels: it has no meaningful intensities to segment")
         lo, hi = float(x.min()), float(x.max())
         x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
     if x.shape[0] != in_chans:
         x = x.mean(0, keepdim=True).repeat(in_chans, 1, 1)
     return F.interpolate(x[None], size=(img_size, img_size), mode="bilinear", align_corners=False)[0]
+
+
+def check_label_classes(arr: np.ndarray, num_classes: int, path: str | os.PathLike | None = None) -> None:
+    """A label holds class indices 0..num_classes-1; anything else is refused, naming the file and the fix.
+
+    A 0/255 mask (what many tools save for a binary mask) is the common case: it is refused rather than
+    guessed at (255 could be a class of its own); the message says to save 0/1 (divide by 255).
+    """
+    a = np.asarray(arr)
+    a = a[..., 0] if a.ndim == 3 else a
+    if a.size == 0:
+        return
+    classes = np.unique(a)
+    bad = [v for v in classes.tolist() if not float(v).is_integer() or not 0 <= v < num_classes]
+    if bad:
+        name = f"label {Path(path).name}" if path is not None else "label"
+        hint = (" It looks like a 0/255 mask: save class indices instead (0 background, 1 foreground; "
+                "divide the mask by 255)." if 255 in bad else "")
+        raise ImageReadError(f"{name} has class value(s) {[int(v) if float(v).is_integer() else v for v in bad][:8]} "
+                             f"but the model has {num_classes} classes (0..{num_classes - 1}, --conf labels).{hint}")
 
 
 def to_model_label(arr: np.ndarray, img_size: int, num_classes: int) -> torch.Tensor:
@@ -341,10 +412,11 @@ def check_train_args(*, tpp_epochs: int, ft_epochs: int, batch_size: int, ft_lr:
 def run_tpp_stage(cfg: Seg2DConfig, images: Sequence[str | os.PathLike], output_dir: str | os.PathLike, *,
                   pretext: str = "mae", pretext_config: Mapping[str, Any] | None = None, epochs: int = 1,
                   batch_size: int = 8, lr: float | None = None, device: str | torch.device = "cpu", seed: int = 0,
-                  log: Callable[[str], None] | None = None) -> str:
+                  log: Callable[[str], None] | None = None, handlers: Sequence | None = None) -> str:
     """TPP: the frozen backbone's target parameters + the pretext head learn on every image (labelled or not).
 
     Returns the target-parameter checkpoint that :func:`build_model` hands over to fine-tuning.
+    ``handlers``: objects with ``attach(engine)`` for the TPP engine (the label server's progress report).
     """
     from tpp_monai.tpp import tpp_pretrain
 
@@ -356,7 +428,7 @@ def run_tpp_stage(cfg: Seg2DConfig, images: Sequence[str | os.PathLike], output_
         build_backbone(cfg), cfg.peft_method, pretext, pool, peft_config=dict(cfg.peft_config),
         pretext_config=dict(pretext_config or {}), epochs=epochs, batch_size=min(batch_size, len(pool)),
         lr=lr, output_dir=Path(output_dir), seed=seed, device=torch.device(device), tensorboard=False,
-        checkpoint_every_epochs=epochs, log_every=10**9,
+        checkpoint_every_epochs=epochs, log_every=10**9, handlers=handlers,
     )
     log(f"TPP done in {time.time() - t0:.1f} s -> {Path(ckpt).name}")
     return str(ckpt)
@@ -373,8 +445,8 @@ def check_trained(model: nn.Module, losses: Sequence[float], lr: float) -> None:
 
 def check_labelled(labelled: Sequence[tuple[str | os.PathLike, str | os.PathLike]], num_classes: int) -> None:
     """Read every labelled pair once before training: a size mismatch or an unknown class stops the run at once."""
-    for img, lbl in read_labelled_pairs(labelled):
-        to_model_label(lbl, 1, num_classes)
+    for (_, lbl_path), (_, lbl) in zip(labelled, read_labelled_pairs(labelled)):
+        check_label_classes(lbl, num_classes, lbl_path)
 
 
 def train_tpp_peft(
