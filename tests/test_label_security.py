@@ -40,7 +40,9 @@ NO_MONAILABEL = "monailabel is not installed (optional extra, see apps/tpp_label
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT, HTTP_TIMEOUT = 180, 60
 TINY = seg2d.Seg2DConfig(img_size=32, vit_overrides={"depth": 2})
-SERVER_OWN = ("studies/", "app/", "model/", "systmp/", "sessions/")  # what the test server may write to
+SERVER_OWN = ("studies/", "app/", "model/", "systmp/", "sessions/", "slicer/")  # what the test server may write to
+OHIF = "http://localhost:3000"  # the one cross-origin allowed on the test server (--conf cors_origins)
+TRAIN_START_TIMEOUT = 300
 
 
 def _png(path: Path, arr: np.ndarray) -> Path:
@@ -361,7 +363,7 @@ def srv(tmp_path_factory):
     cmd = [sys.executable, "-m", "tpp_monai.label.serve", "--app", str(app), "--studies", str(studies),
            "--port", str(port), "--conf", "model_dir", str(root / "model"), "--conf", "img_size", "32",
            "--conf", "vit_overrides", '{"depth": 2}', "--conf", "max_upload_mb", "1",
-           "--conf", "allow_untrained", "true"]  # no --host: the default
+           "--conf", "allow_untrained", "true", "--conf", "cors_origins", OHIF]  # no --host: the default
     env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
            "MONAI_LABEL_SESSION_PATH": str(root / "sessions"),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -524,3 +526,165 @@ def test_reload_keeps_the_guards(srv):
     r = requests.post(f"{u}/train/tpp_seg", json={"epochs": 0}, timeout=HTTP_TIMEOUT)
     assert r.status_code == 400 and "epochs" in r.json()["detail"], r.text
     assert not list(srv["root"].rglob("escape*")) and _files(srv["tmp"]) == srv["tmp_at_start"]
+
+
+# ------------------------------------------------ issue 21 (2, 3, 5, 6, 10, 13, 14) on the server
+def test_browsers_get_no_cross_origin_access_and_host_is_checked(srv):
+    u, port = srv["url"], srv["port"]
+    for method, path in (("GET", "/datastore/?output=all"), ("POST", "/activelearning/first"), ("GET", "/info/")):
+        r = requests.request(method, u + path, headers={"Origin": "https://evil.example"}, timeout=HTTP_TIMEOUT)
+        assert r.status_code == 403 and "cors_origins" in r.json()["detail"], (path, r.status_code, r.text)
+        assert not any(k.lower().startswith("access-control") for k in r.headers), r.headers
+    for m in ("PUT", "DELETE"):  # preflights of the requests that replace the model or delete data
+        r = requests.options(u + "/model/tpp_seg", headers={"Origin": "https://evil.example",
+                                                            "Access-Control-Request-Method": m}, timeout=HTTP_TIMEOUT)
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers, r.headers
+    for host in ("evil.example", f"evil.example:{port}", "attacker.test:80"):  # DNS rebinding
+        r = requests.get(u + "/datastore/?output=all", headers={"Host": host}, timeout=HTTP_TIMEOUT)
+        assert r.status_code == 400 and "DNS-rebinding" in r.json()["detail"], r.text
+    r = requests.options(u + "/datastore/label", headers={"Origin": OHIF, "Access-Control-Request-Method": "PUT"},
+                         timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == OHIF, r.headers
+    r = requests.get(u + "/info/", headers={"Origin": OHIF}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == OHIF
+    r = requests.get(u + "/info/", headers={"Origin": u, "Host": f"127.0.0.1:{port}"}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200, r.text  # the server's own pages
+    assert requests.get(f"http://localhost:{port}/info/", timeout=HTTP_TIMEOUT).status_code == 200
+
+
+def test_infer_label_param_model_upload_and_obscure_requests_get_4xx(srv, tmp_path):
+    u, model = srv["url"], srv["model"]
+    answers = set()
+    for p in ("/etc/hostname", "/no/such/file", str(srv["studies"] / "img_0.png")):  # exists or not: one answer
+        r = requests.post(f"{u}/infer/tpp_seg", params={"image": "img_0", "output": "json"},
+                          data={"params": json.dumps({"label": p})}, timeout=HTTP_TIMEOUT)
+        answers.add((r.status_code, r.text))
+    assert len(answers) == 1 and answers.pop()[0] == 400
+    r = requests.post(f"{u}/infer/tpp_seg", params={"image": "img_0", "output": "json"},
+                      files={"label": ("l.png", (srv["studies"] / "labels" / "final" / "img_0.png").read_bytes())},
+                      timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200, r.text  # an uploaded label is fine
+
+    before = model.read_bytes()
+    r = requests.put(f"{u}/model/tpp_seg", files={"file": ("m.pt", b"any bytes")}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 403 and "allow_model_upload" in r.json()["detail"], r.text
+    assert requests.delete(f"{u}/model/tpp_seg", timeout=HTTP_TIMEOUT).status_code == 403
+    assert model.read_bytes() == before
+
+    good = (srv["studies"] / "img_0.png").read_bytes()
+    mp = b'--xx\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
+
+    def chunked():  # no content-length: the cap is found while reading
+        yield mp
+        for _ in range(24):
+            yield b"\0" * 65536
+        yield b"\r\n--xx--\r\n"
+
+    for what, call, status, text in (
+            ("no input", lambda: requests.post(f"{u}/infer/tpp_seg", timeout=HTTP_TIMEOUT), 400, "no input"),
+            ("truncated multipart", lambda: requests.put(f"{u}/datastore/?image=zz", data=mp + good[:100],
+             headers={"content-type": "multipart/form-data; boundary=xx"}, timeout=HTTP_TIMEOUT), 422, "file"),
+            ("NUL in image id", lambda: requests.post(f"{u}/infer/tpp_seg", params={"image": "a\x00b"},
+                                                      timeout=HTTP_TIMEOUT), 400, "server paths are not accepted"),
+            ("NUL in strategy", lambda: requests.post(f"{u}/activelearning/fi\x00rst", json={}, timeout=HTTP_TIMEOUT),
+             404, "no active-learning strategy"),
+            ("NUL in session id", lambda: requests.get(f"{u}/session/a\x00b", timeout=HTTP_TIMEOUT), 400, "session id"),
+            ("/proxy/dicom", lambda: requests.get(f"{u}/proxy/dicom/qido/studies", timeout=HTTP_TIMEOUT), 404,
+             "no DICOMweb server"),
+            ("/logs/gpu", lambda: requests.get(f"{u}/logs/gpu", timeout=HTTP_TIMEOUT), 403, "authentication"),
+            ("chunked oversize", lambda: requests.post(f"{u}/infer/tpp_seg", data=chunked(), timeout=HTTP_TIMEOUT,
+             headers={"content-type": "multipart/form-data; boundary=xx"}), 413, "limit of 1048576 bytes")):
+        r = call()
+        assert r.status_code == status and text in r.text, (what, r.status_code, r.text)
+
+    nan = np.zeros((32, 32, 1), np.float32)
+    nan[5, 5] = np.nan
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), str(tmp_path / "nan_slice.nii.gz"))
+    for r in (requests.put(f"{u}/datastore/?image=nan_slice", timeout=HTTP_TIMEOUT,
+                           files={"file": ("nan_slice.nii.gz", (tmp_path / "nan_slice.nii.gz").read_bytes())}),
+              requests.post(f"{u}/infer/tpp_seg", params={"output": "json"}, timeout=HTTP_TIMEOUT,
+                            files={"file": ("nan_slice.nii.gz", (tmp_path / "nan_slice.nii.gz").read_bytes())})):
+        assert r.status_code == 400 and "NaN or Inf" in r.json()["detail"], r.text
+    assert not list(srv["studies"].glob("nan_slice*"))
+
+    sid = requests.put(f"{u}/session/", files={"files": ("x.png", good, "image/png")}, timeout=HTTP_TIMEOUT)
+    assert sid.status_code == 200 and str(srv["root"]) not in sid.text and "/" not in json.dumps(
+        sid.json()["session_info"]), sid.text
+    r = requests.get(f"{u}/session/{sid.json()['session_id']}", timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200 and str(srv["root"]) not in r.text and r.json()["image"] == "x.png", r.text
+
+
+# --------------------------------------------- issue 25.1: everything 3D Slicer does, with MONAI Label's client
+def _wait(what, pred, timeout):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_slicer_calls_through_monailabel_client(srv, tmp_path):
+    from monailabel.client import MONAILabelClient
+    from monailabel.client.client import MONAILabelClientException
+
+    c = MONAILabelClient(srv["url"], tmpdir=str(tmp_path), client_id="user-xyz")  # as the Slicer plugin makes it
+    info = c.info()
+    assert "tpp_seg" in info["models"] and "tpp_seg" in info["trainers"]
+    sample = c.next_sample("first", {})
+    assert sample["id"] and "path" not in sample
+    img = _png(tmp_path / "case_7.png", (np.random.default_rng(7).random((32, 32)) * 255).astype(np.uint8))
+    assert c.upload_image(str(img), "case_7")["image"] == "case_7"
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:20, 8:20] = 255  # a 0/255 mask: refused at upload, naming the image and the fix
+    bad = _png(tmp_path / "case_7_label.png", mask)
+    with pytest.raises(MONAILabelClientException, match=r"case_7.*class value\(s\) \[255\].*divide the mask by 255"):
+        c.save_label("case_7", str(bad), tag="final")
+    good = _png(tmp_path / "case_7_ok.png", mask // 255)
+    c.save_label("case_7", str(good), tag="final", params={"label_info": [{"name": "soft_tissue", "idx": 1}]})
+    assert np.array_equal(np.asarray(Image.open(srv["studies"] / "labels" / "final" / "case_7.png")), mask // 255)
+    out, res = c.infer("tpp_seg", "case_7", {})
+    assert res["shape"] == [32, 32] and np.asarray(Image.open(out)).shape == (32, 32)
+
+    before = srv["model"].stat().st_mtime_ns
+    task = c.train_start("tpp_seg", {**info["trainers"]["tpp_seg"]["config"], "tpp_epochs": 400, "epochs": 1})
+    assert task["status"] in ("SUBMITTED", "RUNNING"), task
+
+    def tpp_progress():
+        st = c.info().get("train_stats", {}).get("tpp_seg") or {}
+        return st if st.get("stage") == "tpp" and st.get("epoch", 0) >= 1 else None
+
+    st = _wait("TPP progress in train_stats", tpp_progress, TRAIN_START_TIMEOUT)
+    assert st["total_epochs"] == 401 and st["stage_epochs"] == 400 and "total_time" not in st
+    assert 0 < 100 * st["epoch"] / st["total_epochs"] < 100  # what Slicer's progress bar shows (not stuck at 1%)
+    assert c.train_status(check_if_running=True)
+    stopped = c.train_stop()
+    assert stopped["status"] == "STOPPED", stopped
+    assert not c.train_status(check_if_running=True)
+    time.sleep(2)
+    assert srv["model"].stat().st_mtime_ns == before
+
+
+def test_stopping_the_server_stops_its_training(srv):
+    """Issue 21.12 (runs last: it stops the module's server). Stopped with SIGTERM while TPP runs: the train
+    subprocess ends with the server and never replaces the model."""
+    import psutil
+    import signal
+
+    u, before = srv["url"], srv["model"].stat().st_mtime_ns
+    r = requests.post(f"{u}/train/tpp_seg", json={"tpp_epochs": 400, "epochs": 1, "client_id": "x"},
+                      timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200, r.text
+    server = psutil.Process(srv["pid"])
+    _wait("TPP progress", lambda: (requests.get(f"{u}/info/", timeout=HTTP_TIMEOUT).json()["train_stats"]
+                                   .get("tpp_seg", {}).get("stage") == "tpp"), TRAIN_START_TIMEOUT)
+    children = server.children(recursive=True)
+    assert children, "no train subprocess"
+    os.kill(srv["pid"], signal.SIGTERM)
+    gone, alive = psutil.wait_procs([server, *children], timeout=60)
+    assert not alive, f"still running after the server was stopped: {alive}"
+    time.sleep(2)
+    assert srv["model"].stat().st_mtime_ns == before

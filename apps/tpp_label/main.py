@@ -771,6 +771,10 @@ class MyApp(MONAILabelApp):
         return {"first": First(), "random": Random()}
 
     def next_sample(self, request):
+        strategy = request.get("strategy")
+        if strategy not in self._strategies:
+            raise safety.RequestError(f"no active-learning strategy {str(strategy)[:80]!r}; available: "
+                                      f"{', '.join(self._strategies)}", status=404)
         res = super().next_sample(request)
         res.pop("path", None)  # clients get the id (GET /datastore/image?image=<id>), not a server path
         return res
@@ -906,6 +910,7 @@ def _harden(fastapi_app, uploads: safety.UploadFolder, max_upload_mb: float, app
     for exc in (ImageNotFoundException, LabelNotFoundException):
         fastapi_app.add_exception_handler(exc, lambda r, e: _json_error(404, msg(str(e.msg))))
     fastapi_app.add_exception_handler(StarletteHTTPException, http_error)
+    fastapi_app.add_exception_handler(MONAILabelException, lambda r, e: _json_error(400, msg(f"{getattr(e.error, 'value', e.error)}: {e.msg}")))
     fastapi_app.add_exception_handler(Exception, unexpected)
     _cors(fastapi_app, app.cors_origins)
     fastapi_app.user_middleware.insert(0, Middleware(safety.RequestGuard, folder=uploads,
