@@ -653,9 +653,11 @@ def test_slicer_calls_through_monailabel_client(srv, tmp_path):
     task = c.train_start("tpp_seg", {**info["trainers"]["tpp_seg"]["config"], "tpp_epochs": 400, "epochs": 1})
     assert task["status"] in ("SUBMITTED", "RUNNING"), task
 
-    def tpp_progress():
+    t_start = int(time.time())
+
+    def tpp_progress():  # this run's stats (start_ts), one TPP epoch done
         st = c.info().get("train_stats", {}).get("tpp_seg") or {}
-        return st if st.get("stage") == "tpp" and st.get("epoch", 0) >= 1 else None
+        return st if st.get("stage") == "tpp" and st.get("epoch", 0) >= 1 and st["start_ts"] >= t_start else None
 
     st = _wait("TPP progress in train_stats", tpp_progress, TRAIN_START_TIMEOUT)
     assert st["total_epochs"] == 401 and st["stage_epochs"] == 400 and "total_time" not in st
@@ -674,13 +676,17 @@ def test_stopping_the_server_stops_its_training(srv):
     import psutil
     import signal
 
-    u, before = srv["url"], srv["model"].stat().st_mtime_ns
+    u, before, t_start = srv["url"], srv["model"].stat().st_mtime_ns, int(time.time())
     r = requests.post(f"{u}/train/tpp_seg", json={"tpp_epochs": 400, "epochs": 1, "client_id": "x"},
                       timeout=HTTP_TIMEOUT)
     assert r.status_code == 200, r.text
     server = psutil.Process(srv["pid"])
-    _wait("TPP progress", lambda: (requests.get(f"{u}/info/", timeout=HTTP_TIMEOUT).json()["train_stats"]
-                                   .get("tpp_seg", {}).get("stage") == "tpp"), TRAIN_START_TIMEOUT)
+
+    def running_tpp():
+        st = requests.get(f"{u}/info/", timeout=HTTP_TIMEOUT).json()["train_stats"].get("tpp_seg", {})
+        return st.get("stage") == "tpp" and st.get("start_ts", 0) >= t_start
+
+    _wait("TPP progress of this run", running_tpp, TRAIN_START_TIMEOUT)
     children = server.children(recursive=True)
     assert children, "no train subprocess"
     os.kill(srv["pid"], signal.SIGTERM)

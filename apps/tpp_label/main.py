@@ -113,6 +113,8 @@ DEFAULTS: Dict[str, str] = {
     "max_image_pixels": str(seg2d.MAX_IMAGE_PIXELS),
     "max_upload_mb": "256",
 }
+#: environment variable naming the server's pid for its train subprocess (which exits when the server is gone)
+SERVER_PID_ENV = "TPP_LABEL_SERVER_PID"
 #: free space an upload must leave on the datastore's disk (the datastore JSON is rewritten after it)
 UPLOAD_HEADROOM = 1 << 20
 #: keys monailabel itself adds to a train request (not the client's)
@@ -386,8 +388,8 @@ class TPPSegTrain(BasicTrainTask):
 
     def __call__(self, request, datastore: Datastore):
         """Runs in monailabel's train subprocess: clients see only our marked lines (no traceback, no paths)."""
-        if "monailabel.app" not in sys.modules and self._server_pid is None:  # the subprocess the server started
-            self._server_pid = os.getppid()
+        if "monailabel.app" not in sys.modules and self._server_pid is None and os.environ.get(SERVER_PID_ENV):
+            self._server_pid = int(os.environ[SERVER_PID_ENV])  # the server that started this train subprocess
             threading.Thread(target=_exit_when_orphaned, args=(self._server_pid,), daemon=True,
                              name="tpp-label-server-watch").start()
         try:
@@ -426,23 +428,29 @@ def _exit_when_orphaned(server_pid: int, every_s: float = 1.0) -> None:
     that was published; the previous model stays.
     """
     while True:
-        time.sleep(every_s)
         if os.getppid() != server_pid:
             logger.error(f"{safety.CLIENT_MARK}the label server stopped: training stopped, the previous model is kept")
             logging.shutdown()
             os._exit(3)
+        time.sleep(every_s)
 
 
 def _stop_training_with_server() -> None:
-    """In the server: when uvicorn has stopped (the main thread ends), kill the train subprocess it started.
+    """In the server: kill the train subprocess it started when it stops (SIGTERM / SIGINT, or any exit).
 
-    monailabel's executor thread waits for the subprocess at interpreter exit, so without this a stopped
-    server kept training (and then published) until the run ended.
+    monailabel's executor thread waits for the subprocess at interpreter exit, and uvicorn ends a
+    signalled server by re-raising the signal after its graceful shutdown, so a stopped server left its
+    training running (and publishing) until the run ended. The handlers are chained before uvicorn's
+    (this runs at start-up, in the main thread); a thread covers exits without a signal; the train
+    subprocess also watches the server's pid (``SERVER_PID_ENV``) for a server that was killed outright.
     """
+    import signal
+
     from monailabel.utils.async_tasks import utils as tasks
 
-    def watch() -> None:
-        threading.main_thread().join()
+    os.environ[SERVER_PID_ENV] = str(os.getpid())  # inherited by the train subprocess
+
+    def kill_training() -> None:
         for procs in list(tasks.background_processes.values()):
             for proc in list(procs.values()):
                 try:
@@ -454,6 +462,23 @@ def _stop_training_with_server() -> None:
                     pass
                 if proc.poll() is None:
                     proc.kill()
+
+    def on_signal(prev):
+        def handler(sig, frame):
+            kill_training()
+            if callable(prev):
+                return prev(sig, frame)
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+            signal.raise_signal(sig)
+        return handler
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal(signal.getsignal(sig)))
+
+    def watch() -> None:
+        threading.main_thread().join()
+        kill_training()
 
     threading.Thread(target=watch, daemon=True, name="tpp-label-stop-training").start()
 
