@@ -233,7 +233,9 @@ def test_train_round_trip_stats_and_reinfer(server, trained):
 
     # train_stats as MONAI Label's BasicTrainTask writes them (what 3D Slicer shows), plus ours
     stats = requests.get(f"{server['url']}/info/", timeout=HTTP_TIMEOUT).json()["train_stats"]["tpp_seg"]
-    assert stats["epoch"] == stats["total_epochs"] == 2 and stats["version"] == 1
+    # epochs counted over the whole run (1 TPP + 2 fine-tuning: Slicer's bar), fine-tuning's own in stage_epoch(s)
+    assert stats["epoch"] == stats["total_epochs"] == 3 and stats["version"] == 1 and stats["stage"] == "done"
+    assert stats["stage_epoch"] == stats["stage_epochs"] == 2 and stats["tpp_epochs_done"] == 1
     h, m, sec = (int(v) for v in stats["total_time"].split(":"))
     assert 3600 * h + 60 * m + sec >= 0 and stats["total_seconds"] > 0
     assert 0.0 <= stats["best_metric"] <= 1.0 and stats["best_metric"] == stats["eval"]["best_metric"]

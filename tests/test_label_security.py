@@ -337,7 +337,7 @@ def test_train_task_failure_shows_reason_not_traceback(tmp_path, caplog):
     with caplog.at_level(logging.INFO), pytest.raises(SystemExit):
         task({"model": "tpp_seg", "tpp": False, "epochs": 1}, Store())
     client = [r.getMessage() for r in caplog.records if safety.CLIENT_MARK in r.getMessage()]
-    assert any("training failed" in m and "label has class 7" in m for m in client), client
+    assert any("training failed" in m and "label a_label.png has class value(s) [7]" in m for m in client), client
     assert not any("Traceback" in m or str(tmp_path) in m for m in client)
     assert "Traceback" in (tmp_path / "logs" / "train_errors.log").read_text()
     assert not (tmp_path / "model" / "tpp_seg.pt").exists()
