@@ -1,10 +1,13 @@
 """Request checks for the annotation server: what a client may name, send and see.
 
-The MONAI Label app (``apps/tpp_label``) calls these; nothing here imports ``monailabel``, so the
-checks are tested without a server. Why each exists (issue 16): monailabel 0.8.5 joins client-given
+The MONAI Label app (``apps/tpp_label``) calls these; only :func:`start_server_args` imports
+``monailabel`` (its own argument parser, lazily), so the checks are tested without a server. Why each exists (issue 16): monailabel 0.8.5 joins client-given
 label tags and image ids into datastore paths (``tag=../../x`` wrote outside the datastore), segments
 any server file named by path, keeps failed uploads in the temp folder forever, answers malformed
 input with HTTP 500 and shows training tracebacks and server paths to every client.
+Issue 21 added: monailabel reflects any web ``Origin`` with credentials and ignores ``Host`` (any page in
+the annotator's browser could read the dataset and replace the model: :class:`BrowserGuard`), and the
+loopback guard read the first ``--host`` while uvicorn binds the last (:func:`bound_host`).
 """
 
 from __future__ import annotations
