@@ -627,6 +627,7 @@ def _wait(what, pred, timeout):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_slicer_calls_through_monailabel_client(srv, tmp_path):
     from monailabel.client import MONAILabelClient
     from monailabel.client.client import MONAILabelClientException
@@ -670,25 +671,21 @@ def test_slicer_calls_through_monailabel_client(srv, tmp_path):
     assert srv["model"].stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_stopping_the_server_stops_its_training(srv):
-    """Issue 21.12 (runs last: it stops the module's server). Stopped with SIGTERM while TPP runs: the train
-    subprocess ends with the server and never replaces the model."""
+    """Issue 21.12 (runs last: it stops the module's server). Stopped with SIGTERM while training runs: the
+    train subprocess ends with the server and never replaces the model."""
     import psutil
     import signal
 
-    u, before, t_start = srv["url"], srv["model"].stat().st_mtime_ns, int(time.time())
+    u, before = srv["url"], srv["model"].stat().st_mtime_ns
     r = requests.post(f"{u}/train/tpp_seg", json={"tpp_epochs": 400, "epochs": 1, "client_id": "x"},
                       timeout=HTTP_TIMEOUT)
     assert r.status_code == 200, r.text
     server = psutil.Process(srv["pid"])
-
-    def running_tpp():
-        st = requests.get(f"{u}/info/", timeout=HTTP_TIMEOUT).json()["train_stats"].get("tpp_seg", {})
-        return st.get("stage") == "tpp" and st.get("start_ts", 0) >= t_start
-
-    _wait("TPP progress of this run", running_tpp, TRAIN_START_TIMEOUT)
-    children = server.children(recursive=True)
-    assert children, "no train subprocess"
+    children = _wait("the train subprocess", lambda: server.children(recursive=True), TRAIN_START_TIMEOUT)
+    time.sleep(3)  # under way (it runs for minutes: 400 TPP epochs)
+    assert all(c.is_running() for c in children)
     os.kill(srv["pid"], signal.SIGTERM)
     gone, alive = psutil.wait_procs([server, *children], timeout=60)
     assert not alive, f"still running after the server was stopped: {alive}"
