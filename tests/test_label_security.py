@@ -261,6 +261,34 @@ def test_stage_progress_counts_the_whole_run():
     assert all("total_time" not in s and s["tpp_loss"] == 0.5 for s in seen)  # Slicer: total_time = finished
 
 
+def test_train_subprocess_exits_when_its_server_is_gone(tmp_path):
+    """Issue 21.12 for a server killed outright (no signal handler runs): its train subprocess stops itself."""
+    import psutil
+    import signal
+
+    ready = tmp_path / "ready"
+    grandchild = (f"import os, sys; sys.path.insert(0, {str(REPO)!r}); "
+                  "from tpp_monai.label.safety import exit_when_orphaned; "
+                  f"ppid = os.getppid(); open({str(ready)!r}, 'w').write(str(os.getpid())); "
+                  "exit_when_orphaned(ppid, 0.1)")
+    server = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               f"subprocess.Popen([sys.executable, '-c', {grandchild!r}]); time.sleep(600)"])
+    try:
+        _wait_file = time.time()
+        while not ready.exists() or not ready.read_text():
+            assert time.time() - _wait_file < 120 and server.poll() is None, "the train stand-in did not start"
+            time.sleep(0.2)
+        train = psutil.Process(int(ready.read_text()))
+        assert train.is_running()
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(timeout=20)
+        gone, alive = psutil.wait_procs([train], timeout=30)
+        assert not alive, "the train stand-in kept running after its server was killed"
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
 def test_task_view_hides_tracebacks_and_paths(tmp_path):
     task = {"id": "1", "status": "ERROR", "start_ts": "t", "request": {"model": "m", "epochs": 2, "bundle_path": str(tmp_path)},
             "details": ["[..] INFO (app:1) - Initializing App from: " + str(tmp_path / "app"),

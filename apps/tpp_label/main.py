@@ -390,7 +390,7 @@ class TPPSegTrain(BasicTrainTask):
         """Runs in monailabel's train subprocess: clients see only our marked lines (no traceback, no paths)."""
         if "monailabel.app" not in sys.modules and self._server_pid is None and os.environ.get(SERVER_PID_ENV):
             self._server_pid = int(os.environ[SERVER_PID_ENV])  # the server that started this train subprocess
-            threading.Thread(target=_exit_when_orphaned, args=(self._server_pid,), daemon=True,
+            threading.Thread(target=safety.exit_when_orphaned, args=(self._server_pid,), daemon=True,
                              name="tpp-label-server-watch").start()
         try:
             client = {k: v for k, v in request.items() if v is not None}
@@ -418,21 +418,6 @@ class TPPSegTrain(BasicTrainTask):
 def atomic_write_json(path: str, obj: Any) -> None:
     """Write JSON through a temporary file + rename: a reader (GET /info) never sees half a file."""
     atomic_write(path, json.dumps(obj, indent=2, default=str))
-
-
-def _exit_when_orphaned(server_pid: int, every_s: float = 1.0) -> None:
-    """In the train subprocess: end the run as soon as the server that started it is gone.
-
-    A stopped (or killed) server used to leave its training running, which then replaced the model that a
-    new server might already serve. The model is written only at the very end, so exiting loses nothing
-    that was published; the previous model stays.
-    """
-    while True:
-        if os.getppid() != server_pid:
-            logger.error(f"{safety.CLIENT_MARK}the label server stopped: training stopped, the previous model is kept")
-            logging.shutdown()
-            os._exit(3)
-        time.sleep(every_s)
 
 
 def _stop_training_with_server() -> None:

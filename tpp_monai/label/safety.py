@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import logging
 import shutil
 import tempfile
 import time
@@ -471,3 +472,20 @@ def is_disk_full(e: BaseException) -> bool:
 def disk_full_message(what: str) -> str:
     return (f"{what} failed: the server's disk is full (nothing was changed; the previous file is kept). "
             "Free space on the server, then send it again")
+
+
+# ------------------------------------------------------------------------------ training vs. server
+def exit_when_orphaned(server_pid: int, every_s: float = 1.0) -> None:
+    """In the train subprocess (a thread): end the process as soon as the server that started it is gone.
+
+    A stopped (or killed) server used to leave its training running, which then replaced the model that a
+    new server might already serve. The model is written only at the very end of a run, so exiting loses
+    nothing that was published; the previous model stays.
+    """
+    while True:
+        if os.getppid() != server_pid:
+            logging.getLogger(__name__).error(
+                f"{CLIENT_MARK}the label server stopped: training stopped, the previous model is kept")
+            logging.shutdown()
+            os._exit(3)
+        time.sleep(every_s)
