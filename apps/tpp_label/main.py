@@ -65,9 +65,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
-from tpp_monai.checkpoint import CheckpointMismatch, atomic_write
-
 from tpp_monai.bundle.inferers import FlipTTAInferer
+from tpp_monai.checkpoint import CheckpointMismatch, atomic_write
 from tpp_monai.label import nnunet3d, pipeline, safety, seg2d
 from tpp_monai.pretext import PRETEXT_TASKS
 
