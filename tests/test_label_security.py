@@ -707,7 +707,7 @@ def test_stopping_the_server_stops_its_training(srv):
     import signal
 
     u, before = srv["url"], srv["model"].stat().st_mtime_ns
-    r = requests.post(f"{u}/train/tpp_seg", json={"tpp_epochs": 400, "epochs": 1, "client_id": "x"},
+    r = requests.post(f"{u}/train/tpp_seg", json={"tpp_epochs": 400, "epochs": 1},
                       timeout=HTTP_TIMEOUT)
     assert r.status_code == 200, r.text
     server = psutil.Process(srv["pid"])
