@@ -11,8 +11,10 @@ names what differs. Version-2 files (no digest) load with a warning.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -76,8 +78,36 @@ def _umask() -> int:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` through :func:`atomic_write`: a crash mid-write leaves the previous file intact."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` through :func:`atomic_write`: a crash mid-write leaves the previous file intact. A full
+    disk is a :class:`DiskFullError` naming ``path`` (torch itself says only ``unexpected pos 704 vs 598``)."""
+    try:
+        return atomic_write(path, lambda f: torch.save(obj, f))
+    except (OSError, RuntimeError) as e:
+        full = disk_full_error(path, e)
+        if full is not None:
+            raise full from e
+        raise
+
+
+class DiskFullError(OSError):
+    """No space left while writing a file (the previous version of the file, if any, is intact)."""
+
+
+def disk_full_error(path: str | os.PathLike, err: BaseException) -> DiskFullError | None:
+    """A :class:`DiskFullError` naming ``path`` and the free space when ``err`` is a failed write for lack of
+    space (``ENOSPC`` / ``EDQUOT``, or torch's zip writer's ``unexpected pos``); else None."""
+    full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        isinstance(err, RuntimeError) and "unexpected pos" in str(err))
+    if not full:
+        return None
+    path = Path(path)
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there now"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(errno.ENOSPC, f"disk full while writing {path} ({free}; {type(err).__name__}: "
+                         f"{str(err).strip()[:120]}). Free space on that disk or write elsewhere, then re-run; "
+                         "no partial file was left and an earlier version of the file is intact", str(path))
 
 
 def non_finite_tensors(obj: Any, prefix: str = "") -> list[str]:
