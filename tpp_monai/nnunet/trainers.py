@@ -46,6 +46,9 @@ skipped, first conv repeated for more input channels, adapters not expected, any
 unexpected / mis-shaped key is an error). The official ``*_ep4k.model`` files are pickles: set
 ``TPP_NNUNET_ALLOW_PICKLE=1`` (``--allow-pickle`` of the CLI) for files you trust. This is the only environment
 variable: it grants a permission and changes no result, so it does not belong in the results folder's name.
+It covers only the ``-pretrained_weights`` file: ``load_checkpoint`` (``--c``, ``--val``, ``--val_best``) always
+loads weights-only (upstream nnU-Net unpickles with ``weights_only=False``), as does the non-STU-Net fall-through
+of ``-pretrained_weights`` (:mod:`tpp_monai.nnunet.safety`).
 Single-process training only for the TPP stage (not with ``-num_gpus`` > 1).
 """
 
