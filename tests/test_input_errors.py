@@ -97,3 +97,16 @@ def test_a_missing_image_is_named(tmp_path, files):
                      (seg_transforms(image_size=16), {"image": str(files["png"]), "label": str(tmp_path / "m.png")})):
         msg = _err(t, entry)
         assert "does not exist" in msg and ("gone.png" in msg or "m.png" in msg) and "datalist" in msg
+
+
+def test_an_image_with_nan_pixels_is_named_before_training(tmp_path):
+    """A NaN loss cannot say which image caused it; the image check can."""
+    import nibabel as nib
+
+    arr = np.ones((16, 16), np.float32)
+    arr[3, 4], arr[5, 5] = np.nan, np.inf
+    p = tmp_path / "nan_slice.nii.gz"
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(p))
+    for t in (cls_transforms(image_size=16, num_classes=2), tpp_transforms(image_size=16, augment=False)):
+        msg = _err(t, {"image": str(p), "label": 0})
+        assert "nan_slice.nii.gz" in msg and "2 NaN/Inf value(s)" in msg, msg

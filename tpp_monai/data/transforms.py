@@ -151,6 +151,26 @@ class Check2Dd(MapTransform):
         return d
 
 
+class CheckFinited(MapTransform):
+    """Refuse an image holding NaN/Inf pixels (a float TIFF/NIfTI export gone wrong), naming the file: otherwise
+    training stops later at a NaN loss that cannot say which image caused it."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = torch.as_tensor(d[key])
+            if x.is_floating_point():
+                bad = int((~torch.isfinite(x)).sum())
+                if bad:
+                    raise ImageFileError(
+                        f"{key} file {_filename(d[key])} holds {bad} NaN/Inf value(s) of {x.numel()}; training on it "
+                        "would stop at a NaN loss. Re-export the image with finite values, or remove its entry.")
+        return d
+
+
 class CheckClassLabeld(MapTransform):
     """Classification labels must be class indices ``0..num_classes-1`` (a name such as ``"cat"`` or an index out
     of range would fail later inside the loss, or worse, train silently on a wrong class)."""
@@ -437,7 +457,8 @@ def cls_transforms(
 
 def _image_head(in_channels: int, intensity_range: str | Sequence[float]) -> list:
     """Read an image upright, channel first, ``in_channels`` channels, intensities in [0, 1]."""
-    return [load_image_2d("image"), EnsureChannelFirstd("image"), Check2Dd("image"), EnsureChannelsd("image", in_channels),
+    return [load_image_2d("image"), EnsureChannelFirstd("image"), Check2Dd("image"), CheckFinited("image"),
+            EnsureChannelsd("image", in_channels),
             ScaleToUnitd("image", intensity_range)]
 
 
@@ -511,6 +532,7 @@ def seg_transforms(
         load_image_2d(keys),
         EnsureChannelFirstd(keys),
         Check2Dd(keys),
+        CheckFinited(keys),
         CheckSameSized(keys),
         EnsureChannelsd("image", in_channels),
         MaskToIndexd("label", num_classes),
@@ -546,6 +568,7 @@ def tpp_transforms(
         load_image_2d("image"),
         EnsureChannelFirstd("image"),
         Check2Dd("image"),
+        CheckFinited("image"),
         EnsureChannelsd("image", in_channels),
         ScaleToUnitd("image", intensity_range),
     ]
