@@ -571,26 +571,23 @@ class Payload:
         return (os.system, ("echo pwned",))
 
 
-def test_nnunet_predict_refuses_a_pickled_checkpoint_unless_allowed(tmp_path, monkeypatch):
+def test_nnunet_checkpoint_check_refuses_a_pickled_checkpoint(tmp_path):
+    """The pre-check the label app runs (tpp_monai.cli.check_checkpoints_weights_only); the CLI paths
+    themselves are covered in tests/test_nnunet_safety.py."""
     import numpy as np
 
     pytest.importorskip("nnunetv2")
 
     from tpp_monai import cli
 
-    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_results", "results"), ("nnUNet_preprocessed", "pre")):
-        monkeypatch.setenv(var, str(tmp_path / sub))  # nnU-Net reads them when used
     args, ckpt = _nnunet_results(tmp_path, {"network_weights": {"w": torch.ones(2)}, "logging": {"ema": [np.float64(0.5)]},
                                             "init_args": {"device": torch.device("cpu")}, "evil": Payload()})
-    assert cli.predict_checkpoints(args) == [str(ckpt)]
-    execs = []
-    monkeypatch.setattr(cli, "_exec", lambda tool, a, env: execs.append(a) or 0)
-    assert cli.main(["nnunet-predict", *args]) == 2 and not execs
-    assert cli.main(["nnunet-predict", "--allow-pickle", *args]) == 0 and execs == [args]
+    err = cli.check_checkpoints_weights_only([str(ckpt)], pickle_hint="start the server with --conf allow_pickle true")
+    assert str(ckpt) in err and "refused: it would import" in err and "os.system" in err
     # a genuine nnU-Net checkpoint (tensors, plain data, numpy numbers in its logs) passes
     torch.save({"network_weights": {"w": torch.ones(2)}, "logging": {"ema": [np.float64(0.5)]},
                 "init_args": {"device": torch.device("cpu")}, "_best_ema": np.float64(0.4)}, ckpt)
-    assert cli.main(["nnunet-predict", *args]) == 0 and len(execs) == 2
+    assert cli.check_checkpoints_weights_only([str(ckpt)]) is None
 
 
 # ------------------------------------------------------------------ item 15: arguments are validated

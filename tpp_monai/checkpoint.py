@@ -1,15 +1,20 @@
 """Atomic checkpoint writing and the target-parameter checkpoint (TPP -> fine-tuning hand-over).
 
 A target-parameter checkpoint is a ``torch.save`` dict readable with ``weights_only=True``:
-``{"format": "tpp-target-params", "version": 2, "peft": {"method", "config"},
-"backbone_fingerprint", "backbone_digests": {name: digest}, "shapes": {name: shape}, "state_dict": {name: tensor}, "meta": {...}}``.
-Loading checks method, config, backbone fingerprint, names and shapes, and names what differs.
+``{"format": "tpp-target-params", "version": 3, "peft": {"method", "config"},
+"backbone_fingerprint", "backbone_digests": {name: digest}, "shapes": {name: shape}, "state_dict": {name: tensor},
+"state_digest": sha256, "meta": {...}}``.
+Loading checks the tensors against ``state_digest`` (a changed byte in the tensor data loads without any error from
+torch: the zip records' CRCs are not checked), then method, config, backbone fingerprint, names and shapes, and
+names what differs. Version-2 files (no digest) load with a warning.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -19,10 +24,12 @@ from typing import Any, BinaryIO, Callable
 import torch
 from torch import nn
 
+from tpp_monai.checkpoint_diagnosis import CORRUPT_FIX, describe_unreadable
 from tpp_monai.peft.api import (
     backbone_difference,
     backbone_fingerprint,
     backbone_hashes,
+    tensors_digest,
     check_target_state_dict,
     get_peft,
     load_target_state_dict,
@@ -34,6 +41,10 @@ TARGET_FORMAT = "tpp-target-params"
 
 class CheckpointMismatch(ValueError):
     """A target-parameter checkpoint does not belong to this backbone / PEFT method / config."""
+
+
+class CheckpointCorrupt(CheckpointMismatch):
+    """A target-parameter checkpoint's tensors differ from the digest written with them (damaged file)."""
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], Any]) -> Path:
@@ -67,8 +78,36 @@ def _umask() -> int:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` through :func:`atomic_write`: a crash mid-write leaves the previous file intact."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` through :func:`atomic_write`: a crash mid-write leaves the previous file intact. A full
+    disk is a :class:`DiskFullError` naming ``path`` (torch itself says only ``unexpected pos 704 vs 598``)."""
+    try:
+        return atomic_write(path, lambda f: torch.save(obj, f))
+    except (OSError, RuntimeError) as e:
+        full = disk_full_error(path, e)
+        if full is not None:
+            raise full from e
+        raise
+
+
+class DiskFullError(OSError):
+    """No space left while writing a file (the previous version of the file, if any, is intact)."""
+
+
+def disk_full_error(path: str | os.PathLike, err: BaseException) -> DiskFullError | None:
+    """A :class:`DiskFullError` naming ``path`` and the free space when ``err`` is a failed write for lack of
+    space (``ENOSPC`` / ``EDQUOT``, or torch's zip writer's ``unexpected pos``); else None."""
+    full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        isinstance(err, RuntimeError) and "unexpected pos" in str(err))
+    if not full:
+        return None
+    path = Path(path)
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there now"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(errno.ENOSPC, f"disk full while writing {path} ({free}; {type(err).__name__}: "
+                         f"{str(err).strip()[:120]}). Free space on that disk or write elsewhere, then re-run; "
+                         "no partial file was left and an earlier version of the file is intact", str(path))
 
 
 def non_finite_tensors(obj: Any, prefix: str = "") -> list[str]:
@@ -105,9 +144,6 @@ def safe_load(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
         raise RuntimeError(describe_unreadable(path, e, allow_pickle)) from e
 
 
-_CORRUPT_FIX = "Re-create it (re-run the stage that writes it) or download it again."
-
-
 def check_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> Path:
     """Cheap check that ``path`` is a complete ``torch.save`` (zip) file, before a loader that would
     fail with a bare ``EOFError``/zip error; raises naming the file and the fix."""
@@ -119,37 +155,6 @@ def check_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> 
     return path
 
 
-def describe_unreadable(path: str | os.PathLike, err: BaseException | None, allow_pickle: bool = False,
-                        what: str = "checkpoint") -> str:
-    """Why ``path`` could not be loaded: empty, truncated/corrupt, not a checkpoint, or a pickle that
-    ``weights_only`` refuses (only then is ``allow_pickle`` the advice)."""
-    path = Path(path)
-    size = path.stat().st_size if path.exists() else 0
-    with open(path, "rb") as f:
-        head = f.read(4)
-    detail = f" ({type(err).__name__}: {str(err).strip().splitlines()[-1][:200] if str(err).strip() else ''})" \
-        if err is not None else ""
-    if size == 0:
-        return f"Could not read {what} {path}: the file is empty (0 bytes), e.g. a save that was killed. {_CORRUPT_FIX}"
-    msg = str(err or "")
-    if "not an allowed global" in msg and not allow_pickle:
-        return (f"Could not read {what} {path}: it holds pickled Python objects that a weights-only load refuses"
-                f"{detail}. If it is a legacy checkpoint from a source you trust, pass allow_pickle=True "
-                "(bundles: --allow_pickle True, CLI: --allow-pickle).")
-    if head.startswith(b"PK\x03\x04"):
-        if not zipfile.is_zipfile(path):
-            return (f"Could not read {what} {path}: the file is truncated ({size} bytes; a torch.save archive "
-                    f"whose end is missing, e.g. an interrupted copy or save){detail}. {_CORRUPT_FIX}")
-        return f"Could not read {what} {path}: the archive is corrupt{detail}. {_CORRUPT_FIX}"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        hint = (" If it is a legacy checkpoint from a source you trust, pass allow_pickle=True (bundles: "
-                "--allow_pickle True, CLI: --allow-pickle); if it is a download that was cut short, download it again."
-                if not allow_pickle else f" {_CORRUPT_FIX}")
-        return f"Could not read {what} {path}: it is a plain pickle, not a torch.save archive{detail}.{hint}"
-    return (f"Could not read {what} {path}: it is not a PyTorch checkpoint (neither a torch.save archive nor a "
-            f"pickle; random or corrupt bytes, or another format){detail}. {_CORRUPT_FIX}")
-
-
 def save_target_checkpoint(path: str | os.PathLike, backbone: nn.Module, meta: dict | None = None) -> Path:
     """Write only the target parameters of ``backbone`` plus what is needed to verify them later."""
     peft = get_peft(backbone)
@@ -157,25 +162,48 @@ def save_target_checkpoint(path: str | os.PathLike, backbone: nn.Module, meta: d
     fingerprint, digests = backbone_hashes(backbone)
     obj = {
         "format": TARGET_FORMAT,
-        "version": 2,
+        "version": 3,
         "peft": peft.describe(),
         "backbone_fingerprint": fingerprint,
         "backbone_digests": digests,
         "shapes": {k: list(v.shape) for k, v in state.items()},
         "state_dict": state,
+        "state_digest": tensors_digest(state.items()),
         "meta": dict(meta or {}),
     }
     return atomic_save(obj, path)
 
 
 def read_target_checkpoint(path: str | os.PathLike) -> dict:
+    """A target-parameter checkpoint, its tensors verified against the digest saved with them."""
     obj = safe_load(path)
     if not isinstance(obj, dict) or obj.get("format") != TARGET_FORMAT:
         raise CheckpointMismatch(
             f"{path} is not a tpp-monai target-parameter checkpoint (no format '{TARGET_FORMAT}'); "
             "write one with save_target_checkpoint or the TPP stage of a bundle."
         )
+    check_target_digest(obj, path)
     return obj
+
+
+def check_target_digest(obj: dict, path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointCorrupt` when the tensors differ from ``state_digest``; warn when there is none."""
+    state = obj.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointCorrupt(f"{path}: 'state_dict' is not a dict of tensors; the file is damaged. {CORRUPT_FIX}")
+    saved = obj.get("state_digest")
+    if saved is None:
+        msg = (f"{path} has no tensor digest (a version-{obj.get('version')} target checkpoint, written before "
+               "tpp-monai stored one): its tensors cannot be checked for damage. Re-save it (load + "
+               "save_target_checkpoint, or re-run the TPP stage) to add the digest.")
+        warnings.warn(msg, stacklevel=3)
+        logging.getLogger("tpp_monai").warning(msg)
+        return
+    now = tensors_digest(state.items())
+    if now != saved:
+        raise CheckpointCorrupt(
+            f"{path} is damaged: its target tensors do not match the digest stored when it was saved "
+            f"({now[:12]} vs {str(saved)[:12]}; a changed byte from a disk, copy or edit error). {CORRUPT_FIX}")
 
 
 def load_target_checkpoint(

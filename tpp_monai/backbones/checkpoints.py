@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import pickle
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -233,22 +232,8 @@ def _read_file(path: Path, allow_pickle: bool) -> Any:
         return safe_load(path, allow_pickle=allow_pickle)
     except FileNotFoundError:
         raise
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name and the fix
-        cause = e.__cause__ if e.__cause__ is not None else e
-        msg = str(cause)
-        pickled = isinstance(cause, pickle.UnpicklingError) and (
-            "weights only" in msg.lower() or "weights_only" in msg or "global" in msg.lower()
-        )
-        if pickled and not allow_pickle:
-            raise CheckpointFormatError(
-                f"{path} contains pickled Python objects (MedCoSS/MAE/DINO training .pth files store an "
-                f"argparse.Namespace under 'args'), which safe loading refuses. If you trust this file, pass allow_pickle=True. "
-                f"(torch: {msg.splitlines()[0] if msg else type(cause).__name__})"
-            ) from e
-        raise CheckpointFormatError(
-            f"Could not read ViT checkpoint {path}: not a readable PyTorch checkpoint (corrupt or truncated "
-            f"file?): {type(cause).__name__}: {msg.splitlines()[0] if msg else ''}"
-        ) from e
+    except Exception as e:  # noqa: BLE001 - safe_load's message already says what the file is and the fix
+        raise CheckpointFormatError(str(e)) from e
 
 
 def _is_state(obj: Any) -> bool:
@@ -505,6 +490,9 @@ def load_vit_checkpoint(
     else:
         obj, where = path_or_state, "<in-memory checkpoint>"
     raw, meta = _unwrap(obj, where)
+    from tpp_monai.checkpoint import warn_if_non_finite
+
+    warn_if_non_finite(raw, where, "ViT checkpoint")  # a diverged run's weights: say so before training on NaN
     state, stripped = _strip_prefixes(raw)
     if stripped:
         meta["stripped_prefixes"] = stripped

@@ -191,9 +191,15 @@ def write_datalist(out: str | os.PathLike, datalist: dict[str, list[dict]], verb
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {s: datalist.get(s, []) for s in SPLITS}
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(out)
+    from tpp_monai.checkpoint import atomic_write, disk_full_error
+
+    try:  # atomic: a full disk leaves neither a half-written datalist nor a stray temporary file
+        atomic_write(out, json.dumps(payload, indent=1))
+    except OSError as e:
+        full = disk_full_error(out, e)
+        if full is not None:
+            raise full from e
+        raise
     if verbose:
         print(f"wrote {out}: " + ", ".join(f"{s} {len(v)}" for s, v in payload.items()))
     return out

@@ -30,7 +30,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
-from typing import Hashable, Mapping, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -84,6 +84,9 @@ class CheckedLoadImaged(LoadImaged):
     """``LoadImaged`` whose read errors (truncated PNG/NIfTI, not an image) name the file and the fix."""
 
     def __call__(self, data, reader=None):  # type: ignore[override]
+        for k in self.keys:
+            if isinstance(data, Mapping) and isinstance(data.get(k), (str, os.PathLike)):
+                _check_readable_2d(k, data[k])
         try:
             for k in self.keys:
                 if isinstance(data, Mapping) and isinstance(data.get(k), (str, os.PathLike)):
@@ -91,10 +94,108 @@ class CheckedLoadImaged(LoadImaged):
             return super().__call__(data, reader)
         except Exception as e:  # noqa: BLE001 - re-raised with the file name
             paths = {k: data.get(k) for k in self.keys if isinstance(data, Mapping) and k in data}
+            nrrd = [v for v in paths.values() if str(v).lower().endswith((".nrrd", ".nhdr"))]
+            if isinstance(e, KeyError) and "space directions" in str(e) and nrrd:
+                raise ImageFileError(
+                    f"cannot read NRRD file {nrrd[0]}: its header has no 'space directions' field, which MONAI's "
+                    "NrrdReader needs. Re-save it with its geometry (3D Slicer: Save; pynrrd: set "
+                    "header['space directions']), or convert it to PNG.") from e
             raise ImageFileError(
                 f"cannot read {', '.join(f'{k} file {v}' for k, v in paths.items())}: {type(e).__name__}: {e}. "
                 "The file is truncated, corrupt or not an image: re-export or re-download it, or remove its entry "
                 "from the datalist.") from e
+
+
+def _is_dicom(path: str | os.PathLike) -> bool:
+    if str(path).lower().endswith((".dcm", ".dicom")):
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _check_readable_2d(key: str, path: str | os.PathLike) -> None:
+    """A missing file or a DICOM is named with the fix before MONAI answers "cannot find a suitable reader" (a
+    missing file) or reads the DICOM as a (H, W, 1) volume in ITK order that fails later in a resize."""
+    if not os.path.exists(path):
+        raise ImageFileError(f"{key} file {path} does not exist. Fix its path in the datalist (relative paths are "
+                             "resolved against the datalist's folder or --dataset_dir), or remove the entry.")
+    if os.path.isfile(path) and _is_dicom(path):
+        raise ImageFileError(f"{key} file {path} is a DICOM file; the 2D pipelines read PNG/JPEG/BMP/TIFF (and 2-D "
+                             "NIfTI slices). Convert it to PNG with its display window (e.g. pydicom's pixel_array "
+                             "+ apply_voi_lut), and list the PNG in the datalist.")
+
+
+class Check2Dd(MapTransform):
+    """Refuse a 3-D / 4-D volume given to a 2D pipeline (after ``EnsureChannelFirstd``), naming the file; a
+    2-D slice stored with a trailing singleton axis (X, Y, 1) is squeezed to (X, Y)."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            while x.ndim > 3 and x.shape[-1] == 1:
+                x = x[..., 0]
+            if x.ndim > 3:
+                raise ImageFileError(
+                    f"{key} file {_filename(d[key])} is a {x.ndim - 1}-D volume (channel-first shape "
+                    f"{tuple(x.shape)}), but this is a 2D pipeline. Export 2-D slices (PNG or 2-D NIfTI) and list "
+                    "them in the datalist, or use a 3D bundle (lits_convadapter_tpp / kits_convadapter_tpp).")
+            d[key] = x
+        return d
+
+
+class CheckFinited(MapTransform):
+    """Refuse an image holding NaN/Inf pixels (a float TIFF/NIfTI export gone wrong), naming the file: otherwise
+    training stops later at a NaN loss that cannot say which image caused it."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = torch.as_tensor(d[key])
+            if x.is_floating_point():
+                bad = int((~torch.isfinite(x)).sum())
+                if bad:
+                    raise ImageFileError(
+                        f"{key} file {_filename(d[key])} holds {bad} NaN/Inf value(s) of {x.numel()}; training on it "
+                        "would stop at a NaN loss. Re-export the image with finite values, or remove its entry.")
+        return d
+
+
+class CheckClassLabeld(MapTransform):
+    """Classification labels must be class indices ``0..num_classes-1`` (a name such as ``"cat"`` or an index out
+    of range would fail later inside the loss, or worse, train silently on a wrong class)."""
+
+    def __init__(self, keys: KeysCollection = "label", num_classes: int | None = None, image_key: str = "image",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes, self.image_key = num_classes, image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            v = d[key]
+            if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point():
+                v = int(v)
+            ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+            n = self.num_classes
+            if not ok or (n is not None and not 0 <= int(v) < n):
+                where = _filename(d.get(self.image_key)) if not isinstance(d.get(self.image_key), (str, os.PathLike)) \
+                    else str(d[self.image_key])
+                rng = f"0..{n - 1} (num_classes {n})" if n is not None else "0..num_classes-1"
+                raise ImageFileError(
+                    f"classification label {v!r} of image {where} is not a class index {rng}. Write class indices "
+                    "in the datalist (the prepare scripts map class names to indices), or set num_classes.")
+        return d
 
 
 def _check_complete(path: str | os.PathLike) -> None:
@@ -332,9 +433,11 @@ def cls_transforms(
     normalize: str | Sequence | None = "none",
     intensity_range: str | Sequence[float] = "auto",
     augment: str = "medcoss",
+    num_classes: int | None = None,
 ) -> Compose:
     """Dict transforms for ``{"image": path, "label": int}`` entries -> float image (C, S, S), long label.
 
+    ``num_classes``: labels must be integers ``0..num_classes-1`` (checked first, naming the image).
     ``augment`` (train only): "medcoss" (MedCoSS's downstream recipe), "legacy" or "none".
     ``normalize``: ``"none"`` (default: [0, 1]; the backbone normalises itself), or a pixel space
     (``"imagenet"``, ``"path_dino"``, ``[mean, std]``) for a backbone that does not.
@@ -342,6 +445,7 @@ def cls_transforms(
     """
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     t = [
+        CheckClassLabeld("label", num_classes),
         *_image_head(in_channels, intensity_range),
         Resized("image", spatial_size=size, mode="bilinear"),
         *_tail(["image"], train, in_channels, normalize, seg=False, augment=augment),
@@ -353,7 +457,8 @@ def cls_transforms(
 
 def _image_head(in_channels: int, intensity_range: str | Sequence[float]) -> list:
     """Read an image upright, channel first, ``in_channels`` channels, intensities in [0, 1]."""
-    return [load_image_2d("image"), EnsureChannelFirstd("image"), EnsureChannelsd("image", in_channels),
+    return [load_image_2d("image"), EnsureChannelFirstd("image"), Check2Dd("image"), CheckFinited("image"),
+            EnsureChannelsd("image", in_channels),
             ScaleToUnitd("image", intensity_range)]
 
 
@@ -426,6 +531,8 @@ def seg_transforms(
     t = [
         load_image_2d(keys),
         EnsureChannelFirstd(keys),
+        Check2Dd(keys),
+        CheckFinited(keys),
         CheckSameSized(keys),
         EnsureChannelsd("image", in_channels),
         MaskToIndexd("label", num_classes),
@@ -460,6 +567,8 @@ def tpp_transforms(
     t: list = [
         load_image_2d("image"),
         EnsureChannelFirstd("image"),
+        Check2Dd("image"),
+        CheckFinited("image"),
         EnsureChannelsd("image", in_channels),
         ScaleToUnitd("image", intensity_range),
     ]

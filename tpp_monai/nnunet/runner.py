@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tpp_monai.nnunet import tpp_only_trainer_name, trainer_path
+from tpp_monai.nnunet.safety import BUNDLE_OPT_IN, weights_only_loads
 
 STAGES = ("plan", "tpp", "train", "predict", "evaluate")
 
@@ -186,7 +187,8 @@ class NnUNetTPPRunner:
     def predict(self, checkpoint_name: str = "checkpoint_final.pth") -> list[Path]:
         """nnU-Net's ``nnUNetPredictor`` (sliding window, Gaussian weighting, mirroring unless ``disable_tta``) with
         the trained fold, in this process: every ``<case>_0000<ending>`` in ``predict_input`` -> ``<case><ending>``
-        masks in ``predict_output``. Returns the written masks."""
+        masks in ``predict_output``. Returns the written masks. The checkpoint is loaded weights-only unless
+        ``allow_pickle`` (a refused file raises :class:`~tpp_monai.nnunet.safety.UnsafeCheckpointError`)."""
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -206,8 +208,10 @@ class NnUNetTPPRunner:
             predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=not self.disable_tta,
                                         perform_everything_on_device=device.type == "cuda", device=device,
                                         verbose=False, allow_tqdm=False)
-            predictor.initialize_from_trained_model_folder(str(self.fold_dir.parent), use_folds=(fold,),
-                                                           checkpoint_name=checkpoint_name)
+            # nnU-Net unpickles the checkpoint with weights_only=False: force weights-only unless opted in
+            with contextlib.nullcontext() if self.allow_pickle else weights_only_loads(BUNDLE_OPT_IN):
+                predictor.initialize_from_trained_model_folder(str(self.fold_dir.parent), use_folds=(fold,),
+                                                               checkpoint_name=checkpoint_name)
             n = max(1, min(int(self.num_processes), 2))
             predictor.predict_from_files(str(src), str(dst), save_probabilities=False, overwrite=True,
                                          num_processes_preprocessing=n, num_processes_segmentation_export=n)

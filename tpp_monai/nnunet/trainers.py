@@ -46,6 +46,9 @@ skipped, first conv repeated for more input channels, adapters not expected, any
 unexpected / mis-shaped key is an error). The official ``*_ep4k.model`` files are pickles: set
 ``TPP_NNUNET_ALLOW_PICKLE=1`` (``--allow-pickle`` of the CLI) for files you trust. This is the only environment
 variable: it grants a permission and changes no result, so it does not belong in the results folder's name.
+It covers only the ``-pretrained_weights`` file: ``load_checkpoint`` (``--c``, ``--val``, ``--val_best``) always
+loads weights-only (upstream nnU-Net unpickles with ``weights_only=False``), as does the non-STU-Net fall-through
+of ``-pretrained_weights`` (:mod:`tpp_monai.nnunet.safety`).
 Single-process training only for the TPP stage (not with ``-num_gpus`` > 1).
 """
 
@@ -69,6 +72,7 @@ from tpp_monai.engines.distributed import accumulation_context, barrier, rank_wo
 from tpp_monai.engines.optim import build_optimizer
 from tpp_monai.engines.schedules import WarmupCosineSchedule
 from tpp_monai.nnunet import tpp_only_trainer_name
+from tpp_monai.nnunet.safety import TRAIN_OPT_IN, allow_pickle_from_env, load_weights_only, weights_only_loads
 from tpp_monai.peft.api import apply_peft, get_peft, tensors_digest
 
 TPP_FILE = "tpp_target_params.pt"
@@ -79,10 +83,6 @@ DECODER_PREFIXES = ("upsample_layers", "conv_blocks_localization", "seg_outputs"
 def _unwrap(network: nn.Module) -> nn.Module:
     mod = getattr(network, "module", network)  # DDP
     return getattr(mod, "_orig_mod", mod)  # torch.compile
-
-
-def allow_pickle_from_env() -> bool:
-    return str(os.environ.get("TPP_NNUNET_ALLOW_PICKLE", "0")).lower() in ("1", "true", "yes")
 
 
 def load_pretrained_stunet(network: nn.Module, fname: str, verbose: bool = False) -> dict:
@@ -108,7 +108,9 @@ def install_pretrained_loader() -> None:
     def load_pretrained_weights(network, fname, verbose=False):
         if isinstance(_unwrap(network), STUNet):
             return load_pretrained_stunet(network, fname, verbose)
-        return original(network, fname, verbose)
+        # upstream loads with weights_only=False: keep it weights-only unless the file is opted in
+        with weights_only_loads(TRAIN_OPT_IN, trusted=[fname] if allow_pickle_from_env() else []):
+            return original(network, fname, verbose)
 
     load_pretrained_weights._tpp_monai = True
     rt.load_pretrained_weights = load_pretrained_weights
@@ -171,6 +173,14 @@ class nnUNetTrainer_STUNet_FT(nnUNetTrainer):
         n_all = sum(p.numel() for p in net.parameters())
         self.print_to_log_file(f"STU-Net-{self.stunet_size} PEFT={self.peft_method} train_scope={self.train_scope}: "
                                f"trainable {n_train:,} / {n_all:,} parameters ({100.0 * n_train / n_all:.3f}%)")
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's ``load_checkpoint`` (``--c``, ``--val``, ``--val_best``) on a weights-only load of the file:
+        upstream unpickles it with ``weights_only=False``. nnU-Net's own checkpoints are tensors and plain data."""
+        if isinstance(filename_or_checkpoint, (str, os.PathLike)):
+            filename_or_checkpoint = load_weights_only(filename_or_checkpoint, map_location=self.device,
+                                                       opt_in=TRAIN_OPT_IN)
+        super().load_checkpoint(filename_or_checkpoint)
 
     def configure_optimizers(self):
         params = [p for p in self.network.parameters() if p.requires_grad]
