@@ -263,6 +263,14 @@ def ensure_tpp(spec: StudySpec, backbone: Path, seed: int) -> Path:
     return ckpt
 
 
+def save_final_model(network: "torch.nn.Module", path: str | os.PathLike) -> Path:
+    """The network as training left it, in the bundle's model.pt format ({"model": state dict}), atomically."""
+    import torch
+
+    state = {"model": network.state_dict()}
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
 def _set(**kw: Any) -> dict[str, Any]:
     """The keyword arguments that are not None (bundle overrides only where the spec sets them)."""
     return {k: v for k, v in kw.items() if v is not None}
@@ -298,10 +306,15 @@ def run_arm(spec: StudySpec, backbone: Path, fraction: float, seed: int, init: s
               val_interval=max(1, round(spec.val_every / its_per_epoch)), **_set(lr=spec.lr))
     t0 = time.time()
     rc["datalist"] = str(subset)
-    # one process: fine-tune, then test the final model (evaluate.json loads the model.pt just written);
-    # rc's tpp_ckpt overrides evaluate.json's "" so the TPP init still applies to the training
-    run_bundle_stage(spec.cfg_dir, ["train.json", "evaluate.json"], quiet=True, **rc, run=[
-        "$@train#trainer.run()", "$@evaluate#evaluator.run()",
+    # one process: fine-tune, then test the FINAL model (models/final_model.pt, written after training):
+    # the bundle's model.pt is the best one on the validation split, and the study selects nothing
+    # (its validation split may be the test split, for the convergence view). rc's tpp_ckpt overrides
+    # evaluate.json's "" so the TPP init still applies to the training.
+    final = d / "models" / "final_model.pt"
+    run_bundle_stage(spec.cfg_dir, ["train.json", "evaluate.json"], quiet=True, **rc, model_ckpt=str(final), run=[
+        "$@train#trainer.run()",
+        f"$tpp_monai.study.save_final_model(@network, {str(final)!r})",
+        "$@evaluate#evaluator.run()",
         "$tpp_monai.bundle.save_metrics_json(@evaluate#evaluator, @output_dir + '/metrics.json')"])
     m = json.loads((d / "eval" / "metrics.json").read_text())
     if spec.counts:  # the record's fraction: of the training split
