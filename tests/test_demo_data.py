@@ -97,3 +97,35 @@ def test_unreachable_registry_is_reported(tmp_path):
         dd.build_demo_cache(tmp_path / "c", sources=("pyradiomics",), verbose=False,
                             fetchers={"pyradiomics": offline})
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_tumour_crops_follow_the_masks_and_the_patient_split(cache):
+    """The study's downstream task: crops around real tumour masks, split by patient, labels from the masks."""
+    seg = json.loads((cache / "datalist_tumour_crops.json").read_text())
+    cls = json.loads((cache / "datalist_tumour_crops_cls.json").read_text())
+    assert [len(seg[k]) for k in ("training", "validation", "test")] == [18, 24, 24]
+    for dl in (seg, cls):
+        assert {k: {e["volume"] for e in v} for k, v in dl.items()} == {
+            "training": {"lung2", "brain1"}, "validation": {"lung1", "brain2"}, "test": {"lung1", "brain2"}}
+        assert dl["validation"] == dl["test"]
+    for e in seg["training"] + seg["test"]:
+        m = _png(cache, e["label"])
+        assert m.shape == (dd.CROP_SIZE, dd.CROP_SIZE) and set(np.unique(m)) == {0, 1}, e
+    assert len({e["image"] for e in seg["test"]}) == 24  # four different crops per test slice
+    pos = {k: sum(e["label"] for e in v) for k, v in cls.items()}
+    neg = {k: sum(1 - e["label"] for e in v) for k, v in cls.items()}
+    assert (pos["training"], neg["training"], pos["test"], neg["test"]) == (18, 68, 24, 65)
+    assert {e["image"] for e in cls["training"] if e["label"]} == {e["image"] for e in seg["training"]}
+    # negatives come from tumour-free slices only
+    tumour_slices = {(e["volume"], e["slice"]) for v in seg.values() for e in v}
+    assert all((e["volume"], e["slice"]) not in tumour_slices for v in cls.values() for e in v if not e["label"])
+
+
+def test_crop_offsets_are_seeded_and_bounded():
+    offs = [dd._crop_offsets("lung1", z, k, 256) for z in range(10) for k in range(4)]
+    assert offs == [dd._crop_offsets("lung1", z, k, 256) for z in range(10) for k in range(4)]  # deterministic
+    assert len(set(offs)) > 30 and all(abs(dy) <= 64 and abs(dx) <= 64 for dy, dx in offs)
+    vol = dd.Volume("lung9", np.zeros((3, 300, 300), np.float32), np.zeros((3, 300, 300), np.uint8), "ct_chest")
+    vol.label[1, 140:160, 10:30] = 1  # tumour near the border: the crop is zero-padded, never empty of it
+    (z, k, img, mask), = dd.tumour_crops(vol, vol.image, per_slice=1)
+    assert z == 1 and img.shape == mask.shape == (dd.CROP_SIZE, dd.CROP_SIZE) and mask.sum() > 0

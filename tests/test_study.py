@@ -59,35 +59,73 @@ def test_summary_statistics_and_table_values():
     assert rows[1]["random"] == (80.0, 0.0) and rows[1]["tpp_better"] == 1
     hd = summarise(res, "hd95")[0]
     assert hd["tpp_better"] == 2  # lower HD95 is better: seeds 0 and 2
+    from tpp_monai.reporting import bootstrap_mean_ci
+
+    lo, hi = bootstrap_mean_ci([4.0, -1.0, 3.0])  # the seeded percentile bootstrap of the paired differences
+    assert r["ci"] == pytest.approx((lo, hi)) and -1.0 <= lo < 2.0 < hi <= 4.0
     table = markdown_table(rows)
-    assert "| 10% | 10 | 55.00 +- 5.00 | 57.00 +- 2.65 | +2.00 +- 2.65 | +4.00, -1.00, +3.00 | 2/3 |" in table
-    assert "| 100% | 100 | 80.00 +- 0.00 | 81.00 +- 0.00 | +1.00 +- 0.00 | +1.00 | 1/1 |" in table
+    assert (f"| 10% | 10 | 55.00 +- 5.00 | 57.00 +- 2.65 | +2.00 +- 2.65 | [{lo:+.2f}, {hi:+.2f}] | "
+            "+4.00, -1.00, +3.00 | 2/3 |") in table
+    assert "| 100% | 100 | 80.00 +- 0.00 | 81.00 +- 0.00 | +1.00 +- 0.00 | [+1.00, +1.00] | +1.00 | 1/1 |" in table
+    pooled = __import__("tpp_monai.study", fromlist=["pooled"]).pooled(res, "dice")
+    assert pooled.n == 4 and pooled.mean == pytest.approx(7.0 / 4) and pooled.better == 3
+
+
+def test_count_subsets_are_nested_balanced_and_checked(tmp_path):
+    from tpp_monai.study import write_count_datalist
+
+    src = tmp_path / "dl.json"
+    src.write_text(json.dumps({"training": [{"image": f"{i}.png", "label": int(i % 4 == 0)} for i in range(40)],
+                               "test": [{"image": "t.png", "label": 0}]}))
+    subsets = {}
+    for k in (1, 4):
+        n = write_count_datalist(src, tmp_path / f"s{k}.json", k, seed=3, per_class=True)
+        subsets[k] = json.loads((tmp_path / f"s{k}.json").read_text())["training"]
+        assert n == 2 * k and sorted(e["label"] for e in subsets[k]) == [0] * k + [1] * k  # k of each class
+    assert {e["image"] for e in subsets[1]} <= {e["image"] for e in subsets[4]}  # nested
+    assert write_count_datalist(src, tmp_path / "a.json", 5, seed=3) == 5  # without per_class: 5 entries
+    with pytest.raises(ValueError, match=r"label count 11 must be in \[1, 10\].*per class"):
+        write_count_datalist(src, tmp_path / "b.json", 11, seed=0, per_class=True)  # only 10 positives
+
+
+def test_vit_overrides_may_set_the_patch_size():
+    """The setting's backbone (b1d4ae2: 'got multiple values for keyword argument patch_size')."""
+    import warnings
+
+    from tpp_monai.bundle.networks import build_backbone
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vit = build_backbone("", size="tiny", img_size=64, vit_overrides={"depth": 1, "patch_size": 8})
+    assert vit.patch_size == 8 and vit.pos_embed.shape[1] in (64, 65)
 
 
 def test_study_quick_end_to_end_and_resumable(cache, tmp_path):
+    """The protocol's study (tumour-crop classification, label counts per class) at CI size, then resumed."""
     out, work = tmp_path / "out", tmp_path / "work"
     cmd = [sys.executable, "scripts/study.py", "--quick", "--out", str(out), "--work", str(work), "--threads", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     md = (out / "study.md").read_text()
-    rows = re.findall(r"^\| (\d+)% \| (\d+) \| ([\d.]+) \+- ([\d.]+) \| ([\d.]+) \+- ([\d.]+) \| ([+-][\d.]+) \+- "
-                      r"([\d.]+) \| ([^|]+) \| (\d)/(\d) \|$", md, flags=re.M)
-    dice_rows = rows[:2]
-    assert [r[0] for r in dice_rows] == ["25", "100"], md  # --quick: fractions 0.25, 1.0
-    assert [int(r[1]) for r in dice_rows] == [18, 72]  # ceil(0.25 * 72) labelled slices, then all
-    for r in dice_rows:
-        vals = [float(x) for x in r[2:8]]
+    rows = re.findall(r"^\| [\d.]+% \| (\d+) \| ([\d.]+) \+- ([\d.]+) \| ([\d.]+) \+- ([\d.]+) \| ([+-][\d.]+) \+- "
+                      r"([\d.]+) \| \[([+-][\d.]+), ([+-][\d.]+)\] \| ([^|]+) \| (\d)/(\d) \|$", md, flags=re.M)
+    auc_rows = rows[:2]
+    assert [int(r[0]) for r in auc_rows] == [2, 4], md  # --quick: 1 and 2 labelled crops per class
+    for r in auc_rows:
+        vals = [float(x) for x in r[1:7]]
         assert all(math.isfinite(v) for v in vals) and 0 <= vals[0] <= 100 and 0 <= vals[2] <= 100
-        assert float(r[4]) - float(r[2]) == pytest.approx(float(r[6]), abs=0.02)  # mean diff = diff of means
-        assert int(r[10]) == 2 and 0 <= int(r[9]) <= 2  # two seeds, paired
+        assert float(r[3]) - float(r[1]) == pytest.approx(float(r[5]), abs=0.02)  # mean diff = diff of means
+        assert float(r[7]) <= float(r[5]) <= float(r[8])  # the interval holds the mean difference
+        assert int(r[11]) == 2 and 0 <= int(r[10]) <= 2  # two seeds, paired
+    assert "Pooled over every label count (4 pairs)" in md
     arms = json.loads((out / "results.json").read_text())["arms"]
     assert len(arms) == 8 and {a["init"] for a in arms} == {"random", "tpp"}
-    assert all(math.isfinite(a["dice"]) and math.isfinite(a["hd95"]) for a in arms)
-    for png in ("study_dice.png", "loss_curves.png"):
+    assert all(math.isfinite(a["auc"]) and math.isfinite(a["acc"]) for a in arms)
+    for png in ("convergence.png", "loss_curves.png"):
         assert (out / png).stat().st_size > 1000
     done = sorted(work.glob("arms/*/result.json"))
     stamps = [p.stat().st_mtime_ns for p in done]
-    proc2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     assert [p.stat().st_mtime_ns for p in done] == stamps  # finished arms are read back, not re-run
     assert "re-using" in proc2.stdout  # the cached upstream backbone
@@ -131,3 +169,20 @@ def test_bundle_without_upstream_stage_needs_a_backbone(tmp_path):
     with pytest.raises(FileNotFoundError, match="--backbone_ckpt"):
         ensure_upstream(spec)
     assert ensure_upstream(StudySpec(**{**spec.__dict__, "backbone_ckpt": "ckpt.pth"})) == Path("ckpt.pth")
+
+
+def test_final_model_file_loads_with_the_bundle_checkpoint_loader(tmp_path):
+    """The study tests the final model (not the validation-selected model.pt): the file it writes loads
+    with the evaluate stage's CheckedCheckpointLoader, into an equal network."""
+    import torch
+    from ignite.engine import Engine
+
+    from tpp_monai.bundle.handlers import CheckedCheckpointLoader
+    from tpp_monai.study import save_final_model
+
+    torch.manual_seed(0)
+    net, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    p = save_final_model(net, tmp_path / "models" / "final_model.pt")
+    CheckedCheckpointLoader(load_path=str(p), load_dict={"model": other})(Engine(lambda e, b: None))
+    for a, b in zip(net.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)

@@ -28,12 +28,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from tpp_monai.checkpoint import atomic_write
+from tpp_monai.reporting import PairedDifference, paired_difference
 
 if TYPE_CHECKING:
     import torch
 
 
 INITS = ("random", "tpp")
+METRIC_NAMES = {"dice": "Dice", "hd95": "HD95", "auc": "AUC", "acc": "accuracy", "f1": "F1"}
+#: metrics where lower is better (and that are not percentages)
+LOWER_IS_BETTER = ("hd95",)
 INIT_LABEL = {"random": "no TPP", "tpp": "TPP"}
 
 
@@ -73,19 +77,20 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def label_subset(entries: list[dict], fraction: float, seed: int, min_count: int = 1) -> list[dict]:
-    """The first ``ceil(fraction * n)`` entries of a seeded permutation (nested across fractions)."""
+def label_subset(entries: list[dict], fraction: float, seed: int, min_count: int = 1,
+                 exact: int | None = None) -> list[dict]:
+    """The first ``ceil(fraction * n)`` (or ``exact``) entries of a seeded permutation (nested across amounts)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
     import numpy as np
 
     order = np.random.default_rng(seed).permutation(len(entries))
-    k = min(len(entries), max(min_count, math.ceil(fraction * len(entries))))
+    k = exact if exact is not None else min(len(entries), max(min_count, math.ceil(fraction * len(entries))))
     return [entries[i] for i in sorted(order[:k])]
 
 
 def write_subset_datalist(datalist: str | os.PathLike, out: str | os.PathLike, fraction: float, seed: int,
-                          split: str = "training") -> int:
+                          split: str = "training", exact: int | None = None, per_class: bool = False) -> int:
     """Copy ``datalist`` to ``out`` with its ``split`` reduced to a label subset; paths made absolute."""
     src = Path(datalist)
     obj = json.loads(src.read_text())
@@ -97,7 +102,13 @@ def write_subset_datalist(datalist: str | os.PathLike, out: str | os.PathLike, f
             continue
         absolute[name] = [{k: (str((base / v).resolve()) if k in ("image", "label") and isinstance(v, str)
                                and not os.path.isabs(v) else v) for k, v in e.items()} for e in entries]
-    absolute[split] = label_subset(absolute[split], fraction, seed)
+    if per_class:  # the same rule within each class: balanced, nested subsets
+        classes = sorted({e["label"] for e in absolute[split]})
+        keep = {id(e) for c in classes
+                for e in label_subset([e for e in absolute[split] if e["label"] == c], fraction, seed, exact=exact)}
+        absolute[split] = [e for e in absolute[split] if id(e) in keep]
+    else:
+        absolute[split] = label_subset(absolute[split], fraction, seed, exact=exact)
     atomic_write(out, json.dumps(absolute, indent=1))
     return len(absolute[split])
 
@@ -125,6 +136,23 @@ class StudySpec:
     #: a pre-trained backbone to use as is (a real MedCoSS / MAE checkpoint); empty: pre-train one upstream
     #: with the bundle's ``pretrain_backbone.json`` (the demo bundle has one)
     backbone_ckpt: str = ""
+    #: label counts (labelled training images per arm); when given they replace ``fractions``
+    counts: tuple[int, ...] = ()
+    #: upstream MAE: the unlabelled pool's datalist (empty: ``dataset_dir/unlabelled.json``), the folder the
+    #: backbone is cached in (empty: ``work/upstream``; shared by the demo and the study) and its warm-up
+    upstream_datalist: str = ""
+    upstream_dir: str = ""
+    upstream_warmup_epochs: int = 5
+    #: TPP warm-up epochs and batch, fine-tuning lr (None: the bundle's)
+    tpp_warmup_epochs: int | None = None
+    tpp_batch_size: int | None = None
+    lr: float | None = None
+    #: the test metrics recorded per arm (keys of the bundle's metrics.json; all but hd95 in %)
+    metrics: tuple[str, ...] = ("dice", "hd95")
+    #: ``counts`` are per class (balanced subsets of a classification datalist with integer labels)
+    per_class: bool = False
+    #: the bundle with ``pretrain_backbone.json`` (empty: ``bundle``)
+    upstream_bundle: str = ""
 
     @property
     def cfg_dir(self) -> Path:
@@ -135,33 +163,92 @@ class StudySpec:
                     peft_method=self.peft_method, num_workers=0)
 
     def arms(self) -> list[tuple[float, int, str]]:
-        return [(f, s, i) for f in self.fractions for s in self.seeds for i in INITS]
+        """(label amount, seed, init): the amount is a count when ``counts`` is set, else a fraction."""
+        amounts = self.counts or self.fractions
+        return [(f, s, i) for f in amounts for s in self.seeds for i in INITS]
+
+    def num_classes(self) -> int:
+        return int(self.overrides.get("num_classes", 2))
+
+    def upstream_root(self) -> Path:
+        return Path(self.upstream_dir) if self.upstream_dir else Path(self.work) / "upstream"
+
+    def upstream_settings(self) -> dict[str, Any]:
+        """What the cached upstream backbone depends on (a change re-trains it)."""
+        if not self.upstream_datalist:  # the pool is the task's own unlabelled.json
+            return {"overrides": self.overrides, "epochs": self.upstream_epochs, "dataset_dir": str(self.dataset_dir)}
+        model = {k: self.overrides[k] for k in ("image_size", "vit_size", "vit_overrides") if k in self.overrides}
+        return {"overrides": model, "epochs": self.upstream_epochs, "warmup_epochs": self.upstream_warmup_epochs,
+                "upstream_datalist": str(Path(self.upstream_datalist).resolve())}
 
 
 def _arm_dir(spec: StudySpec, fraction: float, seed: int, init: str) -> Path:
-    return Path(spec.work) / "arms" / f"frac{fraction:g}_seed{seed}_{init}"
+    tag = f"n{int(fraction)}" if spec.counts else f"frac{fraction:g}"
+    return Path(spec.work) / "arms" / f"{tag}_seed{seed}_{init}"
 
 
 def ensure_upstream(spec: StudySpec, log: Callable[[str], None] = print) -> Path:
     """The upstream MAE backbone (stage 1), cached in ``work/upstream`` and re-used when its settings match."""
     if spec.backbone_ckpt:
         return Path(spec.backbone_ckpt)
-    if not (spec.cfg_dir / "pretrain_backbone.json").is_file():
-        raise FileNotFoundError(f"{spec.cfg_dir} has no pretrain_backbone.json to pre-train a backbone upstream: "
+    cfg_dir = Path(spec.upstream_bundle) / "configs" if spec.upstream_bundle else spec.cfg_dir
+    if not (cfg_dir / "pretrain_backbone.json").is_file():
+        raise FileNotFoundError(f"{cfg_dir} has no pretrain_backbone.json to pre-train a backbone upstream: "
                                 "pass the pre-trained backbone (--backbone_ckpt, e.g. MedCoSS's checkpoint-299.pth)")
-    up = Path(spec.work) / "upstream"
+    up = spec.upstream_root()
     ckpt, stamp = up / "models" / "backbone_mae.pt", up / "settings.json"
-    settings = {"overrides": spec.overrides, "epochs": spec.upstream_epochs, "dataset_dir": str(spec.dataset_dir)}
+    settings = spec.upstream_settings()
     if ckpt.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings:
         log(f"upstream backbone: re-using {ckpt}")
         return ckpt
-    run_bundle_stage(spec.cfg_dir, ["train.json", "tpp_pretrain.json", "pretrain_backbone.json"],
+    extra: dict[str, Any] = {}
+    if spec.upstream_datalist:
+        extra = {"tpp_datalist": str(spec.upstream_datalist), "tpp_warmup_epochs": spec.upstream_warmup_epochs}
+    t0 = time.time()
+    common = spec.common()
+    if spec.upstream_bundle:  # another bundle: only the model settings carry over
+        common = {k: v for k, v in common.items() if k not in ("datalist", "class_names", "num_classes")}
+    run_bundle_stage(cfg_dir, ["train.json", "tpp_pretrain.json", "pretrain_backbone.json"],
                      "upstream MAE pre-training of the backbone on the unlabelled pool",
-                     **{**spec.common(), "bundle_root": str(up), "peft_method": "full",
-                        "tpp_epochs": spec.upstream_epochs, "seed": 0,
+                     **{**common, "bundle_root": str(up), "peft_method": "full",
+                        "tpp_epochs": spec.upstream_epochs, "seed": 0, **extra,
                         "resume": False})  # new settings (or none recorded): start over, not resume
+    write_upstream_provenance(spec, up, time.time() - t0)
     atomic_write(stamp, json.dumps(settings, indent=1))
     return ckpt
+
+
+def upstream_log(spec: StudySpec) -> Path:
+    return spec.upstream_root() / "logs" / "upstream" / "tpp_log.jsonl"
+
+
+def write_upstream_provenance(spec: StudySpec, up: Path, seconds: float) -> Path:
+    """``provenance.json`` (settings, pool, loss start / end / plateau, time, commit) and the loss curve
+    (``loss_curve.png`` + ``loss_curve.json``) beside the cached upstream backbone."""
+    import subprocess
+
+    log = upstream_log(spec)
+    losses = [r["loss"] for r in read_jsonl(log) if r.get("kind") == "loss"]
+    pool_manifest = Path(spec.upstream_datalist).parent / "manifest.json" if spec.upstream_datalist else None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True).stdout.strip()
+    drop, flat = loss_drop(log, head=max(1, len(losses) // 10)), loss_plateau(log)
+    prov = {"settings": spec.upstream_settings(), "bundle": str(spec.bundle), "iterations": len(losses),
+            "seconds": round(seconds, 1), "torch_threads": _threads(), "commit": commit or "unknown",
+            "loss_first_10pct": drop[0] if drop else None, "loss_last_10pct": drop[1] if drop else None,
+            "plateau_second_to_last_10pct": flat[0] if flat else None,
+            "pool": json.loads(pool_manifest.read_text()) if pool_manifest and pool_manifest.is_file() else None}
+    if prov["pool"]:
+        prov["pool"].pop("files", None)
+    atomic_write(up / "loss_curve.json", json.dumps({"loss": losses}))
+    plot_losses({"upstream MAE (pool)": log}, up / "loss_curve.png")
+    return atomic_write(up / "provenance.json", json.dumps(prov, indent=1))
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def ensure_tpp(spec: StudySpec, backbone: Path, seed: int) -> Path:
@@ -171,8 +258,34 @@ def ensure_tpp(spec: StudySpec, backbone: Path, seed: int) -> Path:
     if not ckpt.is_file():
         run_bundle_stage(spec.cfg_dir, ["train.json", "tpp_pretrain.json"], quiet=True, bundle_root=str(root),
                          **spec.common(), backbone_ckpt=str(backbone), pretext=spec.pretext,
-                         tpp_epochs=spec.tpp_epochs, seed=seed)
+                         tpp_epochs=spec.tpp_epochs, seed=seed, **_set(tpp_warmup_epochs=spec.tpp_warmup_epochs,
+                                                                        tpp_batch_size=spec.tpp_batch_size))
     return ckpt
+
+
+def save_final_model(network: "torch.nn.Module", path: str | os.PathLike) -> Path:
+    """The network as training left it, in the bundle's model.pt format ({"model": state dict}), atomically."""
+    import torch
+
+    state = {"model": network.state_dict()}
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _set(**kw: Any) -> dict[str, Any]:
+    """The keyword arguments that are not None (bundle overrides only where the spec sets them)."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def write_count_datalist(datalist: str | os.PathLike, out: str | os.PathLike, count: int, seed: int,
+                         per_class: bool = False) -> int:
+    """:func:`write_subset_datalist` for an absolute label count (``count`` training entries, or ``count``
+    of each class with ``per_class``: the classes of integer labels); returns the subset's size."""
+    train = json.loads(Path(datalist).read_text())["training"]
+    sizes = [sum(e["label"] == c for e in train) for c in {e["label"] for e in train}] if per_class else [len(train)]
+    if not 1 <= count <= min(sizes):
+        raise ValueError(f"label count {count} must be in [1, {min(sizes)}] (the training split of {datalist}"
+                         + (", per class)" if per_class else ")"))
+    return write_subset_datalist(datalist, out, 1.0, seed, exact=count, per_class=per_class)
 
 
 def run_arm(spec: StudySpec, backbone: Path, fraction: float, seed: int, init: str) -> dict[str, Any]:
@@ -182,25 +295,76 @@ def run_arm(spec: StudySpec, backbone: Path, fraction: float, seed: int, init: s
     if done.is_file():
         return json.loads(done.read_text())
     subset = d / "datalist.json"
-    n_labelled = write_subset_datalist(spec.datalist, subset, fraction, seed)
+    if spec.counts:
+        n_labelled = write_count_datalist(spec.datalist, subset, int(fraction), seed, spec.per_class)
+    else:
+        n_labelled = write_subset_datalist(spec.datalist, subset, fraction, seed)
     tpp = str(ensure_tpp(spec, backbone, seed)) if init == "tpp" else ""
     its_per_epoch = math.ceil(n_labelled / spec.batch_size)
     rc = dict(spec.common(), bundle_root=str(d), backbone_ckpt=str(backbone), tpp_ckpt=tpp, seed=seed,
               num_iterations=spec.iterations, batch_size=spec.batch_size,
-              val_interval=max(1, round(spec.val_every / its_per_epoch)))
+              val_interval=max(1, round(spec.val_every / its_per_epoch)), **_set(lr=spec.lr))
     t0 = time.time()
     rc["datalist"] = str(subset)
-    run_bundle_stage(spec.cfg_dir, ["train.json"], quiet=True, **rc)
-    run_bundle_stage(spec.cfg_dir, ["train.json", "evaluate.json"], quiet=True, **rc)
+    # one process: fine-tune, then test the FINAL model (models/final_model.pt, written after training):
+    # the bundle's model.pt is the best one on the validation split, and the study selects nothing
+    # (its validation split may be the test split, for the convergence view). rc's tpp_ckpt overrides
+    # evaluate.json's "" so the TPP init still applies to the training.
+    final = d / "models" / "final_model.pt"
+    run_bundle_stage(spec.cfg_dir, ["train.json", "evaluate.json"], quiet=True, **rc, model_ckpt=str(final), run=[
+        "$@train#trainer.run()",
+        f"$tpp_monai.study.save_final_model(@network, {str(final)!r})",
+        "$@evaluate#evaluator.run()",
+        "$tpp_monai.bundle.save_metrics_json(@evaluate#evaluator, @output_dir + '/metrics.json')"])
     m = json.loads((d / "eval" / "metrics.json").read_text())
+    if spec.counts:  # the record's fraction: of the training split
+        fraction = n_labelled / len(json.loads(Path(spec.datalist).read_text())["training"])
     rec = {"fraction": fraction, "seed": seed, "init": init, "n_labelled": n_labelled,
-           "dice": 100 * float(m["dice"]), "hd95": float(m["hd95"]), "seconds": round(time.time() - t0, 1)}
+           **{k: float(m[k]) * (1 if k in LOWER_IS_BETTER else 100) for k in spec.metrics},
+           "seconds": round(time.time() - t0, 1)}
     atomic_write(done, json.dumps(rec, indent=1))
     return rec
 
 
-#: spec fields that may change between runs into one work folder (more seeds or fractions add arms)
-EXTENDABLE = ("fractions", "seeds")
+#: spec fields that may change between runs into one work folder (more seeds or amounts add arms)
+EXTENDABLE = ("fractions", "seeds", "counts")
+
+#: The small-scale setting of the demo and the study (fixed in docs/results/study_tumour_crops/PROTOCOL.md):
+#: a ViT-tiny pre-trained upstream with MAE on a pool without the downstream domain, TPP and Adapter
+#: fine-tuning on tumour crops of chest CT / brain MRI (real masks) with few labels. ``quick``: CI-sized.
+TUMOUR_CROPS_SETTING: dict[str, Any] = dict(
+    bundle="bundles/mhist_adapter_tpp", datalist_name="datalist_tumour_crops_cls.json", num_classes=2,
+    class_names=["no_tumour", "tumour"], metrics=("auc", "acc"), per_class=True, lr=1e-3,
+    image_size=128, vit_size="tiny", depth=6, upstream_epochs=12, upstream_warmup_epochs=2,
+    tpp_epochs=15, tpp_warmup_epochs=2, tpp_batch_size=16, iterations=40, batch_size=8, val_every=20,
+    counts=(1, 4), seeds=(0, 1, 2, 3, 4))
+TUMOUR_CROPS_QUICK: dict[str, Any] = dict(
+    TUMOUR_CROPS_SETTING, image_size=64, depth=2, upstream_epochs=1, upstream_warmup_epochs=0, tpp_epochs=2,
+    tpp_warmup_epochs=0, iterations=4, batch_size=4, val_every=2, counts=(1, 2), seeds=(0, 1))
+#: the bundle that pre-trains the backbone upstream (it has pretrain_backbone.json)
+UPSTREAM_BUNDLE = "bundles/demo_ct_adapter_tpp"
+UPSTREAM_CACHE = Path(".tpp_cache/upstream")
+
+
+def tumour_crops_spec(root: str | os.PathLike, cache: str | os.PathLike, pool: str | os.PathLike,
+                      work: str | os.PathLike, quick: bool = False, **changes: Any) -> StudySpec:
+    """The :data:`TUMOUR_CROPS_SETTING` study spec (bundles under the repository ``root``); the upstream backbone is cached under
+    ``.tpp_cache/upstream/<model>-e<epochs>`` (shared by the demo, the study and scripts/build_upstream.py)."""
+    s = dict(TUMOUR_CROPS_QUICK if quick else TUMOUR_CROPS_SETTING, **changes)
+    tag = f"vit-{s['vit_size']}-d{s['depth']}-{s['image_size']}px-e{s['upstream_epochs']}"
+    root = Path(root)
+    return StudySpec(
+        bundle=str(root / s["bundle"]), upstream_bundle=str(root / UPSTREAM_BUNDLE), metrics=tuple(s["metrics"]),
+        per_class=s["per_class"], lr=s["lr"],
+        dataset_dir=str(cache), datalist=str(Path(cache) / s["datalist_name"]), work=str(work),
+        fractions=(1.0,), counts=tuple(s["counts"]), seeds=tuple(s["seeds"]), iterations=s["iterations"],
+        batch_size=s["batch_size"], val_every=s["val_every"], upstream_epochs=s["upstream_epochs"],
+        upstream_warmup_epochs=s["upstream_warmup_epochs"], tpp_epochs=s["tpp_epochs"],
+        tpp_warmup_epochs=s["tpp_warmup_epochs"], tpp_batch_size=s["tpp_batch_size"],
+        upstream_datalist=str(Path(pool) / "unlabelled.json"),
+        upstream_dir=str((UPSTREAM_CACHE / tag).resolve()),
+        overrides=dict(image_size=s["image_size"], vit_size=s["vit_size"], vit_overrides={"depth": s["depth"]},
+                       num_classes=s["num_classes"], class_names=s["class_names"]))
 
 
 def check_resumable(spec: StudySpec) -> None:
@@ -249,24 +413,36 @@ def summarise(results: Iterable[dict[str, Any]], metric: str = "dice") -> list[d
         base = [by[(f, s, "random")][metric] for s in seeds]
         tpp = [by[(f, s, "tpp")][metric] for s in seeds]
         diff = [t - b for t, b in zip(tpp, base)]
-        better = sum(d > 0 for d in diff) if metric == "dice" else sum(d < 0 for d in diff)
+        paired = paired_difference(base, tpp, higher_is_better=metric not in LOWER_IS_BETTER)
         rows.append({"fraction": f, "n_labelled": by[(f, seeds[0], "random")]["n_labelled"], "seeds": seeds,
                      "random": mean_std(base), "tpp": mean_std(tpp), "diff": mean_std(diff),
-                     "diff_per_seed": diff, "tpp_better": better})
+                     "diff_per_seed": diff, "tpp_better": paired.better, "ci": (paired.lo, paired.hi)})
     return rows
+
+
+def pooled(results: Iterable[dict[str, Any]], metric: str) -> PairedDifference | None:
+    """The paired statistic over every (label amount, seed) pair of ``results``."""
+    rows = summarise(results, metric)
+    if not rows:
+        return None
+    by = {(r["fraction"], r["seed"], r["init"]): r[metric] for r in results}
+    keys = [(r["fraction"], s) for r in rows for s in r["seeds"]]
+    return paired_difference([by[(f, s, "random")] for f, s in keys], [by[(f, s, "tpp")] for f, s in keys],
+                             higher_is_better=metric not in LOWER_IS_BETTER)
 
 
 def markdown_table(rows: list[dict[str, Any]], metric: str = "dice", unit: str = "%") -> str:
     """The study table: mean +- std per arm, paired difference and its sign count per label fraction."""
-    name = {"dice": "Dice", "hd95": "HD95"}.get(metric, metric)
-    better = "higher" if metric == "dice" else "lower"
+    name = METRIC_NAMES.get(metric, metric)
+    better = "lower" if metric in LOWER_IS_BETTER else "higher"
     lines = [f"| labels | n | no TPP {name} ({unit}) | TPP {name} ({unit}) | paired diff (TPP - no TPP) | "
-             f"per seed | TPP {better} |", "|---|---|---|---|---|---|---|"]
+             f"95% CI (bootstrap) | per seed | TPP {better} |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         per_seed = ", ".join(f"{d:+.2f}" for d in r["diff_per_seed"])
-        lines.append(f"| {100 * r['fraction']:g}% | {r['n_labelled']} | {r['random'][0]:.2f} +- {r['random'][1]:.2f} | "
+        lo, hi = r["ci"]
+        lines.append(f"| {100 * r['fraction']:.3g}% | {r['n_labelled']} | {r['random'][0]:.2f} +- {r['random'][1]:.2f} | "
                      f"{r['tpp'][0]:.2f} +- {r['tpp'][1]:.2f} | {r['diff'][0]:+.2f} +- {r['diff'][1]:.2f} | "
-                     f"{per_seed} | {r['tpp_better']}/{len(r['seeds'])} |")
+                     f"[{lo:+.2f}, {hi:+.2f}] | {per_seed} | {r['tpp_better']}/{len(r['seeds'])} |")
     return "\n".join(lines)
 
 
@@ -344,6 +520,53 @@ def plot_losses(logs: dict[str, str | os.PathLike], path: str | os.PathLike) -> 
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("iteration")
         ax.set_ylabel("loss")
+    fig.tight_layout()
+    out = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+    return out
+
+
+def val_curve(arm_dir: str | os.PathLike, metric: str, batch_size: int, n_labelled: int) -> list[tuple[int, float]]:
+    """(fine-tuning iteration, validation metric) of one arm, from its ``logs/val_log.jsonl``."""
+    per_epoch = math.ceil(n_labelled / batch_size)
+    scale = 1 if metric in LOWER_IS_BETTER else 100
+    return [(int(r["epoch"]) * per_epoch, scale * float(r[metric])) for r in read_jsonl(Path(arm_dir) / "logs" / "val_log.jsonl")
+            if r.get("kind") == "metrics" and metric in r]
+
+
+def plot_convergence(spec: StudySpec, results: list[dict[str, Any]], metric: str, path: str | os.PathLike,
+                     title: str = "") -> Path:
+    """Validation metric against fine-tuning iteration, mean +- std over seeds, both inits, one panel per
+    label amount: an init effect shows first as faster convergence."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    amounts = sorted({r["fraction"] for r in results})
+    fig, axes = plt.subplots(1, len(amounts), figsize=(4.2 * len(amounts), 3.4), squeeze=False)
+    for ax, f in zip(axes[0], amounts):
+        for init, colour in (("random", "tab:blue"), ("tpp", "tab:red")):
+            curves = []
+            for r in (r for r in results if r["fraction"] == f and r["init"] == init):
+                amount = r["n_labelled"] // (spec.num_classes() if spec.per_class else 1) if spec.counts else f
+                curves.append(dict(val_curve(_arm_dir(spec, amount, r["seed"], init), metric, spec.batch_size,
+                                             r["n_labelled"])))
+            its = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            if not its:
+                continue
+            vals = np.array([[c[i] for i in its] for c in curves])
+            m, sd = vals.mean(0), vals.std(0, ddof=1) if len(vals) > 1 else np.zeros(len(its))
+            ax.plot(its, m, marker="o", color=colour, label=f"{INIT_LABEL[init]} (n={len(curves)} seeds)")
+            ax.fill_between(its, m - sd, m + sd, color=colour, alpha=0.15)
+        n = next(r["n_labelled"] for r in results if r["fraction"] == f)
+        ax.set_title(f"{n} labelled images", fontsize=10)
+        ax.set_xlabel("fine-tuning iteration")
+        ax.set_ylabel(f"validation {METRIC_NAMES.get(metric, metric)}" + ("" if metric in LOWER_IS_BETTER else " (%)"))
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)

@@ -69,8 +69,9 @@ def build_backbone(
         msg = ("No --backbone_ckpt given: the ViT backbone is RANDOMLY INITIALISED (seed %d). This is only useful "
                "for smoke tests; pass --backbone_ckpt /path/to/medcoss_or_mae.pth for real results." % init_seed)
         warnings.warn(msg, stacklevel=2)
-        cfg = ViTConfig.from_size(size, img_size=img_size, in_chans=in_chans, patch_size=patch_size,
-                                  **dict(vit_overrides or {}))
+        overrides = dict(vit_overrides or {})  # e.g. {"depth": 6, "patch_size": 8}: overrides win
+        overrides.setdefault("patch_size", patch_size)
+        cfg = ViTConfig.from_size(size, img_size=img_size, in_chans=in_chans, **overrides)
         state = torch.random.get_rng_state()
         torch.manual_seed(init_seed)
         try:

@@ -10,6 +10,15 @@ of 2D PNG slices plus MONAI datalist JSON files:
     split **by patient** (train: lung2 + brain1, validation: brain2, test: lung1);
   - ``datalist_tumour_cls.json``: slice classification "contains tumour" (1) or not (0), same
     patient split (all slices of each volume);
+  - ``datalist_tumour_crops.json``: binary tumour segmentation on square crops around the tumour
+    (:func:`tumour_crops`, stored at 128 px): the downstream task of the study and the demo. Split by
+    patient: training lung2 + brain1 (one crop per tumour slice, 18), test lung1 + brain2 (four crops
+    per tumour slice at seeded offsets, 24); ``validation`` repeats the test crops (the convergence
+    view; evaluation uses the final model, nothing is selected on it);
+  - ``datalist_tumour_crops_cls.json``: classification of the same crops, "contains tumour" (1, the
+    tumour crops above) or not (0: one crop per tumour-free slice of the same volumes, at the volume's
+    tumour centroid plus a seeded offset, so location does not give the answer); training 18 / 68,
+    test 24 / 65 (positive / negative), ``validation`` = test as above;
 
 * ``invesalius-examples`` (Debian, GPL-2): one head CT (108 x 256 x 256) with the InVesalius
   project's bone mask (HU >= 226) and soft-tissue mask (HU >= -142).  Gives
@@ -49,13 +58,19 @@ from typing import Callable
 import numpy as np
 
 DEFAULT_CACHE = Path(".tpp_cache/demo_ct")
-CACHE_VERSION = 2
+CACHE_VERSION = 5
 PYRADIOMICS = "pyradiomics==3.0.1"
 INVESALIUS_DEB = "invesalius-examples"
 #: patient split of the pyradiomics volumes
 TUMOUR_SPLIT = {"lung2": "training", "brain1": "training", "brain2": "validation", "lung1": "test"}
 VOLUME_KIND = {"lung1": "ct_chest", "lung2": "ct_chest", "brain1": "mri", "brain2": "mri", "headct": "ct_head"}
 SOURCES = ("pyradiomics", "invesalius")
+#: tumour crops (the study's and the demo's downstream task): patient split, crops per tumour slice
+CROP_SPLIT = {"lung2": "training", "brain1": "training", "lung1": "test", "brain2": "test"}
+CROPS_PER_SLICE = {"training": 1, "test": 4}
+#: crop side in native pixels per volume kind (chest CT 0.6 mm: 154 mm; brain MRI: 160 of 256 px), stored size
+CROP_SIDE = {"ct_chest": 256, "mri": 160}
+CROP_SIZE = 128
 
 
 class DemoDataError(RuntimeError):
@@ -265,6 +280,53 @@ def block_split(n: int, block: int = 8, cycle: tuple[str, ...] = BLOCK_CYCLE, ga
     return out
 
 
+def _crop_offsets(name: str, z: int, k: int, side: int) -> tuple[int, int]:
+    """Seeded offset of crop ``k`` of slice ``z`` (uniform in +- side / 4): the tumour is not always centred."""
+    import zlib
+
+    rng = np.random.default_rng(zlib.crc32(f"{name}/{z}/{k}".encode()))
+    dy, dx = rng.integers(-(side // 4), side // 4 + 1, size=2)
+    return int(dy), int(dx)
+
+
+def tumour_crops(vol: Volume, win: np.ndarray, per_slice: int, size: int = CROP_SIZE) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+    """(slice, crop index, image [0, 1], mask) crops of side ``CROP_SIDE[kind]`` around each tumour slice's
+    tumour centroid (plus a seeded offset), zero-padded at the border, resized to ``size`` px."""
+    assert vol.label is not None
+    side = CROP_SIDE[vol.kind]
+    out = []
+    for z in range(vol.image.shape[0]):
+        ys, xs = np.nonzero(vol.label[z])
+        if len(ys) == 0:
+            continue
+        cy, cx = int(round(ys.mean())), int(round(xs.mean()))
+        img = np.pad(win[z], side, mode="constant")
+        lab = np.pad(vol.label[z], side, mode="constant")
+        for k in range(per_slice):
+            dy, dx = _crop_offsets(vol.name, z, k, side)
+            y0, x0 = cy + dy - side // 2 + side, cx + dx - side // 2 + side
+            c_img, c_lab = img[y0:y0 + side, x0:x0 + side], lab[y0:y0 + side, x0:x0 + side]
+            out.append((z, k, _resize_slice(c_img, size), _resize_mask(c_lab, size, 2)))
+    return out
+
+
+def negative_crops(vol: Volume, win: np.ndarray, size: int = CROP_SIZE) -> list[tuple[int, np.ndarray]]:
+    """(slice, image) crops of every tumour-free slice at the volume's tumour centroid (+ seeded offset)."""
+    assert vol.label is not None
+    side = CROP_SIDE[vol.kind]
+    _, ys, xs = np.nonzero(vol.label)
+    cy, cx = int(round(ys.mean())), int(round(xs.mean()))
+    out = []
+    for z in range(vol.image.shape[0]):
+        if vol.label[z].any():
+            continue
+        dy, dx = _crop_offsets(vol.name + "/neg", z, 0, side)
+        img = np.pad(win[z], side, mode="constant")
+        y0, x0 = cy + dy - side // 2 + side, cx + dx - side // 2 + side
+        out.append((z, _resize_slice(img[y0:y0 + side, x0:x0 + side], size)))
+    return out
+
+
 def convert_volumes(vols: list[Volume], out: Path, size: int, verbose: bool = True) -> dict:
     """Write PNG slices and the datalists; returns the manifest dict."""
     rel = lambda p: str(p.relative_to(out))  # noqa: E731
@@ -272,11 +334,25 @@ def convert_volumes(vols: list[Volume], out: Path, size: int, verbose: bool = Tr
     tumour = {"training": [], "validation": [], "test": []}
     tumour_cls = {"training": [], "validation": [], "test": []}
     head = {"training": [], "validation": [], "test": []}
+    crops: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
+    crops_cls: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
     for vol in vols:
         _log(f"converting {vol.name} {tuple(vol.image.shape)} -> {size}x{size} slices", verbose)
         win = window(vol)
         ncls = 3 if vol.name == "headct" else 2
         z_split = block_split(vol.image.shape[0]) if vol.name == "headct" else None
+        if vol.name in CROP_SPLIT and vol.label is not None:
+            split = CROP_SPLIT[vol.name]
+            for z, k, c_img, c_lab in tumour_crops(vol, win, CROPS_PER_SLICE[split]):
+                cp, cl = out / "crops" / f"{vol.name}_{z:03d}_{k}.png", out / "crops" / f"{vol.name}_{z:03d}_{k}_seg.png"
+                _save_png(np.round(c_img * 255).astype(np.uint8), cp)
+                _save_png(c_lab, cl)
+                crops[split].append({"image": rel(cp), "label": rel(cl), "volume": vol.name, "slice": z, "crop": k})
+                crops_cls[split].append({"image": rel(cp), "label": 1, "volume": vol.name, "slice": z, "crop": k})
+            for z, c_img in negative_crops(vol, win):
+                cp = out / "crops" / f"{vol.name}_{z:03d}_neg.png"
+                _save_png(np.round(c_img * 255).astype(np.uint8), cp)
+                crops_cls[split].append({"image": rel(cp), "label": 0, "volume": vol.name, "slice": z, "crop": 0})
         for z in range(vol.image.shape[0]):
             img = np.round(_resize_slice(win[z], size) * 255).astype(np.uint8)
             ip = out / "images" / f"{vol.name}_{z:03d}.png"
@@ -303,6 +379,8 @@ def convert_volumes(vols: list[Volume], out: Path, size: int, verbose: bool = Tr
     if any(v.name in TUMOUR_SPLIT for v in vols):
         lists["datalist_tumour.json"] = tumour
         lists["datalist_tumour_cls.json"] = tumour_cls
+        lists["datalist_tumour_crops.json"] = dict(crops, validation=list(crops["test"]))
+        lists["datalist_tumour_crops_cls.json"] = dict(crops_cls, validation=list(crops_cls["test"]))
     if any(v.name == "headct" for v in vols):
         lists["datalist_headct.json"] = head
     for name, content in lists.items():
@@ -369,7 +447,7 @@ def build_demo_cache(
             errors.append(e)
     if not vols:
         raise errors[0]
-    for sub in ("images", "labels"):
+    for sub in ("images", "labels", "crops"):
         shutil.rmtree(cache / sub, ignore_errors=True)
     (cache / "manifest.json").unlink(missing_ok=True)
     manifest = convert_volumes(vols, cache, size, verbose)
