@@ -224,7 +224,7 @@ def test_own_folder_prepare_tpp_train_evaluate_infer(tmp_path, capsys):
     assert main(["tpp", *common, "--tpp_epochs", "1", "--tpp_epoch_length", "2", "--tpp_batch_size", "4"]) == 0
     assert (work / "models" / "tpp_target_params.pt").is_file()
     capsys.readouterr()
-    assert main(["train", *common, "--num_iterations", "4"]) == 0
+    assert main(["train", *common, "--num_iterations", "4", "--val_interval", "1"]) == 0
     out = capsys.readouterr()
     assert "python -m monai.bundle run" in out.out and "glas_adapter_tpp" in out.out
     assert (work / "models" / "model.pt").is_file()

@@ -361,17 +361,19 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 class LearningCurves:
     """Fine-tuning's loss and validation-metric curves as ``<out_dir>/curves.png``, with the plotted numbers in
-    ``curves.csv`` beside it (rows ``stage,kind,epoch,iteration,name,value``), redrawn after every epoch.
+    ``curves.csv`` beside it (rows ``stage,kind,epoch,iteration,name,value``), redrawn as training goes.
 
     Why: people look at a picture, not at jsonl. The numbers are read back from the :class:`JsonlLogger` files
     (``train_log`` losses, ``val_log`` metrics), so the figure shows exactly what was logged. Rank 0 only."""
 
     def __init__(self, train_log: str | os.PathLike, val_log: str | os.PathLike, out_dir: str | os.PathLike,
-                 title: str = "fine-tuning") -> None:
+                 title: str = "fine-tuning", every: int = 1) -> None:
         self.train_log, self.val_log, self.out_dir, self.title = Path(train_log), Path(val_log), Path(out_dir), title
+        self.every = max(int(every), 1)
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        """Redrawn every ``every`` epochs (the bundles: every validation) and at the end of the run."""
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)
         engine.add_event_handler(Events.COMPLETED, self)
 
     def rows(self) -> list[dict]:

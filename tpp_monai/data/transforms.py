@@ -219,8 +219,9 @@ class MaskToIndexd(MapTransform):
             else:
                 fg = torch.unique(m[m != 0])
                 if fg.numel() > 1:  # 0/1 and 0/255 are binary; several foreground values are several classes
+                    values = [int(v) for v in fg[:8].tolist()]
                     raise ImageFileError(
-                        f"label file {_filename(d[key])} holds {fg.numel()} foreground values {[int(v) for v in fg[:8].tolist()]}, but "
+                        f"label file {_filename(d[key])} holds {fg.numel()} foreground values {values}, but "
                         "this task is binary (num_classes 2): they would be merged into one class. For a multi-class "
                         f"task set num_classes (e.g. --num_classes {int(fg.max()) + 1}) and class_names; if they are "
                         "instance ids of one class, binarise the masks first (`tpp-monai prepare --binarize`).")
