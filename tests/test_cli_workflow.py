@@ -17,7 +17,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from test_bundles import TINY, make_qata, parser_for  # noqa: E402
+from test_bundles import make_qata, parser_for  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CLI_TINY = ["--vit_size", "tiny", "--vit_overrides", "{'depth': 2}", "--image_size", "32", "--backbone_ckpt", "",
@@ -170,13 +170,13 @@ def test_learning_curves_plot_exactly_the_logged_numbers(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     losses = [{"stage": "train", "kind": "loss", "iteration": i, "loss": 1.0 / i} for i in range(1, 7)]
-    metrics = [{"stage": "validation", "kind": "metrics", "epoch": e, "iteration": 3 * e, "dice": 0.2 * e, "hd95": 9.0 / e}
-               for e in (1, 2)]
+    metrics = [{"stage": "validation", "kind": "metrics", "epoch": e, "iteration": 3 * e, "dice": 0.2 * e,
+                "hd95": 9.0 / e} for e in (1, 2)]
     (logs / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in losses))
     (logs / "val_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
     LearningCurves(logs / "train_log.jsonl", logs / "val_log.jsonl", tmp_path / "figures")()
     assert (tmp_path / "figures" / "curves.png").read_bytes()[:8] == PNG
-    rows = list(csv.DictReader(open(tmp_path / "figures" / "curves.csv")))
+    rows = list(csv.DictReader((tmp_path / "figures" / "curves.csv").read_text().splitlines()))
     assert [(int(r["iteration"]), float(r["value"])) for r in rows if r["kind"] == "loss"] == \
         [(r["iteration"], r["loss"]) for r in losses]
     got = {(r["name"], int(r["epoch"])): float(r["value"]) for r in rows if r["kind"] == "metric"}
@@ -201,7 +201,7 @@ def test_confusion_matrix_counts_equal_the_predictions(tmp_path):
     for b in batches:
         for it in b:
             want[int(it["label"]), int(it["pred"].argmax())] += 1
-    rows = list(csv.reader(open(tmp_path / "confusion_matrix.csv")))
+    rows = list(csv.reader((tmp_path / "confusion_matrix.csv").read_text().splitlines()))
     assert rows[0] == ["true \\ predicted", "a", "b", "c"] and [r[0] for r in rows[1:]] == ["a", "b", "c"]
     assert np.array_equal(np.array([[int(v) for v in r[1:]] for r in rows[1:]]), want) and want.sum() == 15
     assert (tmp_path / "confusion_matrix.png").read_bytes()[:8] == PNG
@@ -229,7 +229,7 @@ def test_own_folder_prepare_tpp_train_evaluate_infer(tmp_path, capsys):
     assert "python -m monai.bundle run" in out.out and "glas_adapter_tpp" in out.out
     assert (work / "models" / "model.pt").is_file()
     # the curve's numbers are the logged ones
-    rows = list(csv.DictReader(open(work / "figures" / "curves.csv")))
+    rows = list(csv.DictReader((work / "figures" / "curves.csv").read_text().splitlines()))
     logged = [json.loads(ln) for ln in (work / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert [float(r["value"]) for r in rows if r["kind"] == "loss"] == [r["loss"] for r in logged]
     val = [json.loads(ln) for ln in (work / "logs" / "val_log.jsonl").read_text().splitlines()]

@@ -494,7 +494,7 @@ class EvaluationFigures:
         _save_figure(fig, self.out_dir / "confusion_matrix.png")
 
     def _write_overlays(self) -> None:
-        import numpy.ma as ma
+        from numpy import ma
 
         plt = _pyplot()
         for i, (img, label, pred) in enumerate(self.overlays):
