@@ -245,3 +245,16 @@ def test_own_folder_prepare_tpp_train_evaluate_infer(tmp_path, capsys):
     masks = sorted((work / "predictions").glob("*_seg.png"))
     assert [m.name for m in masks] == ["new0_seg.png", "new1_seg.png"]
     assert np.asarray(Image.open(masks[0])).shape == (40, 40)
+
+
+def test_prepare_keeps_given_splits_and_binarised_masks_apart(tmp_path):
+    from tpp_monai.data.datalist import prepare_folder
+
+    for split, n in (("train", 6), ("test", 2)):
+        seg_folder(tmp_path / "data" / split, n=n, values=(128, 255))
+    dl = prepare_folder(tmp_path / "data", binarize=True, mask_out=tmp_path / "bin")
+    assert [len(dl[s]) for s in ("training", "validation", "test")] == [4, 2, 2]  # val: ceil(0.2 * 6) of train
+    assert all("/data/test/" in e["image"] for e in dl["test"])
+    labels = [e["label"] for s in ("training", "validation", "test") for e in dl[s]]
+    assert len(set(labels)) == 8 and all(set(np.unique(np.asarray(Image.open(m)))) <= {0, 1} for m in labels)
+    assert str(tmp_path / "bin" / "test" / "masks" / "case00_mask.png") in labels

@@ -449,20 +449,20 @@ def _mask_values(path: str) -> set[int]:
     return {int(v) for v in np.unique(arr)}
 
 
-def _check_masks(entries: list[dict], binarize: bool, out_dir: Path | None) -> int:
+def _check_masks(entries: list[dict], binarize: bool, out_dir: Path | None, root: Path) -> int:
     """Number of classes the masks hold; refuses values that are not class indices. ``binarize``: every mask is
-    rewritten as 0/1 (``> 0``) into ``out_dir`` and the entries point there."""
+    rewritten as 0/1 (``> 0``) into ``out_dir`` (at its path below ``root``, so split folders cannot collide) and
+    the entries point there."""
     import numpy as np
     from PIL import Image
 
     values: dict[str, set[int]] = {e["label"]: _mask_values(e["label"]) for e in entries}
     if binarize:
-        assert out_dir is not None
-        out_dir.mkdir(parents=True, exist_ok=True)
         for e in entries:
             arr = np.asarray(Image.open(e["label"]))
             arr = arr[..., 0] if arr.ndim == 3 else arr
-            dst = out_dir / f"{Path(e['label']).stem}.png"
+            dst = (out_dir / Path(e["label"]).resolve().relative_to(root.resolve())).with_suffix(".png")
+            dst.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray((arr > 0).astype(np.uint8)).save(dst)
             e["label"] = str(dst.resolve())
         return 2
@@ -529,7 +529,9 @@ def prepare_folder(folder: str | os.PathLike, task: str = "auto", val_frac: floa
                 check_image(e["label"], "mask")
                 check_same_size(e["image"], e["label"])
     if task == "seg":
-        n = _check_masks(everything, binarize, Path(mask_out) if mask_out else None)
+        if binarize and not mask_out:
+            raise DatalistError("--binarize needs a folder for the 0/1 masks (mask_out)")
+        n = _check_masks(everything, binarize, Path(mask_out) if mask_out else None, root)
         names = list(class_names) if class_names else ["background"] + [f"class_{i}" for i in range(1, n)]
         if len(names) != n:
             raise DatalistError(f"--class-names gives {len(names)} names but the masks hold {n} classes (0..{n - 1})")
