@@ -280,7 +280,8 @@ def test_network_def_is_the_trainers_network(bundle):
 
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_verify_net_in_out(bundle):
-    """MONAI's own check with metadata's declared shapes (32*n, n=1), and it can fail."""
+    """MONAI's own check with metadata's declared shapes (64*n, n=1) on the tiny variant, and it can fail (the
+    default STU-Net-B: tests/test_zoo_ci.py, the zoo's full mode)."""
     from monai.bundle import verify_net_in_out
 
     b = REPO / "bundles" / bundle / "configs"
@@ -389,7 +390,7 @@ def test_inference_stage_runs_nnunet_predictor(tmp_path):
 def test_torchscript_export_by_tracing(bundle, tmp_path):
     """The zoo's verify_torchscript with MONAI's ckpt_export: Conv-Adapters are forward hooks, which
     TorchScript cannot script, so the export traces; the traced STU-Net accepts other 32*n sizes than the
-    trace size (metadata declares 32*n) and equals the eager network."""
+    trace size (the tiny variant's 32*n; metadata declares 64*n for STU-Net-B) and equals the eager network."""
     from monai.bundle import ckpt_export
 
     b = REPO / "bundles" / bundle / "configs"

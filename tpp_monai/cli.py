@@ -1,5 +1,7 @@
 """``tpp-monai`` command line: one ``main`` with argparse sub-commands (others add theirs here).
 
+    tpp-monai prepare | tpp | train | evaluate | infer    # the 2D workflow on your own data (cli_workflow.py)
+
     tpp-monai nnunet-trainer-path
     tpp-monai nnunet-train 501 3d_fullres 0 -tr nnUNetTrainer_STUNet_TPP_ConvAdapter -device cpu \\
         [--allow-pickle] [-pretrained_weights small_ep4k.model]
@@ -63,7 +65,12 @@ def main(argv: list[str] | None = None) -> int:
                        description="All arguments not listed here go to nnUNetv2_predict unchanged.")
     p.add_argument("--allow-pickle", action="store_true",
                    help="use checkpoints that a weights-only load refuses (pickled objects); trusted files only")
+    from tpp_monai.cli_workflow import WORKFLOW_COMMANDS, add_workflow_commands, run_workflow_command
+
+    add_workflow_commands(sub)
     args, rest = parser.parse_known_args(argv)
+    if args.command in WORKFLOW_COMMANDS:
+        return run_workflow_command(args, rest)
     if args.command == "nnunet-trainer-path":
         from tpp_monai.nnunet import trainer_path
 

@@ -5,8 +5,8 @@ from tpp_monai.bundle.data import (
 )
 from tpp_monai.bundle.inferers import FlipTTAInferer
 from tpp_monai.bundle.handlers import (
-    AtomicCheckpointSaver, CheckedCheckpointLoader, GradClipHandler, JsonlLogger, NonFiniteModelError, OutputFolderLock,
-    PredictionWriter, SegmentationMetric, StopOnNonFiniteLoss, save_metrics_json,
+    AtomicCheckpointSaver, CheckedCheckpointLoader, EvaluationFigures, GradClipHandler, JsonlLogger, LearningCurves,
+    NonFiniteModelError, OutputFolderLock, PredictionWriter, SegmentationMetric, StopOnNonFiniteLoss, save_metrics_json,
 )
 from tpp_monai.bundle.networks import (
     TPPCheckpointMissing, build_backbone, build_classifier, build_optimizer, build_peft_backbone, build_segmenter,
@@ -20,8 +20,8 @@ from tpp_monai.bundle.tpp_stage import (
 )
 
 __all__ = [
-    "AtomicCheckpointSaver", "BundleDataError", "BundleRootError", "FineTuneResume", "CheckedCheckpointLoader", "FlipTTAInferer", "GradClipHandler",
-    "JsonlLogger", "NonFiniteModelError", "OutputFolderLock", "PredictionWriter", "SaveMaskd", "SegmentationMetric",
+    "AtomicCheckpointSaver", "BundleDataError", "BundleRootError", "FineTuneResume", "CheckedCheckpointLoader", "EvaluationFigures", "FlipTTAInferer",
+    "GradClipHandler", "JsonlLogger", "LearningCurves", "NonFiniteModelError", "OutputFolderLock", "PredictionWriter", "SaveMaskd", "SegmentationMetric",
     "StopOnNonFiniteLoss", "TPPCheckpointMissing",
     "build_backbone", "build_classifier", "build_optimizer", "build_peft_backbone", "build_pretext",
     "build_segmenter", "build_tpp_optimizer", "build_tpp_trainer", "default_bundle_root", "epochs_for_iterations", "inference_inputs",

@@ -21,12 +21,14 @@ def default_bundle_root(config_file: str | os.PathLike | None = None) -> str:
 
 
 def load_datalist(datalist: str | os.PathLike, split: str = "training", base_dir: str | os.PathLike | None = None,
-                  image_only: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
+                  image_only: bool = False, limit: int | None = None, task: str | None = None) -> list[dict[str, Any]]:
     """Entries of ``split`` in a MONAI datalist JSON written by ``scripts/prepare_<dataset>.py``.
 
     Relative ``image``/``label`` paths are joined with ``base_dir`` (default: the datalist's folder).
     ``image_only``: entries ``{"image": path, "label": 0}`` (pretext stages use images only; the dummy
     label keeps the classification transforms usable for any task). ``limit``: first N entries.
+    ``task`` ("cls" / "seg", the bundle's): every label must be a class index / a mask path, else a
+    :class:`BundleDataError` naming the entry and the fix (the format: docs/DATA_FORMAT.md).
     """
     p = Path(datalist)
     if not p.is_file():
@@ -46,6 +48,8 @@ def load_datalist(datalist: str | os.PathLike, split: str = "training", base_dir
     for e in obj[split]:
         if not isinstance(e, dict) or "image" not in e:
             raise BundleDataError(f"datalist {p}: entry {e!r} of '{split}' has no 'image'")
+        if task and not image_only:
+            _check_label(p, split, e, task)
         e = dict(e)
         for k in ("image", "label"):
             v = e.get(k)
@@ -55,6 +59,25 @@ def load_datalist(datalist: str | os.PathLike, split: str = "training", base_dir
     if not out:
         raise BundleDataError(f"datalist {p}: split '{split}' is empty")
     return out[:limit] if limit else out
+
+
+def _check_label(path: Path, split: str, entry: dict[str, Any], task: str) -> None:
+    """A classification entry needs an integer class index, a segmentation entry a mask path."""
+    label = entry.get("label")
+    is_index = isinstance(label, int) and not isinstance(label, bool)
+    if task == "cls" and not is_index:
+        what = "a mask path (a segmentation datalist)" if isinstance(label, str) else repr(label)
+        raise BundleDataError(
+            f"datalist {path}: entry {entry.get('image')!r} of '{split}' has label {what}, but this bundle classifies "
+            "(task 'cls') and needs an integer class index per image. Use a segmentation bundle for masks "
+            "(glas_adapter_tpp / qata_adapter_tpp, `tpp-monai train --task seg`), or write class indices "
+            "(`tpp-monai prepare --task cls`; format: docs/DATA_FORMAT.md).")
+    if task == "seg" and not isinstance(label, str):
+        raise BundleDataError(
+            f"datalist {path}: entry {entry.get('image')!r} of '{split}' has label {label!r}, but this bundle segments "
+            "(task 'seg') and needs the path of a mask image per entry. Use a classification bundle for class indices "
+            "(mhist_adapter_tpp / oct_c8_adapter_tpp / chestxray_pa_adapter_tpp, `tpp-monai train --task cls`), or "
+            "pair each image with its mask (`tpp-monai prepare --task seg`; format: docs/DATA_FORMAT.md).")
 
 
 def with_paths(entries: list[dict[str, Any]], key: str = "image", name: str = "path") -> list[dict[str, Any]]:

@@ -14,8 +14,10 @@
   truncated ``model.pt`` and the fix (instead of a bare ``EOFError``).
 * :class:`StopOnNonFiniteLoss`: stops fine-tuning at the first NaN/Inf loss, naming likely causes.
 * :class:`OutputFolderLock`: one run per bundle output folder (:mod:`tpp_monai.runlock`).
+* :class:`LearningCurves`: fine-tuning's loss / validation-metric curves as PNG + the plotted numbers as CSV.
+* :class:`EvaluationFigures`: a confusion matrix (classification) or prediction overlays (segmentation) as PNG.
 
-Every file written here (metrics, predictions) is written atomically.
+Every file written here (metrics, predictions, figures) is written atomically; figures use matplotlib's headless Agg.
 """
 
 from __future__ import annotations
@@ -318,3 +320,190 @@ class CheckedCheckpointLoader(CheckpointLoader):
                                     "models/model.pt) or pass --model_ckpt /path/to/model.pt.")
         check_checkpoint_file(path, "model checkpoint")
         super().__call__(engine)
+
+
+# ------------------------------------------------------------------------------------------------ figures
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _pyplot():
+    """matplotlib's pyplot on the headless Agg backend (servers and CI have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    """PNG written atomically (a reader never sees half a file)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for ln in path.read_text().splitlines():
+        try:
+            out.append(json.loads(ln))
+        except ValueError:
+            continue  # a line being appended right now
+    return out
+
+
+class LearningCurves:
+    """Fine-tuning's loss and validation-metric curves as ``<out_dir>/curves.png``, with the plotted numbers in
+    ``curves.csv`` beside it (rows ``stage,kind,epoch,iteration,name,value``), redrawn as training goes.
+
+    Why: people look at a picture, not at jsonl. The numbers are read back from the :class:`JsonlLogger` files
+    (``train_log`` losses, ``val_log`` metrics), so the figure shows exactly what was logged. Rank 0 only."""
+
+    def __init__(self, train_log: str | os.PathLike, val_log: str | os.PathLike, out_dir: str | os.PathLike,
+                 title: str = "fine-tuning", every: int = 1) -> None:
+        self.train_log, self.val_log, self.out_dir, self.title = Path(train_log), Path(val_log), Path(out_dir), title
+        self.every = max(int(every), 1)
+
+    def attach(self, engine: Engine) -> None:
+        """Redrawn every ``every`` epochs (the bundles: every validation) and at the end of the run."""
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def rows(self) -> list[dict]:
+        rows = []
+        for rec in _read_jsonl(self.train_log) + _read_jsonl(self.val_log):
+            if rec.get("kind") == "loss":
+                rows.append({"stage": rec.get("stage", "train"), "kind": "loss", "epoch": "",
+                             "iteration": rec["iteration"], "name": "loss", "value": rec["loss"]})
+            elif rec.get("kind") == "metrics":
+                for k, v in rec.items():
+                    if k not in ("stage", "kind", "epoch", "iteration"):
+                        rows.append({"stage": rec.get("stage", "validation"), "kind": "metric", "epoch": rec["epoch"],
+                                     "iteration": rec["iteration"], "name": k, "value": v})
+        return rows
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        if not _is_rank0():
+            return
+        rows = self.rows()
+        if not rows:
+            return
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["stage", "kind", "epoch", "iteration", "name", "value"], lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write(self.out_dir / "curves.csv", buf.getvalue())
+        plt = _pyplot()
+        names = sorted({r["name"] for r in rows if r["kind"] == "metric"})
+        fig, axes = plt.subplots(1, 1 + bool(names), figsize=(5 + 5 * bool(names), 3.6), squeeze=False)
+        loss = [(r["iteration"], r["value"]) for r in rows if r["kind"] == "loss"]
+        ax = axes[0][0]
+        if loss:
+            ax.plot(*zip(*loss), lw=1)
+        ax.set(xlabel="iteration", ylabel="training loss", title=f"{self.title}: loss")
+        if names:
+            ax = axes[0][1]
+            for n in names:
+                pts = [(r["iteration"], r["value"]) for r in rows if r["name"] == n and r["kind"] == "metric"]
+                ax.plot(*zip(*pts), marker="o", label=n)
+            ax.set(xlabel="iteration", ylabel="validation metric", title=f"{self.title}: validation")
+            ax.legend()
+        _save_figure(fig, self.out_dir / "curves.png")
+
+
+def _as_index(x: Any) -> torch.Tensor:
+    """A prediction or label as class indices: probabilities / one-hot (C, ...) -> argmax over C."""
+    t = torch.as_tensor(x).detach().cpu()
+    if t.ndim >= 1 and t.shape[0] > 1 and (t.ndim == 1 or t.ndim >= 3):
+        return t.argmax(0)
+    return t.reshape(t.shape[1:]) if t.ndim >= 1 and t.shape[0] == 1 else t
+
+
+class EvaluationFigures:
+    """Pictures of an evaluation: a confusion matrix (classification: ``confusion_matrix.png`` +
+    ``confusion_matrix.csv`` of counts, rows = true class, columns = predicted) or prediction overlays
+    (segmentation: ``overlay_<i>.png`` of the first ``max_overlays`` images: image, ground truth, prediction).
+
+    Attach to an evaluator whose output items hold ``image``, ``label`` and ``pred`` (after postprocessing).
+    Rank 0 writes; under DDP validation (multi_gpu.json attaches validate handlers on rank 0 only) the figures show
+    rank 0's shard of the images, the metrics stay those of all ranks. Every file is written atomically."""
+
+    def __init__(self, out_dir: str | os.PathLike, task: str, num_classes: int, class_names: Sequence[str] | None = None,
+                 max_overlays: int = 4) -> None:
+        if task not in ("cls", "seg"):
+            raise ValueError(f"EvaluationFigures task must be 'cls' or 'seg', got {task!r}")
+        self.out_dir, self.task, self.num_classes = Path(out_dir), task, int(num_classes)
+        self.class_names = list(class_names or [str(i) for i in range(self.num_classes)])
+        self.max_overlays = int(max_overlays)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine | None = None) -> None:
+        self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+        self.overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def _collect(self, engine: Engine) -> None:
+        items = engine.state.output
+        items = items if isinstance(items, (list, tuple)) else [items]
+        for it in items:
+            pred, label = _as_index(it["pred"]), _as_index(it["label"])
+            if self.task == "cls":
+                self.confusion[int(label), int(pred)] += 1
+            elif len(self.overlays) < self.max_overlays:
+                img = torch.as_tensor(it["image"]).detach().cpu().float()
+                img = img.permute(1, 2, 0) if img.shape[0] == 3 else img[0]
+                lo, hi = float(img.min()), float(img.max())
+                self.overlays.append((((img - lo) / max(hi - lo, 1e-8)).numpy(), label.numpy(), pred.numpy()))
+
+    def _write(self, engine: Engine | None = None) -> None:
+        if not _is_rank0():
+            return
+        if self.task == "cls":
+            self._write_confusion()
+        else:
+            self._write_overlays()
+
+    def _write_confusion(self) -> None:
+        cm = self.confusion.numpy()
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["true \\ predicted", *self.class_names])
+        for name, row in zip(self.class_names, cm):
+            w.writerow([name, *row.tolist()])
+        atomic_write(self.out_dir / "confusion_matrix.csv", buf.getvalue())
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(1.2 + 0.7 * self.num_classes, 1 + 0.7 * self.num_classes))
+        ax.imshow(cm, cmap="Blues")
+        for i in range(self.num_classes):
+            for j in range(self.num_classes):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+        ax.set_xticks(range(self.num_classes), self.class_names, rotation=45, ha="right")
+        ax.set_yticks(range(self.num_classes), self.class_names)
+        ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix ({int(cm.sum())} images)")
+        _save_figure(fig, self.out_dir / "confusion_matrix.png")
+
+    def _write_overlays(self) -> None:
+        from numpy import ma
+
+        plt = _pyplot()
+        for i, (img, label, pred) in enumerate(self.overlays):
+            fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+            for ax, mask, title in zip(axes, (None, label, pred), ("image", "ground truth", "prediction")):
+                ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+                if mask is not None:
+                    ax.imshow(ma.masked_equal(mask, 0), cmap="tab10", vmin=0, vmax=9, alpha=0.45,
+                              interpolation="nearest")
+                ax.set_title(title)
+                ax.axis("off")
+            _save_figure(fig, self.out_dir / f"overlay_{i}.png")

@@ -119,9 +119,12 @@ def read_decoder_state(backbone_ckpt: str | os.PathLike | None, allow_pickle: bo
 def load_target_params(network: nn.Module, tpp_ckpt: str | os.PathLike | None) -> nn.Module:
     """Load the TPP stage's target parameters into ``network`` (or ``network.backbone``), checked.
 
-    ``tpp_ckpt`` empty: nothing is loaded (fine-tuning without TPP). A missing file is a
+    ``tpp_ckpt`` ``""``: nothing is loaded and the log says so (fine-tuning without TPP); ``None``: nothing is
+    loaded or logged (evaluation / inference load the whole network from model.pt afterwards). A missing file is a
     :class:`TPPCheckpointMissing` telling how to produce it.
     """
+    if tpp_ckpt is None:
+        return network
     if _is_empty(tpp_ckpt):
         logger.info("no --tpp_ckpt: fine-tuning WITHOUT TPP (target parameters keep their default init)")
         return network
@@ -144,13 +147,14 @@ def build_peft_backbone(
     in_chans: int = 3,
     peft_method: str = "adapter",
     peft_config: Mapping[str, Any] | None = None,
-    tpp_ckpt: str | os.PathLike | None = "",
+    tpp_ckpt: str | os.PathLike | None = None,
     allow_pickle: bool = False,
     init_seed: int = 0,
     vit_overrides: Mapping[str, Any] | None = None,
     input_norm: Any = "auto",
 ) -> VisionTransformer:
-    """:func:`build_backbone` + ``apply_peft`` (+ the TPP target parameters when ``tpp_ckpt`` is set)."""
+    """:func:`build_backbone` + ``apply_peft`` (+ the TPP target parameters when ``tpp_ckpt`` is set; the bundles
+    load them on the whole network instead, so the default ``None`` neither loads nor logs anything here)."""
     from tpp_monai.peft.api import apply_peft
 
     backbone = build_backbone(backbone_ckpt, size=size, img_size=img_size, in_chans=in_chans,

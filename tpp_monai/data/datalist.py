@@ -2,7 +2,8 @@
 
 A datalist is the MONAI decathlon-style JSON ``{"training": [...], "validation": [...],
 "test": [...]}`` whose entries are ``{"image": path, "label": int | mask path}`` (absolute
-paths), read with ``monai.data.load_decathlon_datalist(path, data_list_key="training")``.
+paths), read with ``monai.data.load_decathlon_datalist(path, data_list_key="training")``. The format, for users'
+own data: docs/DATA_FORMAT.md (``tpp-monai prepare`` / :func:`prepare_folder` write it from a folder).
 
 Every problem with the raw data is a :class:`DatalistError` naming the offending file and the
 fix, raised before anything is written.
@@ -26,6 +27,7 @@ from typing import Callable, Iterable, Sequence
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("training", "validation", "test")
+INFO_KEYS = ("task", "class_names")  #: optional top-level keys (``tpp-monai prepare`` writes them; bundles ignore them)
 
 
 class DatalistError(ValueError):
@@ -190,7 +192,7 @@ def write_datalist(out: str | os.PathLike, datalist: dict[str, list[dict]], verb
             seen[e["image"]] = split
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {s: datalist.get(s, []) for s in SPLITS}
+    payload = {**{k: datalist[k] for k in INFO_KEYS if k in datalist}, **{s: datalist.get(s, []) for s in SPLITS}}
     from tpp_monai.checkpoint import atomic_write, disk_full_error
 
     try:  # atomic: a full disk leaves neither a half-written datalist nor a stray temporary file
@@ -201,7 +203,7 @@ def write_datalist(out: str | os.PathLike, datalist: dict[str, list[dict]], verb
             raise full from e
         raise
     if verbose:
-        print(f"wrote {out}: " + ", ".join(f"{s} {len(v)}" for s, v in payload.items()))
+        print(f"wrote {out}: " + ", ".join(f"{s} {len(payload[s])}" for s in SPLITS))
     return out
 
 
@@ -377,3 +379,171 @@ def cli_main(name: str, prepare: Callable[..., dict], argv: Sequence[str] | None
         return 2
     write_datalist(a.out, dl)
     return 0
+
+
+# ------------------------------------------------------------------------------- a user's own folder
+SPLIT_FOLDERS = {"training": ("train", "training"), "validation": ("val", "valid", "validation"), "test": ("test",)}
+MASK_SUFFIXES = ("", "_mask", "_seg", "_anno", "_label")
+
+
+def _split_dirs(root: Path) -> dict[str, Path]:
+    """Split folders already present at ``root`` (train/val/test, case-insensitive)."""
+    by_name = {d.name.lower(): d for d in root.iterdir() if d.is_dir()}
+    return {s: by_name[a] for s, names in SPLIT_FOLDERS.items() for a in names if a in by_name}
+
+
+def detect_task(folder: str | os.PathLike) -> str:
+    """``seg`` when the folder (or its ``train/``) holds ``images/`` + ``masks/``, else ``cls`` (class sub-folders)."""
+    root = Path(folder)
+    base = _split_dirs(root).get("training", root)
+    names = {d.name.lower() for d in base.iterdir() if d.is_dir()}
+    return "seg" if {"images", "masks"} <= names else "cls"
+
+
+def _cls_entries(folder: Path, classes: Sequence[str] | None) -> tuple[list[dict], list[str]]:
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise DatalistError(f"no class sub-folders in {folder}: a classification folder holds one sub-folder of "
+                            "images per class (<folder>/<class>/*.png); see docs/DATA_FORMAT.md")
+    classes = list(classes) if classes else found
+    extra = sorted(set(found) - set(classes))
+    if extra:
+        raise DatalistError(f"{folder} has class folder(s) {extra} that are not among the classes {classes} "
+                            "(of the training folder): rename them or remove them")
+    entries = []
+    for idx, cls in enumerate(classes):
+        d = folder / cls
+        files = list_images(d) if d.is_dir() else []
+        if d.is_dir() and not files:
+            raise DatalistError(f"empty class folder: {d} (no {'/'.join(IMAGE_EXTS)} files); add images or remove it")
+        entries += [{"image": str(f.resolve()), "label": idx} for f in files]
+    return entries, classes
+
+
+def _mask_for(image: Path, masks: dict[str, Path]) -> Path:
+    for suffix in MASK_SUFFIXES:
+        if f"{image.stem}{suffix}" in masks:
+            return masks[f"{image.stem}{suffix}"]
+    raise DatalistError(f"missing mask for image {image}: expected masks/{image.stem}.png (or _mask/_seg/_anno/"
+                        "_label before the extension, any image format); add it or remove the image")
+
+
+def _seg_entries(folder: Path) -> list[dict]:
+    img_dir, mask_dir = find_subdir(folder, "images"), find_subdir(folder, "masks")
+    images = list_images(img_dir)
+    if not images:
+        raise DatalistError(f"no images in {img_dir} ({'/'.join(IMAGE_EXTS)})")
+    masks = {m.stem: m for m in list_images(mask_dir)}
+    entries = []
+    for img in images:
+        m = _mask_for(img, masks)
+        entries.append({"image": str(img.resolve()), "label": str(m.resolve())})
+    used = {e["label"] for e in entries}
+    orphans = sorted(str(m) for m in masks.values() if str(m.resolve()) not in used)
+    if orphans:
+        raise DatalistError(f"mask without image: {orphans[0]} ({len(orphans)} in total); remove it or add its image")
+    return entries
+
+
+def _mask_values(path: str) -> set[int]:
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(Image.open(path))
+    if arr.ndim == 3:
+        arr = arr[..., 0]
+    return {int(v) for v in np.unique(arr)}
+
+
+def _check_masks(entries: list[dict], binarize: bool, out_dir: Path | None, root: Path) -> int:
+    """Number of classes the masks hold; refuses values that are not class indices. ``binarize``: every mask is
+    rewritten as 0/1 (``> 0``) into ``out_dir`` (at its path below ``root``, so split folders cannot collide) and
+    the entries point there."""
+    import numpy as np
+    from PIL import Image
+
+    values: dict[str, set[int]] = {e["label"]: _mask_values(e["label"]) for e in entries}
+    if binarize:
+        for e in entries:
+            arr = np.asarray(Image.open(e["label"]))
+            arr = arr[..., 0] if arr.ndim == 3 else arr
+            dst = (out_dir / Path(e["label"]).resolve().relative_to(root.resolve())).with_suffix(".png")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((arr > 0).astype(np.uint8)).save(dst)
+            e["label"] = str(dst.resolve())
+        return 2
+    every = set().union(*values.values())
+    if len(every - {0}) <= 1:
+        return 2  # 0/1 or 0/255: binary (the transforms use > 0)
+    k = max(every) + 1
+    if k > 256 or len(every) < 0.5 * k:
+        bad = next(p for p, v in values.items() if v - {0})
+        raise DatalistError(
+            f"masks hold values {sorted(every)[:10]} (e.g. {bad}): not class indices 0..K-1. Store one class index "
+            "per pixel (0 = background), or pass --binarize when every non-zero value is the same class "
+            "(instance ids, 0/128/255 drawings)")
+    return k
+
+
+def prepare_folder(folder: str | os.PathLike, task: str = "auto", val_frac: float = 0.2, test_frac: float = 0.2,
+                   seed: int = 0, binarize: bool = False, mask_out: str | os.PathLike | None = None,
+                   class_names: Sequence[str] | None = None, verify: bool = True) -> dict:
+    """A datalist (docs/DATA_FORMAT.md) from a user's folder of images.
+
+    Classification: ``<folder>/<class>/*`` (class index = position in sorted folder names, or ``class_names``).
+    Segmentation: ``<folder>/images/*`` + ``<folder>/masks/*`` (mask = same stem, optionally ``_mask``/``_seg``/
+    ``_anno``/``_label``; class indices per pixel, or 0/255 for a binary task; ``binarize``: every non-zero value ->
+    1). Either may already be split into ``train/``, ``val/``, ``test/`` sub-folders; missing splits are held out of
+    train: ``ceil(test_frac n)`` test and ``ceil(val_frac n)`` validation items (per class for classification).
+    Returns the three splits plus ``task`` and ``class_names`` (the bundles read only the splits).
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise DatalistError(f"{root} is not a folder; give the folder holding your images (docs/DATA_FORMAT.md)")
+    task = detect_task(root) if task == "auto" else task
+    if task not in ("cls", "seg"):
+        raise DatalistError(f"task must be 'auto', 'cls' or 'seg', got {task!r}")
+    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+        raise DatalistError(f"--val-frac {val_frac} and --test-frac {test_frac} must be in [0, 1) with a sum < 1")
+    given = _split_dirs(root)
+    if given and "training" not in given:
+        raise DatalistError(f"{root} has {sorted(d.name for d in given.values())} but no train/ folder")
+    sources = given or {"training": root}
+    splits: dict[str, list[dict]] = {}
+    names: list[str] | None = list(class_names) if class_names and task == "cls" else None
+    for split in SPLITS:
+        if split not in sources:
+            continue
+        if task == "cls":
+            splits[split], names = _cls_entries(sources[split], names)
+        else:
+            splits[split] = _seg_entries(sources[split])
+    key = (lambda e: e["label"]) if task == "cls" else None
+    if "test" not in splits and test_frac > 0:
+        splits["training"], splits["test"] = split_holdout(splits["training"], test_frac, seed, key=key)
+    if "validation" not in splits and val_frac > 0:
+        frac = val_frac / (1 - (test_frac if "test" not in sources else 0))
+        splits["training"], splits["validation"] = split_holdout(splits["training"], min(frac, 0.99), seed + 1, key=key)
+    if not splits["training"]:
+        raise DatalistError(f"{root}: no training images left after holding out validation/test; add images or "
+                            "lower --val-frac / --test-frac")
+    everything = [e for v in splits.values() for e in v]
+    if verify:
+        for e in everything:
+            check_image(e["image"])
+            if task == "seg":
+                check_image(e["label"], "mask")
+                check_same_size(e["image"], e["label"])
+    if task == "seg":
+        if binarize and not mask_out:
+            raise DatalistError("--binarize needs a folder for the 0/1 masks (mask_out)")
+        n = _check_masks(everything, binarize, Path(mask_out) if mask_out else None, root)
+        names = list(class_names) if class_names else ["background"] + [f"class_{i}" for i in range(1, n)]
+        if len(names) != n:
+            raise DatalistError(f"--class-names gives {len(names)} names but the masks hold {n} classes (0..{n - 1})")
+    else:
+        missing = sorted(set(range(len(names or []))) - {e["label"] for e in splits["training"]})
+        if missing:
+            raise DatalistError(f"class(es) {[names[i] for i in missing]} have no training image; add images")
+    out = {s: _sorted(splits.get(s, [])) for s in SPLITS}
+    return {**out, "task": task, "class_names": list(names or [])}

@@ -14,7 +14,7 @@ wants 1 channel) -> :class:`ScaleToUnitd` (8-bit 0..255 -> 0..1; 16-bit/float im
 range, or a fixed ``intensity_range`` window) -> ``Resized`` (bilinear image, nearest
 mask) -> train-only augmentation -> ``EnsureTyped``.  Segmentation masks go through
 :class:`MaskToIndexd`: first channel, and ``> 0`` -> 1 when ``num_classes == 2`` (QaTa masks are
-0/255, GlaS instance ids), class indices kept otherwise.
+0/255; a mask with several foreground values is refused there), class indices kept otherwise.
 
 Images leave these pipelines in [0, 1] (``normalize="none"``, the default): the backbone maps them
 into its pre-training pixel space itself (``VisionTransformer.set_input_norm``, chosen from the
@@ -299,7 +299,8 @@ class EnsureChannelsd(MapTransform):
 
 
 class MaskToIndexd(MapTransform):
-    """Mask -> (1, H, W) class indices: first channel; binary tasks (``num_classes == 2``) use ``> 0``."""
+    """Mask -> (1, H, W) class indices: first channel; binary tasks (``num_classes == 2``) use ``> 0`` and refuse a
+    mask with more than one foreground value (a multi-class mask would be merged silently)."""
 
     def __init__(self, keys: KeysCollection, num_classes: int = 2, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -316,6 +317,15 @@ class MaskToIndexd(MapTransform):
                         f"label file {_filename(d[key])} holds value(s) {bad[:8].tolist()} outside the class indices "
                         f"0..{self.num_classes - 1} of this {self.num_classes}-class task. Store class indices in the "
                         "mask (not 0/255 or colours), or set num_classes to match.")
+            else:
+                fg = torch.unique(m[m != 0])
+                if fg.numel() > 1:  # 0/1 and 0/255 are binary; several foreground values are several classes
+                    values = [int(v) for v in fg[:8].tolist()]
+                    raise ImageFileError(
+                        f"label file {_filename(d[key])} holds {fg.numel()} foreground values {values}, but "
+                        "this task is binary (num_classes 2): they would be merged into one class. For a multi-class "
+                        f"task set num_classes (e.g. --num_classes {int(fg.max()) + 1}) and class_names; if they are "
+                        "instance ids of one class, binarise the masks first (`tpp-monai prepare --binarize`).")
             d[key] = (m > 0).to(m.dtype) if self.num_classes == 2 else m
         return d
 
