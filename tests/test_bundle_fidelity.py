@@ -75,8 +75,8 @@ def test_glas_bundle_trains_and_evaluates_at_512(monkeypatch):
     assert p.get_parsed_content("image_size") == 512
     assert p.get_parsed_content("batch_size") == 4 and p.get_parsed_content("num_iterations") == 25000
     for split in ("train", "eval"):
-        sizes = [t.resizer.spatial_size for t in p.get_parsed_content(f"transforms#{split}").transforms
-                 if type(t).__name__ == "Resized"]
+        sizes = [t.spatial_size for t in p.get_parsed_content(f"transforms#{split}").transforms
+                 if type(t).__name__ == "AntiAliasResized"]
         assert sizes and all(tuple(s) == (512, 512) for s in sizes), split
 
 

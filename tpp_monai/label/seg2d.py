@@ -276,7 +276,9 @@ def to_model_input(arr: np.ndarray, img_size: int, in_chans: int = 3) -> torch.T
         x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
     if x.shape[0] != in_chans:
         x = x.mean(0, keepdim=True).repeat(in_chans, 1, 1)
-    return F.interpolate(x[None], size=(img_size, img_size), mode="bilinear", align_corners=False)[0]
+    from tpp_monai.data.transforms import resize_image
+
+    return resize_image(x, (img_size, img_size), "bilinear")  # anti-aliased, as the bundles' chains
 
 
 def to_model_label(arr: np.ndarray, img_size: int, num_classes: int) -> torch.Tensor:
