@@ -236,3 +236,49 @@ def test_tpp_crop_equals_torchvision_random_resized_crop():
     assert 0.19 < min(scales) and max(scales) <= 1.0 and 0.4 < float(np.mean(scales)) < 0.8
     assert min(ratios) > 0.74 and max(ratios) < 1.34
     assert all(0 <= t and 0 <= l and t + h <= 200 and l + w <= 300 for t, l, h, w in boxes)
+
+
+# ------------------------------------------------------------ DINO crops once (issue 20.5), DINO clipping (23.7)
+def test_dino_tpp_crops_the_image_as_loaded(data):
+    """DINO's DataAugmentationDINO crops the loaded image: global views cover scale (0.4, 1) of it, local
+    (0.05, 0.4). The bundle's DINO stage must not crop before the multi-crop (the old MAE crop made global
+    views cover 0.42 of the image on average, minimum 0.08). Reference: torchvision's
+    RandomResizedCrop.get_params (what DINO runs) drawn on the loaded image size."""
+    from torchvision.transforms import RandomResizedCrop
+
+    from tpp_monai.data.transforms import RandResizedCropd
+
+    root, _ = data
+    p = _tpp_parser("mhist", data, pretext="dino",
+                    pretext_config={"out_dim": 16, "hidden_dim": 16, "bottleneck_dim": 8, "n_local_crops": 1})
+    chain, aug = p.get_parsed_content("tpp#transforms"), p.get_parsed_content("tpp#task").augment
+    entry = {"image": str(root / "img0.png"), "label": 0}
+    torch.manual_seed(0)
+    got: dict[str, list[float]] = {"global": [], "local": []}
+    for _ in range(400):
+        img = torch.as_tensor(chain(dict(entry))["image"])
+        pre = [t.box for t in chain.transforms if isinstance(t, RandResizedCropd) and t.box is not None]
+        f = pre[0][2] * pre[0][3] / float(SIZE * SIZE) if pre else 1.0  # what a crop before DINO's kept
+        aug.last_area_fractions = {"global": [], "local": []}
+        aug._crop(img, aug.global_size, aug.global_scale, "global")
+        aug._crop(img, aug.local_size, aug.local_scale, "local")
+        for k in got:
+            got[k] += [f * a for a in aug.last_area_fractions[k]]
+    dummy = torch.zeros(3, SIZE, SIZE)
+    torch.manual_seed(1)
+    for kind, scale in (("global", (0.4, 1.0)), ("local", (0.05, 0.4))):
+        ref = [h * w / float(SIZE * SIZE) for _, _, h, w in
+               (RandomResizedCrop.get_params(dummy, list(scale), [3 / 4, 4 / 3]) for _ in range(4000))]
+        se = float(np.std(ref)) / math.sqrt(len(got[kind]))
+        print(f"DINO {kind} crop area fraction: mean {np.mean(got[kind]):.3f} (DINO {np.mean(ref):.3f}), "
+              f"min {min(got[kind]):.3f} (DINO {min(ref):.3f})")
+        assert abs(np.mean(got[kind]) - np.mean(ref)) < 5 * se, kind
+        assert min(got[kind]) >= min(ref) - 2.0 / SIZE, kind  # integer box sides: one pixel per side
+
+
+def test_dino_tpp_clips_gradients_at_3(data):
+    """DINO's --clip_grad 3.0 in the 2D DINO stage; MAE (MAE/MedCoSS pre-training) does not clip."""
+    small = {"out_dim": 16, "hidden_dim": 16, "bottleneck_dim": 8, "n_local_crops": 1}
+    assert _tpp_parser("mhist", data, pretext="dino", pretext_config=small).get_parsed_content(
+        "tpp#trainer").clip_grad == 3.0
+    assert not _tpp_parser("mhist", data).get_parsed_content("tpp#trainer").clip_grad

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -257,3 +258,70 @@ def test_dino_hands_over_the_teacher(tmp_path):
     apply_peft(fresh, "adapter", {"bottleneck": 4})
     load_target_checkpoint(ckpt, fresh)
     assert all(torch.equal(v, teacher[k]) for k, v in target_state_dict(fresh).items())
+
+
+# ------------------------------------------------------------ DINO defaults = DINO's main_dino.py (issue 23.7)
+#: Re-stated from facebookresearch/dino main_dino.py (argparse defaults) and its README ViT recipe.
+DINO_MAIN = {"out_dim": 65536, "local_crops_number": 8, "clip_grad": 3.0, "freeze_last_layer": 1,
+             "global_crops_scale": (0.4, 1.0), "local_crops_scale": (0.05, 0.4), "momentum_teacher": 0.996,
+             "warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 30}
+_SMALL_HEAD = dict(out_dim=32, hidden_dim=32, bottleneck_dim=16)
+
+
+def _dino_vit():
+    from tpp_monai.backbones.vit import build_vit
+
+    vit = build_vit("tiny", img_size=32, patch_size=16, depth=1)
+    apply_peft(vit, "adapter", {"bottleneck": 4})
+    return vit
+
+
+def test_dino_defaults_are_dinos():
+    """Head output 65536, 8 local crops, DINO's crop scales and momentum, clipping 3.0, last layer frozen 1 epoch."""
+    import inspect
+
+    from tpp_monai.pretext.dino import DINOPretext
+
+    sig = inspect.signature(DINOPretext.__init__).parameters
+    assert sig["out_dim"].default == DINO_MAIN["out_dim"]
+    assert sig["n_local_crops"].default == DINO_MAIN["local_crops_number"]
+    assert tuple(sig["global_scale"].default) == DINO_MAIN["global_crops_scale"]
+    assert tuple(sig["local_scale"].default) == DINO_MAIN["local_crops_scale"]
+    assert sig["momentum_teacher"].default == DINO_MAIN["momentum_teacher"]
+    assert sig["freeze_last_layer"].default == DINO_MAIN["freeze_last_layer"]
+    assert sig["warmup_teacher_temp_epochs"].default == DINO_MAIN["warmup_teacher_temp_epochs"]
+    task = DINOPretext(_dino_vit(), hidden_dim=32, bottleneck_dim=16)  # the default 65536-wide output
+    assert task.center.shape == (1, DINO_MAIN["out_dim"]) and task.head.last_layer.weight_v.shape[0] == 65536
+    assert task.augment.n_local == DINO_MAIN["local_crops_number"]
+    assert task.default_clip_grad == DINO_MAIN["clip_grad"]
+
+
+def test_dino_teacher_temperature_follows_dinos_epoch_schedule():
+    """DINOLoss.teacher_temp_schedule = concat(linspace(0.04, 0.07, 30), 0.07 ...)[epoch], per epoch."""
+    from tpp_monai.pretext.dino import DINOPretext
+
+    task = DINOPretext(_dino_vit(), n_local_crops=1, local_crop_size=16, **_SMALL_HEAD)
+    epochs, spe = 100, 7
+    ref = np.concatenate((np.linspace(DINO_MAIN["warmup_teacher_temp"], DINO_MAIN["teacher_temp"],
+                                      DINO_MAIN["warmup_teacher_temp_epochs"]),
+                          np.ones(epochs - DINO_MAIN["warmup_teacher_temp_epochs"]) * DINO_MAIN["teacher_temp"]))
+    for step in (0, 1, 6, 7, 50, 29 * spe - 1, 29 * spe, 30 * spe, epochs * spe - 1):
+        task.set_schedule_position(step, epochs * spe, spe)
+        assert task.current_teacher_temp() == pytest.approx(float(ref[step // spe]), abs=1e-12), step
+
+
+def test_dino_last_layer_gets_no_gradient_in_the_first_epoch():
+    """DINO's cancel_gradients_last_layer(epoch < freeze_last_layer = 1)."""
+    from tpp_monai.pretext.dino import DINOPretext
+
+    torch.manual_seed(0)
+    task = DINOPretext(_dino_vit(), n_local_crops=1, local_crop_size=16, **_SMALL_HEAD).train()
+    x = torch.rand(2, 3, 32, 32)
+    grads = []
+    for step in (3, 4):  # epoch 0 (last step), epoch 1 (first step) with 4 steps per epoch
+        task.set_schedule_position(step, 40, 4)
+        task.zero_grad(set_to_none=True)
+        task(x)["loss"].backward()
+        grads.append(task.head.last_layer.weight_v.grad.abs().sum().item())
+        assert task.head.mlp[0].weight.grad.abs().sum() > 0  # the rest of the head trains from step 0
+    assert grads[0] == 0.0 and grads[1] > 0.0

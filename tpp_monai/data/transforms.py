@@ -497,15 +497,23 @@ def tpp_transforms(
     hflip_prob: float = 0.5,
     normalize: str | Sequence | None = "none",
     intensity_range: str | Sequence[float] = "auto",
+    pretext: str = "mae",
 ) -> Compose:
-    """TPP-stage chain for image-only entries: load, [0, 1] (:class:`ScaleToUnitd`), then the MAE /
-    MedCoSS pre-training recipe.
+    """TPP-stage chain for image-only entries: load, [0, 1] (:class:`ScaleToUnitd`), then the pretext's
+    data augmentation.
 
-    ``augment``: ``RandResizedCropd(image_size, scale=crop_scale, ratio=crop_ratio, bicubic)`` + horizontal
-    flip (``hflip_prob``), as MAE's and MedCoSS's pre-training (``RandomResizedCrop(scale=(0.2, 1.0),
-    interpolation=3)`` + ``RandomHorizontalFlip()``); without it a plain resize. DINO makes its own
-    multi-crop from these [0, 1] images (keep ``normalize="none"``).
+    ``pretext`` other than DINO (MAE) with ``augment``: ``RandResizedCropd(image_size, scale=crop_scale, ratio=crop_ratio,
+    bicubic)`` + horizontal flip (``hflip_prob``), as MAE's and MedCoSS's pre-training
+    (``RandomResizedCrop(scale=(0.2, 1.0), interpolation=3)`` + ``RandomHorizontalFlip()``); without it a
+    plain (anti-aliased) resize.
+
+    ``pretext="dino"``: always the plain resize, no crop or flip: DINO's multi-crop
+    (:class:`tpp_monai.pretext.dino.MultiCropAugment`, run by the task on the batch) *is* its augmentation
+    and, as DINO's ``DataAugmentationDINO``, crops the image as loaded (resized to ``image_size`` so a batch
+    can be stacked). An MAE crop before it would shrink DINO's global views from 0.70 of the image on
+    average (minimum 0.40) to 0.42 (minimum 0.08). Keep ``normalize="none"`` (the multi-crop needs [0, 1]).
     """
+    augment = bool(augment) and not str(pretext).lower().startswith("dino")
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     t: list = [
         load_image_2d("image"),
