@@ -325,3 +325,58 @@ def test_dino_last_layer_gets_no_gradient_in_the_first_epoch():
         grads.append(task.head.last_layer.weight_v.grad.abs().sum().item())
         assert task.head.mlp[0].weight.grad.abs().sum() > 0  # the rest of the head trains from step 0
     assert grads[0] == 0.0 and grads[1] > 0.0
+
+
+# ------------------------------------------------------------ segmentation encoder without class token (23.4)
+def medcoss_seg_encoder(sd: dict, x: torch.Tensor, depth: int, heads: int) -> list[torch.Tensor]:
+    """Re-statement of MedCoSS's segmentation encoder (``Downstream/Dim_2/Glas/model/Unimodel.py``,
+    ``Unified_Model.forward`` in eval mode): ``VideoBaseEmbedding`` (conv patches + spatial rows 0..n-1 +
+    temporal row 0, then LayerNorm) straight into ``fused_encoder`` -- no class token -- whose layers are
+    pre-norm ``TransformerEncoderLayer``s with layer scale; returns every layer's output (``feature_list``)."""
+    e = "video_embed."
+    t = F.conv2d(x, sd[e + "embeddings.weight"], sd[e + "embeddings.bias"], stride=P).flatten(2).transpose(1, 2)
+    n = t.shape[1]
+    t = t + sd[e + "embeddings_st_pos_2D.spatial_pos_embed.weight"][:n] + \
+        sd[e + "embeddings_st_pos_2D.temporal_pos_embed.weight"][0]
+    h = F.layer_norm(t, (ENC_D,), sd[e + "embeddings_norm.weight"], sd[e + "embeddings_norm.bias"], 1e-5)
+    out = []
+    for i in range(depth):
+        pre = f"fused_encoder.layers.{i}."
+        y = F.layer_norm(h, (ENC_D,), sd[pre + "norm1.weight"], sd[pre + "norm1.bias"], 1e-5).transpose(0, 1)
+        a, _ = F.multi_head_attention_forward(
+            y, y, y, ENC_D, heads, sd[pre + "self_attn.in_proj_weight"], sd[pre + "self_attn.in_proj_bias"],
+            None, None, False, 0.0, sd[pre + "self_attn.out_proj.weight"], sd[pre + "self_attn.out_proj.bias"],
+            training=False, need_weights=False)
+        h = h + sd[pre + "gamma_1"] * a.transpose(0, 1)
+        y = F.layer_norm(h, (ENC_D,), sd[pre + "norm2.weight"], sd[pre + "norm2.bias"], 1e-5)
+        y = F.linear(F.gelu(F.linear(y, sd[pre + "linear1.weight"], sd[pre + "linear1.bias"])),
+                     sd[pre + "linear2.weight"], sd[pre + "linear2.bias"])
+        h = h + sd[pre + "gamma_2"] * y
+        out.append(h)
+    return out
+
+
+def test_segmenter_encoder_is_medcoss_class_token_free_forward():
+    """The segmentation network's encoder features equal MedCoSS's (no class token in the sequence); with the
+    class token run along (the old behaviour) they differ, so the test can fail."""
+    from tpp_monai.backbones.checkpoints import build_vit_from_checkpoint
+    from tpp_monai.heads.segmentation import build_vit_segmenter
+
+    torch.set_num_threads(1)
+    depth, heads = 4, 2
+    sd = {k: v.double() for k, v in medcoss_state(dec_d=32, dec_depth=1, depth=depth).items()}
+    sd = {k: (v * 30 if k.endswith(("gamma_1", "gamma_2")) else v) for k, v in sd.items()}  # let blocks matter
+    vit, _ = build_vit_from_checkpoint({"model": sd}, num_heads=heads)
+    vit = vit.double().eval()
+    seg = build_vit_segmenter(vit, num_classes=2, layers=(1, 2, 3, 4), feature_size=8).double().eval()
+    x = torch.rand(2, 3, GRID * P, GRID * P, dtype=torch.float64)
+    ref = medcoss_seg_encoder(sd, x, depth, heads)
+    with torch.no_grad():
+        feats, grid = seg.features(x)
+        old = vit.forward_features(x, return_layers=(1, 2, 3, 4), cls_token=True)
+    assert tuple(grid) == (GRID, GRID)
+    for got, want in zip(feats, ref):  # MedCoSS has no final norm: the last tap is block 4's output itself
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-10, rtol=0), (got - want).abs().max()  # float64: same maths
+    rel = (old.hidden_states[4][:, 1:] - ref[3]).norm() / ref[3].norm()
+    assert rel > 1e-3, rel

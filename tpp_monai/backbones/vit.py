@@ -72,13 +72,15 @@ class ForwardContext:
     """What the current forward pass knows beyond the token stream (read by PEFT hooks).
 
     ``image`` is the network input, ``ids_keep`` the indices of visible patches under MAE masking
-    (None without masking), ``grid`` the patch grid (h, w).
+    (None without masking), ``grid`` the patch grid (h, w), ``num_prefix`` the tokens before the patches
+    (1: the class token; 0: a forward without it, as MedCoSS's segmentation model).
     """
 
     image: torch.Tensor | None = None
     ids_keep: torch.Tensor | None = None
     grid: tuple[int, int] = (0, 0)
     extras: dict = field(default_factory=dict)
+    num_prefix: int = 1
 
 
 class LayerScale(nn.Module):
@@ -157,6 +159,7 @@ class PatchEmbed(nn.Module):
 @dataclass
 class ViTOutput:
     tokens: torch.Tensor  # (B, 1 + n, D) after the final norm (if any); token 0 is the class token
+    #                       ((B, n, D), patches only, for ``forward_features(..., cls_token=False)``)
     hidden_states: dict[int, torch.Tensor]  # 1-based layer index -> (B, 1 + n, D) block output
     grid: tuple[int, int]
 
@@ -303,19 +306,26 @@ class VisionTransformer(nn.Module):
         x: torch.Tensor,
         ids_keep: torch.Tensor | None = None,
         return_layers: Sequence[int] = (),
+        cls_token: bool = True,
     ) -> ViTOutput:
         """Run the encoder; ``ids_keep`` (B, n_visible) keeps only those patch tokens (MAE).
 
         ``x`` is normalised first (:meth:`set_input_norm`); PEFT methods reading ``context.image``
-        (EVP) see the normalised image, like the patch embedding."""
+        (EVP) see the normalised image, like the patch embedding.
+
+        ``cls_token=False`` runs the blocks on the patch tokens alone (no class token in the sequence), as
+        MedCoSS's segmentation model (``Downstream/Dim_2/{Glas,QaTa_CoV19}/model/Unimodel.py``: the video
+        embedding's patch tokens go straight into ``fused_encoder``); tokens and hidden states are then
+        (B, n, D)."""
         x = self.normalize_input(x)
         ctx = self.context
         ctx.image, ctx.ids_keep, ctx.extras = x, ids_keep, {}
         tokens, grid = self._embed(x)
         ctx.grid = grid
+        ctx.num_prefix = 1 if cls_token else 0
         if ids_keep is not None:
             tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        h = torch.cat([self.class_token(x.shape[0]), tokens], dim=1)
+        h = torch.cat([self.class_token(x.shape[0]), tokens], dim=1) if cls_token else tokens
         wanted = set(return_layers)
         bad = [i for i in wanted if not 1 <= i <= len(self.blocks)]
         if bad:
