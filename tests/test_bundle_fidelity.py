@@ -144,8 +144,8 @@ def test_bundle_mae_decoder_heads_16(bundle, data):
 
 @pytest.mark.parametrize("bundle", BUNDLES_2D)
 def test_bundle_inputs_in_0_1_unnormalised(bundle, data):
-    """Defect 2: MedCoSS's pixel space is [0, 1]: no Normalize in any pipeline (fine-tuning, evaluation,
-    inference, TPP) and no normalisation inside the backbone."""
+    """Defect 2: the pipelines give [0, 1] images: no Normalize in any pipeline (fine-tuning, evaluation,
+    inference, TPP); the backbone maps them into MedCoSS's space for the task (issue 23.2/23.3)."""
     from monai.transforms import NormalizeIntensityd
 
     root, ckpt = data
@@ -161,9 +161,15 @@ def test_bundle_inputs_in_0_1_unnormalised(bundle, data):
             assert x.min() >= 0.0 and x.max() <= 1.0, key
         if key == "transforms#eval":  # evaluation and inference: the image's own [0, 1] values
             assert torch.allclose(torch.as_tensor(x), raw, atol=1e-6)
-    assert [getattr(v, "input_norm", None) for v in _vits(p.get_parsed_content("network_def"))] == ["none"]
-    assert getattr(p.get_parsed_content("tpp#task").backbone, "input_norm", None) == "none"
-    assert p["input_norm"] == "auto"  # the default: the checkpoint's format decides
+    # inside the backbone: MedCoSS's pixel space for the task and modality (23.2, 23.3): classification [0, 1],
+    # segmentation a per-image z-score (DSDataset.py); pathology in BGR (TCGA_dataset.py / NCT_CRC_HE loader)
+    norm = "zscore" if bundle in ("glas", "qata") else "none"
+    order = "bgr" if bundle in ("mhist", "glas") else "rgb"
+    vits = _vits(p.get_parsed_content("network_def"))
+    assert [(v.input_norm, v.channel_order) for v in vits] == [(norm, order)]
+    tpp_bb = p.get_parsed_content("tpp#task").backbone  # TPP pre-trains the targets in the same space
+    assert (tpp_bb.input_norm, tpp_bb.channel_order) == (norm, order)
+    assert p["input_norm"] == "auto" and p["channel_order"] == "auto"  # the default: the checkpoint's format decides
 
 
 @pytest.mark.parametrize("bundle", BUNDLES_2D)

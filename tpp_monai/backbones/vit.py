@@ -200,17 +200,27 @@ class VisionTransformer(nn.Module):
         self.register_buffer("input_mean", None, persistent=False)
         self.register_buffer("input_std", None, persistent=False)
         self.register_buffer("input_zscore", None, persistent=False)  # a flag tensor: per-image standardisation
+        self.register_buffer("input_channel_perm", None, persistent=False)  # channel order: (2, 1, 0) for BGR
         self._init_weights()
 
-    def set_input_norm(self, spec: object = "none") -> "VisionTransformer":
+    def set_input_norm(self, spec: object = "none", channel_order: str = "rgb") -> "VisionTransformer":
         """Normalise input images as the backbone's pre-training did (``"none"``, ``"imagenet"``,
-        ``"path_dino"``, ``[mean, std]``, or ``"zscore"`` per image; see :mod:`tpp_monai.data.normalization`).
+        ``"path_dino"``, ``[mean, std]``, or ``"zscore"`` per image; see :mod:`tpp_monai.data.normalization`),
+        after putting their channels in the pre-training order: ``channel_order="bgr"`` reverses the RGB
+        channels the pipelines read (MedCoSS read its pathology images with OpenCV, i.e. BGR).
 
         Kept in non-persistent buffers: not in ``state_dict`` (checkpoints unchanged), but part of the
         backbone fingerprint, so target parameters trained in another pixel space are refused.
         """
         from tpp_monai.data.normalization import ZSCORE, resolve_input_norm
 
+        order = str(channel_order).strip().lower()
+        if order not in ("rgb", "bgr"):
+            raise ValueError(f"channel_order must be 'rgb' or 'bgr'; got {channel_order!r}")
+        if order == "bgr" and self.cfg.in_chans != 3:
+            raise ValueError(f"channel_order 'bgr' needs a 3-channel backbone; this one takes {self.cfg.in_chans}")
+        self.input_channel_perm = (torch.tensor([2, 1, 0], device=self.cls_token.device) if order == "bgr"
+                                   else None)
         ms = resolve_input_norm(spec, self.cfg.in_chans)  # type: ignore[arg-type]
         self.input_zscore = None
         if ms is None or ms == ZSCORE:
@@ -232,8 +242,15 @@ class VisionTransformer(nn.Module):
             return "none"
         return {"mean": self.input_mean.flatten().tolist(), "std": self.input_std.flatten().tolist()}
 
+    @property
+    def channel_order(self) -> str:
+        """``"rgb"`` or ``"bgr"``: the channel order the backbone is fed (set by :meth:`set_input_norm`)."""
+        return "rgb" if self.input_channel_perm is None else "bgr"
+
     def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] -> the pixel space the backbone was pre-trained in (identity for ``"none"``)."""
+        """Images in [0, 1] (RGB) -> the pixel space the backbone was pre-trained in (identity for ``"none"``)."""
+        if self.input_channel_perm is not None:
+            x = x.index_select(1, self.input_channel_perm.to(x.device))
         if self.input_zscore is not None:
             from tpp_monai.data.normalization import zscore_per_image
 

@@ -83,6 +83,8 @@ class Seg2DConfig:
     vit_overrides: dict[str, Any] = field(default_factory=dict)
     #: pixel space the backbone normalises its [0, 1] input into ("auto": from the checkpoint's format)
     input_norm: Any = "auto"
+    #: image modality ("pathology": a MedCoSS backbone is fed BGR, as it was pre-trained); None: RGB
+    modality: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -120,7 +122,7 @@ def build_backbone(cfg: Seg2DConfig) -> nn.Module:
 
     return _bb(cfg.backbone_ckpt, size=cfg.size, img_size=cfg.img_size, in_chans=cfg.in_chans,
                allow_pickle=cfg.allow_pickle, init_seed=cfg.init_seed, vit_overrides=cfg.vit_overrides or None,
-               input_norm=cfg.input_norm)
+               input_norm=cfg.input_norm, task="seg", modality=cfg.modality)
 
 
 def build_model(cfg: Seg2DConfig, tpp_ckpt: str | os.PathLike | None = None) -> nn.Module:
