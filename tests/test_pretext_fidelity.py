@@ -195,7 +195,8 @@ def test_format_defaults_and_recorded_values(medcoss_ckpt, tmp_path):
 
     assert label_backbone(Seg2DConfig(backbone_ckpt=str(tmp_path / "mae.pth"), img_size=32)).input_norm["std"] == \
         pytest.approx(list(IMAGENET_STD))
-    assert label_backbone(Seg2DConfig(backbone_ckpt=str(path), img_size=32)).input_norm == "none"
+    # a segmentation app: MedCoSS's segmentation pixel space (per-image z-score), as the segmentation bundles
+    assert label_backbone(Seg2DConfig(backbone_ckpt=str(path), img_size=32)).input_norm == "zscore"
     with pytest.raises(ValueError, match="resolved from the backbone checkpoint"):
         resolve_input_norm("auto")
 
@@ -377,6 +378,8 @@ def test_segmenter_encoder_is_medcoss_class_token_free_forward():
     assert tuple(grid) == (GRID, GRID)
     for got, want in zip(feats, ref):  # MedCoSS has no final norm: the last tap is block 4's output itself
         assert got.shape == want.shape
-        assert torch.allclose(got, want, atol=1e-10, rtol=0), (got - want).abs().max()  # float64: same maths
-    rel = (old.hidden_states[4][:, 1:] - ref[3]).norm() / ref[3].norm()
-    assert rel > 1e-3, rel
+        # float64 throughout, except that the converter folds MedCoSS's temporal row 0 into the float32 position
+        # table (one float32 rounding, ~6e-8 relative, of embeddings of size ~1): measured 1.2e-8 after 4 blocks
+        assert torch.allclose(got, want, atol=1e-6, rtol=0), (got - want).abs().max()
+    diff = (old.hidden_states[4][:, 1:] - ref[3]).abs().max()
+    assert diff > 100 * 1e-6, diff  # the class token run along is caught by the bound above

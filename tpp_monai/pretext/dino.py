@@ -127,7 +127,7 @@ class MultiCropAugment(nn.Module):
         if rgb:
             ops.append(v2.RandomGrayscale(p=0.2))
         ops += [v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=blur_p), v2.RandomSolarize(0.5, p=solar_p)]
-        out = v2.Compose(ops)(self._crop(img, size, scale, kind).clamp(0, 1)).clamp(0, 1)
+        out = v2.Compose(ops)(self._crop(img, size, scale, kind)).clamp(0, 1)
         if self.mean is not None and self.std is not None:
             out = v2.functional.normalize(out, list(self.mean), list(self.std))
         return out
