@@ -59,12 +59,12 @@ def test_seg_bundles_unetr_taps_4_7_10_12_patch_tokens_only(bundle, monkeypatch,
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         net(x)
-        out = net.backbone.forward_features(x, return_layers=(4, 7, 10))
+        out = net.backbone.forward_features(x, return_layers=(4, 7, 10), cls_token=False)  # MedCoSS: no class token
     grid = out.grid
     want = {"encoder2": out.hidden_states[4], "encoder3": out.hidden_states[7], "encoder4": out.hidden_states[10],
             "decoder5": out.tokens}
     for name, tokens in want.items():
-        patches = tokens[:, 1:]  # the class token (index 0) never reaches the decoder
+        patches = tokens  # the encoder runs without a class token (MedCoSS's segmentation model)
         assert torch.allclose(seen[name], patches.transpose(1, 2).reshape(1, -1, *grid), atol=1e-6), name
 
 
@@ -75,8 +75,8 @@ def test_glas_bundle_trains_and_evaluates_at_512(monkeypatch):
     assert p.get_parsed_content("image_size") == 512
     assert p.get_parsed_content("batch_size") == 4 and p.get_parsed_content("num_iterations") == 25000
     for split in ("train", "eval"):
-        sizes = [t.resizer.spatial_size for t in p.get_parsed_content(f"transforms#{split}").transforms
-                 if type(t).__name__ == "Resized"]
+        sizes = [t.spatial_size for t in p.get_parsed_content(f"transforms#{split}").transforms
+                 if type(t).__name__ == "AntiAliasResized"]
         assert sizes and all(tuple(s) == (512, 512) for s in sizes), split
 
 
@@ -144,8 +144,8 @@ def test_bundle_mae_decoder_heads_16(bundle, data):
 
 @pytest.mark.parametrize("bundle", BUNDLES_2D)
 def test_bundle_inputs_in_0_1_unnormalised(bundle, data):
-    """Defect 2: MedCoSS's pixel space is [0, 1]: no Normalize in any pipeline (fine-tuning, evaluation,
-    inference, TPP) and no normalisation inside the backbone."""
+    """Defect 2: the pipelines give [0, 1] images: no Normalize in any pipeline (fine-tuning, evaluation,
+    inference, TPP); the backbone maps them into MedCoSS's space for the task (issue 23.2/23.3)."""
     from monai.transforms import NormalizeIntensityd
 
     root, ckpt = data
@@ -161,9 +161,15 @@ def test_bundle_inputs_in_0_1_unnormalised(bundle, data):
             assert x.min() >= 0.0 and x.max() <= 1.0, key
         if key == "transforms#eval":  # evaluation and inference: the image's own [0, 1] values
             assert torch.allclose(torch.as_tensor(x), raw, atol=1e-6)
-    assert [getattr(v, "input_norm", None) for v in _vits(p.get_parsed_content("network_def"))] == ["none"]
-    assert getattr(p.get_parsed_content("tpp#task").backbone, "input_norm", None) == "none"
-    assert p["input_norm"] == "auto"  # the default: the checkpoint's format decides
+    # inside the backbone: MedCoSS's pixel space for the task and modality (23.2, 23.3): classification [0, 1],
+    # segmentation a per-image z-score (DSDataset.py); pathology in BGR (TCGA_dataset.py / NCT_CRC_HE loader)
+    norm = "zscore" if bundle in ("glas", "qata") else "none"
+    order = "bgr" if bundle in ("mhist", "glas") else "rgb"
+    vits = _vits(p.get_parsed_content("network_def"))
+    assert [(v.input_norm, v.channel_order) for v in vits] == [(norm, order)]
+    tpp_bb = p.get_parsed_content("tpp#task").backbone  # TPP pre-trains the targets in the same space
+    assert (tpp_bb.input_norm, tpp_bb.channel_order) == (norm, order)
+    assert p["input_norm"] == "auto" and p["channel_order"] == "auto"  # the default: the checkpoint's format decides
 
 
 @pytest.mark.parametrize("bundle", BUNDLES_2D)
@@ -236,3 +242,49 @@ def test_tpp_crop_equals_torchvision_random_resized_crop():
     assert 0.19 < min(scales) and max(scales) <= 1.0 and 0.4 < float(np.mean(scales)) < 0.8
     assert min(ratios) > 0.74 and max(ratios) < 1.34
     assert all(0 <= t and 0 <= l and t + h <= 200 and l + w <= 300 for t, l, h, w in boxes)
+
+
+# ------------------------------------------------------------ DINO crops once (issue 20.5), DINO clipping (23.7)
+def test_dino_tpp_crops_the_image_as_loaded(data):
+    """DINO's DataAugmentationDINO crops the loaded image: global views cover scale (0.4, 1) of it, local
+    (0.05, 0.4). The bundle's DINO stage must not crop before the multi-crop (the old MAE crop made global
+    views cover 0.42 of the image on average, minimum 0.08). Reference: torchvision's
+    RandomResizedCrop.get_params (what DINO runs) drawn on the loaded image size."""
+    from torchvision.transforms import RandomResizedCrop
+
+    from tpp_monai.data.transforms import RandResizedCropd
+
+    root, _ = data
+    p = _tpp_parser("mhist", data, pretext="dino",
+                    pretext_config={"out_dim": 16, "hidden_dim": 16, "bottleneck_dim": 8, "n_local_crops": 1})
+    chain, aug = p.get_parsed_content("tpp#transforms"), p.get_parsed_content("tpp#task").augment
+    entry = {"image": str(root / "img0.png"), "label": 0}
+    torch.manual_seed(0)
+    got: dict[str, list[float]] = {"global": [], "local": []}
+    for _ in range(400):
+        img = torch.as_tensor(chain(dict(entry))["image"])
+        pre = [t.box for t in chain.transforms if isinstance(t, RandResizedCropd) and t.box is not None]
+        f = pre[0][2] * pre[0][3] / float(SIZE * SIZE) if pre else 1.0  # what a crop before DINO's kept
+        aug.last_area_fractions = {"global": [], "local": []}
+        aug._crop(img, aug.global_size, aug.global_scale, "global")
+        aug._crop(img, aug.local_size, aug.local_scale, "local")
+        for k in got:
+            got[k] += [f * a for a in aug.last_area_fractions[k]]
+    dummy = torch.zeros(3, SIZE, SIZE)
+    torch.manual_seed(1)
+    for kind, scale in (("global", (0.4, 1.0)), ("local", (0.05, 0.4))):
+        ref = [h * w / float(SIZE * SIZE) for _, _, h, w in
+               (RandomResizedCrop.get_params(dummy, list(scale), [3 / 4, 4 / 3]) for _ in range(4000))]
+        se = float(np.std(ref)) / math.sqrt(len(got[kind]))
+        print(f"DINO {kind} crop area fraction: mean {np.mean(got[kind]):.3f} (DINO {np.mean(ref):.3f}), "
+              f"min {min(got[kind]):.3f} (DINO {min(ref):.3f})")
+        assert abs(np.mean(got[kind]) - np.mean(ref)) < 5 * se, kind
+        assert min(got[kind]) >= min(ref) - 2.0 / SIZE, kind  # integer box sides: one pixel per side
+
+
+def test_dino_tpp_clips_gradients_at_3(data):
+    """DINO's --clip_grad 3.0 in the 2D DINO stage; MAE (MAE/MedCoSS pre-training) does not clip."""
+    small = {"out_dim": 16, "hidden_dim": 16, "bottleneck_dim": 8, "n_local_crops": 1}
+    assert _tpp_parser("mhist", data, pretext="dino", pretext_config=small).get_parsed_content(
+        "tpp#trainer").clip_grad == 3.0
+    assert not _tpp_parser("mhist", data).get_parsed_content("tpp#trainer").clip_grad

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -194,7 +195,8 @@ def test_format_defaults_and_recorded_values(medcoss_ckpt, tmp_path):
 
     assert label_backbone(Seg2DConfig(backbone_ckpt=str(tmp_path / "mae.pth"), img_size=32)).input_norm["std"] == \
         pytest.approx(list(IMAGENET_STD))
-    assert label_backbone(Seg2DConfig(backbone_ckpt=str(path), img_size=32)).input_norm == "none"
+    # a segmentation app: MedCoSS's segmentation pixel space (per-image z-score), as the segmentation bundles
+    assert label_backbone(Seg2DConfig(backbone_ckpt=str(path), img_size=32)).input_norm == "zscore"
     with pytest.raises(ValueError, match="resolved from the backbone checkpoint"):
         resolve_input_norm("auto")
 
@@ -257,3 +259,127 @@ def test_dino_hands_over_the_teacher(tmp_path):
     apply_peft(fresh, "adapter", {"bottleneck": 4})
     load_target_checkpoint(ckpt, fresh)
     assert all(torch.equal(v, teacher[k]) for k, v in target_state_dict(fresh).items())
+
+
+# ------------------------------------------------------------ DINO defaults = DINO's main_dino.py (issue 23.7)
+#: Re-stated from facebookresearch/dino main_dino.py (argparse defaults) and its README ViT recipe.
+DINO_MAIN = {"out_dim": 65536, "local_crops_number": 8, "clip_grad": 3.0, "freeze_last_layer": 1,
+             "global_crops_scale": (0.4, 1.0), "local_crops_scale": (0.05, 0.4), "momentum_teacher": 0.996,
+             "warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 30}
+_SMALL_HEAD = dict(out_dim=32, hidden_dim=32, bottleneck_dim=16)
+
+
+def _dino_vit():
+    from tpp_monai.backbones.vit import build_vit
+
+    vit = build_vit("tiny", img_size=32, patch_size=16, depth=1)
+    apply_peft(vit, "adapter", {"bottleneck": 4})
+    return vit
+
+
+def test_dino_defaults_are_dinos():
+    """Head output 65536, 8 local crops, DINO's crop scales and momentum, clipping 3.0, last layer frozen 1 epoch."""
+    import inspect
+
+    from tpp_monai.pretext.dino import DINOPretext
+
+    sig = inspect.signature(DINOPretext.__init__).parameters
+    assert sig["out_dim"].default == DINO_MAIN["out_dim"]
+    assert sig["n_local_crops"].default == DINO_MAIN["local_crops_number"]
+    assert tuple(sig["global_scale"].default) == DINO_MAIN["global_crops_scale"]
+    assert tuple(sig["local_scale"].default) == DINO_MAIN["local_crops_scale"]
+    assert sig["momentum_teacher"].default == DINO_MAIN["momentum_teacher"]
+    assert sig["freeze_last_layer"].default == DINO_MAIN["freeze_last_layer"]
+    assert sig["warmup_teacher_temp_epochs"].default == DINO_MAIN["warmup_teacher_temp_epochs"]
+    task = DINOPretext(_dino_vit(), hidden_dim=32, bottleneck_dim=16)  # the default 65536-wide output
+    assert task.center.shape == (1, DINO_MAIN["out_dim"]) and task.head.last_layer.weight_v.shape[0] == 65536
+    assert task.augment.n_local == DINO_MAIN["local_crops_number"]
+    assert task.default_clip_grad == DINO_MAIN["clip_grad"]
+
+
+def test_dino_teacher_temperature_follows_dinos_epoch_schedule():
+    """DINOLoss.teacher_temp_schedule = concat(linspace(0.04, 0.07, 30), 0.07 ...)[epoch], per epoch."""
+    from tpp_monai.pretext.dino import DINOPretext
+
+    task = DINOPretext(_dino_vit(), n_local_crops=1, local_crop_size=16, **_SMALL_HEAD)
+    epochs, spe = 100, 7
+    ref = np.concatenate((np.linspace(DINO_MAIN["warmup_teacher_temp"], DINO_MAIN["teacher_temp"],
+                                      DINO_MAIN["warmup_teacher_temp_epochs"]),
+                          np.ones(epochs - DINO_MAIN["warmup_teacher_temp_epochs"]) * DINO_MAIN["teacher_temp"]))
+    for step in (0, 1, 6, 7, 50, 29 * spe - 1, 29 * spe, 30 * spe, epochs * spe - 1):
+        task.set_schedule_position(step, epochs * spe, spe)
+        assert task.current_teacher_temp() == pytest.approx(float(ref[step // spe]), abs=1e-12), step
+
+
+def test_dino_last_layer_gets_no_gradient_in_the_first_epoch():
+    """DINO's cancel_gradients_last_layer(epoch < freeze_last_layer = 1)."""
+    from tpp_monai.pretext.dino import DINOPretext
+
+    torch.manual_seed(0)
+    task = DINOPretext(_dino_vit(), n_local_crops=1, local_crop_size=16, **_SMALL_HEAD).train()
+    x = torch.rand(2, 3, 32, 32)
+    grads = []
+    for step in (3, 4):  # epoch 0 (last step), epoch 1 (first step) with 4 steps per epoch
+        task.set_schedule_position(step, 40, 4)
+        task.zero_grad(set_to_none=True)
+        task(x)["loss"].backward()
+        grads.append(task.head.last_layer.weight_v.grad.abs().sum().item())
+        assert task.head.mlp[0].weight.grad.abs().sum() > 0  # the rest of the head trains from step 0
+    assert grads[0] == 0.0 and grads[1] > 0.0
+
+
+# ------------------------------------------------------------ segmentation encoder without class token (23.4)
+def medcoss_seg_encoder(sd: dict, x: torch.Tensor, depth: int, heads: int) -> list[torch.Tensor]:
+    """Re-statement of MedCoSS's segmentation encoder (``Downstream/Dim_2/Glas/model/Unimodel.py``,
+    ``Unified_Model.forward`` in eval mode): ``VideoBaseEmbedding`` (conv patches + spatial rows 0..n-1 +
+    temporal row 0, then LayerNorm) straight into ``fused_encoder`` -- no class token -- whose layers are
+    pre-norm ``TransformerEncoderLayer``s with layer scale; returns every layer's output (``feature_list``)."""
+    e = "video_embed."
+    t = F.conv2d(x, sd[e + "embeddings.weight"], sd[e + "embeddings.bias"], stride=P).flatten(2).transpose(1, 2)
+    n = t.shape[1]
+    t = t + sd[e + "embeddings_st_pos_2D.spatial_pos_embed.weight"][:n] + \
+        sd[e + "embeddings_st_pos_2D.temporal_pos_embed.weight"][0]
+    h = F.layer_norm(t, (ENC_D,), sd[e + "embeddings_norm.weight"], sd[e + "embeddings_norm.bias"], 1e-5)
+    out = []
+    for i in range(depth):
+        pre = f"fused_encoder.layers.{i}."
+        y = F.layer_norm(h, (ENC_D,), sd[pre + "norm1.weight"], sd[pre + "norm1.bias"], 1e-5).transpose(0, 1)
+        a, _ = F.multi_head_attention_forward(
+            y, y, y, ENC_D, heads, sd[pre + "self_attn.in_proj_weight"], sd[pre + "self_attn.in_proj_bias"],
+            None, None, False, 0.0, sd[pre + "self_attn.out_proj.weight"], sd[pre + "self_attn.out_proj.bias"],
+            training=False, need_weights=False)
+        h = h + sd[pre + "gamma_1"] * a.transpose(0, 1)
+        y = F.layer_norm(h, (ENC_D,), sd[pre + "norm2.weight"], sd[pre + "norm2.bias"], 1e-5)
+        y = F.linear(F.gelu(F.linear(y, sd[pre + "linear1.weight"], sd[pre + "linear1.bias"])),
+                     sd[pre + "linear2.weight"], sd[pre + "linear2.bias"])
+        h = h + sd[pre + "gamma_2"] * y
+        out.append(h)
+    return out
+
+
+def test_segmenter_encoder_is_medcoss_class_token_free_forward():
+    """The segmentation network's encoder features equal MedCoSS's (no class token in the sequence); with the
+    class token run along (the old behaviour) they differ, so the test can fail."""
+    from tpp_monai.backbones.checkpoints import build_vit_from_checkpoint
+    from tpp_monai.heads.segmentation import build_vit_segmenter
+
+    torch.set_num_threads(1)
+    depth, heads = 4, 2
+    sd = {k: v.double() for k, v in medcoss_state(dec_d=32, dec_depth=1, depth=depth).items()}
+    sd = {k: (v * 30 if k.endswith(("gamma_1", "gamma_2")) else v) for k, v in sd.items()}  # let blocks matter
+    vit, _ = build_vit_from_checkpoint({"model": sd}, num_heads=heads)
+    vit = vit.double().eval()
+    seg = build_vit_segmenter(vit, num_classes=2, layers=(1, 2, 3, 4), feature_size=8).double().eval()
+    x = torch.rand(2, 3, GRID * P, GRID * P, dtype=torch.float64)
+    ref = medcoss_seg_encoder(sd, x, depth, heads)
+    with torch.no_grad():
+        feats, grid = seg.features(x)
+        old = vit.forward_features(x, return_layers=(1, 2, 3, 4), cls_token=True)
+    assert tuple(grid) == (GRID, GRID)
+    for got, want in zip(feats, ref):  # MedCoSS has no final norm: the last tap is block 4's output itself
+        assert got.shape == want.shape
+        # float64 throughout, except that the converter folds MedCoSS's temporal row 0 into the float32 position
+        # table (one float32 rounding, ~6e-8 relative, of embeddings of size ~1): measured 1.2e-8 after 4 blocks
+        assert torch.allclose(got, want, atol=1e-6, rtol=0), (got - want).abs().max()
+    diff = (old.hidden_states[4][:, 1:] - ref[3]).abs().max()
+    assert diff > 100 * 1e-6, diff  # the class token run along is caught by the bound above

@@ -55,7 +55,7 @@ def test_decoder_reads_the_chosen_layers():
     vit = _tiny(depth=4)
     seg = build_vit_segmenter(vit, num_classes=2, layers=(1, 2, 3, 4), feature_size=8).eval()
     x = torch.randn(1, 3, 32, 32)
-    out = vit.forward_features(x, return_layers=(1, 2, 3, 4))
+    out = vit.forward_features(x, return_layers=(1, 2, 3, 4), cls_token=False)  # MedCoSS / MONAI: no class token
     # the last block is read after the final norm (the encoder output), as MONAI UNETR does
     ref = seg.decoder(x, [out.hidden_states[i] for i in (1, 2, 3)] + [out.tokens], out.grid)
     assert torch.allclose(seg(x), ref)
@@ -95,19 +95,20 @@ def test_grayscale_backbone():
 
 class _ViTAsMonai(torch.nn.Module):
     """Our ViT dressed as MONAI's ``ViT`` for ``monai.networks.nets.UNETR``: returns the encoder output
-    and the list of *every* block's output, patch tokens only (MONAI's ViT has no class token)."""
+    and the list of *every* block's output. MONAI's ViT (``classification=False``) has no class token: the
+    patch embeddings go straight through the blocks (as in MedCoSS's segmentation model)."""
 
     def __init__(self, vit):
         super().__init__()
         self.vit = vit
 
     def forward(self, x):
-        h = torch.cat([self.vit.class_token(x.shape[0]), self.vit.embed(x)[0]], 1)
+        h = self.vit.embed(x)[0]
         hidden = []
         for blk in self.vit.blocks:
             h = blk(h)
-            hidden.append(h[:, 1:])
-        return self.vit.norm(h)[:, 1:], hidden
+            hidden.append(h)
+        return self.vit.norm(h), hidden
 
 
 @pytest.mark.parametrize("final_norm", [False, True])  # MedCoSS layout (no final norm) and timm layout
@@ -129,17 +130,19 @@ def test_matches_monai_unetr_taps(final_norm):
     with torch.no_grad():
         got, want = seg(x), ref(x)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
-    # the old taps (1-based blocks 3/6/9) give a different output: the test can fail
+    # the old taps (1-based blocks 3/6/9), or the class token run along, give a different output: the test can fail
     old = build_vit_segmenter(vit, num_classes=2, layers=(3, 6, 9, 12), feature_size=8).eval()
     old.decoder.load_state_dict(seg.decoder.state_dict())
+    with_cls = build_vit_segmenter(vit, num_classes=2, feature_size=8, cls_token=True).eval()
+    with_cls.decoder.load_state_dict(seg.decoder.state_dict())
     with torch.no_grad():
         assert not torch.allclose(old(x), want, atol=1e-3)
+        assert not torch.allclose(with_cls(x), want, atol=1e-4)
 
 
 def test_class_token_and_prompts_never_reach_decoder():
-    """Changing the class token (and VPT prompts, which sit right after it) leaves the logits unchanged only
-    if the decoder reads patch tokens; the encoder blocks still mix cls into patches, so compare at the
-    decoder input: the maps are built from the last h*w tokens."""
+    """VPT prompts (first in the class-token-free sequence) never reach the decoder: the maps are built from
+    the last h*w tokens, and the segmentation encoder runs without a class token (MedCoSS)."""
     from tpp_monai.peft.api import apply_peft
 
     torch.manual_seed(0)
@@ -148,7 +151,7 @@ def test_class_token_and_prompts_never_reach_decoder():
     seg = build_vit_segmenter(vit, num_classes=2, feature_size=8).eval()
     x = torch.randn(1, 3, 32, 32)
     feats, grid = seg.features(x)
-    assert all(f.shape[1] == 1 + 4 for f in feats)  # cls + 2x2 patches: prompts already dropped by VPT
+    assert all(f.shape[1] == 4 for f in feats)  # 2x2 patches: no class token, prompts already dropped by VPT
     seen = []
     orig = seg.decoder.encoder2.forward
 
@@ -159,4 +162,7 @@ def test_class_token_and_prompts_never_reach_decoder():
     seg.decoder.encoder2.forward = spy
     with torch.no_grad():
         seg(x)
-    assert torch.equal(seen[0], feats[0][:, 1:].transpose(1, 2).reshape(1, -1, *grid))
+    assert torch.equal(seen[0], feats[0].transpose(1, 2).reshape(1, -1, *grid))
+    # the prompts still act in the class-token-free forward: other prompts, other features
+    vit.blocks[0].peft_vpt_prompt.data.add_(torch.randn_like(vit.blocks[0].peft_vpt_prompt))  # (a constant shift: LayerNorm)
+    assert not torch.allclose(seg.features(x)[0][0], feats[0])

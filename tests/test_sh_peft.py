@@ -147,3 +147,85 @@ def test_protect_makes_a_stock_optimizer_exact():
     for n, p in vit.named_parameters():
         assert torch.equal(p.detach()[~mask[n]], before[n][~mask[n]]), n
     assert any(not torch.equal(p.detach()[mask[n]], before[n][mask[n]]) for n, p in vit.named_parameters())
+
+
+# ------------------------------------------------------------------ the paper's optimiser (issue 23.6)
+def _masked_model(seed: int = 0):
+    torch.manual_seed(seed)
+    vit = build_vit("tiny", img_size=16, patch_size=8, depth=1)
+    imp = estimate_importance(vit, lambda m, x: m(x).pow(2).mean(), [torch.randn(2, 3, 16, 16)])
+    apply_peft(vit, SHPeft(mask=build_mask(imp, 5.0)))
+    return vit
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_masked_sgd_equals_torch_sgd_on_the_selected_entries(wd):
+    """MaskedSGD = torch.optim.SGD(momentum 0.9[, weight decay]) on the selected entries (the reference is
+    torch's own SGD on a copy, whose unselected entries are then put back); unselected entries bit-identical."""
+    from tpp_monai.peft.sh_peft import MaskedSGD
+
+    ours = _masked_model()
+    ref = copy.deepcopy(ours)
+    start = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    masks = get_peft(ours).mask
+    opt = MaskedSGD(ours, lr=1e-2, momentum=0.9, weight_decay=wd)
+    ref_params = [p for n, p in ref.named_parameters() if n in masks]
+    ref_opt = torch.optim.SGD(ref_params, lr=1e-2, momentum=0.9, weight_decay=wd)
+    get_peft(ref).protect(ref, ref_opt)  # restores the unselected entries after each stock step
+    torch.manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(2, 3, 16, 16)
+        for m, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+    rp = dict(ref.named_parameters())
+    moved = 0
+    for n, p in ours.named_parameters():
+        if n not in masks:
+            assert torch.equal(p, start[n]), n
+            continue
+        m = masks[n]
+        assert torch.equal(p[~m], start[n][~m]), n  # never written
+        assert torch.allclose(p[m], rp[n][m], atol=1e-7, rtol=1e-6), n  # same per-element arithmetic
+        moved += int((p[m] != start[n][m]).sum())
+    assert moved > 0
+
+
+def test_sh_peft_defaults_are_the_papers():
+    """SH-PEFT: SGD, lr 1e-3, cosine, batch 64, importance within one epoch."""
+    from tpp_monai.peft.sh_peft import PAPER_DEFAULTS, MaskedSGD, build_sh_optimizer
+
+    assert PAPER_DEFAULTS["optimizer"] == "sgd" and PAPER_DEFAULTS["lr"] == 1e-3
+    assert PAPER_DEFAULTS["schedule"] == "cosine" and PAPER_DEFAULTS["batch_size"] == 64
+    assert PAPER_DEFAULTS["importance_epochs"] == 1
+    opt = build_sh_optimizer(_masked_model())
+    assert isinstance(opt, MaskedSGD) and opt.param_groups[0]["lr"] == 1e-3
+    assert isinstance(build_sh_optimizer(_masked_model(), optimizer="adamw"), MaskedAdamW)
+
+
+def test_grid_sh_peft_cell_uses_one_epoch_and_masked_sgd_with_cosine(monkeypatch):
+    """The benchmark grid's sh_peft cell: importance over the whole training split (one epoch), masked SGD
+    at the paper's lr, annealed by cosine to 0 over the run."""
+    import tpp_monai.peft.sh_peft as sh
+    from tpp_monai.benchmark import grid
+
+    seen = []
+    real = sh.estimate_importance
+
+    def counting(model, loss_fn, batches, **kw):
+        batches = list(batches)
+        seen.append(sum(len(b[0]) for b in batches))
+        return real(model, loss_fn, batches, **kw)
+
+    monkeypatch.setattr(sh, "estimate_importance", counting)
+    split = grid.synthetic_dataset(2, 40, 8, 16, 3, 0, 1.0)
+    cell = grid.Cell(index=0, method="sh_peft", method_config={"top_percent": 1.0}, dataset={"name": "s"}, seed=0,
+                     tpp=False)
+    torch.manual_seed(0)
+    bb = build_vit("tiny", img_size=16, patch_size=8, depth=1)
+    spec = {"train": {"iterations": 4, "batch_size": 16, "lr": 0.5}}
+    model, _, head, make_opt = grid._prepare(cell, spec, split, bb, torch.device("cpu"), False)
+    assert seen == [40]  # every training image once
+    opt = make_opt([p for p in model.parameters() if p.requires_grad])
+    assert isinstance(opt, sh.MaskedSGD) and opt.param_groups[0]["lr"] == 1e-3 and opt.cosine

@@ -66,6 +66,10 @@ class FormatDefaults:
     source: str  #: where the values come from
     #: the decoder's position table was trained with it (MedCoSS: an ordinary nn.Parameter; MAE: fixed sin-cos)
     decoder_pos_learnable: bool = False
+    #: pixel space of the format's own *segmentation* fine-tuning (None: ``input_norm``)
+    seg_input_norm: str | None = None
+    #: channel order the backbone saw in pre-training, per modality where it is not RGB (others: "rgb")
+    channel_orders: tuple[tuple[str, str], ...] = ()
 
 
 #: Per format (METHOD.md, "Facts the TPP paper leaves to MedCoSS"); Path_DINO weights are plain timm/DINO
@@ -73,14 +77,31 @@ class FormatDefaults:
 FORMAT_DEFAULTS: dict[str, FormatDefaults] = {
     "medcoss": FormatDefaults(16, "none", "MedCoSS Unified_Model(decoder_num_heads=16); pre-training and downstream "
                                           "use ToTensor() images in [0, 1] without mean/std; decoder_pos_embed_2D "
-                                          "is a trainable nn.Parameter", decoder_pos_learnable=True),
+                                          "is a trainable nn.Parameter; segmentation fine-tuning z-scores each "
+                                          "image per channel (Downstream/Dim_2/{Glas,QaTa_CoV19}/DSDataset.py); "
+                                          "pathology pre-training reads BGR (dataloader/TCGA_dataset.py: "
+                                          "cv2.imread -> Image.fromarray -> ToTensor)",
+                              decoder_pos_learnable=True, seg_input_norm="zscore",
+                              channel_orders=(("pathology", "bgr"),)),
     "mae": FormatDefaults(16, "imagenet", "official MAE mae_vit_*_patch16_dec512d8b (decoder_num_heads=16); "
                                           "ImageNet mean/std"),
     "dino": FormatDefaults(None, "imagenet", "DINO: ImageNet mean/std (Path_DINO: input_norm='path_dino')"),
     "timm": FormatDefaults(None, "imagenet", "timm ViT: ImageNet mean/std (Path_DINO: input_norm='path_dino')"),
 }
 #: Top-level keys a tpp-monai checkpoint may carry to override :data:`FORMAT_DEFAULTS`.
-RECORDED_KEYS = ("decoder_heads", "input_norm")
+RECORDED_KEYS = ("decoder_heads", "input_norm", "channel_order")
+
+#: Spellings of the modalities whose channel order can differ (bundle ``modality`` values).
+_MODALITY_ALIASES = {"pathology": "pathology", "histology": "pathology", "histopathology": "pathology",
+                     "h&e": "pathology", "pathology (h&e)": "pathology"}
+
+
+def normalize_modality(modality: str | None) -> str | None:
+    """Lower-case name of a modality, with the pathology aliases folded ("H&E" -> "pathology")."""
+    if modality is None:
+        return None
+    m = str(modality).strip().lower()
+    return _MODALITY_ALIASES.get(m, m) or None
 
 _DECODER_KEY = re.compile(r"^(decoder_|mask_token$)")
 _BLOCK_IDX = re.compile(r"^blocks\.(\d+)\.")
@@ -160,6 +181,9 @@ class LoadedCheckpoint:
     ``decoder_heads``: heads of the MAE decoder (recorded in the file, else the format's default; None if
     unknown). ``input_norm``: pixel space the backbone expects (recorded, else the format's default).
     ``decoder_pos_learnable``: the decoder's position table was trained in pre-training (MedCoSS).
+    ``seg_input_norm``: the pixel space of the format's segmentation fine-tuning (MedCoSS: per-image
+    z-score; recorded ``input_norm`` wins). ``channel_orders``: modality -> "bgr" where pre-training read
+    BGR (MedCoSS pathology; a recorded ``channel_order`` applies to every modality); see :meth:`channel_order`.
     """
 
     format: str
@@ -176,6 +200,15 @@ class LoadedCheckpoint:
     decoder_heads: int | None = None
     input_norm: Any = "imagenet"
     decoder_pos_learnable: bool = False
+    seg_input_norm: Any = None
+    channel_orders: dict[str, str] = field(default_factory=dict)
+    recorded_channel_order: str | None = None
+
+    def pixel_space(self, task: str = "cls", modality: str | None = None) -> tuple[Any, str]:
+        """``(input_norm, channel_order)`` the backbone should see for a task ("cls"/"seg") and modality."""
+        norm = self.seg_input_norm if task == "seg" and self.seg_input_norm is not None else self.input_norm
+        order = self.recorded_channel_order or self.channel_orders.get(normalize_modality(modality) or "", "rgb")
+        return norm, order
 
     @property
     def ok(self) -> bool:
@@ -188,6 +221,7 @@ class LoadedCheckpoint:
             "source": self.source, "sha256": self.sha256, "format": self.format,
             "config": self.config.to_dict(), "epoch": self.meta.get("epoch"),
             "decoder_heads": self.decoder_heads, "input_norm": self.input_norm,
+            "seg_input_norm": self.seg_input_norm, "channel_orders": dict(self.channel_orders),
         }
 
     def summary(self) -> str:
@@ -511,7 +545,10 @@ def load_vit_checkpoint(
     defaults, recorded = FORMAT_DEFAULTS[fmt], meta.get("recorded", {})
     implied = dict(decoder_heads=int(recorded.get("decoder_heads", defaults.decoder_heads or 0)) or None,
                    input_norm=recorded.get("input_norm", defaults.input_norm),
-                   decoder_pos_learnable=defaults.decoder_pos_learnable)
+                   decoder_pos_learnable=defaults.decoder_pos_learnable,
+                   # a recorded pixel space is the one the file's backbone was trained in: it wins for every task
+                   seg_input_norm=None if "input_norm" in recorded else defaults.seg_input_norm,
+                   channel_orders=dict(defaults.channel_orders), recorded_channel_order=recorded.get("channel_order"))
     if not decoder:
         implied["decoder_heads"] = None
     if model is not None:

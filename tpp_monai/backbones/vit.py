@@ -72,13 +72,15 @@ class ForwardContext:
     """What the current forward pass knows beyond the token stream (read by PEFT hooks).
 
     ``image`` is the network input, ``ids_keep`` the indices of visible patches under MAE masking
-    (None without masking), ``grid`` the patch grid (h, w).
+    (None without masking), ``grid`` the patch grid (h, w), ``num_prefix`` the tokens before the patches
+    (1: the class token; 0: a forward without it, as MedCoSS's segmentation model).
     """
 
     image: torch.Tensor | None = None
     ids_keep: torch.Tensor | None = None
     grid: tuple[int, int] = (0, 0)
     extras: dict = field(default_factory=dict)
+    num_prefix: int = 1
 
 
 class LayerScale(nn.Module):
@@ -157,6 +159,7 @@ class PatchEmbed(nn.Module):
 @dataclass
 class ViTOutput:
     tokens: torch.Tensor  # (B, 1 + n, D) after the final norm (if any); token 0 is the class token
+    #                       ((B, n, D), patches only, for ``forward_features(..., cls_token=False)``)
     hidden_states: dict[int, torch.Tensor]  # 1-based layer index -> (B, 1 + n, D) block output
     grid: tuple[int, int]
 
@@ -197,17 +200,27 @@ class VisionTransformer(nn.Module):
         self.register_buffer("input_mean", None, persistent=False)
         self.register_buffer("input_std", None, persistent=False)
         self.register_buffer("input_zscore", None, persistent=False)  # a flag tensor: per-image standardisation
+        self.register_buffer("input_channel_perm", None, persistent=False)  # channel order: (2, 1, 0) for BGR
         self._init_weights()
 
-    def set_input_norm(self, spec: object = "none") -> "VisionTransformer":
+    def set_input_norm(self, spec: object = "none", channel_order: str = "rgb") -> "VisionTransformer":
         """Normalise input images as the backbone's pre-training did (``"none"``, ``"imagenet"``,
-        ``"path_dino"``, ``[mean, std]``, or ``"zscore"`` per image; see :mod:`tpp_monai.data.normalization`).
+        ``"path_dino"``, ``[mean, std]``, or ``"zscore"`` per image; see :mod:`tpp_monai.data.normalization`),
+        after putting their channels in the pre-training order: ``channel_order="bgr"`` reverses the RGB
+        channels the pipelines read (MedCoSS read its pathology images with OpenCV, i.e. BGR).
 
         Kept in non-persistent buffers: not in ``state_dict`` (checkpoints unchanged), but part of the
         backbone fingerprint, so target parameters trained in another pixel space are refused.
         """
         from tpp_monai.data.normalization import ZSCORE, resolve_input_norm
 
+        order = str(channel_order).strip().lower()
+        if order not in ("rgb", "bgr"):
+            raise ValueError(f"channel_order must be 'rgb' or 'bgr'; got {channel_order!r}")
+        if order == "bgr" and self.cfg.in_chans != 3:
+            raise ValueError(f"channel_order 'bgr' needs a 3-channel backbone; this one takes {self.cfg.in_chans}")
+        self.input_channel_perm = (torch.tensor([2, 1, 0], device=self.cls_token.device) if order == "bgr"
+                                   else None)
         ms = resolve_input_norm(spec, self.cfg.in_chans)  # type: ignore[arg-type]
         self.input_zscore = None
         if ms is None or ms == ZSCORE:
@@ -229,8 +242,15 @@ class VisionTransformer(nn.Module):
             return "none"
         return {"mean": self.input_mean.flatten().tolist(), "std": self.input_std.flatten().tolist()}
 
+    @property
+    def channel_order(self) -> str:
+        """``"rgb"`` or ``"bgr"``: the channel order the backbone is fed (set by :meth:`set_input_norm`)."""
+        return "rgb" if self.input_channel_perm is None else "bgr"
+
     def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] -> the pixel space the backbone was pre-trained in (identity for ``"none"``)."""
+        """Images in [0, 1] (RGB) -> the pixel space the backbone was pre-trained in (identity for ``"none"``)."""
+        if self.input_channel_perm is not None:
+            x = x.index_select(1, self.input_channel_perm.to(x.device))
         if self.input_zscore is not None:
             from tpp_monai.data.normalization import zscore_per_image
 
@@ -303,19 +323,26 @@ class VisionTransformer(nn.Module):
         x: torch.Tensor,
         ids_keep: torch.Tensor | None = None,
         return_layers: Sequence[int] = (),
+        cls_token: bool = True,
     ) -> ViTOutput:
         """Run the encoder; ``ids_keep`` (B, n_visible) keeps only those patch tokens (MAE).
 
         ``x`` is normalised first (:meth:`set_input_norm`); PEFT methods reading ``context.image``
-        (EVP) see the normalised image, like the patch embedding."""
+        (EVP) see the normalised image, like the patch embedding.
+
+        ``cls_token=False`` runs the blocks on the patch tokens alone (no class token in the sequence), as
+        MedCoSS's segmentation model (``Downstream/Dim_2/{Glas,QaTa_CoV19}/model/Unimodel.py``: the video
+        embedding's patch tokens go straight into ``fused_encoder``); tokens and hidden states are then
+        (B, n, D)."""
         x = self.normalize_input(x)
         ctx = self.context
         ctx.image, ctx.ids_keep, ctx.extras = x, ids_keep, {}
         tokens, grid = self._embed(x)
         ctx.grid = grid
+        ctx.num_prefix = 1 if cls_token else 0
         if ids_keep is not None:
             tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        h = torch.cat([self.class_token(x.shape[0]), tokens], dim=1)
+        h = torch.cat([self.class_token(x.shape[0]), tokens], dim=1) if cls_token else tokens
         wanted = set(return_layers)
         bad = [i for i in wanted if not 1 <= i <= len(self.blocks)]
         if bad:

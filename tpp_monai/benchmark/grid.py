@@ -21,8 +21,10 @@ Cell runner: a ViT (from scratch, or ``backbone.checkpoint``: a state dict / ``{
 file), the PEFT method, a linear head on the class token, ``train.iterations`` AdamW iterations on
 random mini-batches, metrics ACC / AUC / macro-F1 on the validation split (in %).
 "full" and "linear" fall back to built-in handling when no such PEFT method is registered;
-"sh_peft" estimates the importance with the task loss on ``config.importance_batches`` batches and
-trains with :class:`~tpp_monai.peft.sh_peft.MaskedAdamW`; "fpt_plus" trains an
+"sh_peft" estimates the importance with the task loss over one epoch of the training split (or
+``config.importance_batches`` batches) and trains with the paper's optimiser
+(:func:`~tpp_monai.peft.sh_peft.build_sh_optimizer`: masked SGD lr 1e-3 with a cosine schedule;
+``config.optimizer: "adamw"`` for :class:`~tpp_monai.peft.sh_peft.MaskedAdamW`; a cell's ``train.lr`` wins); "fpt_plus" trains an
 :class:`~tpp_monai.peft.fpt_plus.FPTPlusClassifier` (frozen branch at ``img_size``).
 
 TPP cells call ``tpp_hook(backbone, cell, spec, train_images, work_dir)`` before fine-tuning; the
@@ -265,13 +267,16 @@ def _prepare(cell: Cell, spec: dict, split: Split, backbone: nn.Module, device: 
         model = _ClsModel(backbone, head)
         return model.to(device), backbone, head, adamw
     if name == "sh_peft":
-        from tpp_monai.peft.sh_peft import MaskedAdamW, build_mask, estimate_importance
+        from tpp_monai.peft.sh_peft import PAPER_DEFAULTS, build_mask, build_sh_optimizer, estimate_importance
 
         model = _ClsModel(backbone, head).to(device)
         bs = int(tr.get("batch_size", 16))
-        nb = int(cfg.pop("importance_batches", 4))
         xs, ys = split.x_train, split.y_train
-        batches = [(xs[i:i + bs].to(device), ys[i:i + bs].to(device)) for i in range(0, min(len(xs), nb * bs), bs)]
+        nb = cfg.pop("importance_batches", None)  # None: one epoch (the paper's)
+        n_imp = len(xs) if nb is None else min(len(xs), int(nb) * bs)
+        batches = [(xs[i:i + bs].to(device), ys[i:i + bs].to(device)) for i in range(0, n_imp, bs)]
+        opt_name = cfg.pop("optimizer", PAPER_DEFAULTS["optimizer"])
+        sh_lr = float(cell.train["lr"]) if "lr" in cell.train else PAPER_DEFAULTS["lr"]
 
         def loss_fn(m, b):
             return F.cross_entropy(m(b[0]), b[1])
@@ -282,7 +287,11 @@ def _prepare(cell: Cell, spec: dict, split: Split, backbone: nn.Module, device: 
         apply_peft(backbone, "sh_peft", {k: v for k, v in cfg.items() if k in ("top_percent", "variant", "lam")}, mask=mask)
 
         def masked(params):
-            return MaskedAdamW(backbone, lr=lr, weight_decay=wd, extra_params=head.parameters())
+            opt = build_sh_optimizer(backbone, head.parameters(), optimizer=opt_name, lr=sh_lr,
+                                     weight_decay=float(cell.train["weight_decay"]) if "weight_decay" in cell.train
+                                     else None)
+            opt.cosine = PAPER_DEFAULTS["schedule"] == "cosine"  # the run loop anneals it over its iterations
+            return opt
 
         return model, backbone, head, masked
     if not tpp_done:
@@ -335,6 +344,7 @@ def run_cell(cell: Cell, spec: dict, out_dir: str | os.PathLike, tpp_hook: Calla
     tr = {**spec.get("train", {}), **cell.train}
     iters, bs = int(tr.get("iterations", 30)), int(tr.get("batch_size", 16))
     g = torch.Generator().manual_seed(cell.seed)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters) if getattr(opt, "cosine", False) else None
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     model.train()
     with PeakMemory(device, baseline) as pm:
@@ -345,6 +355,8 @@ def run_cell(cell: Cell, spec: dict, out_dir: str | os.PathLike, tpp_hook: Calla
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
     model.eval()
     with torch.no_grad():
         scores = torch.cat([model(split.x_val[i:i + bs].to(device)).softmax(-1).cpu()

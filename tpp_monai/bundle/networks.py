@@ -52,8 +52,16 @@ def build_backbone(
     init_seed: int = 0,
     vit_overrides: Mapping[str, Any] | None = None,
     input_norm: Any = "auto",
+    task: str = "cls",
+    modality: str | None = None,
+    channel_order: str = "auto",
 ) -> VisionTransformer:
     """A ViT from a pre-trained checkpoint (MedCoSS / MAE / DINO / timm), or a seeded random one.
+
+    ``task`` ("cls"/"seg") and ``modality`` (e.g. "pathology") choose the checkpoint format's pixel space
+    for ``input_norm="auto"`` / ``channel_order="auto"``: MedCoSS segmentation z-scores each image (its
+    ``DSDataset.py``), MedCoSS pathology is fed BGR (its TCGA pre-training read OpenCV's BGR); everything
+    else is RGB in the format's space. A random backbone: "none", RGB.
 
     ``input_norm``: the pixel space the backbone normalises its [0, 1] input images into (inside the
     model, so every stage agrees): ``"auto"`` takes the checkpoint's (recorded, else its format's:
@@ -78,7 +86,8 @@ def build_backbone(
             model = VisionTransformer(cfg)
         finally:
             torch.random.set_rng_state(state)
-        return model.set_input_norm("none" if _is_auto(input_norm) else input_norm)
+        return model.set_input_norm("none" if _is_auto(input_norm) else input_norm,
+                                    "rgb" if _is_auto(channel_order) else channel_order)
     from tpp_monai.backbones.checkpoints import build_vit_from_checkpoint
 
     p = Path(backbone_ckpt)  # type: ignore[arg-type]
@@ -86,8 +95,11 @@ def build_backbone(
         raise FileNotFoundError(f"--backbone_ckpt {p} does not exist; give the pre-trained ViT checkpoint "
                                 "(MedCoSS/MAE/DINO/timm) or \"\" for a random backbone (smoke tests only).")
     model, loaded = build_vit_from_checkpoint(p, format=ckpt_format, allow_pickle=allow_pickle, img_size=img_size)
-    model.set_input_norm(loaded.input_norm if _is_auto(input_norm) else input_norm)
-    logger.info("backbone: %s; input normalisation %s", loaded.summary(), model.input_norm)
+    auto_norm, auto_order = loaded.pixel_space(task, modality)
+    model.set_input_norm(auto_norm if _is_auto(input_norm) else input_norm,
+                         auto_order if _is_auto(channel_order) else channel_order)
+    logger.info("backbone: %s; input normalisation %s, channel order %s", loaded.summary(), model.input_norm,
+                model.channel_order)
     from tpp_monai.checkpoint import warn_if_non_finite
 
     warn_if_non_finite(model.state_dict(), p, "backbone checkpoint")
@@ -152,6 +164,9 @@ def build_peft_backbone(
     init_seed: int = 0,
     vit_overrides: Mapping[str, Any] | None = None,
     input_norm: Any = "auto",
+    task: str = "cls",
+    modality: str | None = None,
+    channel_order: str = "auto",
 ) -> VisionTransformer:
     """:func:`build_backbone` + ``apply_peft`` (+ the TPP target parameters when ``tpp_ckpt`` is set; the bundles
     load them on the whole network instead, so the default ``None`` neither loads nor logs anything here)."""
@@ -159,7 +174,7 @@ def build_peft_backbone(
 
     backbone = build_backbone(backbone_ckpt, size=size, img_size=img_size, in_chans=in_chans,
                               allow_pickle=allow_pickle, init_seed=init_seed, vit_overrides=vit_overrides,
-                              input_norm=input_norm)
+                              input_norm=input_norm, task=task, modality=modality, channel_order=channel_order)
     apply_peft(backbone, peft_method, dict(peft_config or {}))
     return load_target_params(backbone, tpp_ckpt)  # type: ignore[return-value]
 

@@ -113,7 +113,8 @@ def save_mae_checkpoint(task: nn.Module, path: str | os.PathLike) -> Path:
     dec = {k: v.detach().cpu().clone() for k, v in task.decoder.state_dict().items()}
     cfg = task.backbone.cfg.to_dict() if hasattr(task.backbone, "cfg") else {}
     # what the tensors cannot tell, recorded so later stages run the decoder and the pixel space as trained
-    implied = {"decoder_heads": int(task.decoder_heads), "input_norm": getattr(task.backbone, "input_norm", "none")}
+    implied = {"decoder_heads": int(task.decoder_heads), "input_norm": getattr(task.backbone, "input_norm", "none"),
+               "channel_order": getattr(task.backbone, "channel_order", "rgb")}
     out = atomic_save({"model": {**enc, **dec}, "config": cfg, "source": "tpp-monai upstream MAE (demo)", **implied},
                       path)
     logger.info("wrote MAE backbone checkpoint %s", out)

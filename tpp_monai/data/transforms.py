@@ -11,8 +11,9 @@ Chain: :func:`load_image_2d` (``LoadImaged``; PIL/ITK readers: PNG, JPEG, BMP, T
 -> :class:`CheckSameSized` (segmentation: image and mask sizes must match) -> :class:`EnsureChannelsd`
 (grayscale -> ``in_channels`` by repetition, RGBA -> RGB, RGB -> gray by averaging when the backbone
 wants 1 channel) -> :class:`ScaleToUnitd` (8-bit 0..255 -> 0..1; 16-bit/float images from their own
-range, or a fixed ``intensity_range`` window) -> ``Resized`` (bilinear image, nearest
-mask) -> train-only augmentation -> ``EnsureTyped``.  Segmentation masks go through
+range, or a fixed ``intensity_range`` window) -> :class:`AntiAliasResized` (image: bilinear with
+PIL's anti-aliasing, as MedCoSS's ``transforms.Resize`` / ``Image.resize(BILINEAR)``; mask: nearest)
+-> train-only augmentation -> ``EnsureTyped``.  Segmentation masks go through
 :class:`MaskToIndexd`: first channel, and ``> 0`` -> 1 when ``num_classes == 2`` (QaTa masks are
 0/255; a mask with several foreground values is refused there), class indices kept otherwise.
 
@@ -334,6 +335,55 @@ def _norm(in_channels: int, normalize: str | Sequence | None) -> tuple | None:
     return resolve_input_norm(normalize, in_channels)
 
 
+def resize_image(x: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
+    """(C, H, W) -> (C, *size). ``bilinear``/``bicubic`` are anti-aliased when shrinking (the filter support
+    widens with the scale factor, as PIL's ``Image.resize`` does; torch's ``antialias=True`` is PIL's
+    algorithm), ``nearest`` copies the nearest pixel (MONAI ``Resized``'s nearest, for label maps).
+
+    Why: MedCoSS resizes PIL images (``transforms.Resize``, bilinear), and an un-filtered bilinear
+    shrink (MONAI ``Resized``'s default) aliases: an X-ray shrunk 9x keeps mostly noise of its texture.
+    """
+    size = tuple(int(s) for s in size)
+    t = torch.as_tensor(x)
+    if tuple(t.shape[1:]) == size:
+        return x
+    src = t.unsqueeze(0) if t.is_floating_point() else t.float().unsqueeze(0)
+    if mode == "nearest":
+        out = F.interpolate(src, size=size, mode="nearest")
+    elif mode in ("bilinear", "bicubic"):
+        out = F.interpolate(src, size=size, mode=mode, align_corners=False, antialias=True)
+    else:
+        raise ValueError(f"resize mode must be 'bilinear', 'bicubic' or 'nearest'; got {mode!r}")
+    out = out.squeeze(0)
+    return out if t.is_floating_point() else out.to(t.dtype)
+
+
+class AntiAliasResized(MapTransform):
+    """Resize channel-first 2D ``keys`` to ``spatial_size`` with :func:`resize_image` (one ``mode`` per key).
+
+    Replaces MONAI ``Resized`` (whose ``anti_aliasing`` is off by default and, when on, is a Gaussian
+    pre-blur rather than PIL's filter) in every 2D chain: fine-tuning, evaluation, inference and the
+    TPP stage's plain resize, so all see the pixel statistics of MedCoSS's PIL resize.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_size: Sequence[int], mode: str | Sequence[str] = "bilinear",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_size = tuple(int(s) for s in spatial_size)
+        self.mode = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
+        if len(self.mode) != len(self.keys):
+            raise ValueError(f"AntiAliasResized: {len(self.mode)} modes for {len(self.keys)} keys")
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key, mode in zip(self.keys, self.mode):
+            if key in d:
+                d[key] = resize_image(d[key], self.spatial_size, mode)
+            elif not self.allow_missing_keys:
+                raise KeyError(f"AntiAliasResized: key {key!r} not in the data")
+        return d
+
+
 class RandResizedCropd(RandomizableTransform, MapTransform):
     """torchvision's ``RandomResizedCrop`` for channel-first tensors, drawn from MONAI's random state.
 
@@ -457,7 +507,7 @@ def cls_transforms(
     t = [
         CheckClassLabeld("label", num_classes),
         *_image_head(in_channels, intensity_range),
-        Resized("image", spatial_size=size, mode="bilinear"),
+        AntiAliasResized("image", spatial_size=size, mode="bilinear"),
         *_tail(["image"], train, in_channels, normalize, seg=False, augment=augment),
         EnsureTyped("image", dtype=torch.float32, track_meta=False),
         EnsureTyped("label", dtype=torch.long, track_meta=False),
@@ -518,7 +568,7 @@ def infer_transforms(image_size: int | Sequence[int] = 224, in_channels: int = 3
     return Compose([
         *_image_head(in_channels, intensity_range),
         RecordSpatialSized("image", "orig_size"),
-        Resized("image", spatial_size=size, mode="bilinear"),
+        AntiAliasResized("image", spatial_size=size, mode="bilinear"),
         EnsureTyped("image", dtype=torch.float32, track_meta=False),
     ])
 
@@ -547,7 +597,7 @@ def seg_transforms(
         EnsureChannelsd("image", in_channels),
         MaskToIndexd("label", num_classes),
         ScaleToUnitd("image", intensity_range),
-        Resized(keys, spatial_size=size, mode=["bilinear", "nearest"]),
+        AntiAliasResized(keys, spatial_size=size, mode=["bilinear", "nearest"]),
         *_tail(keys, train, in_channels, normalize, seg=True, augment=augment, image_size=size),
         EnsureTyped("image", dtype=torch.float32, track_meta=False),
         EnsureTyped("label", dtype=torch.long, track_meta=False),
@@ -564,15 +614,23 @@ def tpp_transforms(
     hflip_prob: float = 0.5,
     normalize: str | Sequence | None = "none",
     intensity_range: str | Sequence[float] = "auto",
+    pretext: str = "mae",
 ) -> Compose:
-    """TPP-stage chain for image-only entries: load, [0, 1] (:class:`ScaleToUnitd`), then the MAE /
-    MedCoSS pre-training recipe.
+    """TPP-stage chain for image-only entries: load, [0, 1] (:class:`ScaleToUnitd`), then the pretext's
+    data augmentation.
 
-    ``augment``: ``RandResizedCropd(image_size, scale=crop_scale, ratio=crop_ratio, bicubic)`` + horizontal
-    flip (``hflip_prob``), as MAE's and MedCoSS's pre-training (``RandomResizedCrop(scale=(0.2, 1.0),
-    interpolation=3)`` + ``RandomHorizontalFlip()``); without it a plain resize. DINO makes its own
-    multi-crop from these [0, 1] images (keep ``normalize="none"``).
+    ``pretext`` other than DINO (MAE) with ``augment``: ``RandResizedCropd(image_size, scale=crop_scale, ratio=crop_ratio,
+    bicubic)`` + horizontal flip (``hflip_prob``), as MAE's and MedCoSS's pre-training
+    (``RandomResizedCrop(scale=(0.2, 1.0), interpolation=3)`` + ``RandomHorizontalFlip()``); without it a
+    plain (anti-aliased) resize.
+
+    ``pretext="dino"``: always the plain resize, no crop or flip: DINO's multi-crop
+    (:class:`tpp_monai.pretext.dino.MultiCropAugment`, run by the task on the batch) *is* its augmentation
+    and, as DINO's ``DataAugmentationDINO``, crops the image as loaded (resized to ``image_size`` so a batch
+    can be stacked). An MAE crop before it would shrink DINO's global views from 0.70 of the image on
+    average (minimum 0.40) to 0.42 (minimum 0.08). Keep ``normalize="none"`` (the multi-crop needs [0, 1]).
     """
+    augment = bool(augment) and not str(pretext).lower().startswith("dino")
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     t: list = [
         load_image_2d("image"),
@@ -586,7 +644,7 @@ def tpp_transforms(
         t += [RandResizedCropd("image", size, scale=crop_scale, ratio=crop_ratio, mode="bicubic"),
               RandFlipd("image", prob=hflip_prob, spatial_axis=1)]  # (C, H, W) read upright: axis 1 is W
     else:
-        t.append(Resized("image", spatial_size=size, mode="bilinear"))
+        t.append(AntiAliasResized("image", spatial_size=size, mode="bilinear"))
     t += _tail(["image"], False, in_channels, normalize, seg=False)
     t += [EnsureTyped("image", dtype=torch.float32, track_meta=False),
           EnsureTyped("label", dtype=torch.long, track_meta=False, allow_missing_keys=True)]

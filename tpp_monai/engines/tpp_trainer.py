@@ -128,7 +128,7 @@ class TPPTrainer(Trainer):
             exist) or ``False`` (start over); a resume file of other settings is refused.
         seed: per-iteration RNG seed (``seed + iteration``) and seed of the data order; None keeps the
             global RNG running (the data order then gets a random seed, stored for resuming).
-        clip_grad: max gradient norm (None: no clipping).
+        clip_grad: max gradient norm (None: the task's ``default_clip_grad``, DINO 3.0, else none; 0: no clipping).
         amp: mixed precision (:func:`tpp_monai.engines.amp.resolve_amp`): None/True = bf16 (fp16 +
             GradScaler where bf16 is unsupported) on CUDA, off on CPU; "bf16"/"fp16" force it; False off.
         compile: run the forward through ``torch.compile``.
@@ -176,6 +176,8 @@ class TPPTrainer(Trainer):
             self.optimizer = optimizer
             self.total_steps = int(max_epochs * self.state.epoch_length)
             self.schedule = self._make_schedule(schedule)
+            if clip_grad is None:  # the pretext's own default (DINO: 3.0, as its main_dino.py; MAE: none)
+                clip_grad = getattr(task, "default_clip_grad", None)
             self.seed, self.image_key, self.clip_grad = seed, image_key, clip_grad
             self.settings = {
                 "seed": seed, "max_epochs": int(max_epochs), "epoch_length": int(self.state.epoch_length),
@@ -195,7 +197,7 @@ class TPPTrainer(Trainer):
                 h.attach(self)
             self._finished = False
             if hasattr(task, "set_schedule_position"):
-                task.set_schedule_position(0, self.total_steps)
+                task.set_schedule_position(0, self.total_steps, int(self.state.epoch_length))
             if resume and not self.resume_from(self.checkpointer.resume_path, missing_ok=resume == "auto"):
                 _say(f"no resume state in {self.output_dir}: starting TPP from iteration 0")
             elif not resume and self.checkpointer.resume_path.is_file() and is_main_process():
@@ -314,7 +316,7 @@ class TPPTrainer(Trainer):
         self.state.epoch = it // self.state.epoch_length
         self.checkpointer._last_saved = it
         if hasattr(self.task, "set_schedule_position"):
-            self.task.set_schedule_position(it, self.total_steps)
+            self.task.set_schedule_position(it, self.total_steps, int(self.state.epoch_length))
         self._finished = it >= self.total_steps
         _say(f"resuming TPP from {path} at iteration {it} of {self.total_steps} (epoch {self.state.epoch}); "
              "pass resume=False (bundles: --resume false) to start over")

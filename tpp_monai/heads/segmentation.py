@@ -27,6 +27,13 @@ to_onehot_y=True, softmax=True)`` on the logits with integer label maps of shape
 
 Patch tokens are taken as the *last* ``h * w`` tokens of each hidden state, so a class token and
 prompts inserted after it (VPT: ``[cls, prompts, patches]``) are skipped.
+
+Class token: :class:`ViTSegmenter` runs the encoder **without** it by default (``cls_token=False``), as
+MedCoSS's segmentation model does (``Downstream/Dim_2/{Glas,QaTa_CoV19}/model/Unimodel.py``,
+``Unified_Model.forward``: the patch tokens of ``video_embed`` go straight into ``fused_encoder``; there is
+no class token), so the patch tokens attend only to each other. MONAI ``UNETR`` (``classification=False``)
+has no class token either. ``cls_token=True`` keeps it in the sequence and drops it afterwards (the
+former behaviour; features differ by ~0.5%).
 """
 
 from __future__ import annotations
@@ -139,10 +146,11 @@ class UNETRDecoder2D(nn.Module):
 class ViTSegmenter(nn.Module):
     """Backbone (with any PEFT target parameters) + segmentation decoder: ``forward(image) -> logits``."""
 
-    def __init__(self, backbone: nn.Module, decoder: UNETRDecoder2D) -> None:
+    def __init__(self, backbone: nn.Module, decoder: UNETRDecoder2D, cls_token: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.decoder = decoder
+        self.cls_token = bool(cls_token)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         feats, grid = self.features(image)
@@ -153,7 +161,7 @@ class ViTSegmenter(nn.Module):
         output (final norm applied, if the backbone has one) when it is the last block, as in MONAI
         ``UNETR``."""
         layers = self.decoder.layers
-        out = self.backbone.forward_features(image, return_layers=layers)
+        out = self.backbone.forward_features(image, return_layers=layers, cls_token=self.cls_token)
         feats = [out.hidden_states[i] for i in layers[:-1]]
         feats.append(out.tokens if layers[-1] == len(self.backbone.blocks) else out.hidden_states[layers[-1]])
         return feats, tuple(out.grid)
@@ -166,12 +174,14 @@ def build_vit_segmenter(
     feature_size: int = 16,
     norm_name: str | tuple = "instance",
     res_block: bool = True,
+    cls_token: bool = False,
 ) -> ViTSegmenter:
-    """Wrap a :class:`~tpp_monai.backbones.vit.VisionTransformer` with a UNETR decoder sized from its config."""
+    """Wrap a :class:`~tpp_monai.backbones.vit.VisionTransformer` with a UNETR decoder sized from its config
+    (``cls_token``: run the encoder with the class token; default False, as MedCoSS's segmentation model)."""
     cfg = backbone.cfg
     dec = UNETRDecoder2D(
         in_channels=cfg.in_chans, embed_dim=cfg.embed_dim, num_classes=num_classes,
         layers=tuple(layers) if layers is not None else default_layers(cfg.depth),
         feature_size=feature_size, patch_size=cfg.patch_size, norm_name=norm_name, res_block=res_block,
     )
-    return ViTSegmenter(backbone, dec)
+    return ViTSegmenter(backbone, dec, cls_token=cls_token)

@@ -83,6 +83,8 @@ class Seg2DConfig:
     vit_overrides: dict[str, Any] = field(default_factory=dict)
     #: pixel space the backbone normalises its [0, 1] input into ("auto": from the checkpoint's format)
     input_norm: Any = "auto"
+    #: image modality ("pathology": a MedCoSS backbone is fed BGR, as it was pre-trained); None: RGB
+    modality: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -120,7 +122,7 @@ def build_backbone(cfg: Seg2DConfig) -> nn.Module:
 
     return _bb(cfg.backbone_ckpt, size=cfg.size, img_size=cfg.img_size, in_chans=cfg.in_chans,
                allow_pickle=cfg.allow_pickle, init_seed=cfg.init_seed, vit_overrides=cfg.vit_overrides or None,
-               input_norm=cfg.input_norm)
+               input_norm=cfg.input_norm, task="seg", modality=cfg.modality)
 
 
 def build_model(cfg: Seg2DConfig, tpp_ckpt: str | os.PathLike | None = None) -> nn.Module:
@@ -327,7 +329,9 @@ def to_model_input(arr: np.ndarray, img_size: int, in_chans: int = 3) -> torch.T
         x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
     if x.shape[0] != in_chans:
         x = x.mean(0, keepdim=True).repeat(in_chans, 1, 1)
-    return F.interpolate(x[None], size=(img_size, img_size), mode="bilinear", align_corners=False)[0]
+    from tpp_monai.data.transforms import resize_image
+
+    return resize_image(x, (img_size, img_size), "bilinear")  # anti-aliased, as the bundles' chains
 
 
 def check_label_classes(arr: np.ndarray, num_classes: int, path: str | os.PathLike | None = None) -> None:

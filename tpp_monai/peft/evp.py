@@ -120,7 +120,8 @@ def _evp_pre_hook(module: nn.Module, args):
     if module._peft_evp_last:
         del ctx.extras[_KEY]  # do not keep graph tensors in the model after the pass
     prompt = gen.shared_up(module.peft_evp_mlp(feat))
-    x = torch.cat([x[:, :1], x[:, 1:] + prompt.to(x.dtype)], dim=1)
+    n = prompt.shape[1]  # one prompt per patch token: the last n tokens (class token / VPT prompts before them)
+    x = torch.cat([x[:, : x.shape[1] - n], x[:, x.shape[1] - n:] + prompt.to(x.dtype)], dim=1)
     return (x,) + tuple(args[1:])
 
 

@@ -12,10 +12,17 @@ top-k selection). Usage::
     imp = estimate_importance(model, loss_fn, batches, variant="l2", module=backbone)
     mask = build_mask(imp, top_percent=1.0)            # exactly k = ceil(N * p / 100) entries
     method = apply_peft(backbone, SHPeft(mask=mask))   # selected tensors trainable, grads masked
-    opt = MaskedAdamW(backbone, lr=1e-3, weight_decay=0.05, extra_params=head.parameters())
+    opt = build_sh_optimizer(backbone, head.parameters())   # the paper's: SGD lr 1e-3 (MaskedSGD)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_iterations)   # the paper's cosine
     ... train ...
     save_sparse_delta(backbone, "delta.safetensors")
     apply_sparse_delta(fresh_backbone, "delta.safetensors")   # same outputs, bit for bit
+
+Paper defaults (:data:`PAPER_DEFAULTS`): SGD, lr 1e-3, cosine schedule, batch 64, importance estimated
+over one epoch of the training set (``estimate_importance`` with ``max_batches=None`` runs every batch it
+is given: pass one pass of the loader). Not stated in the paper, chosen here and written down: momentum 0.9
+(the usual SGD fine-tuning setting, e.g. VPT/SPT), no weight decay, no warm-up. :class:`MaskedAdamW` stays
+available (``optimizer="adamw"``).
 
 Exactness: the gradient hooks zero the unselected entries of the gradients, and :class:`MaskedAdamW`
 keeps Adam state only for the selected entries and writes only those (``index_copy_`` into the flat
@@ -46,6 +53,11 @@ from tpp_monai.peft.base import PeftConfig, PeftMethod
 from tpp_monai.peft.registry import PEFT_METHODS
 
 DELTA_FORMAT = "tpp-sh-peft-delta"
+
+#: SH-PEFT paper (Liu et al., MICCAI 2024): "SGD lr 1e-3, cosine, batch 64", importance within one epoch.
+#: ``momentum`` / ``weight_decay`` are not stated there (our choice, see the module docstring).
+PAPER_DEFAULTS: dict[str, Any] = {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
+                                  "schedule": "cosine", "batch_size": 64, "importance_epochs": 1}
 
 
 # ------------------------------------------------------------------------------ importance + mask
@@ -274,6 +286,83 @@ class MaskedAdamW(torch.optim.Optimizer):
                 else:
                     flat.copy_(v)
         return loss
+
+
+# ------------------------------------------------------------------------------ exact sparse SGD (the paper's)
+class MaskedSGD(torch.optim.Optimizer):
+    """SGD with momentum (``torch.optim.SGD``'s update: ``b = mu * b + (g + wd * w)``, ``w -= lr * b``, the
+    first step ``b = g``) that updates only the selected entries of the SH-PEFT tensors (momentum buffers of
+    size k); ``extra_params`` (a head) are updated densely. Unselected entries are never written."""
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
+                 extra_params: Iterable[nn.Parameter] = (), method: SHPeft | None = None) -> None:
+        from tpp_monai.peft.api import get_peft
+
+        method = method or get_peft(model)
+        if not isinstance(method, SHPeft):
+            raise TypeError("MaskedSGD needs a model carrying the sh_peft method")
+        params = dict(model.named_parameters())
+        self._index: dict[int, torch.Tensor] = {}
+        sparse = []
+        for n, idx in method.indices().items():
+            self._index[id(params[n])] = idx.to(params[n].device)
+            sparse.append(params[n])
+        groups = [{"params": sparse}]
+        extra = [p for p in extra_params if p.requires_grad]
+        if extra:
+            groups.append({"params": extra})
+        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                idx = self._index.get(id(p))
+                flat = p.view(-1)
+                g = p.grad.reshape(-1)
+                v = flat.index_select(0, idx) if idx is not None else flat.clone()
+                if idx is not None:
+                    g = g.index_select(0, idx)
+                if wd:
+                    g = g.add(v, alpha=wd)
+                if mu:
+                    st = self.state[p]
+                    if "momentum_buffer" not in st:
+                        st["momentum_buffer"] = g.clone()
+                    else:
+                        st["momentum_buffer"].mul_(mu).add_(g)
+                    g = st["momentum_buffer"]
+                v.add_(g, alpha=-lr)
+                if idx is not None:
+                    flat.index_copy_(0, idx, v)
+                else:
+                    flat.copy_(v)
+        return loss
+
+
+def build_sh_optimizer(model: nn.Module, extra_params: Iterable[nn.Parameter] = (), optimizer: str | None = None,
+                       lr: float | None = None, momentum: float | None = None,
+                       weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """The SH-PEFT optimiser, the paper's by default (:data:`PAPER_DEFAULTS`: :class:`MaskedSGD`, lr 1e-3);
+    ``optimizer="adamw"`` gives :class:`MaskedAdamW` (``weight_decay`` default 0.01 there)."""
+    d = PAPER_DEFAULTS
+    name = (optimizer or d["optimizer"]).lower()
+    lr = d["lr"] if lr is None else float(lr)
+    if name == "sgd":
+        return MaskedSGD(model, lr=lr, momentum=d["momentum"] if momentum is None else float(momentum),
+                         weight_decay=d["weight_decay"] if weight_decay is None else float(weight_decay),
+                         extra_params=extra_params)
+    if name == "adamw":
+        return MaskedAdamW(model, lr=lr, weight_decay=0.01 if weight_decay is None else float(weight_decay),
+                           extra_params=extra_params)
+    raise ValueError(f"SH-PEFT optimizer must be 'sgd' (the paper's) or 'adamw'; got {optimizer!r}")
 
 
 # ------------------------------------------------------------------------------ sparse delta I/O

@@ -1,7 +1,7 @@
 """VPT-deep (Jia et al., ECCV 2022): ``num_tokens`` learnable prompt tokens per block.
 
 Before each block the block's prompts are inserted right after the class token (index 0 stays the
-class token); after the block the outputs at the prompt positions are dropped, so the token stream
+class token; first in a class-token-free forward, ``forward_features(..., cls_token=False)``); after the block the outputs at the prompt positions are dropped, so the token stream
 seen by the rest of the network (hidden states, heads, the MAE decoder) has its usual length.
 Prompts do not depend on the image or on MAE masking: under masking they simply travel with the
 visible tokens.
@@ -29,15 +29,22 @@ class VPTConfig(PeftConfig):
     num_tokens: int = 10
 
 
+def _prefix(module: nn.Module) -> int:
+    """Tokens before the patches in this pass: 1 (class token), 0 for a class-token-free forward."""
+    ctx = getattr(module, "_peft_vpt_context", None)
+    return int(getattr(ctx, "num_prefix", 1))
+
+
 def _insert_prompts(module: nn.Module, args):
     x = args[0]
+    k = _prefix(module)
     p = module.peft_vpt_prompt.expand(x.shape[0], -1, -1).to(x.dtype)
-    return (torch.cat([x[:, :1], p, x[:, 1:]], dim=1),) + tuple(args[1:])
+    return (torch.cat([x[:, :k], p, x[:, k:]], dim=1),) + tuple(args[1:])
 
 
 def _remove_prompts(module: nn.Module, args, output):
-    n = module.peft_vpt_prompt.shape[1]
-    return torch.cat([output[:, :1], output[:, 1 + n:]], dim=1)
+    n, k = module.peft_vpt_prompt.shape[1], _prefix(module)
+    return torch.cat([output[:, :k], output[:, k + n:]], dim=1)
 
 
 @PEFT_METHODS.register("vpt")
@@ -57,5 +64,8 @@ class VPT(PeftMethod):
             prompt = torch.empty(1, self.config.num_tokens, d)
             nn.init.uniform_(prompt, -bound, bound)
             blk.peft_vpt_prompt = nn.Parameter(prompt)
+            ctx = getattr(model, "context", None)
+            if ctx is not None:
+                blk._peft_vpt_context = ctx  # a plain reference, as EVP's
             blk.register_forward_pre_hook(_insert_prompts)
             blk.register_forward_hook(_remove_prompts)

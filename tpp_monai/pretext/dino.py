@@ -5,7 +5,11 @@ Trainable: the student's target parameters and projection head. The teacher is a
 (``requires_grad=False``) updated in :meth:`DINOPretext.after_step` with a cosine momentum schedule
 (0.996 -> 1). The teacher's frozen backbone tensors are *the same tensors* as the student's (shared,
 never updated), so only target parameters and the head are averaged. Centring (EMA 0.9 of the
-teacher outputs) and sharpening (student temperature 0.1, teacher 0.04 -> 0.07 warm-up).
+teacher outputs) and sharpening (student temperature 0.1, teacher 0.04 -> 0.07 over DINO's 30 warm-up
+epochs). Defaults follow DINO's ``main_dino.py``: 8 local crops, head output 65536, gradient clipping at
+3.0 (:attr:`DINOPretext.default_clip_grad`), last layer frozen for the first epoch; the teacher
+temperature is DINO's README recipe for ViTs (``--teacher_temp 0.07 --warmup_teacher_temp_epochs 30``;
+the code's own default is 0.04 without warm-up).
 
 Hand-over: the checkpoint of the TPP stage holds the *teacher's* target parameters
 (:meth:`DINOPretext.handover_backbone`). DINO evaluates and releases the teacher (its k-NN/linear
@@ -79,16 +83,20 @@ class DINOHead(nn.Module):
 
 
 class MultiCropAugment(nn.Module):
-    """DINO multi-crop for a batch of 2D images (B, C, H, W) with values in [0, 1].
+    """DINO multi-crop (``DataAugmentationDINO``) for a batch of 2D images (B, C, H, W) with values in [0, 1].
 
-    Two global crops (scale ``global_scale``) and ``n_local`` local crops (scale ``local_scale``),
-    each with horizontal flip, colour jitter (p 0.8; hue/saturation only for RGB), random grayscale
-    (RGB), Gaussian blur (p 1.0 / 0.1 for the two global views, 0.5 for locals) and solarisation
-    (second global view, p 0.2). ``mean``/``std`` normalise after augmentation if given.
+    Two global crops (scale ``global_scale``) and ``n_local`` local crops (scale ``local_scale``), each a
+    ``RandomResizedCrop`` (ratio 3/4-4/3, bicubic, as DINO's ``interpolation=Image.BICUBIC``) of the image
+    as given, then horizontal flip, colour jitter (p 0.8; hue/saturation only for RGB), random grayscale
+    (RGB), Gaussian blur (p 1.0 / 0.1 for the two global views, 0.5 for locals) and solarisation (second
+    global view, p 0.2). ``mean``/``std`` normalise after augmentation if given.
+
+    ``last_area_fractions`` holds, after each call, the area of every crop box as a fraction of its image:
+    ``{"global": [...], "local": [...]}`` (what DINO's scale ranges bound).
     """
 
     def __init__(
-        self, global_size: int, local_size: int, n_local: int = 6,
+        self, global_size: int, local_size: int, n_local: int = 8,
         global_scale: Sequence[float] = (0.4, 1.0), local_scale: Sequence[float] = (0.05, 0.4),
         mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
     ) -> None:
@@ -100,32 +108,38 @@ class MultiCropAugment(nn.Module):
         self.global_size, self.local_size = global_size, local_size
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
         self.mean, self.std = mean, std
+        self.last_area_fractions: dict[str, list[float]] = {"global": [], "local": []}
 
-    def _one(self, img: torch.Tensor, size: int, scale, blur_p: float, solar_p: float) -> torch.Tensor:
+    def _crop(self, img: torch.Tensor, size: int, scale, kind: str) -> torch.Tensor:
+        from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+        top, left, h, w = RandomResizedCrop.get_params(img, list(scale), [3.0 / 4.0, 4.0 / 3.0])
+        self.last_area_fractions[kind].append(h * w / float(img.shape[-2] * img.shape[-1]))
+        return self.v2.functional.resized_crop(img, top, left, h, w, [size, size],
+                                               interpolation=InterpolationMode.BICUBIC, antialias=True)
+
+    def _one(self, img: torch.Tensor, size: int, scale, blur_p: float, solar_p: float, kind: str) -> torch.Tensor:
         v2 = self.v2
         rgb = img.shape[0] == 3
         jitter = v2.ColorJitter(0.4, 0.4, 0.2, 0.1) if rgb else v2.ColorJitter(0.4, 0.4)
         k = max(3, (size // 10) | 1)
-        ops = [
-            v2.RandomResizedCrop(size, scale=scale, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([jitter], p=0.8),
-        ]
+        ops = [v2.RandomHorizontalFlip(), v2.RandomApply([jitter], p=0.8)]
         if rgb:
             ops.append(v2.RandomGrayscale(p=0.2))
         ops += [v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=blur_p), v2.RandomSolarize(0.5, p=solar_p)]
-        out = v2.Compose(ops)(img).clamp(0, 1)
+        out = v2.Compose(ops)(self._crop(img, size, scale, kind)).clamp(0, 1)
         if self.mean is not None and self.std is not None:
             out = v2.functional.normalize(out, list(self.mean), list(self.std))
         return out
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        self.last_area_fractions = {"global": [], "local": []}
         views: list[list[torch.Tensor]] = [[] for _ in range(2 + self.n_local)]
         for img in images:
-            views[0].append(self._one(img, self.global_size, self.global_scale, 1.0, 0.0))
-            views[1].append(self._one(img, self.global_size, self.global_scale, 0.1, 0.2))
+            views[0].append(self._one(img, self.global_size, self.global_scale, 1.0, 0.0, "global"))
+            views[1].append(self._one(img, self.global_size, self.global_scale, 0.1, 0.2, "global"))
             for j in range(self.n_local):
-                views[2 + j].append(self._one(img, self.local_size, self.local_scale, 0.5, 0.0))
+                views[2 + j].append(self._one(img, self.local_size, self.local_scale, 0.5, 0.0, "local"))
         return [torch.stack(v) for v in views]
 
 
@@ -143,13 +157,17 @@ class DINOPretext(PretextTask):
     """
 
     name = "dino"
+    #: DINO's ``--clip_grad 3.0`` (global norm of the student's gradients); the TPP trainer applies it
+    #: unless it is given its own ``clip_grad`` (0 turns clipping off).
+    default_clip_grad: float | None = 3.0
 
     def __init__(
-        self, backbone: nn.Module, out_dim: int = 4096, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-        nlayers: int = 3, norm_last_layer: bool = True, n_local_crops: int = 6, global_crop_size: int | None = None,
+        self, backbone: nn.Module, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+        nlayers: int = 3, norm_last_layer: bool = True, n_local_crops: int = 8, global_crop_size: int | None = None,
         local_crop_size: int | None = None, global_scale: Sequence[float] = (0.4, 1.0),
         local_scale: Sequence[float] = (0.05, 0.4), student_temp: float = 0.1, teacher_temp: float = 0.07,
-        warmup_teacher_temp: float = 0.04, teacher_temp_warmup_frac: float = 0.3, center_momentum: float = 0.9,
+        warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: float = 30,
+        teacher_temp_warmup_frac: float | None = None, freeze_last_layer: float = 1, center_momentum: float = 0.9,
         momentum_teacher: float = 0.996, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
     ) -> None:
         super().__init__(backbone)
@@ -163,6 +181,11 @@ class DINOPretext(PretextTask):
             out_dim, hidden_dim, bottleneck_dim, nlayers, norm_last_layer, student_temp, teacher_temp,
             warmup_teacher_temp, teacher_temp_warmup_frac, center_momentum, momentum_teacher,
         )
+        self.warmup_teacher_temp_epochs = float(warmup_teacher_temp_epochs)
+        self.freeze_last_layer = float(freeze_last_layer)
+        for p in self.head.last_layer.parameters():
+            if p.requires_grad:
+                p.register_hook(self._cancel_last_layer_grad)
 
     def _setup_distillation(
         self, feat_dim: int, augment: nn.Module, out_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int,
@@ -179,6 +202,9 @@ class DINOPretext(PretextTask):
         self.center_momentum, self.momentum_teacher = center_momentum, momentum_teacher
         self.register_buffer("center", torch.zeros(1, out_dim))
         self._step, self._total = 0, 1
+        self._steps_per_epoch: int | None = None  # set by the trainer (set_schedule_position)
+        self.warmup_teacher_temp_epochs: float | None = None  # 2D: epochs as DINO; None: teacher_temp_warmup_frac
+        self.freeze_last_layer = 0.0
         self._pending_center: torch.Tensor | None = None
 
         # teacher: deep copy, then share the frozen backbone tensors with the student
@@ -199,11 +225,39 @@ class DINOPretext(PretextTask):
             mod._parameters[attr] = p
 
     # ------------------------------------------------------------------ schedules
+    def current_epoch(self) -> int | None:
+        """0-based epoch of the step being taken (None when the trainer gave no epoch length)."""
+        return self._step // self._steps_per_epoch if self._steps_per_epoch else None
+
     def current_teacher_temp(self) -> float:
-        warm = int(self.teacher_temp_warmup_frac * self._total)
+        """Teacher temperature of the current step.
+
+        With an epoch length (the TPP trainer gives it) and ``warmup_teacher_temp_epochs``: DINO's schedule,
+        ``np.linspace(warmup_teacher_temp, teacher_temp, W)[epoch]`` for the first W epochs, then
+        ``teacher_temp``, constant within an epoch. Otherwise (``teacher_temp_warmup_frac``, the 3D task,
+        or no epoch length): linear per step over that fraction of the run (0.3 when unset)."""
+        epoch = self.current_epoch()
+        if self.teacher_temp_warmup_frac is None and self.warmup_teacher_temp_epochs is not None and epoch is not None:
+            w = int(self.warmup_teacher_temp_epochs)
+            if epoch >= w:
+                return self.teacher_temp
+            if w == 1:
+                return self.warmup_teacher_temp
+            return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * epoch / (w - 1)
+        frac = 0.3 if self.teacher_temp_warmup_frac is None else self.teacher_temp_warmup_frac
+        warm = int(frac * self._total)
         if warm <= 0 or self._step >= warm:
             return self.teacher_temp
         return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * self._step / warm
+
+    def _cancel_last_layer_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """DINO's ``cancel_gradients_last_layer``: no gradient for the head's last layer during the first
+        ``freeze_last_layer`` epochs (zeroed here; the weight-normed layer's output ignores the scale that
+        AdamW's decoupled weight decay then applies to ``weight_v``)."""
+        epoch = self.current_epoch()
+        if epoch is not None and epoch < self.freeze_last_layer:
+            return torch.zeros_like(grad)
+        return grad
 
     # ------------------------------------------------------------------ forward
     def _cls(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -261,9 +315,12 @@ class DINOPretext(PretextTask):
         self.update_teacher(cosine_momentum(step, total_steps, self.momentum_teacher))
         self.update_center()
 
-    def set_schedule_position(self, step: int, total_steps: int) -> None:
-        """Where training stands (for the teacher-temperature warm-up when resuming)."""
+    def set_schedule_position(self, step: int, total_steps: int, steps_per_epoch: int | None = None) -> None:
+        """Where training stands (for the teacher-temperature warm-up when resuming); ``steps_per_epoch``
+        lets the schedules count epochs as DINO does."""
         self._step, self._total = step, total_steps
+        if steps_per_epoch:
+            self._steps_per_epoch = int(steps_per_epoch)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in list(self.backbone.parameters()) + list(self.head.parameters()) if p.requires_grad]
