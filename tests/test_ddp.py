@@ -4,6 +4,7 @@ fine-tuning; DINO's centre is averaged over ranks; mixed precision keeps the fro
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,17 @@ from tpp_monai.backbones.vit import build_vit
 from tpp_monai.engines.distributed import global_batch_loader, local_batch_size, rank_rows, spawn_cpu, wrap_ddp
 from tpp_monai.peft import apply_peft, get_peft, target_state_dict
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import assert_close_to_update, chain_length, forward_tolerance  # noqa: E402
+
 IMG, PATCH, N_IMAGES, GLOBAL_BATCH = 32, 8, 12, 4
 SMALL_DEC = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)
+STEPS = 2 * (N_IMAGES // GLOBAL_BATCH)  # 2 epochs
+TOKENS = (IMG // PATCH) ** 2 + 1
+# one process vs two sum the batch in another order: the bound follows from the reductions a gradient
+# goes through (tiny ViT: 2 blocks of 192, MAE decoder 1 block of 32; weight gradients over batch x tokens)
+MAE_CHAIN = chain_length([192, 192, 32], rows=GLOBAL_BATCH * TOKENS)
+FT_CHAIN = chain_length([192, 192], rows=GLOBAL_BATCH * TOKENS)
 
 
 def _images() -> torch.Tensor:
@@ -94,7 +104,7 @@ def test_mae_tpp_two_gloo_processes_equal_one(tmp_path, ddp_out):
     r0, r1 = (torch.load(ddp_out / f"rank{r}.pt") for r in (0, 1))
     init = target_state_dict(_vit())
     assert _max_diff(single, init) > 1e-3  # the run trained something
-    assert _max_diff(r0["state"], single) < 1e-5
+    assert_close_to_update(single, r0["state"], init, steps=STEPS, n=MAE_CHAIN)  # float32 noise, see helpers
     assert _max_diff(r1["state"], r0["state"]) == 0.0  # ranks stay in lock-step
     assert r0["frozen"][0] == r0["frozen"][1] == before
     # rank 0 alone wrote the checkpoint, and it holds the DDP run's values
@@ -110,7 +120,10 @@ def test_resume_under_ddp_equals_the_uninterrupted_run(ddp_out):
         res = torch.load(ddp_out / f"resumed{r}.pt")
         assert res["stopped_at"] == N_IMAGES // GLOBAL_BATCH  # the first run really stopped after one epoch
         assert _max_diff(res["half"], full) > 1e-4
-        assert _max_diff(res["resumed"], full) < 1e-6
+        with pytest.raises(AssertionError):  # the bound catches the skipped epoch (half the steps)
+            assert_close_to_update(full, res["half"], target_state_dict(_vit()), steps=STEPS, n=MAE_CHAIN)
+        # the same 2 processes and threads redo the same arithmetic in the same order: bit for bit
+        assert _max_diff(res["resumed"], full) == 0.0
     from tpp_monai.checkpoint import safe_load
 
     assert safe_load(ddp_out / "resumed" / "tpp_resume.pt")["iteration"] == 2 * (N_IMAGES // GLOBAL_BATCH)
@@ -133,12 +146,22 @@ def test_rank_rows_matches_the_sampler_positions():
 
 
 # ------------------------------------------------------------------ fine-tuning
+def _ft_init() -> torch.nn.Module:
+    from tpp_monai.bundle.networks import build_classifier
+
+    return build_classifier(_vit(), num_classes=3)
+
+
+def _trainable(net: torch.nn.Module) -> dict:
+    return {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+
+
 def _ft_run() -> dict:
     from monai.engines import SupervisedTrainer
 
-    from tpp_monai.bundle.networks import build_classifier, build_optimizer
+    from tpp_monai.bundle.networks import build_optimizer
 
-    net = build_classifier(_vit(), num_classes=3)
+    net = _ft_init()
     labels = torch.arange(N_IMAGES) % 3
     data = [{"image": x, "label": y} for x, y in zip(_images(), labels)]
     loader = global_batch_loader(data, GLOBAL_BATCH, seed=0)
@@ -148,14 +171,14 @@ def _ft_run() -> dict:
         optimizer=build_optimizer(net, lr=1e-3), loss_function=torch.nn.CrossEntropyLoss(),
     )
     trainer.run()
-    return {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+    return _trainable(net)
 
 
 def test_finetuning_two_gloo_processes_equal_one(ddp_out):
     single = _ft_run()
     r0, r1 = (torch.load(ddp_out / f"ft{r}.pt") for r in (0, 1))
     assert any("head" in k or "fc" in k for k in single) and len(single) > 2
-    assert _max_diff(r0, single) < 1e-5
+    assert_close_to_update(single, r0, _trainable(_ft_init()), steps=STEPS, n=FT_CHAIN)  # see helpers
     assert _max_diff(r1, r0) == 0.0
 
 
@@ -174,8 +197,11 @@ def _dino_centre(rank: int = 0, world: int = 1) -> torch.Tensor:
 
 def test_dino_centre_is_the_mean_over_all_ranks(ddp_out):
     single = _dino_centre()
+    # the teacher's outputs come from a weight-normalised layer on an L2-normalised input (|x| <= 1); one
+    # forward of batch 4 vs two of batch 2 (another GEMM blocking) + the mean over ranks round differently
+    atol = forward_tolerance(chain_length([192, 192, 16]), 1.0)
     for r in (0, 1):  # each rank saw half of the batch; the centre update uses the whole batch's mean
-        assert torch.allclose(torch.load(ddp_out / f"dino{r}.pt"), single, atol=1e-6)
+        assert torch.allclose(torch.load(ddp_out / f"dino{r}.pt"), single, atol=atol, rtol=0)
 
     everything = torch.cat([torch.arange(8.0).reshape(4, 2) + 10 * r for r in (0, 1)])
     for r in (0, 1):

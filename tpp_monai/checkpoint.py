@@ -50,10 +50,12 @@ class CheckpointCorrupt(CheckpointMismatch):
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], Any]) -> Path:
     """Write ``data`` (bytes, text, or a function writing to a binary file) to a temporary file in the
     same folder, fsync, then rename it over ``path``: a crash mid-write leaves the previous file intact.
-    The file gets the usual permissions (umask), not ``mkstemp``'s owner-only ones."""
+    The file gets the usual permissions (umask), not ``mkstemp``'s owner-only ones. The temporary file's
+    name carries the writer's PID; one left by a killed writer of the same ``path`` is removed here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_tmps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             if callable(data):
@@ -69,6 +71,45 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
             os.unlink(tmp)
         raise
     return path
+
+
+STALE_TMP_AGE_S = {"dead_pid": 10.0, "no_pid": 3600.0}
+
+
+def remove_stale_tmps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_write` left for ``path`` when its writer was killed
+    (SIGKILL, power loss): those whose PID (in the name) is dead on this host, and, from older versions
+    without a PID in the name, those untouched for an hour. A few seconds' age is required as well, so a
+    live writer (another host on a shared folder) is never touched. Returns what was removed."""
+    import glob
+    import re
+    import time
+
+    from tpp_monai.runlock import _pid_alive
+
+    path = Path(path)
+    removed, now = [], time.time()
+    for name in glob.glob(os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*.tmp")):
+        m = re.fullmatch(rf"\.{re.escape(path.name)}\.(?:pid(\d+)\.)?[^.]+\.tmp", os.path.basename(name))
+        if m is None:
+            continue
+        try:
+            age = now - os.stat(name).st_mtime
+        except OSError:
+            continue
+        pid = int(m.group(1)) if m.group(1) else None
+        stale = age > STALE_TMP_AGE_S["no_pid"] if pid is None else (
+            pid != os.getpid() and not _pid_alive(pid) and age > STALE_TMP_AGE_S["dead_pid"])
+        if stale:
+            try:
+                os.unlink(name)
+                removed.append(Path(name))
+            except OSError:
+                pass
+    if removed:
+        logging.getLogger("tpp_monai").info("removed %d temporary file(s) of %s left by a killed writer",
+                                            len(removed), path)
+    return removed
 
 
 def _umask() -> int:

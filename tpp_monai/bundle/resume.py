@@ -17,8 +17,10 @@ No lost or repeated iteration: the trainer's data loader is wrapped in
 :class:`~tpp_monai.engines.resumable_data.ResumableLoader` (each pass over the data shuffles and augments from
 ``(seed, pass)``), so a run resumed inside an epoch draws exactly the batches an uninterrupted run draws next.
 A save that falls on the last iteration of an epoch is made after that epoch's validation instead (a resume
-does not skip the validation). Under DDP only rank 0's RNG state is saved and restored (the other ranks keep
-their seeding); data order, weights, optimiser and schedule continue exactly.
+does not skip the validation). Under DDP every rank's RNG states (torch, CUDA, numpy, python: stochastic depth,
+dropout) are gathered into the file and each rank restores its own (a resume with another number of processes
+restores rank 0's on rank 0 only, with a warning); MONAI's random transforms are reseeded per pass by the loader.
+So data order, augmentation, weights, optimiser and schedule continue exactly on every rank.
 """
 
 from __future__ import annotations
@@ -149,7 +151,11 @@ class FineTuneResume:
     def save(self, engine: Engine) -> None:
         """Write the resume state (rank 0; once per iteration; never NaN/Inf)."""
         it = engine.state.iteration
-        if it == self._last_saved or not is_main_process():
+        if it == self._last_saved:
+            return
+        rngs = _rng_of_every_rank()  # a collective: every rank saves at the same iterations
+        if not is_main_process():
+            self._last_saved = it  # as rank 0 below: the next save is at the same iteration on every rank
             return
         from tpp_monai.bundle.handlers import NON_FINITE_CAUSES, NonFiniteModelError
 
@@ -166,7 +172,8 @@ class FineTuneResume:
             "settings": self.settings, "model": model, "optimizer": engine.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "data": engine.data_loader.state_dict(), "rng": _get_rng(), "validation": self._validation_state(),
+            "data": engine.data_loader.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
+            "validation": self._validation_state(),
         }
         atomic_save(state, self.path)
         self._last_saved = it
@@ -193,8 +200,7 @@ class FineTuneResume:
         self._restore_validation(obj.get("validation") or {})
         if obj.get("scaler") and getattr(engine, "scaler", None) is not None:
             engine.scaler.load_state_dict(obj["scaler"])  # MONAI's Trainer.run() made a new one
-        if is_main_process():  # after set-up, right before the first resumed iteration; other DDP ranks keep their
-            _set_rng(obj["rng"])  # own seeding (rank 0's state would give every rank the same dropout masks)
+        _restore_rank_rng(obj, self.path)  # after set-up, right before the first resumed iteration
         it = int(obj["iteration"])
         self._last_saved = it
         total = engine.state.max_epochs * engine.state.epoch_length
@@ -256,6 +262,34 @@ def _get_rng() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _rng_of_every_rank() -> list[dict]:
+    """Every rank's :func:`_get_rng` (rank order), on every rank; ``[_get_rng()]`` outside DDP."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [_get_rng()]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, _get_rng())
+    return states
+
+
+def _restore_rank_rng(obj: Mapping[str, Any], path: Path) -> None:
+    """Each rank restores its own saved RNG state (each draws its own stochastic-depth / dropout masks)."""
+    from tpp_monai.engines.distributed import rank_world
+
+    rank, world = rank_world()
+    ranks = obj.get("rng_ranks")
+    if ranks is not None and len(ranks) == world:
+        _set_rng(ranks[rank])
+    elif rank == 0:
+        _set_rng(obj["rng"])
+        if world == 1 and ranks is None:  # an older single-process file: rank 0's state is all there is
+            return
+        logger.warning("%s was written by %s process(es), this run has %d: only rank 0's random state is restored, "
+                       "so stochastic depth / dropout on the other ranks differ from the interrupted run", path,
+                       len(ranks) if ranks is not None else "an unknown number of", world)
 
 
 def _set_rng(s: Mapping[str, Any]) -> None:

@@ -10,7 +10,8 @@ Safety: the output folder is locked for the run (:mod:`tpp_monai.runlock`, rank 
 second run into it is refused naming the first one's PID). ``resume``: ``"auto"`` continues from
 ``tpp_resume.pt`` when it exists and was written with the same settings (logged), ``True`` also
 requires it to exist, ``False`` starts over. A resume file written with other settings (seed,
-epochs, data size, schedule, PEFT, pretext, backbone) is refused naming what differs. The data
+epochs, data size, training images, schedule, PEFT, pretext, backbone) is refused naming what differs
+(the images by path, size and modification time: :mod:`tpp_monai.data.fingerprint`). The data
 order is a function of the seed and the pass over the data
 (:class:`~tpp_monai.engines.resumable_data.ResumableLoader`) and, with ``seed`` set, every
 iteration seeds the RNG with ``seed + iteration``; so a resumed run equals an uninterrupted one
@@ -30,6 +31,7 @@ from monai.engines import Trainer
 from torch import nn
 
 from tpp_monai.checkpoint import CheckpointMismatch, atomic_save, safe_load, save_target_checkpoint
+from tpp_monai.data.fingerprint import dataset_fingerprint
 from tpp_monai.engines.amp import autocast, grad_scaler, resolve_amp
 from tpp_monai.engines.distributed import barrier, is_main_process, mean_over_ranks, wrap_ddp
 from tpp_monai.engines.resumable_data import ResumableLoader
@@ -182,6 +184,7 @@ class TPPTrainer(Trainer):
             self.settings = {
                 "seed": seed, "max_epochs": int(max_epochs), "epoch_length": int(self.state.epoch_length),
                 "batches_per_pass": getattr(self.data_loader, "_len", None), "dataset_size": _dataset_size(data_loader),
+                "data": dataset_fingerprint(getattr(data_loader, "dataset", None)),
                 "schedule": self.schedule.state_dict(), "clip_grad": clip_grad, **dict(settings or {}),
             }
             self.amp_dtype = resolve_amp(amp, self.state.device)
@@ -193,7 +196,8 @@ class TPPTrainer(Trainer):
             self.checkpointer.attach(self)
             if is_main_process():
                 self._attach_logging(progress_bar, tensorboard, log_every)
-            for h in handlers or []:
+            self._extra_handlers = list(handlers or [])
+            for h in self._extra_handlers:
                 h.attach(self)
             self._finished = False
             if hasattr(task, "set_schedule_position"):
@@ -318,6 +322,9 @@ class TPPTrainer(Trainer):
         if hasattr(self.task, "set_schedule_position"):
             self.task.set_schedule_position(it, self.total_steps, int(self.state.epoch_length))
         self._finished = it >= self.total_steps
+        for h in self._extra_handlers:  # logs (bundle JsonlLogger): drop what the killed run logged past `it`
+            if hasattr(h, "keep_until"):
+                h.keep_until(it, self.state.epoch)
         _say(f"resuming TPP from {path} at iteration {it} of {self.total_steps} (epoch {self.state.epoch}); "
              "pass resume=False (bundles: --resume false) to start over")
         return True
@@ -345,7 +352,10 @@ def _settings_diff(saved: Mapping[str, Any] | None, here: Mapping[str, Any]) -> 
     if saved is None:
         return "the file records no settings (written by an older version)"
     keys = sorted(set(saved) | set(here))
-    return ", ".join(f"{k}: saved {saved.get(k)!r} vs now {here.get(k)!r}" for k in keys if saved.get(k) != here.get(k))
+    diffs = [f"{k}: saved {saved.get(k)!r} vs now {here.get(k)!r}" for k in keys if saved.get(k) != here.get(k)]
+    if saved.get("data") != here.get("data"):
+        diffs.append("the training images are not those of that run (paths, sizes or modification times differ)")
+    return ", ".join(diffs)
 
 
 def _say(msg: str) -> None:
