@@ -35,6 +35,7 @@ def _pair(method, cfg):
     return plain, ours, torch.randn(2, 3, 32, 32)
 
 
+@pytest.mark.filterwarnings("ignore:Unsupported layer type")  # peft probes LayerNorm for in_features
 @pytest.mark.parametrize("method,cfg", [("lora", {"r": 4, "alpha": 8.0, "targets": ("attn.qkv", "mlp.fc1")}),
                                         ("ln_tuning", {})])
 def test_export_runs_in_peft_and_imports_back(tmp_path, method, cfg):
@@ -100,6 +101,15 @@ def test_cli_round_trip(tmp_path):
     with torch.no_grad():
         hf = peft.PeftModel.from_pretrained(copy.deepcopy(plain), str(tmp_path / "adapter")).eval()
         assert (hf(x) - ours(x)).abs().max().item() <= TOL
+    # import-peft builds the bundles' backbone (here the seeded random ViT-tiny) and writes its --tpp_ckpt
+    assert main(["import-peft", str(tmp_path / "adapter"), str(tmp_path / "init.pt"), "--size", "tiny",
+                 "--img-size", "32"]) == 0
+    from tpp_monai.bundle.networks import build_peft_backbone
+
+    net = build_peft_backbone("", size="tiny", img_size=32, peft_method="lora", peft_config={"r": 4},
+                              tpp_ckpt=str(tmp_path / "init.pt"))  # checked load, as in the bundles
+    got = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    assert got and all(torch.equal(p, dict(ours.named_parameters())[n]) for n, p in got.items())
 
 
 def test_refusals(tmp_path):
@@ -120,6 +130,10 @@ def test_refusals(tmp_path):
         load_peft_adapter(copy.deepcopy(plain), tmp_path / "l")
     cfg_path.write_text(json.dumps(cfg))
     other = copy.deepcopy(plain)
-    apply_peft(other, "lora", {"r": 2})
+    apply_peft(other, "lora", {"r": 2})  # alpha 8: another scale
+    with pytest.raises(PeftInteropError, match="lora_alpha/r"):
+        load_peft_adapter(other, tmp_path / "l")
+    other = copy.deepcopy(plain)
+    apply_peft(other, "lora", {"r": 2, "alpha": 4.0})  # same scale, other rank
     with pytest.raises(PeftInteropError, match="shape"):
         load_peft_adapter(other, tmp_path / "l")

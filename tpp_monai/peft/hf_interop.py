@@ -71,7 +71,7 @@ def to_peft_adapter(method: str, config: Mapping[str, Any], state: Mapping[str, 
     if method not in SUPPORTED_METHODS:
         raise _unsupported(method)
     tensors: dict[str, torch.Tensor] = {}
-    modules: set[str] = set()
+    modules: dict[str, None] = {}  # model order
     suffixes = _LORA_SUFFIX if method == "lora" else _LN_SUFFIX
     for name, t in state.items():
         suffix = next((s for s in suffixes if name.endswith(s)), None)
@@ -82,13 +82,13 @@ def to_peft_adapter(method: str, config: Mapping[str, Any], state: Mapping[str, 
             raise PeftInteropError(
                 f"LoRA tensor '{name}' is on an nn.MultiheadAttention (in_proj_weight); peft's MultiheadAttention "
                 "LoRA also adapts out_proj, so it has no peft equivalent. Use LoRA on nn.Linear layers (mha=False).")
-        modules.add(module)
+        modules[module] = None
         tensors[PREFIX + module + suffixes[suffix]] = t.detach().cpu().contiguous()
     if not modules:
         raise PeftInteropError(f"no target tensors to export for '{method}'")
     common = {"peft_type": SUPPORTED_METHODS[method], "task_type": None, "inference_mode": True,
               "base_model_name_or_path": base_model, "revision": None, "modules_to_save": None,
-              "target_modules": sorted(modules), "exclude_modules": None}
+              "target_modules": list(modules), "exclude_modules": None}
     if method == "lora":
         common.update({"r": int(config["r"]), "lora_alpha": float(config["alpha"]), "lora_dropout": 0.0,
                        "init_lora_weights": True, **_LORA_REFUSED})
