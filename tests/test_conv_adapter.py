@@ -192,11 +192,14 @@ def test_cpu_default_runs_no_grouped_convolution_and_matches_in_the_network():
 
     class Groups(TorchDispatchMode):
         seen: list = []
+        masks: list = []  # convolution_backward's output_mask: (input grad, weight grad, bias grad)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
                 groups = args[8] if func is torch.ops.aten.convolution.default else args[9]
                 self.seen.append(groups)
+                if func is torch.ops.aten.convolution_backward.default:
+                    self.masks.append(tuple(args[10]))
             return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
@@ -210,6 +213,11 @@ def test_cpu_default_runs_no_grouped_convolution_and_matches_in_the_network():
         out = m(x)
         out.square().mean().backward()
     assert mode.seen and max(mode.seen) == 1  # every convolution that ran (forward and backward) is dense
+    # the backbone is frozen: every convolution's backward computes the input gradient only (no weight or
+    # bias gradient); the two that read the image (first block's conv1 and 1x1 shortcut) get no backward, nor
+    # the deep-supervision heads whose outputs are not returned
+    assert mode.masks and all(tuple(m) == (True, False, False) for m in mode.masks)
+    assert len(mode.seen) - len(mode.masks) == len(mode.masks) + 2 + (len(m.seg_outputs) - 1)
     ref(x).square().mean().backward()
     assert torch.allclose(out, ref(x), rtol=1e-10, atol=1e-12)
     for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):

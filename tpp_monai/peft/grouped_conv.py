@@ -78,15 +78,17 @@ class _ShiftAdd(torch.autograd.Function):
         # copy instead of zero-filling the output and adding to it
         first = next(((c, j) for c, (_, _, slices) in enumerate(plan) for j, (o_sl, _) in enumerate(slices)
                       if o_sl == full), None)
+        acc = torch.float32 if z0.dtype in (torch.float16, torch.bfloat16) else z0.dtype  # AMP: sum in fp32
         if first is None:
-            out = z0.new_zeros(*z0.shape[:2], *out_shape)
+            out = z0.new_zeros(*z0.shape[:2], *out_shape, dtype=acc)
         else:
             c, j = first
-            out = zs[c][lead + (j,) + plan[c][2][j][1]].clone(memory_format=torch.contiguous_format)
+            out = zs[c][lead + (j,) + plan[c][2][j][1]].to(acc, memory_format=torch.contiguous_format, copy=True)
         for c, (z, (_, _, slices)) in enumerate(zip(zs, plan)):
             for j, (o_sl, i_sl) in enumerate(slices):
                 if (c, j) != first:
                     out[lead + o_sl] += z[lead + (j,) + i_sl]
+        out = out.to(z0.dtype)
         ctx.plan = plan
         ctx.z_shapes = [z.shape for z in zs]
         return out

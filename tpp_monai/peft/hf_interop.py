@@ -48,7 +48,8 @@ _LORA_SUFFIX = {".peft_lora_A": ".lora_A.weight", ".peft_lora_B": ".lora_B.weigh
 _LN_SUFFIX = {".weight": ".ln_tuning_layers.weight", ".bias": ".ln_tuning_layers.bias"}
 # LoraConfig fields whose non-default values change the maths (we refuse them on import)
 _LORA_REFUSED = {"use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "bias": "none",
-                 "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
+                 "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "lora_bias": False,
+                 "target_parameters": None, "layer_replication": None, "trainable_token_indices": None}
 
 
 class PeftInteropError(ValueError):
