@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tpp_monai.backbones.stunet import BasicResBlock, STUNet
 from tpp_monai.peft import apply_peft
-from tpp_monai.peft.conv_adapter import ConvAdapterModule, adapter_width
+from tpp_monai.peft.conv_adapter import ConvAdapterModule, adapter_width, set_conv_adapter_impl
 
 STRIDES = [[2, 2, 2]] * 3 + [[1, 1, 1]] * 2
 
@@ -121,3 +121,107 @@ def test_alpha_zero_is_identity_and_residual_variant_is_zero_init():
     apply_peft(m, "conv_adapter")  # original init (alpha 1, default conv init): the output changes at insertion
     with torch.no_grad():
         assert not torch.allclose(ref[0], m(x)[0])
+
+
+# ---------------------------------------------------------------------- the fast ("taps") formulation
+def conv_formulation(x, a: ConvAdapterModule):
+    """The module's maths as it was computed before the taps formulation: grouped conv, ReLU, 1x1 conv, alpha."""
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.ndim - 2]
+    d = a.down
+    h = conv(x, d.weight, d.bias, d.stride, d.padding, d.dilation, d.groups).clamp_min(0)
+    out = conv(h, a.up.weight, a.up.bias)
+    return out * a.alpha.view(1, -1, *([1] * (x.ndim - 2)))
+
+
+def float32_bound(x, a: ConvAdapterModule):
+    """Element-wise bound on |taps - conv| in float32, from the computation: each down output is a sum of
+    K = (in/w) k^d products + bias, rounded in any order: |fl - exact| <= gamma_{K+1} * sum|terms| (Higham,
+    gamma_n = n u / (1 - n u), u = 2^-24), so two orders differ by twice that; ReLU is 1-Lipschitz; the up
+    projection (w products + bias, then alpha, or alpha folded into the weight) adds its own 2 gamma_{w+3}."""
+    u = 2.0 ** -24
+    gamma = lambda n: n * u / (1 - n * u)  # noqa: E731
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.ndim - 2]
+    d = a.down
+    x64, w64 = x.double(), d.weight.double()
+    k_terms = w64[0].numel()
+    mag = conv(x64.abs(), w64.abs(), d.bias.double().abs(), d.stride, d.padding, d.dilation, d.groups)
+    dh = 2 * gamma(k_terms + 1) * mag
+    h = conv(x64, w64, d.bias.double(), d.stride, d.padding, d.dilation, d.groups).clamp_min(0)
+    wu, bu = a.up.weight.double().abs(), a.up.bias.double().abs()
+    alpha = a.alpha.double().abs().view(1, -1, *([1] * (x.ndim - 2)))
+    width = d.weight.shape[0]
+    return alpha * (conv(dh, wu) + 2 * gamma(width + 3) * (conv(h, wu) + bu.view(1, -1, *([1] * (x.ndim - 2)))))
+
+
+CASES = [  # (spatial dims, in, out, width, stride, spatial size): STU-Net's shapes (groups of 8 -> 1) and odd ones
+    (3, 32, 32, 4, 1, (12, 10, 9)), (3, 16, 32, 2, 2, (13, 12, 10)), (3, 1, 16, 1, 1, (8, 8, 8)),
+    (3, 64, 128, 8, 2, (8, 8, 8)), (2, 24, 48, 6, 2, (15, 14)), (1, 8, 8, 2, 1, (17,)),
+]
+
+
+@pytest.mark.parametrize("nd,cin,cout,width,stride,spatial", CASES)
+def test_taps_formulation_equals_the_conv_formulation(nd, cin, cout, width, stride, spatial):
+    torch.manual_seed(3)
+    like = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[nd](cin, cout, 3, stride=stride, padding=1)
+    a = ConvAdapterModule(like, width)
+    with torch.no_grad():
+        a.alpha.copy_(torch.linspace(-1.5, 2.0, cout))
+    a.impl = "taps"
+    x = torch.randn(2, cin, *spatial)
+    with torch.no_grad():
+        got, ref = a(x), conv_formulation(x, a)
+        assert got.shape == ref.shape == like(x).shape
+        diff = (got - ref).abs()
+        assert bool((diff <= float32_bound(x, a)).all()), diff.max()
+        assert diff.max().item() <= 1e-5
+    # forward and backward are the same maths: in float64 they agree to rounding (custom backward included)
+    a64 = copy.deepcopy(a).double()
+    x64 = x.double().requires_grad_()
+    g = torch.randn_like(ref, dtype=torch.float64)
+    params = [x64] + list(a64.parameters())
+    got_g = torch.autograd.grad(a64(x64), params, g)
+    ref_g = torch.autograd.grad(conv_formulation(x64, a64), params, g)
+    for p, u, v in zip(["x", "down.weight", "down.bias", "up.weight", "up.bias", "alpha"], got_g, ref_g):
+        assert torch.allclose(u, v, rtol=1e-10, atol=1e-10), p
+
+
+def test_cpu_default_runs_no_grouped_convolution_and_matches_in_the_network():
+    """On CPU a Conv-Adapter training step calls no grouped convolution (oneDNN's grouped 3D kernels made the
+    step 1.5x full fine-tuning); the whole STU-Net gives the conv formulation's output and gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Groups(TorchDispatchMode):
+        seen: list = []
+        masks: list = []  # convolution_backward's output_mask: (input grad, weight grad, bias grad)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
+                groups = args[8] if func is torch.ops.aten.convolution.default else args[9]
+                self.seen.append(groups)
+                if func is torch.ops.aten.convolution_backward.default:
+                    self.masks.append(tuple(args[10]))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    m = STUNet(1, 3, size="small", strides=STRIDES, enable_deep_supervision=False)
+    apply_peft(m, "conv_adapter")
+    m.double()
+    ref = copy.deepcopy(m)
+    set_conv_adapter_impl(ref, "conv")
+    x = torch.randn(1, 1, 16, 16, 16, dtype=torch.float64)
+    with Groups() as mode:
+        out = m(x)
+        out.square().mean().backward()
+    assert mode.seen and max(mode.seen) == 1  # every convolution that ran (forward and backward) is dense
+    # the backbone is frozen: every convolution's backward computes the input gradient only (no weight or
+    # bias gradient); the two that read the image (first block's conv1 and 1x1 shortcut) get no backward, nor
+    # the deep-supervision heads whose outputs are not returned
+    assert mode.masks and all(tuple(m) == (True, False, False) for m in mode.masks)
+    assert len(mode.seen) - len(mode.masks) == len(mode.masks) + 2 + (len(m.seg_outputs) - 1)
+    ref(x).square().mean().backward()
+    assert torch.allclose(out, ref(x), rtol=1e-10, atol=1e-12)
+    for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12), n
+    with pytest.raises(ValueError, match="impl"):
+        set_conv_adapter_impl(m, "fast")

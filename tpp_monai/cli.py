@@ -66,11 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-pickle", action="store_true",
                    help="use checkpoints that a weights-only load refuses (pickled objects); trusted files only")
     from tpp_monai.cli_workflow import WORKFLOW_COMMANDS, add_workflow_commands, run_workflow_command
+    from tpp_monai.peft.hf_interop import add_peft_commands
 
     add_workflow_commands(sub)
+    add_peft_commands(sub)  # export-peft / import-peft
     args, rest = parser.parse_known_args(argv)
     if args.command in WORKFLOW_COMMANDS:
         return run_workflow_command(args, rest)
+    if getattr(args, "run", None):  # sub-commands with their own handler take no extra arguments
+        return args.run(parser.parse_args(argv))
     if args.command == "nnunet-trainer-path":
         from tpp_monai.nnunet import trainer_path
 
