@@ -28,12 +28,15 @@ wrap it): 3D DINO (``dino3d``, features pooled from the bottleneck and every dec
 trained) on patches from nnU-Net's training loader of the fold. Paper recipe: AdamW, DINO batch 64 (of patches:
 ``accumulation = ceil(64 / (nnU-Net batch x tpp_views_per_patch))`` micro-batches per optimiser step), lr
 ``1e-4 x batch / 256`` with linear warm-up over 10 epochs then cosine to 0, weight decay cosine 0.04 -> 0.4
-(:mod:`tpp_monai.engines.schedules`), gradient clipping 3.0 (DINO). An epoch is one pass over the fold's
-training cases (``ceil(cases / 64)`` optimiser steps), as an epoch over the training images in the paper;
-``tpp_epochs`` = 100 (DINO's default; the paper gives no epoch count for DINO). Mixed precision as nnU-Net trains
-(autocast + GradScaler on CUDA, plain fp32 on CPU). The target parameters are saved atomically to
-``<output_folder>/tpp_target_params.pt`` and the nnU-Net checkpoints record the stage in
-``init_args["tpp_stage"]``, so ``--c`` never redoes it.
+(:mod:`tpp_monai.engines.schedules`), gradient clipping 3.0 (DINO). A TPP epoch is nnU-Net's epoch,
+``tpp_iterations_per_epoch`` = 250 optimiser steps; ``tpp_epochs`` = 100 (DINO's default; the paper gives no
+epoch count for DINO): 25,000 steps, sum of lr 0.31 (one pass over the cases per epoch gave ~200 steps on LiTS,
+sum 0.0025: a no-op; ``docs/stunet_tpp.md``). Mixed precision as nnU-Net trains (autocast + GradScaler on CUDA,
+plain fp32 on CPU). The EMA teacher's target parameters (DINO's and the 2D stage's hand-over) are saved
+atomically to ``<output_folder>/tpp_target_params.pt`` and put into the network fine-tuning trains; the learning
+report goes to ``tpp_report.json`` (:mod:`tpp_monai.engines.tpp_report`). Every TPP epoch the stage writes
+``tpp_resume.pt`` (the 2D resume format + network weights and every RNG state), which ``--c`` continues; the
+nnU-Net checkpoints record the finished stage in ``init_args["tpp_stage"]``, so ``--c`` never redoes it.
 
 **What fine-tuning trains.** Default: adapters + ``seg_outputs``. The paper does not say; its segmentation
 Ratios (Table 1: 2-6%, i.e. the PEFT parameters plus a light task decoder) imply that PEFT fine-tuning trains
