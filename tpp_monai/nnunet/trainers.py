@@ -261,8 +261,9 @@ class _TPPStage:
     tpp_features: str = "decoder"
     tpp_head: dict = {"out_dim": 4096, "hidden_dim": 1024, "bottleneck_dim": 256}
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # nnU-Net records these names: same signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
         install_continue_hook()  # before nnU-Net's run_training calls maybe_load_checkpoint
 
     def on_train_start(self):
