@@ -166,7 +166,7 @@ def test_plan_train_tpp_predict(demo_raw, nnunet_fold, tmp_path):
                   r"batch (\d+) = (\d+) x (\d+), lr (\S+) \(warm-up (\d+) steps\), wd 0.04 -> 0.4, AMP False", log)
     assert m, log[-3000:]
     cases, per_epoch, batch, accum, micro, lr, warm = m.groups()
-    assert int(batch) == int(accum) * int(micro) >= 4 and int(per_epoch) == 2  # _debug: 2 steps per TPP epoch
+    assert int(batch) == int(accum) * int(micro) >= 4 and int(per_epoch) == 1  # _debug: 1 step per TPP epoch
     assert float(lr) == pytest.approx(1e-4 * int(batch) / 256, rel=1e-2) and int(warm) == int(per_epoch)
     steps = 2 * int(per_epoch)
     assert f"TPP iteration {steps}/{steps}" in log
@@ -319,10 +319,10 @@ sys.exit(run_training_entry())
 
 @pytest.mark.slow
 def test_tpp_stage_resumes_with_c(nnunet_fold, tmp_path):
-    """Killed during the nnU-Net TPP stage (step 3 of 4, last resume save at 2), ``--c`` continues it from the
+    """Killed during the nnU-Net TPP stage (step 2 of 2, last resume save at 1), ``--c`` continues it from the
     resume file and ends equal to an uninterrupted run. Bound: exact. The resumed process restores the network,
     target parameters, DINO head/teacher/centre, optimiser and every RNG (torch, numpy, python; the loader is
-    nnU-Net's single-threaded one, nnUNet_n_proc_DA=0), so steps 3-4 run the same float32 operations on the same
+    nnU-Net's single-threaded one, nnUNet_n_proc_DA=0), so step 2 runs the same float32 operations on the same
     values in the same order at the same thread count (OMP_NUM_THREADS=1): there is no rounding to differ."""
     from tpp_monai.engines.tpp_report import read_report
 
@@ -338,21 +338,21 @@ def test_tpp_stage_resumes_with_c(nnunet_fold, tmp_path):
     seeded = [sys.executable, "-c", _SEEDED_TRAIN, *args, "-pretrained_weights", str(nnunet_fold["ck"])]
     ref = run(seeded, tmp_path / "ref")
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
-    killed = run(seeded, tmp_path / "run", TPP_TEST_KILL_AT="3")
+    killed = run(seeded, tmp_path / "run", TPP_TEST_KILL_AT="2")
     assert killed.returncode == -9, killed.stdout[-3000:] + killed.stderr[-3000:]
     out = tmp_path / "run" / fold
     assert not (out / "tpp_target_params.pt").exists()
-    assert torch.load(out / "tpp_resume.pt", weights_only=True)["iteration"] == 2
+    assert torch.load(out / "tpp_resume.pt", weights_only=True)["iteration"] == 1
     # nnU-Net's own --c (through tpp-monai nnunet-train, no seeding, no pre-trained weights: --c refuses them)
     resumed = run([sys.executable, "-m", "tpp_monai.cli", "nnunet-train", *args, "--c"], tmp_path / "run")
     log = resumed.stdout
     assert resumed.returncode == 0, log[-3000:] + resumed.stderr[-3000:]
-    assert f"resuming the TPP stage from {out / 'tpp_resume.pt'} at iteration 2 of 4" in log
-    assert "TPP iteration 4/4" in log and "TPP iteration 1/4" not in log
+    assert f"resuming the TPP stage from {out / 'tpp_resume.pt'} at iteration 1 of 2" in log
+    assert "TPP iteration 2/2" in log and "TPP iteration 1/2" not in log
     a = torch.load(tmp_path / "ref" / fold / "tpp_target_params.pt", weights_only=True)["state_dict"]
     b = torch.load(out / "tpp_target_params.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = read_report(tmp_path / "ref" / fold / "tpp_report.json"), read_report(out / "tpp_report.json")
-    assert rb["complete"] and rb["steps"] == 4 and rb["first_step"] == 1
+    assert rb["complete"] and rb["steps"] == 2 and rb["first_step"] == 1
     assert (rb["loss_start"], rb["loss_end"], rb["lr_sum"], rb["targets"]) == (
         ra["loss_start"], ra["loss_end"], ra["lr_sum"], ra["targets"])

@@ -499,7 +499,7 @@ class nnUNetTrainer_STUNet_TPPonly_ConvAdapter(_TPPStage, nnUNetTrainer_STUNet_C
 
 
 class _Debug:
-    """Tiny budgets: small STU-Net, 1 epoch of 2 iterations, 1 validation iteration, TPP 2 epochs of 2 steps of
+    """Tiny budgets: small STU-Net, 1 epoch of 2 iterations, 1 validation iteration, TPP 2 epochs of 1 step of
     batch 4 (accumulated), 1 local crop, half-size crops, no mirroring."""
 
     stunet_size = "small"
@@ -508,7 +508,7 @@ class _Debug:
     default_val_iters = 1
     tpp_batch_size = 4
     tpp_epochs = 2
-    tpp_iterations_per_epoch = 2
+    tpp_iterations_per_epoch = 1
     tpp_warmup_epochs = 1
     tpp_n_local_crops = 1
     tpp_head = {"out_dim": 256, "hidden_dim": 128, "bottleneck_dim": 64}
