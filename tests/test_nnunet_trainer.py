@@ -296,21 +296,19 @@ def test_label_app_serves_the_trained_fold_3d(demo_raw, nnunet_fold, tmp_path):
     assert bad.status_code == 400 and "3D volume" in bad.json()["detail"], bad.text
 
 
-# nnU-Net's own entry point (what nnUNetv2_train runs) in a process seeded at start, so two runs are the same run;
-# TPP_TEST_KILL_AT=k SIGKILLs the process right after TPP optimiser step k (a crash between two resume saves)
-_SEEDED_TRAIN = """
-import os, random, signal, sys
-import numpy, torch
-torch.manual_seed(0); numpy.random.seed(0); random.seed(0)
-kill = int(os.environ.get("TPP_TEST_KILL_AT", "0"))
-if kill:
-    from tpp_monai.pretext import dino
-    after = dino.DINOPretext.after_step
-    def after_step(self, step, total):
-        after(self, step, total)
-        if step + 1 == kill:
-            os.kill(os.getpid(), signal.SIGKILL)
-    dino.DINOPretext.after_step = after_step
+# nnU-Net's own entry point (what nnUNetv2_train runs); after TPP optimiser step TPP_TEST_SNAPSHOT_AT the fold folder
+# is copied to TPP_TEST_SNAPSHOT_TO: what a kill at that point leaves on disk (the last resume save, atomic, and the
+# logs; no target file yet), while this run goes on uninterrupted to be the reference
+_SNAPSHOT_TRAIN = """
+import os, shutil, sys
+at, src, dest = int(os.environ["TPP_TEST_SNAPSHOT_AT"]), os.environ["TPP_TEST_FOLD"], os.environ["TPP_TEST_SNAPSHOT_TO"]
+from tpp_monai.pretext import dino
+after = dino.DINOPretext.after_step
+def after_step(self, step, total):
+    after(self, step, total)
+    if step + 1 == at:
+        shutil.copytree(src, dest)
+dino.DINOPretext.after_step = after_step
 from nnunetv2.run.run_training import run_training_entry
 sys.argv = ["nnUNetv2_train", *sys.argv[1:]]
 sys.exit(run_training_entry())
@@ -319,8 +317,8 @@ sys.exit(run_training_entry())
 
 @pytest.mark.slow
 def test_tpp_stage_resumes_with_c(nnunet_fold, tmp_path):
-    """Killed during the nnU-Net TPP stage (step 2 of 2, last resume save at 1), ``--c`` continues it from the
-    resume file and ends equal to an uninterrupted run. Bound: exact. The resumed process restores the network,
+    """Killed during the nnU-Net TPP stage (in step 2 of 2, last resume save at 1), ``--c`` continues it from the
+    resume file and ends equal to the uninterrupted run. Bound: exact. The resumed process restores the network,
     target parameters, DINO head/teacher/centre, optimiser and every RNG (torch, numpy, python; the loader is
     nnU-Net's single-threaded one, nnUNet_n_proc_DA=0), so step 2 runs the same float32 operations on the same
     values in the same order at the same thread count (OMP_NUM_THREADS=1): there is no rounding to differ."""
@@ -330,29 +328,27 @@ def test_tpp_stage_resumes_with_c(nnunet_fold, tmp_path):
     env = {**nnunet_fold["env"], "nnUNet_n_proc_DA": "0", "nnUNet_extTrainer": str(REPO / "tpp_monai" / "nnunet")}
     args = ["990", "3d_fullres", "0", "-tr", tpp_tr, "-device", "cpu"]
     fold = f"Dataset990_DemoLungCT/{tpp_tr}__nnUNetPlans__3d_fullres/fold_0"
+    ref, out = tmp_path / "ref" / fold, tmp_path / "killed" / fold
 
     def run(cmd, results, **extra):
         return subprocess.run(cmd, env={**env, "nnUNet_results": str(results), **extra}, capture_output=True,
-                              text=True, cwd=REPO, timeout=900)
+                              text=True, cwd=REPO, timeout=1800)
 
-    seeded = [sys.executable, "-c", _SEEDED_TRAIN, *args, "-pretrained_weights", str(nnunet_fold["ck"])]
-    ref = run(seeded, tmp_path / "ref")
-    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
-    killed = run(seeded, tmp_path / "run", TPP_TEST_KILL_AT="2")
-    assert killed.returncode == -9, killed.stdout[-3000:] + killed.stderr[-3000:]
-    out = tmp_path / "run" / fold
+    full = run([sys.executable, "-c", _SNAPSHOT_TRAIN, *args, "-pretrained_weights", str(nnunet_fold["ck"])],
+               tmp_path / "ref", TPP_TEST_SNAPSHOT_AT="2", TPP_TEST_FOLD=str(ref), TPP_TEST_SNAPSHOT_TO=str(out))
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
     assert not (out / "tpp_target_params.pt").exists()
     assert torch.load(out / "tpp_resume.pt", weights_only=True)["iteration"] == 1
-    # nnU-Net's own --c (through tpp-monai nnunet-train, no seeding, no pre-trained weights: --c refuses them)
-    resumed = run([sys.executable, "-m", "tpp_monai.cli", "nnunet-train", *args, "--c"], tmp_path / "run")
+    # nnU-Net's own --c (through tpp-monai nnunet-train; no pre-trained weights: --c refuses them)
+    resumed = run([sys.executable, "-m", "tpp_monai.cli", "nnunet-train", *args, "--c"], tmp_path / "killed")
     log = resumed.stdout
     assert resumed.returncode == 0, log[-3000:] + resumed.stderr[-3000:]
     assert f"resuming the TPP stage from {out / 'tpp_resume.pt'} at iteration 1 of 2" in log
     assert "TPP iteration 2/2" in log and "TPP iteration 1/2" not in log
-    a = torch.load(tmp_path / "ref" / fold / "tpp_target_params.pt", weights_only=True)["state_dict"]
+    a = torch.load(ref / "tpp_target_params.pt", weights_only=True)["state_dict"]
     b = torch.load(out / "tpp_target_params.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ra, rb = read_report(tmp_path / "ref" / fold / "tpp_report.json"), read_report(out / "tpp_report.json")
+    ra, rb = read_report(ref / "tpp_report.json"), read_report(out / "tpp_report.json")
     assert rb["complete"] and rb["steps"] == 2 and rb["first_step"] == 1
     assert (rb["loss_start"], rb["loss_end"], rb["lr_sum"], rb["targets"]) == (
         ra["loss_start"], ra["loss_end"], ra["lr_sum"], ra["targets"])
