@@ -196,7 +196,8 @@ def test_pipeline_tpp_train_evaluate_inference(bundle, maker, tmp_path, capsys):
     from tpp_monai.engines.tpp_report import read_report
 
     report = read_report(Path(tpp_ckpt).parent / "tpp_report.json")  # the TPP learning report, next to the file
-    assert report["steps"] == 2 and report["pretext"] == "mae" and not report["learned"]  # 2 steps: inert
+    assert report["steps"] == report["total_steps"] == 2 and report["pretext"] == "mae" and report["complete"]
+    assert report["targets"] and all(k.startswith("adapter.") for k in report["targets"])
     saved = read_target_checkpoint(tpp_ckpt)["state_dict"]
     assert saved and all("peft_" in k for k in saved)
     # stage 3 loads exactly those values into the network (before training)

@@ -140,25 +140,61 @@ def install_continue_hook() -> None:
     rt.maybe_load_checkpoint = maybe_load_checkpoint
 
 
-def rng_states(device: torch.device) -> dict:
-    """numpy / Python / CUDA RNG states (torch's CPU state is the resume file's ``rng``), storable weights-only."""
+def _np_state(state: tuple) -> dict:
     import numpy as np
 
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    out = {"numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                     "has_gauss": int(has_gauss), "gauss": float(gauss)},
-           "python": random.getstate()}
+    kind, keys, pos, has_gauss, gauss = state
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _np_tuple(n: dict) -> tuple:
+    import numpy as np
+
+    return n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]
+
+
+def _monai_randomizables(task: nn.Module) -> list:
+    """The MONAI random transforms held by ``task``'s modules (each owns a numpy RandomState, ``.R``), in order."""
+    from monai.transforms import Compose, Randomizable
+
+    out = []
+
+    def add(t) -> None:
+        if isinstance(t, Randomizable):
+            out.append(t)
+        for sub in (t.transforms if isinstance(t, Compose) else ()):
+            add(sub)
+
+    for m in task.modules():
+        for v in vars(m).values():
+            add(v)
+    return out
+
+
+def rng_states(device: torch.device, task: nn.Module) -> dict:
+    """numpy / Python / CUDA RNG states and those of the task's MONAI random transforms (torch's CPU state is the
+    resume file's ``rng``), storable weights-only."""
+    import numpy as np
+
+    out = {"numpy": _np_state(np.random.get_state()), "python": random.getstate(),
+           "monai": [_np_state(t.R.get_state()) for t in _monai_randomizables(task)]}
     if device.type == "cuda":
         out["cuda"] = torch.cuda.get_rng_state(device)
     return out
 
 
-def set_rng_states(state: dict, device: torch.device) -> None:
+def set_rng_states(state: dict, device: torch.device, task: nn.Module) -> None:
     import numpy as np
 
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(_np_tuple(state["numpy"]))
     random.setstate(state["python"])
+    transforms = _monai_randomizables(task)
+    if len(transforms) != len(state.get("monai", [])):
+        raise CheckpointMismatch(f"the resume state holds {len(state.get('monai', []))} MONAI transform RNG states, this "
+                                 f"task has {len(transforms)}; resume with the same tpp-monai version and settings")
+    for t, n in zip(transforms, state["monai"]):
+        t.R.set_state(_np_tuple(n))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
@@ -460,7 +496,7 @@ class _TPPStage:
             return
         state = resume_state(
             task, opt, schedule, iteration=iteration, epoch=iteration // plan["steps_per_epoch"],
-            max_epochs=self.tpp_epochs, data={"loader": "nnunet", "rng": rng_states(self.device)}, settings=settings,
+            max_epochs=self.tpp_epochs, data={"loader": "nnunet", "rng": rng_states(self.device, task)}, settings=settings,
             report=report.state_dict(), network_weights={k: v.detach().cpu() for k, v in net.state_dict().items()},
             grad_scaler=scaler.state_dict() if scaler is not None else None)
         atomic_save(state, resume_path)
@@ -478,7 +514,7 @@ class _TPPStage:
         report.load_state_dict(obj.get("report"), it)
         task.set_schedule_position(it, settings["plan"]["steps"])
         torch.set_rng_state(obj["rng"])
-        set_rng_states(obj["data"]["rng"], self.device)
+        set_rng_states(obj["data"]["rng"], self.device, task)
         self.print_to_log_file(f"resuming the TPP stage from {resume_path} at iteration {it} of "
                                f"{settings['plan']['steps']} (--c); without --c it starts over")
         return it
