@@ -193,6 +193,11 @@ def test_pipeline_tpp_train_evaluate_inference(bundle, maker, tmp_path, capsys):
     # stage 2: TPP (MAE), 2 iterations
     run_stage(bundle, "tpp_pretrain.json", **over, tpp_epochs=1, tpp_epoch_length=2, tpp_batch_size=4)
     assert Path(tpp_ckpt).is_file()
+    from tpp_monai.engines.tpp_report import read_report
+
+    report = read_report(Path(tpp_ckpt).parent / "tpp_report.json")  # the TPP learning report, next to the file
+    assert report["steps"] == report["total_steps"] == 2 and report["pretext"] == "mae" and report["complete"]
+    assert report["targets"] and all(k.startswith("adapter.") for k in report["targets"])
     saved = read_target_checkpoint(tpp_ckpt)["state_dict"]
     assert saved and all("peft_" in k for k in saved)
     # stage 3 loads exactly those values into the network (before training)

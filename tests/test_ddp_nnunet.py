@@ -30,6 +30,7 @@ def _trainer(out: str, rank: int, batch_size: int):
         """What ``run_tpp_stage`` reads from an nnU-Net trainer, nothing more."""
 
         tpp_batch_size, tpp_epochs, tpp_warmup_epochs, tpp_n_local_crops = 4, 1, 0, 1
+        tpp_iterations_per_epoch = 2
         tpp_lr_per_256 = 1.0  # lr 0.016: two steps move the target parameters visibly
         tpp_head = {"out_dim": 16, "hidden_dim": 16, "bottleneck_dim": 8}
 

@@ -230,6 +230,7 @@ def test_train_round_trip_stats_and_reinfer(server, trained):
     assert meta["trained"] and meta["version"] == 1 and meta["tpp"] and meta["pretext"] == "mae"
     assert meta["num_images"] == N_IMAGES and meta["num_labelled"] == N_LABELLED, details
     assert meta["num_val"] > 0 and meta["num_train"] + meta["num_val"] == N_LABELLED  # val_split 0.2: 5 + 1
+    assert "TPP report: loss" in server["log"].read_text()  # the TPP learning report's line in the train log
 
     # train_stats as MONAI Label's BasicTrainTask writes them (what 3D Slicer shows), plus ours
     stats = requests.get(f"{server['url']}/info/", timeout=HTTP_TIMEOUT).json()["train_stats"]["tpp_seg"]

@@ -66,7 +66,8 @@ def _paper_lr(i, total, peak, warm):
 
 @pytest.mark.parametrize("nnunet_batch,cases", [(2, 105), (2, 5), (3, 210)])
 def test_tpp_recipe_is_the_papers(nnunet_batch, cases):
-    """3D DINO: batch 64 patches (accumulated), lr 1e-4 x batch / 256, warm-up 10 epochs, wd cosine 0.04 -> 0.4."""
+    """3D DINO: batch 64 patches (accumulated), lr 1e-4 x batch / 256, warm-up 10 epochs, wd cosine 0.04 -> 0.4;
+    a TPP epoch is nnU-Net's 250 iterations (optimiser steps), whatever the number of cases."""
     from tpp_monai.nnunet.trainers import nnUNetTrainer_STUNet_TPP_ConvAdapter as Tr
 
     tr = object.__new__(Tr)  # the recipe needs no data: skip nnU-Net's __init__
@@ -74,8 +75,8 @@ def test_tpp_recipe_is_the_papers(nnunet_batch, cases):
     plan = tr.tpp_plan(cases)
     accum = math.ceil(64 / nnunet_batch)
     assert plan["accumulation"] == accum and plan["batch"] == accum * nnunet_batch >= 64
-    per_epoch = math.ceil(cases / plan["batch"])
-    assert plan["steps_per_epoch"] == per_epoch and plan["steps"] == 100 * per_epoch
+    per_epoch = 250
+    assert plan["steps_per_epoch"] == per_epoch and plan["steps"] == 100 * per_epoch == 25000
     assert plan["warmup_steps"] == 10 * per_epoch
     peak = 1e-4 * plan["batch"] / 256
     assert plan["lr"] == pytest.approx(peak)
@@ -152,7 +153,7 @@ def nnunet_fold(demo_raw, tmp_path_factory):
          "-o", str(pred), "-d", "990", "-c", "3d_fullres", "-f", "0", "-tr", tr, "-device", "cpu", "--disable_tta",
          "-npp", "1", "-nps", "1"], nnUNet_n_proc_DA="0")
     return {"tr": tr, "tpp_tr": tpp_tr, "out": out, "tpp_out": tpp_out, "tpp_log": tpp_log, "ft_log": ft_log,
-            "tpp_only": tpp_only, "tpp_ckpts_after_tpp": tpp_ckpts, "pre": pre, "pred": pred}
+            "tpp_only": tpp_only, "tpp_ckpts_after_tpp": tpp_ckpts, "pre": pre, "pred": pred, "env": env, "ck": ck}
 
 
 @pytest.mark.slow
@@ -165,7 +166,7 @@ def test_plan_train_tpp_predict(demo_raw, nnunet_fold, tmp_path):
                   r"batch (\d+) = (\d+) x (\d+), lr (\S+) \(warm-up (\d+) steps\), wd 0.04 -> 0.4, AMP False", log)
     assert m, log[-3000:]
     cases, per_epoch, batch, accum, micro, lr, warm = m.groups()
-    assert int(batch) == int(accum) * int(micro) >= 4 and int(per_epoch) == math.ceil(int(cases) / int(batch))
+    assert int(batch) == int(accum) * int(micro) >= 4 and int(per_epoch) == 1  # _debug: 1 step per TPP epoch
     assert float(lr) == pytest.approx(1e-4 * int(batch) / 256, rel=1e-2) and int(warm) == int(per_epoch)
     steps = 2 * int(per_epoch)
     assert f"TPP iteration {steps}/{steps}" in log
@@ -178,6 +179,21 @@ def test_plan_train_tpp_predict(demo_raw, nnunet_fold, tmp_path):
     assert any(k.startswith("conv_blocks_localization") for k in tpp_only["state_dict"])
     alphas = {k: v for k, v in tpp_only["state_dict"].items() if k.endswith("alpha")}
     assert len(alphas) == len(init.residual_blocks()) and all(not torch.equal(v, torch.ones_like(v)) for v in alphas.values())
+    # the learning report next to the file: budget (steps, sum of lr) and the Conv-Adapters' relative change
+    from tpp_monai.engines.tpp_report import read_report
+    from tpp_monai.engines.schedules import WarmupCosineSchedule
+
+    rep = read_report(tpp_out / "tpp_report.json")
+    assert rep["path"] == "nnunet" and rep["pretext"] == "dino3d" and rep["handover"] == "teacher"
+    assert rep["steps"] == rep["total_steps"] == steps and rep["warmup_steps"] == int(warm)
+    lrs = WarmupCosineSchedule(lr=tpp_only["meta"]["plan"]["lr"], total_steps=steps, warmup_steps=int(warm))
+    assert rep["lr_sum"] == pytest.approx(sum(lrs.lr_at(i) for i in range(steps)), rel=1e-12)
+    assert {"conv_adapter.down.weight", "conv_adapter.up.weight", "conv_adapter.alpha"} <= set(rep["targets"])
+    assert all(v["rel_change"] > 0 for v in rep["targets"].values())
+    assert not rep["learned"] and "too few steps" in rep["warnings"][0]  # _debug: 4 steps, honestly reported
+    assert "TPP report: loss" in log
+    print("nnU-Net _debug TPP report:", {k: rep[k] for k in ("steps", "lr_sum", "loss_start", "loss_end")},
+          {k: round(v["rel_change"], 6) for k, v in rep["targets"].items()})
     # fine-tuning variant: its own results folder; reuses the TPP-only twin's file instead of redoing TPP
     log = f["ft_log"]
     assert "loaded" in log and "skipped 10 (seg_outputs)" in log
@@ -278,3 +294,62 @@ def test_label_app_serves_the_trained_fold_3d(demo_raw, nnunet_fold, tmp_path):
     assert js["model"] == "stunet3d" and js["shape"] == list(b.shape) and js["label_names"] == {"lung": 1, "tumour": 2}
     assert js["folds"] == [0] and js["classes_present"] == sorted(int(v) for v in np.unique(b))
     assert bad.status_code == 400 and "3D volume" in bad.json()["detail"], bad.text
+
+
+# nnU-Net's own entry point (what nnUNetv2_train runs); after TPP optimiser step TPP_TEST_SNAPSHOT_AT the fold folder
+# is copied to TPP_TEST_SNAPSHOT_TO: what a kill at that point leaves on disk (the last resume save, atomic, and the
+# logs; no target file yet), while this run goes on uninterrupted to be the reference
+_SNAPSHOT_TRAIN = """
+import os, shutil, sys
+at, src, dest = int(os.environ["TPP_TEST_SNAPSHOT_AT"]), os.environ["TPP_TEST_FOLD"], os.environ["TPP_TEST_SNAPSHOT_TO"]
+from tpp_monai.pretext import dino
+after = dino.DINOPretext.after_step
+def after_step(self, step, total):
+    after(self, step, total)
+    if step + 1 == at:
+        shutil.copytree(src, dest)
+dino.DINOPretext.after_step = after_step
+from nnunetv2.run.run_training import run_training_entry
+sys.argv = ["nnUNetv2_train", *sys.argv[1:]]
+sys.exit(run_training_entry())
+"""
+
+
+@pytest.mark.slow
+def test_tpp_stage_resumes_with_c(nnunet_fold, tmp_path):
+    """Killed during the nnU-Net TPP stage (in step 2 of 2, last resume save at 1), ``--c`` continues it from the
+    resume file (only step 2 runs) and ends equal to the uninterrupted run. Bound: exact. The resumed process
+    restores the network, target parameters, DINO head/teacher/centre, optimiser and every RNG (torch, numpy,
+    python, the MONAI transforms' own RandomStates; nnU-Net's single-threaded loader, nnUNet_n_proc_DA=0), so step 2
+    runs the same float32 operations on the same values in the same order at the same thread count: there is no
+    rounding to differ (measured: 0.0; without the MONAI transform states: 6e-8 and a step-2 loss off by 0.07%)."""
+    from tpp_monai.engines.tpp_report import read_report
+
+    tpp_tr = nnunet_fold["tpp_tr"]
+    env = {**nnunet_fold["env"], "nnUNet_n_proc_DA": "0", "nnUNet_extTrainer": str(REPO / "tpp_monai" / "nnunet")}
+    args = ["990", "3d_fullres", "0", "-tr", tpp_tr, "-device", "cpu"]
+    fold = f"Dataset990_DemoLungCT/{tpp_tr}__nnUNetPlans__3d_fullres/fold_0"
+    ref, out = tmp_path / "ref" / fold, tmp_path / "killed" / fold
+
+    def run(cmd, results, **extra):
+        return subprocess.run(cmd, env={**env, "nnUNet_results": str(results), **extra}, capture_output=True,
+                              text=True, cwd=REPO, timeout=1800)
+
+    full = run([sys.executable, "-c", _SNAPSHOT_TRAIN, *args, "-pretrained_weights", str(nnunet_fold["ck"])],
+               tmp_path / "ref", TPP_TEST_SNAPSHOT_AT="2", TPP_TEST_FOLD=str(ref), TPP_TEST_SNAPSHOT_TO=str(out))
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    assert not (out / "tpp_target_params.pt").exists()
+    assert torch.load(out / "tpp_resume.pt", weights_only=True)["iteration"] == 1
+    # nnU-Net's own --c (through tpp-monai nnunet-train; no pre-trained weights: --c refuses them)
+    resumed = run([sys.executable, "-m", "tpp_monai.cli", "nnunet-train", *args, "--c"], tmp_path / "killed")
+    log = resumed.stdout
+    assert resumed.returncode == 0, log[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming the TPP stage from {out / 'tpp_resume.pt'} at iteration 1 of 2" in log
+    assert "TPP iteration 2/2" in log and "TPP iteration 1/2" not in log
+    a = torch.load(ref / "tpp_target_params.pt", weights_only=True)["state_dict"]
+    b = torch.load(out / "tpp_target_params.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = read_report(ref / "tpp_report.json"), read_report(out / "tpp_report.json")
+    assert rb["complete"] and rb["steps"] == 2 and rb["first_step"] == 1  # the report covers the whole run
+    assert (rb["loss_start"], rb["loss_end"], rb["lr_sum"], rb["targets"]) == (
+        ra["loss_start"], ra["loss_end"], ra["lr_sum"], ra["targets"])

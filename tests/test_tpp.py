@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import pytest
 from conftest import run_interrupted
@@ -11,6 +12,7 @@ import torch
 from tpp_monai.backbones.vit import build_vit
 from tpp_monai.checkpoint import CheckpointMismatch, read_target_checkpoint
 from tpp_monai.engines.optim import WarmupCosineSchedule, build_optimizer
+from tpp_monai.engines.tpp_report import TPPLearningWarning, read_report
 from tpp_monai.engines.tpp_trainer import TPPTrainer
 from tpp_monai.peft import apply_peft, methods_for, target_state_dict
 from tpp_monai.pretext.dino import DINOPretext, cosine_momentum
@@ -289,9 +291,24 @@ def test_tpp_run_on_real_images_lowers_loss_and_hands_over(pretext, real_patches
     ratio, (n_first, n_last) = run.pop("ratio"), run.pop("windows")
     vit = tiny_vit()
     rec = LossRecorder()
-    ckpt = tpp_pretrain(vit, "adapter", pretext, real_patches, peft_config={"bottleneck": 16}, batch_size=16,
-                        output_dir=tmp_path, tensorboard=False, handlers=[rec], **run)
+    # MAE learns: no "TPP barely learned" warning. DINO here holds its teacher fixed (momentum 1), and the report
+    # measures the handed-over teacher: it did not move, and the report says so.
+    expect = pytest.warns(TPPLearningWarning, match="barely moved") if pretext == "dino" else warnings.catch_warnings()
+    with expect:
+        if pretext != "dino":
+            warnings.simplefilter("error", TPPLearningWarning)
+        ckpt = tpp_pretrain(vit, "adapter", pretext, real_patches, peft_config={"bottleneck": 16}, batch_size=16,
+                            output_dir=tmp_path, tensorboard=False, handlers=[rec], **run)
     assert len(rec.losses) == 2 * run["epochs"]
+    report = read_report(tmp_path / "tpp_report.json")
+    w = report["window"]
+    assert w == round(0.1 * len(rec.losses)) and report["steps"] == len(rec.losses)
+    assert report["loss_start"] == pytest.approx(sum(rec.losses[:w]) / w, rel=1e-12)
+    assert report["loss_end"] == pytest.approx(sum(rec.losses[-w:]) / w, rel=1e-12)
+    if pretext == "dino":
+        assert report["handover"] == "teacher" and report["moved"] == 0.0 and not report["learned"]
+    else:
+        assert report["handover"] == "trained" and report["learned"] and report["moved"] >= 0.01
     first, last = sum(rec.losses[:n_first]) / n_first, sum(rec.losses[-n_last:]) / n_last
     print(f"{pretext} TPP loss on real patches: first {n_first} {first:.4f}, last {n_last} {last:.4f}")
     assert last < ratio * first

@@ -35,6 +35,7 @@ from tpp_monai.data.fingerprint import dataset_fingerprint
 from tpp_monai.engines.amp import autocast, grad_scaler, resolve_amp
 from tpp_monai.engines.distributed import barrier, is_main_process, mean_over_ranks, wrap_ddp
 from tpp_monai.engines.resumable_data import ResumableLoader
+from tpp_monai.engines.tpp_report import TPPReport
 from tpp_monai.engines.schedules import WarmupCosineSchedule
 from tpp_monai.peft.api import backbone_difference, backbone_hashes, get_peft, load_target_state_dict, target_state_dict
 from tpp_monai.runlock import OutputLock
@@ -90,25 +91,73 @@ class TargetCheckpointHandler:
                 "pretext_config": task.config() if hasattr(task, "config") else {}}
         handover = task.handover_backbone() if hasattr(task, "handover_backbone") else backbone  # DINO: teacher
         save_target_checkpoint(self.target_path, handover, meta=meta)
-        fingerprint, digests = backbone_hashes(backbone)
-        state = {
-            "format": RESUME_FORMAT,
-            "iteration": it,
-            "epoch": it // engine.state.epoch_length if engine.state.epoch_length else engine.state.epoch,
-            "max_epochs": engine.state.max_epochs,
-            "peft": get_peft(backbone).describe(),
-            "pretext": task.name,
-            "backbone_fingerprint": fingerprint,
-            "backbone_digests": digests,
-            "target_state": target_state_dict(backbone),
-            "head_state": {k: v.detach().cpu() for k, v in task.head_state_dict().items()},
-            "optimizer": engine.optimizer.state_dict(),
-            "schedule": engine.schedule.state_dict(),
-            "rng": torch.get_rng_state(),
-            "data": engine.data_loader.state_dict(),
-            "settings": engine.settings,
-        }
+        state = resume_state(
+            task, engine.optimizer, engine.schedule, iteration=it,
+            epoch=it // engine.state.epoch_length if engine.state.epoch_length else engine.state.epoch,
+            max_epochs=engine.state.max_epochs, data=engine.data_loader.state_dict(), settings=engine.settings,
+            report=engine.report.state_dict())
         atomic_save(state, self.resume_path)
+
+
+def resume_state(task: nn.Module, optimizer: torch.optim.Optimizer, schedule: WarmupCosineSchedule, *, iteration: int,
+                 epoch: int, max_epochs: int, data: Any, settings: Mapping[str, Any], report: dict | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    """The resume file's content (format ``tpp-resume-state``), shared by every TPP loop (this trainer and the
+    nnU-Net TPP stage, which adds its ``extra`` entries: network weights, numpy/python/CUDA RNG, grad scaler)."""
+    backbone = task.backbone
+    fingerprint, digests = backbone_hashes(backbone)
+    return {
+        "format": RESUME_FORMAT,
+        "iteration": int(iteration),
+        "epoch": int(epoch),
+        "max_epochs": int(max_epochs),
+        "peft": get_peft(backbone).describe(),
+        "pretext": task.name,
+        "backbone_fingerprint": fingerprint,
+        "backbone_digests": digests,
+        "target_state": target_state_dict(backbone),
+        "head_state": {k: v.detach().cpu() for k, v in task.head_state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "rng": torch.get_rng_state(),
+        "data": data,
+        "settings": dict(settings),
+        "report": report,
+        **extra,
+    }
+
+
+def read_resume_state(path: str | os.PathLike, task: nn.Module, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Load a resume file and refuse (naming what differs) one of another PEFT, pretext, backbone or settings."""
+    return check_resume_state(load_resume_state(path), path, task, settings)
+
+
+def load_resume_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The resume file's dict (weights-only load); refused if it is no tpp-monai resume state."""
+    obj = safe_load(path)
+    if not isinstance(obj, dict) or obj.get("format") != RESUME_FORMAT:
+        raise CheckpointMismatch(f"{path} is not a tpp-monai resume state")
+    return obj
+
+
+def check_resume_state(obj: dict[str, Any], path: str | os.PathLike, task: nn.Module,
+                       settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Refuse a loaded resume state (:func:`load_resume_state`) of another PEFT, pretext, backbone or settings."""
+    backbone = task.backbone
+    here = get_peft(backbone).describe()
+    if obj["peft"] != here:
+        raise CheckpointMismatch(f"{path}: PEFT {obj['peft']} differs from this run's {here}. {_RESUME_FIX}")
+    if obj["pretext"] != task.name:
+        raise CheckpointMismatch(
+            f"{path}: pretext '{obj['pretext']}' differs from this run's '{task.name}'. {_RESUME_FIX}")
+    if obj["backbone_fingerprint"] != backbone_hashes(backbone)[0]:
+        raise CheckpointMismatch(
+            f"{path} was written with a different backbone; load the same backbone weights as that run. "
+            f"{backbone_difference(obj.get('backbone_digests'), backbone)} {_RESUME_FIX}")
+    diffs = _settings_diff(obj.get("settings"), settings)
+    if diffs:
+        raise CheckpointMismatch(f"{path} was written by a run with other settings ({diffs}). {_RESUME_FIX}")
+    return obj
 
 
 class TPPTrainer(Trainer):
@@ -191,10 +240,17 @@ class TPPTrainer(Trainer):
             self.use_amp = self.amp_dtype is not None
             self.grad_scaler = grad_scaler(self.state.device, self.amp_dtype)
             self.add_event_handler(Events.ITERATION_STARTED, self._apply_schedule)
+            handover = task.handover_backbone() if hasattr(task, "handover_backbone") else task.backbone
+            self.report = TPPReport(  # recorded before the checkpointer saves the iteration, finalised after it
+                handover, pretext=task.name, peft=get_peft(task.backbone).name, total_steps=self.total_steps,
+                warmup_steps=self.schedule.warmup_steps, handover="trained" if handover is task.backbone else "teacher")
+            self.add_event_handler(Events.ITERATION_COMPLETED,
+                                   lambda e: self.report.record(e.state.output["loss"], e.state.output["lr"]))
             self.checkpointer = TargetCheckpointHandler(output_dir, checkpoint_every_iters, checkpoint_every_epochs,
                                                         meta=meta)
             self.checkpointer.attach(self)
             if is_main_process():
+                self.add_event_handler(Events.COMPLETED, lambda e: self.report.finalise(self.checkpointer.target_path.parent, log=_say))
                 self._attach_logging(progress_bar, tensorboard, log_every)
             self._extra_handlers = list(handlers or [])
             for h in self._extra_handlers:
@@ -292,23 +348,8 @@ class TPPTrainer(Trainer):
             if missing_ok:
                 return False
             raise FileNotFoundError(f"No resume state at {path}")
-        obj = safe_load(path)
-        if not isinstance(obj, dict) or obj.get("format") != RESUME_FORMAT:
-            raise CheckpointMismatch(f"{path} is not a tpp-monai resume state")
+        obj = read_resume_state(path, self.task, self.settings)
         backbone = self.task.backbone
-        here = get_peft(backbone).describe()
-        if obj["peft"] != here:
-            raise CheckpointMismatch(f"{path}: PEFT {obj['peft']} differs from this run's {here}. {_RESUME_FIX}")
-        if obj["pretext"] != self.task.name:
-            raise CheckpointMismatch(
-                f"{path}: pretext '{obj['pretext']}' differs from this run's '{self.task.name}'. {_RESUME_FIX}")
-        if obj["backbone_fingerprint"] != backbone_hashes(backbone)[0]:
-            raise CheckpointMismatch(
-                f"{path} was written with a different backbone; load the same backbone weights as that run. "
-                f"{backbone_difference(obj.get('backbone_digests'), backbone)} {_RESUME_FIX}")
-        diffs = _settings_diff(obj.get("settings"), self.settings)
-        if diffs:
-            raise CheckpointMismatch(f"{path} was written by a run with other settings ({diffs}). {_RESUME_FIX}")
         load_target_state_dict(backbone, obj["target_state"])
         self.task.load_head_state_dict(obj["head_state"])
         self.optimizer.load_state_dict(obj["optimizer"])
@@ -321,6 +362,7 @@ class TPPTrainer(Trainer):
         self.checkpointer._last_saved = it
         if hasattr(self.task, "set_schedule_position"):
             self.task.set_schedule_position(it, self.total_steps, int(self.state.epoch_length))
+        self.report.load_state_dict(obj.get("report"), it)
         self._finished = it >= self.total_steps
         for h in self._extra_handlers:  # logs (bundle JsonlLogger): drop what the killed run logged past `it`
             if hasattr(h, "keep_until"):

@@ -435,6 +435,9 @@ def run_tpp_stage(cfg: Seg2DConfig, images: Sequence[str | os.PathLike], output_
         checkpoint_every_epochs=epochs, log_every=10**9, handlers=handlers,
     )
     log(f"TPP done in {time.time() - t0:.1f} s -> {Path(ckpt).name}")
+    from tpp_monai.engines.tpp_report import REPORT_NAME, one_line, read_report
+
+    log(one_line(read_report(Path(ckpt).parent / REPORT_NAME)))  # the learning report, in the train task's log
     return str(ckpt)
 
 

@@ -28,12 +28,15 @@ wrap it): 3D DINO (``dino3d``, features pooled from the bottleneck and every dec
 trained) on patches from nnU-Net's training loader of the fold. Paper recipe: AdamW, DINO batch 64 (of patches:
 ``accumulation = ceil(64 / (nnU-Net batch x tpp_views_per_patch))`` micro-batches per optimiser step), lr
 ``1e-4 x batch / 256`` with linear warm-up over 10 epochs then cosine to 0, weight decay cosine 0.04 -> 0.4
-(:mod:`tpp_monai.engines.schedules`), gradient clipping 3.0 (DINO). An epoch is one pass over the fold's
-training cases (``ceil(cases / 64)`` optimiser steps), as an epoch over the training images in the paper;
-``tpp_epochs`` = 100 (DINO's default; the paper gives no epoch count for DINO). Mixed precision as nnU-Net trains
-(autocast + GradScaler on CUDA, plain fp32 on CPU). The target parameters are saved atomically to
-``<output_folder>/tpp_target_params.pt`` and the nnU-Net checkpoints record the stage in
-``init_args["tpp_stage"]``, so ``--c`` never redoes it.
+(:mod:`tpp_monai.engines.schedules`), gradient clipping 3.0 (DINO). A TPP epoch is nnU-Net's epoch,
+``tpp_iterations_per_epoch`` = 250 optimiser steps; ``tpp_epochs`` = 100 (DINO's default; the paper gives no
+epoch count for DINO): 25,000 steps, sum of lr 0.31 (one pass over the cases per epoch gave ~200 steps on LiTS,
+sum 0.0025: a no-op; ``docs/stunet_tpp.md``). Mixed precision as nnU-Net trains (autocast + GradScaler on CUDA,
+plain fp32 on CPU). The EMA teacher's target parameters (DINO's and the 2D stage's hand-over) are saved
+atomically to ``<output_folder>/tpp_target_params.pt`` and put into the network fine-tuning trains; the learning
+report goes to ``tpp_report.json`` (:mod:`tpp_monai.engines.tpp_report`). Every TPP epoch the stage writes
+``tpp_resume.pt`` (the 2D resume format + network weights and every RNG state), which ``--c`` continues; the
+nnU-Net checkpoints record the finished stage in ``init_args["tpp_stage"]``, so ``--c`` never redoes it.
 
 **What fine-tuning trains.** Default: adapters + ``seg_outputs``. The paper does not say; its segmentation
 Ratios (Table 1: 2-6%, i.e. the PEFT parameters plus a light task decoder) imply that PEFT fine-tuning trains
@@ -57,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import shutil
 import time
 from os.path import isfile, join
@@ -67,15 +71,20 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
 from tpp_monai.backbones.stunet import STUNet, load_stunet_checkpoint
-from tpp_monai.checkpoint import CheckpointMismatch, load_target_checkpoint, read_target_checkpoint, save_target_checkpoint
+from tpp_monai.checkpoint import (
+    CheckpointMismatch, atomic_save, load_target_checkpoint, read_target_checkpoint, save_target_checkpoint,
+)
 from tpp_monai.engines.distributed import accumulation_context, barrier, rank_world, wrap_ddp
 from tpp_monai.engines.optim import build_optimizer
 from tpp_monai.engines.schedules import WarmupCosineSchedule
+from tpp_monai.engines.tpp_report import TPPReport
+from tpp_monai.engines.tpp_trainer import check_resume_state, load_resume_state, resume_state
 from tpp_monai.nnunet import tpp_only_trainer_name
 from tpp_monai.nnunet.safety import TRAIN_OPT_IN, allow_pickle_from_env, load_weights_only, weights_only_loads
-from tpp_monai.peft.api import apply_peft, get_peft, tensors_digest
+from tpp_monai.peft.api import apply_peft, get_peft, load_target_state_dict, target_state_dict, tensors_digest
 
 TPP_FILE = "tpp_target_params.pt"
+TPP_RESUME = "tpp_resume.pt"  # the 2D TPP stage's resume file name and format (tpp_monai.engines.tpp_trainer)
 TPP_RECORD = "tpp_stage"
 DECODER_PREFIXES = ("upsample_layers", "conv_blocks_localization", "seg_outputs")
 
@@ -114,6 +123,82 @@ def install_pretrained_loader() -> None:
 
     load_pretrained_weights._tpp_monai = True
     rt.load_pretrained_weights = load_pretrained_weights
+
+
+def install_continue_hook() -> None:
+    """Let the trainer know whether nnU-Net runs it with ``--c``: nnU-Net's ``maybe_load_checkpoint`` is the one
+    place that sees the flag (``trainer.tpp_continue``, read by the TPP stage to resume ``tpp_resume.pt``). Idempotent."""
+    import nnunetv2.run.run_training as rt
+
+    if getattr(rt.maybe_load_checkpoint, "_tpp_monai", False):
+        return
+    original = rt.maybe_load_checkpoint
+
+    def maybe_load_checkpoint(nnunet_trainer, continue_training, validation_only, pretrained_weights_file=None):
+        nnunet_trainer.tpp_continue = bool(continue_training)
+        return original(nnunet_trainer, continue_training, validation_only, pretrained_weights_file)
+
+    maybe_load_checkpoint._tpp_monai = True
+    rt.maybe_load_checkpoint = maybe_load_checkpoint
+
+
+def _np_state(state: tuple) -> dict:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = state
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _np_tuple(n: dict) -> tuple:
+    import numpy as np
+
+    return n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]
+
+
+def _monai_randomizables(task: nn.Module) -> list:
+    """The MONAI random transforms held by ``task``'s modules (each owns a numpy RandomState, ``.R``), in order."""
+    from monai.transforms import Compose, Randomizable
+
+    out = []
+
+    def add(t) -> None:
+        if isinstance(t, Randomizable):
+            out.append(t)
+        for sub in (t.transforms if isinstance(t, Compose) else ()):
+            add(sub)
+
+    for m in task.modules():
+        for v in vars(m).values():
+            add(v)
+    return out
+
+
+def rng_states(device: torch.device, task: nn.Module) -> dict:
+    """numpy / Python / CUDA RNG states and those of the task's MONAI random transforms (torch's CPU state is the
+    resume file's ``rng``), storable weights-only."""
+    import numpy as np
+
+    out = {"numpy": _np_state(np.random.get_state()), "python": random.getstate(),
+           "monai": [_np_state(t.R.get_state()) for t in _monai_randomizables(task)]}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def set_rng_states(state: dict, device: torch.device, task: nn.Module) -> None:
+    import numpy as np
+
+    np.random.set_state(_np_tuple(state["numpy"]))
+    random.setstate(state["python"])
+    transforms = _monai_randomizables(task)
+    if len(transforms) != len(state.get("monai", [])):
+        raise CheckpointMismatch(f"the resume state holds {len(state.get('monai', []))} MONAI transform RNG states, this "
+                                 f"task has {len(transforms)}; resume with the same tpp-monai version and settings")
+    for t, n in zip(transforms, state["monai"]):
+        t.R.set_state(_np_tuple(n))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def frozen_fingerprint(net: nn.Module) -> str:
@@ -211,7 +296,8 @@ class _TPPStage:
     tpp_only: bool = False
     tpp_batch_size: int = 64  # DINO samples (patches) per optimiser step
     tpp_views_per_patch: int = 1  # independent multi-crop sets drawn from each nnU-Net patch
-    tpp_epochs: int = 100  # passes over the fold's training cases
+    tpp_epochs: int = 100
+    tpp_iterations_per_epoch: int = 250  # optimiser steps per TPP epoch: nnU-Net's num_iterations_per_epoch
     tpp_warmup_epochs: int = 10
     tpp_lr_per_256: float = 1e-4  # lr = tpp_lr_per_256 * effective batch / 256
     tpp_weight_decay: float = 0.04
@@ -220,6 +306,11 @@ class _TPPStage:
     tpp_n_local_crops: int = 4
     tpp_features: str = "decoder"
     tpp_head: dict = {"out_dim": 4096, "hidden_dim": 1024, "bottleneck_dim": 256}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # nnU-Net records these names: same signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        install_continue_hook()  # before nnU-Net's run_training calls maybe_load_checkpoint
 
     def on_train_start(self):
         super().on_train_start()
@@ -250,7 +341,7 @@ class _TPPStage:
         """Everything that defines the TPP stage's result (compared before reusing a file)."""
         return {k: getattr(self, k) for k in (
             "stunet_size", "peft_method", "peft_config", "tpp_batch_size", "tpp_views_per_patch", "tpp_epochs",
-            "tpp_warmup_epochs", "tpp_lr_per_256", "tpp_weight_decay", "tpp_weight_decay_end", "tpp_clip_grad",
+            "tpp_iterations_per_epoch", "tpp_warmup_epochs", "tpp_lr_per_256", "tpp_weight_decay", "tpp_weight_decay_end", "tpp_clip_grad",
             "tpp_n_local_crops", "tpp_features", "tpp_head")}
 
     def tpp_plan(self, n_cases: int) -> dict:
@@ -264,8 +355,8 @@ class _TPPStage:
         micro = int(self.batch_size) * int(self.tpp_views_per_patch)
         accum = max(math.ceil(self.tpp_batch_size / (micro * world)), 1)
         batch = micro * world * accum
-        steps_per_epoch = max(math.ceil(n_cases / batch), 1)
-        return {"micro_batch": micro, "processes": world, "accumulation": accum, "batch": batch,
+        steps_per_epoch = int(self.tpp_iterations_per_epoch)  # as nnU-Net counts an epoch (not cases / batch)
+        return {"micro_batch": micro, "processes": world, "accumulation": accum, "batch": batch, "cases": int(n_cases),
                 "steps_per_epoch": steps_per_epoch,
                 "steps": steps_per_epoch * self.tpp_epochs, "warmup_steps": steps_per_epoch * self.tpp_warmup_epochs,
                 "lr": self.tpp_lr_per_256 * batch / 256}
@@ -313,8 +404,15 @@ class _TPPStage:
         if record and record.get("done"):
             self.print_to_log_file(f"TPP stage already done ({record.get('iterations')} iterations, {path}); skipping")
             return
+        resume_path = join(self.output_folder, TPP_RESUME)
+        resume = None
+        if getattr(self, "tpp_continue", False) and isfile(resume_path):
+            # --c: nnU-Net loaded no weights (no checkpoint yet, and --c refuses -pretrained_weights), so the
+            # network of the killed run (frozen backbone included) comes back from the resume file
+            resume = load_resume_state(resume_path)
+            net.load_state_dict(resume["network_weights"])
         fp = frozen_fingerprint(net)
-        if self._try_reuse(net, fp, path):
+        if resume is None and self._try_reuse(net, fp, path):
             return
 
         from tpp_monai.pretext.dino3d import DINO3DPretext
@@ -336,6 +434,16 @@ class _TPPStage:
         fwd = wrap_ddp(task, self.device, find_unused_parameters=True)
         cuda = self.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda") if cuda else None
+        settings = {"tpp_settings": self.tpp_settings(), "plan": plan, "crops": [gsize, lsize], "fold": self.fold}
+        report = TPPReport(task.handover_backbone(), pretext="dino3d", peft=get_peft(net).name,
+                           total_steps=plan["steps"], warmup_steps=plan["warmup_steps"], handover="teacher",
+                           path="nnunet")
+        start = 0
+        task.set_schedule_position(0, plan["steps"])
+        if resume is not None:
+            start = self._load_tpp_resume(resume, resume_path, task, opt, scaler, report, settings)
+        elif isfile(resume_path):
+            self.print_to_log_file(f"starting the TPP stage over (no --c): {resume_path} will be overwritten")
         self.print_to_log_file(
             f"TPP stage: 3D DINO ({self.tpp_features} features), {len(tr_keys)} training cases, {self.tpp_epochs} epochs "
             f"x {plan['steps_per_epoch']} steps, batch {plan['batch']} = {plan['accumulation']} x {plan['micro_batch']}, "
@@ -343,9 +451,8 @@ class _TPPStage:
             f"{self.tpp_weight_decay_end}, AMP {cuda}, crops {gsize}/{lsize}, "
             f"{sum(p.numel() for p in params):,} trainable parameters (targets + projector)")
         task.train()
-        task.set_schedule_position(0, plan["steps"])
-        t0, losses = time.time(), []
-        for it in range(plan["steps"]):
+        t0 = time.time()
+        for it in range(start, plan["steps"]):
             lr = schedule.apply(opt, it)
             opt.zero_grad(set_to_none=True)
             total = 0.0
@@ -367,22 +474,60 @@ class _TPPStage:
             else:
                 opt.step()
             task.after_step(it, plan["steps"])
-            losses.append(total)
+            report.record(total, lr)
             if it % 10 == 0 or it == plan["steps"] - 1:
                 self.print_to_log_file(f"TPP iteration {it + 1}/{plan['steps']}: loss {total:.4f} lr {lr:.2e} "
                                        f"wd {schedule.wd_at(it):.3f}")
+            if (it + 1) % plan["steps_per_epoch"] == 0 or it + 1 == plan["steps"]:
+                self._save_tpp_resume(resume_path, it + 1, net, task, opt, schedule, scaler, report, settings, plan)
         for p in frozen_now:
             p.requires_grad_(True)
+        # hand over the EMA teacher's target parameters (DINO evaluates the teacher; the 2D stage does the same):
+        # saved, and put into the network that fine-tuning trains
+        teacher = task.handover_backbone()
+        load_target_state_dict(net, target_state_dict(teacher))
         meta = {"pretext": "dino3d", "iterations": plan["steps"], "plan": plan, "tpp_settings": self.tpp_settings(),
-                "final_loss": losses[-1] if losses else None, "seconds": round(time.time() - t0, 1),
+                "final_loss": report.losses[-1] if report.losses else None, "seconds": round(time.time() - t0, 1),
                 "stunet_size": self.stunet_size, "fold": self.fold, "trainer": type(self).__name__,
-                "stunet_fingerprint": fp, "peft": get_peft(net).describe()}
+                "stunet_fingerprint": fp, "peft": get_peft(net).describe(), "handover": "teacher"}
         if self.local_rank == 0:
-            save_target_checkpoint(path, net, meta=meta)
+            save_target_checkpoint(path, teacher, meta=meta)
+            report.finalise(self.output_folder, log=self.print_to_log_file)
         barrier()  # the file is complete before any rank goes on
         self.my_init_kwargs[TPP_RECORD] = {**{k: v for k, v in meta.items() if k != "peft"}, "done": True}
         del task, opt, fwd
         self.print_to_log_file(f"TPP stage done in {meta['seconds']} s; target parameters saved to {path}")
+
+    def _save_tpp_resume(self, resume_path: str, iteration: int, net: nn.Module, task: nn.Module, opt, schedule,
+                         scaler, report: TPPReport, settings: dict, plan: dict) -> None:
+        """The 2D resume format (:func:`~tpp_monai.engines.tpp_trainer.resume_state`) + the whole network (``--c``
+        loads no pre-trained weights), every RNG state and the grad scaler; written atomically by rank 0."""
+        if self.local_rank != 0:
+            return
+        state = resume_state(
+            task, opt, schedule, iteration=iteration, epoch=iteration // plan["steps_per_epoch"],
+            max_epochs=self.tpp_epochs, data={"loader": "nnunet", "rng": rng_states(self.device, task)}, settings=settings,
+            report=report.state_dict(), network_weights={k: v.detach().cpu() for k, v in net.state_dict().items()},
+            grad_scaler=scaler.state_dict() if scaler is not None else None)
+        atomic_save(state, resume_path)
+
+    def _load_tpp_resume(self, obj: dict, resume_path: str, task: nn.Module, opt, scaler, report: TPPReport,
+                         settings: dict) -> int:
+        """Continue a killed TPP stage (``--c``) where its resume file stands; returns the next iteration."""
+        check_resume_state(obj, resume_path, task, settings)
+        load_target_state_dict(task.backbone, obj["target_state"])
+        task.load_head_state_dict(obj["head_state"])
+        opt.load_state_dict(obj["optimizer"])
+        if scaler is not None and obj.get("grad_scaler"):
+            scaler.load_state_dict(obj["grad_scaler"])
+        it = int(obj["iteration"])
+        report.load_state_dict(obj.get("report"), it)
+        task.set_schedule_position(it, settings["plan"]["steps"])
+        torch.set_rng_state(obj["rng"])
+        set_rng_states(obj["data"]["rng"], self.device, task)
+        self.print_to_log_file(f"resuming the TPP stage from {resume_path} at iteration {it} of "
+                               f"{settings['plan']['steps']} (--c); without --c it starts over")
+        return it
 
 
 class nnUNetTrainer_STUNet_TPP_ConvAdapter(_TPPStage, nnUNetTrainer_STUNet_ConvAdapter):
@@ -400,8 +545,8 @@ class nnUNetTrainer_STUNet_TPPonly_ConvAdapter(_TPPStage, nnUNetTrainer_STUNet_C
 
 
 class _Debug:
-    """Tiny budgets: small STU-Net, 1 epoch of 2 iterations, 1 validation iteration, TPP 2 epochs of batch 4
-    (accumulated), 1 local crop, half-size crops, no mirroring."""
+    """Tiny budgets: small STU-Net, 1 epoch of 2 iterations, 1 validation iteration, TPP 2 epochs of 1 step of
+    batch 4 (accumulated), 1 local crop, half-size crops, no mirroring."""
 
     stunet_size = "small"
     default_num_epochs = 1
@@ -409,6 +554,7 @@ class _Debug:
     default_val_iters = 1
     tpp_batch_size = 4
     tpp_epochs = 2
+    tpp_iterations_per_epoch = 1
     tpp_warmup_epochs = 1
     tpp_n_local_crops = 1
     tpp_head = {"out_dim": 256, "hidden_dim": 128, "bottleneck_dim": 64}
