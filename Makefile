@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` (install + main job) and `make test` (install + tests).
+# The two commands of the README: `make demo` (install + main job) and `make test` (install + lint + tests).
 PY ?= python3.11
 VENV := .venv
 PIP := $(VENV)/bin/pip
@@ -26,7 +26,14 @@ install-label: $(LABEL_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/python scripts/demo.py
 
-test: $(LABEL_STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check tpp_monai tests scripts benchmarks apps
+
+test: $(LABEL_STAMP) lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
 
-.PHONY: install install-label demo test
+# Everything but the end-to-end runs marked slow (bundle, nnU-Net, label-server and study runs).
+test-fast: $(LABEL_STAMP) lint
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+.PHONY: install install-label demo lint test test-fast

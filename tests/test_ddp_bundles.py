@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers import assert_close_to_update, chain_length, mean_tolerance  # noqa: E402
-from test_bundles import BUNDLES, TINY, cfg, make_mhist, parser_for, run_stage  # noqa: E402
+from test_bundles import BUNDLES, TINY, cfg, make_mhist, parser_for  # noqa: E402
 
 TPP_FILES = ("tpp_pretrain.json", "multi_gpu_tpp_pretrain.json")
 

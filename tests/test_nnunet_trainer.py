@@ -159,7 +159,7 @@ def nnunet_fold(demo_raw, tmp_path_factory):
 @pytest.mark.slow
 def test_plan_train_tpp_predict(demo_raw, nnunet_fold, tmp_path):
     f = nnunet_fold
-    tr, tpp_tr, out, tpp_out, pre, pred = f["tr"], f["tpp_tr"], f["out"], f["tpp_out"], f["pre"], f["pred"]
+    tpp_tr, out, tpp_out, pre, pred = f["tpp_tr"], f["out"], f["tpp_out"], f["pre"], f["pred"]
     log = f["tpp_log"]
     assert "skipped 10 (seg_outputs)" in log and "stopping after the TPP stage" in log
     m = re.search(r"TPP stage: 3D DINO \(decoder features\), (\d+) training cases, 2 epochs x (\d+) steps, "

@@ -5,7 +5,6 @@ configs of the 2D bundles."""
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace

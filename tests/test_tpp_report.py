@@ -10,7 +10,7 @@ import torch
 
 from tpp_monai.backbones.vit import build_vit
 from tpp_monai.engines.tpp_report import REPORT_NAME, TPPLearningWarning, TPPReport, read_report, target_kind
-from tpp_monai.peft import apply_peft, target_state_dict
+from tpp_monai.peft import apply_peft
 from tpp_monai.tpp import tpp_pretrain
 
 SMALL_DEC = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)

@@ -39,9 +39,7 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import PILReader
 from monai.transforms import (
-    Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform, NormalizeIntensityd, RandAffined,
-    RandFlipd, RandGaussianNoised, RandomizableTransform, RandRotate90d, RandScaleIntensityd, RandShiftIntensityd,
-    Resized,
+    Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform, NormalizeIntensityd, RandFlipd, RandomizableTransform,
 )
 
 from tpp_monai.data.normalization import (  # noqa: F401 (IMAGENET_* re-exported)
