@@ -133,18 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if up_flat:
         lines += ["", f"Upstream MAE plateau: mean loss over the second-to-last 10% of its iterations {up_flat[0]:.4f}, "
                       f"over the last 10% {up_flat[1]:.4f} ({100 * (up_flat[1] / up_flat[0] - 1):+.1f}%)."]
-    reports = {sd: tpp_learning_report(work / "tpp" / f"seed{sd}" / "models" / "tpp_report.json") for sd in spec.seeds}
-    reports = {sd: r for sd, r in reports.items() if r}
-    if reports:  # the TPP stage's own learning report (tpp_report.json, issue 20 item 1), where it exists
-        kinds = sorted({k for r in reports.values() for k in r.get("targets", {})})
-        lines += ["", "TPP learning report (`tpp_report.json` of the TPP stage): relative change of the loss and, "
-                      "per kind of target tensor, ||w - w0|| / ||w0|| (||w|| for zero-initialised kinds):", "",
-                  "| seed | steps | sum of lr | loss change | " + " | ".join(kinds) + " |",
-                  "|---|---|---|---|" + "---|" * len(kinds)]
-        lines += [f"| {sd} | {r.get('steps')} | {r.get('lr_sum', float('nan')):.3g} | "
-                  f"{100 * r.get('loss_rel_change', float('nan')):+.1f}% | "
-                  + " | ".join(f"{r['targets'][k]['rel_change']:.3f}" if k in r.get("targets", {}) else "-"
-                               for k in kinds) + " |" for sd, r in reports.items()]
+    lines += tpp_report_lines(work, spec.seeds)
     norms = {sd: target_norms(p) for sd in spec.seeds
              if (p := work / "tpp" / f"seed{sd}" / "models" / "tpp_target_params.pt").is_file()}
     if norms:
@@ -228,18 +217,7 @@ def write_report(spec, results: list[dict], out: Path, title: str, cmd: str, com
         v = loss_drop(log, head=max(1, n // 10))
         if v:
             lines.append(f"| {name} | {n} | {v[0]:.4f} | {v[1]:.4f} | {100 * (v[1] / v[0] - 1):+.1f}% |")
-    reports = {sd: tpp_learning_report(work / "tpp" / f"seed{sd}" / "models" / "tpp_report.json") for sd in spec.seeds}
-    reports = {sd: r for sd, r in reports.items() if r}
-    if reports:  # the TPP stage's own learning report (tpp_report.json, issue 20 item 1), where it exists
-        kinds = sorted({k for r in reports.values() for k in r.get("targets", {})})
-        lines += ["", "TPP learning report (`tpp_report.json` of the TPP stage): relative change of the loss and, "
-                      "per kind of target tensor, ||w - w0|| / ||w0|| (||w|| for zero-initialised kinds):", "",
-                  "| seed | steps | sum of lr | loss change | " + " | ".join(kinds) + " |",
-                  "|---|---|---|---|" + "---|" * len(kinds)]
-        lines += [f"| {sd} | {r.get('steps')} | {r.get('lr_sum', float('nan')):.3g} | "
-                  f"{100 * r.get('loss_rel_change', float('nan')):+.1f}% | "
-                  + " | ".join(f"{r['targets'][k]['rel_change']:.3f}" if k in r.get("targets", {}) else "-"
-                               for k in kinds) + " |" for sd, r in reports.items()]
+    lines += tpp_report_lines(work, spec.seeds)
     norms = {sd: target_norms(p) for sd in spec.seeds
              if (p := work / "tpp" / f"seed{sd}" / "models" / "tpp_target_params.pt").is_file()}
     if norms:
@@ -254,8 +232,27 @@ def write_report(spec, results: list[dict], out: Path, title: str, cmd: str, com
     return md
 
 
+def tpp_report_lines(work: Path, seeds) -> list[str]:
+    """Markdown lines of the TPP stage's own learning report (tpp_report.json, issue 20 item 1) per seed, where the
+    stage wrote one: steps, sum of lr, the loss change and each kind of target tensor's relative change."""
+    reports = {sd: tpp_learning_report(work / "tpp" / f"seed{sd}" / "models" / "tpp_report.json") for sd in seeds}
+    reports = {sd: r for sd, r in reports.items() if r}
+    if not reports:
+        return []
+    kinds = sorted({k for r in reports.values() for k in r.get("targets", {})})
+    lines = ["", "TPP learning report (`tpp_report.json` of the TPP stage): relative change of the loss and, "
+                 "per kind of target tensor, ||w - w0|| / ||w0|| (||w|| for zero-initialised kinds):", "",
+             "| seed | steps | sum of lr | loss change | " + " | ".join(kinds) + " |",
+             "|---|---|---|---|" + "---|" * len(kinds)]
+    lines += [f"| {sd} | {r.get('steps')} | {r.get('lr_sum', float('nan')):.3g} | "
+              f"{100 * r.get('loss_rel_change', float('nan')):+.1f}% | "
+              + " | ".join(f"{r['targets'][k]['rel_change']:.3f}" if k in r.get("targets", {}) else "-"
+                           for k in kinds) + " |" for sd, r in reports.items()]
+    return lines
+
+
 def tpp_learning_report(path: Path) -> dict | None:
-    """The TPP stage's ``tpp_report.json`` (schema: /work/notes/tpp_report_schema.md), None when absent."""
+    """The TPP stage's ``tpp_report.json`` (schema: tpp_monai/engines/tpp_report.py), None when absent."""
     try:
         r = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):

@@ -221,6 +221,25 @@ class SHPeft(PeftMethod):
 
 
 # ------------------------------------------------------------------------------ exact sparse AdamW
+def _masked_param_groups(model: nn.Module, method: "SHPeft | None", extra_params: Iterable[nn.Parameter],
+                         who: str) -> tuple[dict[int, torch.Tensor], list[dict]]:
+    """The masked optimisers' shared set-up: flat indices of the selected entries per tensor (by parameter id),
+    one group of the sparse tensors and one of the dense extras (a head)."""
+    if not isinstance(method, SHPeft):
+        raise TypeError(f"{who} needs a model carrying the sh_peft method")
+    params = dict(model.named_parameters())
+    index: dict[int, torch.Tensor] = {}
+    sparse = []
+    for n, idx in method.indices().items():
+        index[id(params[n])] = idx.to(params[n].device)
+        sparse.append(params[n])
+    groups = [{"params": sparse}]
+    extra = [p for p in extra_params if p.requires_grad]
+    if extra:
+        groups.append({"params": extra})
+    return index, groups
+
+
 class MaskedAdamW(torch.optim.Optimizer):
     """AdamW (decoupled decay, bias correction, as ``torch.optim.AdamW``) that updates only selected entries.
 
@@ -234,20 +253,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                  method: SHPeft | None = None) -> None:
         from tpp_monai.peft.api import get_peft
 
-        method = method or get_peft(model)
-        if not isinstance(method, SHPeft):
-            raise TypeError("MaskedAdamW needs a model carrying the sh_peft method")
-        params = dict(model.named_parameters())
-        self._index: dict[int, torch.Tensor] = {}
-        sparse = []
-        for n, idx in method.indices().items():
-            p = params[n]
-            self._index[id(p)] = idx.to(p.device)
-            sparse.append(p)
-        groups = [{"params": sparse}]
-        extra = [p for p in extra_params if p.requires_grad]
-        if extra:
-            groups.append({"params": extra})
+        self._index, groups = _masked_param_groups(model, method or get_peft(model), extra_params, "MaskedAdamW")
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
@@ -298,19 +304,7 @@ class MaskedSGD(torch.optim.Optimizer):
                  extra_params: Iterable[nn.Parameter] = (), method: SHPeft | None = None) -> None:
         from tpp_monai.peft.api import get_peft
 
-        method = method or get_peft(model)
-        if not isinstance(method, SHPeft):
-            raise TypeError("MaskedSGD needs a model carrying the sh_peft method")
-        params = dict(model.named_parameters())
-        self._index: dict[int, torch.Tensor] = {}
-        sparse = []
-        for n, idx in method.indices().items():
-            self._index[id(params[n])] = idx.to(params[n].device)
-            sparse.append(params[n])
-        groups = [{"params": sparse}]
-        extra = [p for p in extra_params if p.requires_grad]
-        if extra:
-            groups.append({"params": extra})
+        self._index, groups = _masked_param_groups(model, method or get_peft(model), extra_params, "MaskedSGD")
         super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
     @torch.no_grad()
