@@ -178,7 +178,10 @@ def test_plan_train_tpp_predict(demo_raw, nnunet_fold, tmp_path):
     assert all("peft_conv_adapter" in k for k in tpp_only["state_dict"])
     assert any(k.startswith("conv_blocks_localization") for k in tpp_only["state_dict"])
     alphas = {k: v for k, v in tpp_only["state_dict"].items() if k.endswith("alpha")}
-    assert len(alphas) == len(init.residual_blocks()) and all(not torch.equal(v, torch.ones_like(v)) for v in alphas.values())
+    # (the file holds the EMA teacher's adapters, issue 23.5: in this 2-step _debug run at lr ~1.5e-6 the teacher's
+    # alpha, 1 at insertion, moves by (1 - m) x its student's step ~ 4e-3 x 1e-6, below float32's spacing at 1.0
+    # (1.2e-7), so it stays exactly 1; the down/up convolutions move, see the report below)
+    assert len(alphas) == len(init.residual_blocks())
     # the learning report next to the file: budget (steps, sum of lr) and the Conv-Adapters' relative change
     from tpp_monai.engines.tpp_report import read_report
     from tpp_monai.engines.schedules import WarmupCosineSchedule
@@ -189,7 +192,7 @@ def test_plan_train_tpp_predict(demo_raw, nnunet_fold, tmp_path):
     lrs = WarmupCosineSchedule(lr=tpp_only["meta"]["plan"]["lr"], total_steps=steps, warmup_steps=int(warm))
     assert rep["lr_sum"] == pytest.approx(sum(lrs.lr_at(i) for i in range(steps)), rel=1e-12)
     assert {"conv_adapter.down.weight", "conv_adapter.up.weight", "conv_adapter.alpha"} <= set(rep["targets"])
-    assert all(v["rel_change"] > 0 for v in rep["targets"].values())
+    assert all(v["rel_change"] > 0 for k, v in rep["targets"].items() if not k.endswith("alpha"))
     assert not rep["learned"] and "too few steps" in rep["warnings"][0]  # _debug: 4 steps, honestly reported
     assert "TPP report: loss" in log
     print("nnU-Net _debug TPP report:", {k: rep[k] for k in ("steps", "lr_sum", "loss_start", "loss_end")},
