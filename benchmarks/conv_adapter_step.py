@@ -38,7 +38,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tpp_monai.benchmark.workers import run_workers  # noqa: E402
+from tpp_monai.benchmark.workers import run_workers, write_results  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("full", "conv_adapter", "conv_adapter[conv]", "conv_adapter_residual")
@@ -150,9 +150,7 @@ def main(argv=None) -> int:
     md = table(results, header)
     print(md)
     out = a.out or os.path.join(ROOT, "benchmarks", "results", f"conv_adapter_step_{a.device.split(':')[0]}.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        f.write(md)
+    write_results(out, md)
     print(f"wrote {out} ({time.time() - t0:.0f} s)", file=sys.stderr)
     return 0
 

@@ -36,7 +36,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tpp_monai.benchmark.workers import run_workers  # noqa: E402
+from tpp_monai.benchmark.workers import run_workers, write_results  # noqa: E402
 
 DEFAULT_METHODS = ("full", "linear", "adapter", "adaptformer", "vpt", "evp", "ssf", "bitfit", "lora", "dtl")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,9 +133,7 @@ def main(argv=None) -> int:
     md = table(rows, header)
     print(md)
     out = a.out or os.path.join(ROOT, "benchmarks", "results", f"peft_step_{a.size}_{a.device.split(':')[0]}.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        f.write(md)
+    write_results(out, md)
     print(f"wrote {out} ({time.time() - t0:.0f} s)", file=sys.stderr)
     return 0
 

@@ -40,7 +40,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tpp_monai.benchmark.workers import run_workers  # noqa: E402
+from tpp_monai.benchmark.workers import run_workers, write_results  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("mae_frozen", "mae_trainable", "dino", "finetune")
@@ -373,10 +373,7 @@ def main() -> None:
     text = header(args) + (ratio_table(ratio) if ratio else "") + (table(rows, args) if rows else "")
     print(text)
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"tpp_throughput_{args.size}_cpu.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(out + ".tmp", out)
+    write_results(out, text)
     print(f"wrote {out}")
 
 

@@ -25,3 +25,11 @@ def run_workers(script: str, runs: dict[str, list[str]]) -> list[dict]:
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(f"  {name}: done", file=sys.stderr)
     return rows
+
+
+def write_results(out: str | os.PathLike, text: str) -> Path:
+    """Write a benchmark's Markdown result atomically (folder created): a killed benchmark never leaves a
+    half-written results file in ``benchmarks/results/``."""
+    from tpp_monai.checkpoint import atomic_write
+
+    return atomic_write(out, text)
