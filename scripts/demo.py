@@ -2,7 +2,7 @@
 """The tpp-monai demo (``make demo``): upstream MAE -> TPP -> Adapter with / without TPP -> test, paired.
 
 The setting of issue 20 and of the study (``tpp_monai.study.TUMOUR_CROPS_SETTING``,
-docs/results/study_tumour_crops/PROTOCOL.md), every stage through MONAI's bundle API:
+docs/results/study_tumour_crops_v2/PROTOCOL.md), every stage through MONAI's bundle API:
 
   (a) ``bundles/demo_ct_adapter_tpp`` pretrain_backbone.json: MAE pre-training of a ViT-tiny on an
       unlabelled pool of head CT, radiographs and ultrasound (no chest CT, no MRI); built once and
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="~1-2 minute variant (tests)")
     p.add_argument("--out", default="demo_output", help="figures and results.md (default: %(default)s)")
-    p.add_argument("--work", default=None, help="runs folder (default: the study's .tpp_cache/study/tumour_crops, "
+    p.add_argument("--work", default=None, help="runs folder (default: the study's .tpp_cache/study/tumour_crops_v2, "
                                                  "so runs the study finished are re-used; --quick: <out>/bundle)")
     p.add_argument("--cache", default=None, help="demo data cache (default: .tpp_cache/demo_ct)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 2)")
@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(a.work).resolve() if a.work else (out / "bundle" if a.quick else ROOT / ".tpp_cache/study/tumour_crops")
+    from tpp_monai.study import TUMOUR_CROPS_SETTING
+
+    work = Path(a.work).resolve() if a.work else (
+        out / "bundle" if a.quick else ROOT / ".tpp_cache/study" / TUMOUR_CROPS_SETTING["work"])
 
     from tpp_monai.data.demo_data import DEFAULT_CACHE, DemoDataError, build_demo_cache
     from tpp_monai.data.upstream_pool import build_upstream_pool

@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     s = dict(QUICK if a.quick else FULL)
     ds = DATASETS[a.dataset]
     tag = a.dataset + ("_quick" if a.quick else "")
+    if a.dataset == "tumour_crops":  # the folder names carry the protocol's version (tumour_crops_v2)
+        from tpp_monai.study import TUMOUR_CROPS_QUICK, TUMOUR_CROPS_SETTING
+
+        tag = (TUMOUR_CROPS_QUICK if a.quick else TUMOUR_CROPS_SETTING)["work"]
     out = Path(a.out or f"docs/results/study_{tag}").resolve()
     work = Path(a.work or f".tpp_cache/study/{tag}").resolve()
     try:
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tumour_crops(a: argparse.Namespace, argv: list[str] | None, cache: Path, out: Path, work: Path) -> int:
-    """The protocol's study (docs/results/study_tumour_crops/PROTOCOL.md): settings from the library."""
+    """The protocol's study (docs/results/study_tumour_crops_v2/PROTOCOL.md): settings from the library."""
     import subprocess
 
     import torch

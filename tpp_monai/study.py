@@ -329,18 +329,26 @@ def run_arm(spec: StudySpec, backbone: Path, fraction: float, seed: int, init: s
 #: spec fields that may change between runs into one work folder (more seeds or amounts add arms)
 EXTENDABLE = ("fractions", "seeds", "counts")
 
-#: The small-scale setting of the demo and the study (fixed in docs/results/study_tumour_crops/PROTOCOL.md):
-#: a ViT-tiny pre-trained upstream with MAE on a pool without the downstream domain, TPP and Adapter
-#: fine-tuning on tumour crops of chest CT / brain MRI (real masks) with few labels. ``quick``: CI-sized.
+#: The small-scale setting of the demo and the study, version 2 (fixed in
+#: docs/results/study_tumour_crops_v2/PROTOCOL.md before its run): a ViT-tiny pre-trained upstream with MAE
+#: on a pool without the downstream domain (64 px, 8-px patches: 64 tokens, 1400 iterations), TPP of the
+#: Adapter for 1000 iterations on all training crops, Adapter fine-tuning for 300 iterations on 1, 2, 4 or 8
+#: labelled crops per class (tumour / no tumour, pyradiomics masks), five seeds. ``quick``: CI-sized.
 TUMOUR_CROPS_SETTING: dict[str, Any] = dict(
     bundle="bundles/mhist_adapter_tpp", datalist_name="datalist_tumour_crops_cls.json", num_classes=2,
     class_names=["no_tumour", "tumour"], metrics=("auc", "acc"), per_class=True, lr=1e-3,
-    image_size=128, vit_size="tiny", depth=6, upstream_epochs=12, upstream_warmup_epochs=2,
-    tpp_epochs=15, tpp_warmup_epochs=2, tpp_batch_size=16, iterations=40, batch_size=8, val_every=20,
-    counts=(1, 4), seeds=(0, 1, 2, 3, 4))
+    image_size=64, patch_size=8, vit_size="tiny", depth=6, upstream_epochs=100, upstream_warmup_epochs=10,
+    tpp_epochs=200, tpp_warmup_epochs=16, tpp_batch_size=16, iterations=300, batch_size=8, val_every=50,
+    counts=(1, 2, 4, 8), seeds=(0, 1, 2, 3, 4), work="tumour_crops_v2")
+#: Version 1 (docs/results/study_tumour_crops/PROTOCOL.md, run in December 2026): kept so that study can be
+#: re-run (``tumour_crops_spec(..., **TUMOUR_CROPS_V1)``); its TPP loss did not fall and fine-tuning stayed at chance.
+TUMOUR_CROPS_V1: dict[str, Any] = dict(
+    TUMOUR_CROPS_SETTING, image_size=128, patch_size=16, upstream_epochs=12, upstream_warmup_epochs=2,
+    tpp_epochs=15, tpp_warmup_epochs=2, iterations=40, val_every=20, counts=(1, 4), work="tumour_crops")
 TUMOUR_CROPS_QUICK: dict[str, Any] = dict(
-    TUMOUR_CROPS_SETTING, image_size=64, depth=2, upstream_epochs=1, upstream_warmup_epochs=0, tpp_epochs=2,
-    tpp_warmup_epochs=0, iterations=4, batch_size=4, val_every=2, counts=(1, 2), seeds=(0, 1))
+    TUMOUR_CROPS_SETTING, image_size=64, patch_size=16, depth=2, upstream_epochs=1, upstream_warmup_epochs=0,
+    tpp_epochs=2, tpp_warmup_epochs=0, iterations=4, batch_size=4, val_every=2, counts=(1, 2), seeds=(0, 1),
+    work="tumour_crops_quick")
 #: the bundle that pre-trains the backbone upstream (it has pretrain_backbone.json)
 UPSTREAM_BUNDLE = "bundles/demo_ct_adapter_tpp"
 UPSTREAM_CACHE = Path(".tpp_cache/upstream")
@@ -351,7 +359,9 @@ def tumour_crops_spec(root: str | os.PathLike, cache: str | os.PathLike, pool: s
     """The :data:`TUMOUR_CROPS_SETTING` study spec (bundles under the repository ``root``); the upstream backbone is cached under
     ``.tpp_cache/upstream/<model>-e<epochs>`` (shared by the demo, the study and scripts/build_upstream.py)."""
     s = dict(TUMOUR_CROPS_QUICK if quick else TUMOUR_CROPS_SETTING, **changes)
-    tag = f"vit-{s['vit_size']}-d{s['depth']}-{s['image_size']}px-e{s['upstream_epochs']}"
+    patch = s.get("patch_size", 16)
+    tag = f"vit-{s['vit_size']}-d{s['depth']}-{s['image_size']}px" + (f"-p{patch}" if patch != 16 else "") \
+        + f"-e{s['upstream_epochs']}"
     root = Path(root)
     return StudySpec(
         bundle=str(root / s["bundle"]), upstream_bundle=str(root / UPSTREAM_BUNDLE), metrics=tuple(s["metrics"]),
@@ -363,7 +373,8 @@ def tumour_crops_spec(root: str | os.PathLike, cache: str | os.PathLike, pool: s
         tpp_warmup_epochs=s["tpp_warmup_epochs"], tpp_batch_size=s["tpp_batch_size"],
         upstream_datalist=str(Path(pool) / "unlabelled.json"),
         upstream_dir=str((UPSTREAM_CACHE / tag).resolve()),
-        overrides=dict(image_size=s["image_size"], vit_size=s["vit_size"], vit_overrides={"depth": s["depth"]},
+        overrides=dict(image_size=s["image_size"], vit_size=s["vit_size"],
+                       vit_overrides={"depth": s["depth"], **({"patch_size": patch} if patch != 16 else {})},
                        num_classes=s["num_classes"], class_names=s["class_names"]))
 
 
