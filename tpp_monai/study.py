@@ -337,7 +337,7 @@ EXTENDABLE = ("fractions", "seeds", "counts")
 TUMOUR_CROPS_SETTING: dict[str, Any] = dict(
     bundle="bundles/mhist_adapter_tpp", datalist_name="datalist_tumour_crops_cls.json", num_classes=2,
     class_names=["no_tumour", "tumour"], metrics=("auc", "acc"), per_class=True, lr=1e-3,
-    image_size=64, patch_size=8, vit_size="tiny", depth=6, upstream_epochs=100, upstream_warmup_epochs=10,
+    image_size=64, patch_size=8, vit_size="tiny", depth=6, upstream_epochs=100, upstream_warmup_epochs=2,
     tpp_epochs=200, tpp_warmup_epochs=16, tpp_batch_size=16, iterations=300, batch_size=8, val_every=50,
     counts=(1, 2, 4, 8), seeds=(0, 1, 2, 3, 4), work="tumour_crops_v2")
 #: Version 1 (docs/results/study_tumour_crops/PROTOCOL.md, run in December 2026): kept so that study can be
