@@ -186,3 +186,52 @@ def test_final_model_file_loads_with_the_bundle_checkpoint_loader(tmp_path):
     CheckedCheckpointLoader(load_path=str(p), load_dict={"model": other})(Engine(lambda e, b: None))
     for a, b in zip(net.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def _fake_upstream_run(fail: bool):
+    """A stand-in for the bundle's upstream MAE stage: writes the files it writes, or fails half-way."""
+    def run(cfg_dir, files, title="", quiet=False, **kw):
+        root = Path(kw["bundle_root"])
+        (root / "logs" / "upstream").mkdir(parents=True, exist_ok=True)
+        (root / "logs" / "upstream" / "tpp_log.jsonl").write_text(
+            "".join(json.dumps({"kind": "loss", "iteration": i + 1, "loss": 1.0 - i / 100}) + "\n" for i in range(20)))
+        if fail:
+            raise RuntimeError("killed half-way")
+        (root / "models").mkdir(parents=True, exist_ok=True)
+        (root / "models" / "backbone_mae.pt").write_bytes(b"new")
+        return 1.0
+    return run
+
+
+def test_rebuilding_the_upstream_keeps_the_cached_backbone_until_the_new_one_is_complete(tmp_path, monkeypatch):
+    """A rebuild with other settings that dies (killed, error) leaves the cached backbone and its loss log as
+    they were (one was truncated by an aborted re-run before); a complete rebuild replaces them."""
+    import tpp_monai.study as study
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    (pool / "unlabelled.json").write_text("{}")
+    spec = study.StudySpec(bundle=str(ROOT / "bundles/mhist_adapter_tpp"), dataset_dir="d", datalist="d/dl.json",
+                           work=str(tmp_path / "w"), upstream_bundle=str(ROOT / "bundles/demo_ct_adapter_tpp"),
+                           upstream_datalist=str(pool / "unlabelled.json"), upstream_dir=str(tmp_path / "up"),
+                           upstream_epochs=3)
+    up = tmp_path / "up"
+    (up / "models").mkdir(parents=True)
+    (up / "models" / "backbone_mae.pt").write_bytes(b"old")
+    (up / "logs" / "upstream").mkdir(parents=True)
+    (up / "logs" / "upstream" / "tpp_log.jsonl").write_text("old log\n")
+    (up / "settings.json").write_text(json.dumps({"epochs": 1}))  # other settings: a rebuild is due
+    monkeypatch.setattr(study, "run_bundle_stage", _fake_upstream_run(fail=True))
+    with pytest.raises(RuntimeError, match="half-way"):
+        study.ensure_upstream(spec, log=lambda m: None)
+    assert (up / "models" / "backbone_mae.pt").read_bytes() == b"old"
+    assert (up / "logs" / "upstream" / "tpp_log.jsonl").read_text() == "old log\n"
+    monkeypatch.setattr(study, "run_bundle_stage", _fake_upstream_run(fail=False))
+    ckpt = study.ensure_upstream(spec, log=lambda m: None)
+    assert ckpt == up / "models" / "backbone_mae.pt" and ckpt.read_bytes() == b"new"
+    assert json.loads((up / "settings.json").read_text()) == spec.upstream_settings()
+    prov = json.loads((up / "provenance.json").read_text())
+    assert prov["iterations"] == 20 and prov["loss_first_10pct"] == pytest.approx(1.0 - 0.005)
+    assert not (tmp_path / "up.partial").exists() and not (tmp_path / "up.old").exists()
+    messages = []
+    assert study.ensure_upstream(spec, log=messages.append) == ckpt and "re-using" in messages[0]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -204,21 +205,37 @@ def ensure_upstream(spec: StudySpec, log: Callable[[str], None] = print) -> Path
     extra: dict[str, Any] = {}
     if spec.upstream_datalist:
         extra = {"tpp_datalist": str(spec.upstream_datalist), "tpp_warmup_epochs": spec.upstream_warmup_epochs}
+    # train into <up>.partial and swap it in when complete: a cached backbone of other settings (and its log)
+    # survives a rebuild that is killed or fails; a killed rebuild of the same settings resumes.
+    partial = up.with_name(up.name + ".partial")
+    partial_stamp = partial / "settings.json"
+    same = partial_stamp.is_file() and json.loads(partial_stamp.read_text()) == settings
+    if partial.exists() and not same:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    atomic_write(partial_stamp, json.dumps(settings, indent=1))
     t0 = time.time()
     common = spec.common()
     if spec.upstream_bundle:  # another bundle: only the model settings carry over
         common = {k: v for k, v in common.items() if k not in ("datalist", "class_names", "num_classes")}
     run_bundle_stage(cfg_dir, ["train.json", "tpp_pretrain.json", "pretrain_backbone.json"],
                      "upstream MAE pre-training of the backbone on the unlabelled pool",
-                     **{**common, "bundle_root": str(up), "peft_method": "full",
-                        "tpp_epochs": spec.upstream_epochs, "seed": 0, **extra,
-                        "resume": False})  # new settings (or none recorded): start over, not resume
-    write_upstream_provenance(spec, up, time.time() - t0)
-    atomic_write(stamp, json.dumps(settings, indent=1))
+                     **{**common, "bundle_root": str(partial), "peft_method": "full",
+                        "tpp_epochs": spec.upstream_epochs, "seed": 0, **extra, "resume": "auto"})
+    write_upstream_provenance(spec, partial, time.time() - t0)
+    if up.exists():
+        old = up.with_name(up.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        up.rename(old)
+        partial.rename(up)
+        shutil.rmtree(old)
+    else:
+        partial.rename(up)
     return ckpt
 
 
 def upstream_log(spec: StudySpec) -> Path:
+    """The upstream MAE run's loss log beside the cached backbone."""
     return spec.upstream_root() / "logs" / "upstream" / "tpp_log.jsonl"
 
 
@@ -227,7 +244,7 @@ def write_upstream_provenance(spec: StudySpec, up: Path, seconds: float) -> Path
     (``loss_curve.png`` + ``loss_curve.json``) beside the cached upstream backbone."""
     import subprocess
 
-    log = upstream_log(spec)
+    log = up / "logs" / "upstream" / "tpp_log.jsonl"
     losses = [r["loss"] for r in read_jsonl(log) if r.get("kind") == "loss"]
     pool_manifest = Path(spec.upstream_datalist).parent / "manifest.json" if spec.upstream_datalist else None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
@@ -527,7 +544,15 @@ def plot_losses(logs: dict[str, str | os.PathLike], path: str | os.PathLike) -> 
     fig, axes = plt.subplots(1, len(logs), figsize=(4.2 * len(logs), 3.4), squeeze=False)
     for ax, (name, log) in zip(axes[0], logs.items()):
         recs = [r for r in read_jsonl(log) if r.get("kind") == "loss"]
-        ax.plot([r["iteration"] for r in recs], [r["loss"] for r in recs], lw=1)
+        its, losses = [r["iteration"] for r in recs], [r["loss"] for r in recs]
+        ax.plot(its, losses, lw=0.6, alpha=0.45 if len(recs) >= 100 else 1.0)
+        if len(recs) >= 100:  # a running mean over 5% of the run, so a fall of a few per cent is visible
+            import numpy as np
+
+            w = max(5, len(recs) // 20)
+            ax.plot(its[w - 1:], np.convolve(losses, np.ones(w) / w, mode="valid"), lw=1.6,
+                    label=f"running mean ({w} its)")
+            ax.legend(fontsize=7)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("iteration")
         ax.set_ylabel("loss")
