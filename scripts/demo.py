@@ -7,7 +7,8 @@ docs/results/study_tumour_crops_v2/PROTOCOL.md), every stage through MONAI's bun
   (a) ``bundles/demo_ct_adapter_tpp`` pretrain_backbone.json: MAE pre-training of a ViT-tiny on an
       unlabelled pool of head CT, radiographs and ultrasound (no chest CT, no MRI); built once and
       cached in ``.tpp_cache/upstream/`` with its provenance (``scripts/build_upstream.py``);
-  (b) ``bundles/mhist_adapter_tpp`` tpp_pretrain.json: TPP of the Adapter with MAE on all training crops;
+  (b) ``bundles/mhist_adapter_tpp`` tpp_pretrain.json: TPP of the Adapter with MAE on all training crops
+      (1000 iterations; the learning report ``tpp_report.json`` says how far the loss fell);
   (c) train.json + evaluate.json twice per seed on the same labelled crops: Adapter from its own init
       and from (b); the task: does a crop of chest CT / brain MRI contain tumour (pyradiomics masks).
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from tpp_monai.reporting import paired_difference
     from tpp_monai.study import (
         TUMOUR_CROPS_QUICK, TUMOUR_CROPS_SETTING, bundle_network, loss_drop, plot_convergence, plot_losses,
-        read_jsonl, run_study, tumour_crops_spec, upstream_log,
+        read_jsonl, run_study, tpp_loss_change_text, tumour_crops_spec, upstream_log,
     )
 
     setting = TUMOUR_CROPS_QUICK if a.quick else TUMOUR_CROPS_SETTING
@@ -108,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# tpp-monai demo: does TPP help an Adapter tell tumour from no tumour with few labels?",
         "",
-        f"Settings: {'--quick' if a.quick else 'default (the study of docs/results/study_tumour_crops)'}; "
-        f"ViT-{setting['vit_size']} depth {setting['depth']}, {setting['image_size']} px, MAE-pre-trained upstream "
+        f"Settings: {'--quick' if a.quick else 'default (the study of docs/results/study_tumour_crops_v2)'}; "
+        f"ViT-{setting['vit_size']} depth {setting['depth']}, {setting['image_size']} px, "
+        f"{setting.get('patch_size', 16)}-px patches, MAE-pre-trained upstream "
         f"on a pool without chest CT or MRI; downstream: crops of chest CT / brain MRI, label = the crop contains "
         f"tumour (pyradiomics masks); {count} labelled crop(s) per class; TPP {setting['tpp_epochs']} epochs on all "
         f"86 training crops; fine-tuning {setting['iterations']} iterations; seeds {list(seeds)}; "
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"Upstream MAE loss {up[0]:.3f} -> {up[1]:.3f} (first / last 10% of iterations).")
     lines.append("TPP loss (first / last 10% of its " + str(n_tpp) + " iterations) per seed: " + "; ".join(
         f"{s}: {v[0]:.3f} -> {v[1]:.3f} ({100 * (v[1] / v[0] - 1):+.1f}%)" for s, v in drops.items() if v) + ".")
+    lines.append(f"TPP loss change, mean over seeds: {tpp_loss_change_text(work, seeds)}.")
     lines += ["", f"Total {total:.0f} s (finished runs in {work} are re-used).",
               "", "Figures: " + ", ".join(f.name for f in figs), ""]
     md = "\n".join(lines)

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from tpp_monai.data.demo_data import DEFAULT_CACHE, DemoDataError, build_demo_cache
     from tpp_monai.study import (
         StudySpec, loss_drop, loss_plateau, markdown_table, plot_fractions, plot_losses, run_study, summarise,
-        target_norms,
+        target_norms, tpp_loss_change_text,
     )
 
     torch.set_num_threads(a.threads or min(2, os.cpu_count() or 1))
@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     if up_flat:
         lines += ["", f"Upstream MAE plateau: mean loss over the second-to-last 10% of its iterations {up_flat[0]:.4f}, "
                       f"over the last 10% {up_flat[1]:.4f} ({100 * (up_flat[1] / up_flat[0] - 1):+.1f}%)."]
+    lines += ["", f"TPP loss change over seeds (last vs first 10% of each seed's TPP run): "
+                  f"{tpp_loss_change_text(work, spec.seeds)}."]
     lines += tpp_report_lines(work, spec.seeds)
     norms = {sd: target_norms(p) for sd in spec.seeds
              if (p := work / "tpp" / f"seed{sd}" / "models" / "tpp_target_params.pt").is_file()}
@@ -188,7 +190,7 @@ def write_report(spec, results: list[dict], out: Path, title: str, cmd: str, com
     from tpp_monai.checkpoint import atomic_write
     from tpp_monai.study import (
         LOWER_IS_BETTER, METRIC_NAMES, loss_drop, markdown_table, plot_convergence, plot_losses, pooled, summarise,
-        target_norms, upstream_log,
+        target_norms, tpp_loss_change_text, upstream_log,
     )
 
     out.mkdir(parents=True, exist_ok=True)
@@ -221,6 +223,8 @@ def write_report(spec, results: list[dict], out: Path, title: str, cmd: str, com
         v = loss_drop(log, head=max(1, n // 10))
         if v:
             lines.append(f"| {name} | {n} | {v[0]:.4f} | {v[1]:.4f} | {100 * (v[1] / v[0] - 1):+.1f}% |")
+    lines += ["", f"TPP loss change over seeds (last vs first 10% of each seed's TPP run): "
+                  f"{tpp_loss_change_text(work, spec.seeds)}."]
     lines += tpp_report_lines(work, spec.seeds)
     norms = {sd: target_norms(p) for sd in spec.seeds
              if (p := work / "tpp" / f"seed{sd}" / "models" / "tpp_target_params.pt").is_file()}

@@ -48,4 +48,8 @@ def test_demo_quick(demo_cache, tmp_path):
     assert lo <= diff <= hi
     assert diff == pytest.approx(rows["Adapter + TPP"][0] - rows["Adapter"][0], abs=0.02)
     assert "TPP loss (first / last 10% of its" in md
+    m = re.search(r"TPP loss change, mean over seeds: ([+-][\d.]+)% \[95% CI ([+-][\d.]+)%, ([+-][\d.]+)%\], "
+                  r"fell in (\d)/2 seeds", md)
+    assert m, md  # the TPP learning margin with its interval over seeds
+    assert float(m.group(2)) <= float(m.group(1)) <= float(m.group(3))
     assert "| method | AUC (%) | accuracy (%) | trainable (%) |" in proc.stdout
