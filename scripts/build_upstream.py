@@ -8,7 +8,7 @@ backbone, ``provenance.json`` (settings, pool counts, loss start / end / plateau
 ``loss_curve.png`` / ``.json`` are cached in ``.tpp_cache/upstream/<model>-e<epochs>/`` and re-used by
 ``scripts/demo.py`` and ``scripts/study.py`` while the settings match.
 
-    python scripts/build_upstream.py            # the setting of the demo / study (~15-30 min on 2 cores)
+    python scripts/build_upstream.py            # the setting of the demo / study (~10 min on 2 idle cores)
     python scripts/build_upstream.py --quick    # CI-sized
 """
 
