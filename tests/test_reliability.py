@@ -407,7 +407,7 @@ def test_bundles_expose_the_intensity_window():
 
     for cfg in sorted(ROOT.glob("bundles/*_adapter_tpp/configs/train.json")):
         assert json.loads(cfg.read_text())["intensity_range"] == "auto", cfg
-    for common in ("cls", "seg", "tpp_pretrain"):
+    for common in ("cls_train", "seg_train", "tpp_pretrain"):
         assert '"intensity_range": "@intensity_range"' in (ROOT / f"bundles/common/{common}.json").read_text()
 
 

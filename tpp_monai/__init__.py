@@ -1,3 +1,3 @@
 """tpp-monai: Target Parameter Pre-training (TPP) for medical image analysis with MONAI and nnU-Net."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
