@@ -1,93 +1,73 @@
-"""MONAI Label app (apps/tpp_label) served for real on 127.0.0.1 with a datastore of real CT slices.
+"""MONAI Label app (apps/tpp_label) serving and training a real tpp-monai bundle, through MONAI Label's own tools.
 
-Starts ``monailabel start_server`` in a subprocess (random free loopback port, bounded waits,
-always killed; no ``--conf allow_untrained``), then: /info/ as 3D Slicer reads it (models, trainers
-with their options, strategies first + random), /infer refused before any training (409, "train it
-first"), /activelearning/first, one /train/tpp_seg round trip on BasicTrainTask (TPP with MAE on every
-datastore image + PEFT fine-tuning with a validation split) with MONAI Label's train_stats keys, the
-next /infer reporting the new version and equal to the published model with 4-flip TTA, PNG and
-Slicer-style NIfTI answers lining up, and bad requests (unknown model, corrupt image) answered with an
-HTTP error and a message while the server keeps serving.
+The bundle is a tiny copy of ``bundles/demo_ct_adapter_tpp`` (its own knobs: ViT-Tiny depth 2, 32 px, one TPP
+epoch; ``tests/label_helpers.py``). Checked: a bundle trained with ``monai.bundle run`` (in-process) is served
+as is by the infer task (MONAI Label's ``BundleInferTask``): its ``models/model.pt`` is what the task loads and
+the answer equals running the bundle's ``inference.json`` directly; and a real server on 127.0.0.1 driven by
+``monailabel.client.MONAILabelClient`` (what 3D Slicer uses): /info, /infer refused before any training
+(409, "train it first"), /activelearning/first, one /train round trip (``BundleTrainTask``: the bundle's
+``tpp_pretrain.json`` on every datastore image, then ``train.json`` with a validation split) with MONAI Label's
+train_stats keys, and the next /infer equal to the bundle's own inference of the published model; bad
+requests are answered with a message while the server keeps serving.
 
-The server tests need the optional extra (install commands in apps/tpp_label/README.md) and are
-skipped with the reason when ``monailabel`` is not importable; the library tests (image
-orientation across PNG/NIfTI, model file round trip and backbone check) always run.
+The server tests need the optional extra (install commands in apps/tpp_label/README.md) and are skipped
+with the reason when ``monailabel`` is not importable; the library tests always run.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import io
+import json
 import os
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import label_server
 import torch
+from conftest import label_server
+from label_helpers import app_copy, free_port, tiny_bundle
 from PIL import Image
 
-from tpp_monai.checkpoint import CheckpointMismatch
 from tpp_monai.data import demo_data as dd
-from tpp_monai.label import seg2d
+from tpp_monai.label import images
 
-try:
-    import requests  # a monailabel dependency; only the server tests use it
-except ImportError:  # pragma: no cover
-    requests = None
-
-HAVE_MONAILABEL = importlib.util.find_spec("monailabel") is not None and requests is not None
+HAVE_MONAILABEL = importlib.util.find_spec("monailabel") is not None
 NO_MONAILABEL = ("monailabel is not installed (optional extra: see apps/tpp_label/README.md for the install "
                  "commands); the server tests are skipped, the library tests still run")
 
 REPO = Path(__file__).resolve().parents[1]
-APP = REPO / "apps" / "tpp_label"
-N_IMAGES, N_LABELLED = 10, 6
-START_TIMEOUT, TRAIN_TIMEOUT, HTTP_TIMEOUT = 180, 420, 120
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+N_IMAGES, N_LABELLED = 8, 5
+START_TIMEOUT, TRAIN_TIMEOUT = 240, 900
 
 
 # ------------------------------------------------------------------ library (runs without monailabel)
 def test_png_and_slicer_nifti_line_up(cache, tmp_path):
+    """Upload checks compare a PNG image with the NIfTI label 3D Slicer saves for it in the same pixel order."""
     import nibabel as nib
 
     e = dd.load_datalist(cache, "datalist_headct.json")["training"][40]
-    img, info = seg2d.read_image_2d(e["image"])
-    lbl, _ = seg2d.read_image_2d(e["label"])
+    img, info = images.read_image_2d(e["image"])
+    lbl, _ = images.read_image_2d(e["label"])
     assert info["format"] == "png" and img.shape == lbl.shape == (96, 96) and set(np.unique(lbl)) == {0, 1, 2}
     # a label as 3D Slicer saves it for that PNG: data[x, y, 0] = mask[y, x]
     nib.save(nib.Nifti1Image(np.ascontiguousarray(lbl.T[..., None]), np.eye(4)), str(tmp_path / "l.nii.gz"))
-    back, ninfo = seg2d.read_image_2d(tmp_path / "l.nii.gz")
+    back, ninfo = images.read_image_2d(tmp_path / "l.nii.gz")
     assert ninfo["format"] == "nifti" and np.array_equal(back, lbl)
-    seg2d.write_mask_2d(lbl, tmp_path / "w.nii.gz", ninfo)  # and the writer inverts it
-    assert np.array_equal(np.asarray(nib.load(str(tmp_path / "w.nii.gz")).dataobj)[..., 0], lbl.T)
-    with pytest.raises(seg2d.ImageReadError, match="cannot read"):
+    images.check_labelled([(e["image"], tmp_path / "l.nii.gz")], 3)
+    with pytest.raises(images.ImageReadError, match="cannot read"):
         (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-        seg2d.read_image_2d(tmp_path / "bad.png")
+        images.read_image_2d(tmp_path / "bad.png")
 
 
-def test_model_file_round_trip_and_backbone_check(cache, tmp_path):
-    e = dd.load_datalist(cache, "datalist_headct.json")["training"][40]
-    img, _ = seg2d.read_image_2d(e["image"])
-    cfg = seg2d.Seg2DConfig(img_size=32, vit_overrides={"depth": 4})
-    torch.manual_seed(0)
-    model = seg2d.build_model(cfg).eval()
-    seg2d.save_model(tmp_path / "m.pt", model, cfg, {"version": 3})
-    obj = seg2d.read_model_file(tmp_path / "m.pt")
-    assert obj["meta"]["version"] == 3 and not any(k.startswith("backbone.blocks.0.attn.qkv") for k in obj["state_dict"])
-    loaded, cfg2, meta = seg2d.load_model(tmp_path / "m.pt")
-    assert cfg2 == cfg and np.array_equal(seg2d.predict(model, img, cfg), seg2d.predict(loaded, img, cfg))
-    with pytest.raises(CheckpointMismatch, match="another backbone"):
-        seg2d.load_model(tmp_path / "m.pt", overrides={"init_seed": 1})
+def test_label_size_mismatch_is_refused_naming_both_files(tmp_path):
+    """Checked before the bundle's TPP stage starts (the train task calls check_labelled first)."""
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "img.png")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "lbl.png")
+    with pytest.raises(ValueError, match=r"lbl\.png is 40 x 40 pixels but its image .*img\.png is 40 x 50"):
+        images.check_labelled([(tmp_path / "img.png", tmp_path / "lbl.png")], 3)
 
 
 class _Pickled:  # not plain data: a weights-only load refuses it
@@ -96,8 +76,6 @@ class _Pickled:  # not plain data: a weights-only load refuses it
 
 def test_nnunet_fold_checks_before_serving(tmp_path):
     """The 3D task's model folder: clear errors naming the file and the fix, and no unpickling of a crafted file."""
-    import json
-
     from tpp_monai.label import nnunet3d
 
     assert nnunet3d.parse_folds("0, 2") == (0, 2) and nnunet3d.parse_folds("all") == ("all",)
@@ -124,11 +102,68 @@ def test_nnunet_fold_checks_before_serving(tmp_path):
 
     nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.int16), np.eye(4)), str(vol))
     assert nnunet3d.check_volume(vol, max_voxels=8000) == (20, 20, 20)
-    with pytest.raises(seg2d.ImageTooLarge, match="8000 voxels is more than the limit of 7999"):
+    with pytest.raises(images.ImageTooLarge, match="8000 voxels is more than the limit of 7999"):
         nnunet3d.check_volume(vol, max_voxels=7999)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "s.png")
-    with pytest.raises(seg2d.ImageReadError, match="single-channel 3D volume"):
+    with pytest.raises(images.ImageReadError, match="single-channel 3D volume"):
         nnunet3d.check_volume(tmp_path / "s.png")
+
+
+# ------------------------------------------------------------------ the bundle's own inference, for comparison
+def bundle_inference(bundle: Path, image: Path, out_dir: Path) -> np.ndarray:
+    """``python -m monai.bundle run --config_file configs/inference.json`` on one image (in-process): its mask."""
+    import monai.bundle
+
+    (out_dir / "in").mkdir(parents=True)
+    shutil.copy(image, out_dir / "in" / image.name)
+    monai.bundle.run(run_id="run", meta_file=str(bundle / "configs" / "metadata.json"),
+                     config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle), datalist="",
+                     input_dir=str(out_dir / "in"), infer_dir=str(out_dir / "pred"))
+    (mask,) = sorted((out_dir / "pred").glob("*_seg.png"))
+    return np.asarray(Image.open(mask))
+
+
+def _slices(cache: Path, n: int) -> list[dict]:
+    entries = dd.load_datalist(cache, "datalist_headct.json")["training"]
+    return entries[:: max(1, len(entries) // n)][:n]
+
+
+@pytest.mark.slow
+def test_bundle_trained_with_monai_bundle_run_is_served_as_is(cache, tmp_path):
+    """``monai.bundle run`` (tpp_pretrain.json, then train.json) on the bundle; the label app's infer task then
+    loads exactly its models/model.pt and answers exactly what the bundle's inference.json writes."""
+    if not HAVE_MONAILABEL:
+        pytest.skip(NO_MONAILABEL)
+    import monai.bundle
+
+    torch.set_num_threads(1)
+    picked = _slices(cache, 6)
+    dl = {"training": picked[:4], "validation": picked[4:], "test": []}
+    (tmp_path / "datalist.json").write_text(json.dumps(dl))
+    bundle = tiny_bundle(tmp_path / "demo_tiny", dataset_dir=cache)
+    cfgs = bundle / "configs"
+    common = {"meta_file": str(cfgs / "metadata.json"), "datalist": str(tmp_path / "datalist.json"),
+              "bundle_root": str(bundle)}
+    monai.bundle.run(run_id="run", config_file=[str(cfgs / "train.json"), str(cfgs / "tpp_pretrain.json")], **common)
+    monai.bundle.run(run_id="run", config_file=str(cfgs / "train.json"), **common)
+    model = bundle / "models" / "model.pt"
+    assert model.is_file()
+
+    from monailabel.utils.others.class_utils import module_from_file
+
+    main = module_from_file("tpp_label_main_served_as_is", str(REPO / "apps" / "tpp_label" / "main.py"))
+    task = main.BundleSegInfer("demo_tiny", str(bundle), {})
+    assert task.is_valid() and task.dimension == 2 and task.labels == {"soft tissue": 1, "bone": 2}
+    image = Path(picked[0]["image"])
+    out, res = task({"image": str(image), "device": "cpu"})
+    served = task._networks["cpu"][0].state_dict()  # BasicInferTask's cache: what it loaded
+    saved = torch.load(model, weights_only=True)
+    saved = saved.get("model", saved)
+    assert served.keys() == saved.keys() and all(torch.equal(served[k], saved[k]) for k in saved)
+    got = np.asarray(Image.open(out))
+    want = bundle_inference(bundle, image, tmp_path / "direct")
+    assert got.shape == want.shape == np.asarray(Image.open(image)).shape[:2] and np.array_equal(got, want)
+    assert res["classes_present"] == sorted(np.unique(want).tolist())
 
 
 # ------------------------------------------------------------------------ server (needs monailabel)
@@ -136,165 +171,118 @@ def test_nnunet_fold_checks_before_serving(tmp_path):
 def server(cache, tmp_path_factory):
     if not HAVE_MONAILABEL:
         pytest.skip(NO_MONAILABEL)
+    from monailabel.client import MONAILabelClient
+    from monailabel.client.client import MONAILabelClientException
 
-    entries = dd.load_datalist(cache, "datalist_headct.json")["training"]
-    step = max(1, len(entries) // N_IMAGES)
-    picked = entries[::step][:N_IMAGES]
     root = tmp_path_factory.mktemp("label")
-    studies, app, model_dir = root / "studies", root / "app", root / "model"
+    studies = root / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
-    for i, e in enumerate(picked):  # real head-CT slices (96x96 uint8) + their bone / soft-tissue masks
+    for i, e in enumerate(_slices(cache, N_IMAGES)):  # real head-CT slices (96x96 uint8) + bone / soft-tissue masks
         name = f"headct_{i:02d}.png"
         shutil.copy(e["image"], studies / name)
         if i < N_LABELLED:
             shutil.copy(e["label"], studies / "labels" / "final" / name)
-    app.mkdir()
-    shutil.copy(APP / "main.py", app / "main.py")  # start_server creates model/, logs/, bin/ in the app dir
-    port = _free_port()
-    # same as the ``monailabel start_server`` CLI (that shell wrapper runs whatever ``python`` is on PATH)
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
-           "--conf", "models", "tpp_seg", "--conf", "model_dir", str(model_dir), "--conf", "img_size", "64",
-           "--conf", "vit_overrides", '{"depth": 4}', "--conf", "tpp_epochs", "1", "--conf", "epochs", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
+    bundle = tiny_bundle(root / "bundles" / "tpp_seg")  # no models/model.pt: never trained
+    app = app_copy(root / "app")
+    port = free_port()
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
+           "--host", "127.0.0.1", "--port", str(port), "--conf", "bundles", str(bundle),
+           "--conf", "tpp_epochs", "1", "--conf", "epochs", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_TRACKING_ENABLED": "false"}
     url = f"http://127.0.0.1:{port}"
     with label_server(cmd, env, root, url, START_TIMEOUT):
-        srv = {"url": url, "studies": studies, "model": model_dir / "tpp_seg.pt", "log": root / "server.log",
+        client = MONAILabelClient(url, tmpdir=str(root / "client"), client_id="tester")
+        (root / "client").mkdir()
+        srv = {"url": url, "client": client, "studies": studies, "bundle": bundle, "root": root,
+               "model": bundle / "models" / "model.pt", "log": root / "server.log",
                "images": sorted(studies.glob("*.png"))}
-        # before any training (no --conf allow_untrained): what /info and /infer say about the untrained model
-        srv["model_before"] = srv["model"].exists()
-        srv["info_before"] = requests.get(f"{url}/info/", timeout=HTTP_TIMEOUT).json()
-        srv["infer_before"] = _infer(srv, srv["images"][-1], "json")
+        srv["info_before"] = client.info()
+        try:
+            client.infer("tpp_seg", srv["images"][-1].stem, {})
+            srv["infer_before"] = None
+        except MONAILabelClientException as e:
+            srv["infer_before"] = e.msg
         yield srv
 
 
 @pytest.fixture(scope="module")
 def trained(server):
-    """One /train/tpp_seg round trip (TPP + PEFT with a validation split), polled until done."""
-    r = requests.post(f"{server['url']}/train/tpp_seg", json={"tpp_epochs": 1, "epochs": 2}, timeout=HTTP_TIMEOUT)
-    assert r.status_code == 200, r.text
-    t0, task = time.time(), None
+    """One /train/tpp_seg round trip through the client (TPP + fine-tuning with a validation split)."""
+    c = server["client"]
+    task = c.train_start("tpp_seg", {"tpp_epochs": 1, "epochs": 2})
+    assert task["status"] in ("SUBMITTED", "RUNNING"), task
+    t0 = time.time()
     while time.time() - t0 < TRAIN_TIMEOUT:
-        task = requests.get(f"{server['url']}/train/", timeout=HTTP_TIMEOUT).json()
+        task = c.train_status()
         if task.get("status") in ("DONE", "ERROR"):
             break
-        time.sleep(2)
-    assert task and task.get("status") == "DONE", f"train did not finish: {task}\n{server['log'].read_text()[-3000:]}"
+        time.sleep(3)
+    assert task.get("status") == "DONE", f"train did not finish: {task}\n{server['log'].read_text()[-3000:]}"
     return task
 
 
-def _infer(srv, image: Path, output: str = "image", model: str = "tpp_seg"):
-    with open(image, "rb") as f:
-        return requests.post(f"{srv['url']}/infer/{model}", params={"output": output},
-                             files={"file": (image.name, f, "image/png")}, timeout=HTTP_TIMEOUT)
-
-
-def _mask(resp) -> np.ndarray:
-    assert resp.status_code == 200, resp.text
-    return np.asarray(Image.open(io.BytesIO(resp.content)))
-
-
-def test_info_lists_models_trainers_and_strategies(server):
-    info = requests.get(f"{server['url']}/info/", timeout=HTTP_TIMEOUT).json()
-    assert "tpp_seg" in info["models"] and "tpp_seg" in info["trainers"]
-    assert set(info["strategies"]) == {"first", "random"}
-    m = info["models"]["tpp_seg"]
-    assert m["type"] == "segmentation" and m["dimension"] == 2
-    assert m["labels"] == {"soft_tissue": 1, "bone": 2}
-    assert "stunet3d" not in info["models"]  # the 3D task is listed only with --conf nnunet_model_folder
+@pytest.mark.slow
+def test_untrained_bundle_is_refused_and_listed_for_training(server):
+    info = server["info_before"]
+    assert "tpp_seg" in info["trainers"] and "tpp_seg" not in info["models"] and not server["model"].exists()
+    assert set(info["strategies"]) == {"first", "random"} and "stunet3d" not in info["models"]
+    assert info["labels"] == ["soft tissue", "bone"]  # the bundle's metadata channel_def
     cfg = info["trainers"]["tpp_seg"]["config"]  # what 3D Slicer offers and sends back with /train
-    assert cfg["val_split"] == 0.2 and cfg["epochs"] == 2 and cfg["tpp_epochs"] == 1
+    assert cfg["val_split"] == 0.2 and cfg["epochs"] == 2 and cfg["tpp_epochs"] == 1 and cfg["pretext"] == "mae"
     assert info["datastore"]["total"] == N_IMAGES and info["datastore"]["completed"] == N_LABELLED
+    msg = server["infer_before"]
+    assert msg and "409" in msg and "not been trained yet" in msg and "/train/tpp_seg" in msg, msg
 
 
-def test_untrained_model_is_refused(server):
-    """No model file and no --conf allow_untrained: /infer says to train first instead of serving random weights."""
-    assert "tpp_seg" in server["info_before"]["models"] and not server["model_before"]  # listed, no file written
-    r = server["infer_before"]
-    assert r.status_code == 409, r.text
-    detail = r.json()["detail"]
-    assert "not been trained yet" in detail and "/train/tpp_seg" in detail and "allow_untrained true" in detail
-
-
+@pytest.mark.slow
 def test_activelearning_first_returns_first_unlabelled(server):
-    r = requests.post(f"{server['url']}/activelearning/first", json={}, timeout=HTTP_TIMEOUT)
-    assert r.status_code == 200, r.text
-    assert r.json()["id"] == f"headct_{N_LABELLED:02d}" and "path" not in r.json()  # ids, not server paths
-    r = requests.post(f"{server['url']}/activelearning/random", json={}, timeout=HTTP_TIMEOUT)
-    assert r.status_code == 200 and r.json()["id"] in {p.stem for p in server["images"][N_LABELLED:]}, r.text
+    c = server["client"]
+    s = c.next_sample("first", {})
+    assert s["id"] == f"headct_{N_LABELLED:02d}" and "path" not in s  # ids, not server paths
+    assert c.next_sample("random", {})["id"] in {p.stem for p in server["images"][N_LABELLED:]}
 
 
-def test_train_round_trip_stats_and_reinfer(server, trained):
-    details = "\n".join(trained.get("details", []))
-    meta = seg2d.read_model_file(server["model"])["meta"]
-    assert meta["trained"] and meta["version"] == 1 and meta["tpp"] and meta["pretext"] == "mae"
-    assert meta["num_images"] == N_IMAGES and meta["num_labelled"] == N_LABELLED, details
-    assert meta["num_val"] > 0 and meta["num_train"] + meta["num_val"] == N_LABELLED  # val_split 0.2: 5 + 1
-    assert "TPP report: loss" in server["log"].read_text()  # the TPP learning report's line in the train log
-
-    # train_stats as MONAI Label's BasicTrainTask writes them (what 3D Slicer shows), plus ours
-    stats = requests.get(f"{server['url']}/info/", timeout=HTTP_TIMEOUT).json()["train_stats"]["tpp_seg"]
+@pytest.mark.slow
+def test_train_round_trip_stats_and_reinfer(server, trained, tmp_path):
+    c = server["client"]
+    log = server["log"].read_text()
+    assert "TPP (mae) on 8 images, 1 epoch(s)" in log and "4 labelled image(s) for training, 1 for validation" in log
+    assert (server["bundle"] / "models" / "tpp_target_params.pt").is_file()  # the TPP hand-over, the bundle's own
+    info = c.info()
+    assert "tpp_seg" in info["models"]  # listed once the bundle has its model, without a restart
+    m = info["models"]["tpp_seg"]
+    assert m["type"] == "segmentation" and m["dimension"] == 2 and m["labels"] == {"soft tissue": 1, "bone": 2}
+    stats = info["train_stats"]["tpp_seg"]
     # epochs counted over the whole run (1 TPP + 2 fine-tuning: Slicer's bar), fine-tuning's own in stage_epoch(s)
-    assert stats["epoch"] == stats["total_epochs"] == 3 and stats["version"] == 1 and stats["stage"] == "done"
+    assert stats["epoch"] == stats["total_epochs"] == 3 and stats["stage"] == "done"
     assert stats["stage_epoch"] == stats["stage_epochs"] == 2 and stats["tpp_epochs_done"] == 1
-    h, m, sec = (int(v) for v in stats["total_time"].split(":"))
-    assert 3600 * h + 60 * m + sec >= 0 and stats["total_seconds"] > 0
+    assert stats["num_images"] == N_IMAGES and stats["num_train"] == 4 and stats["num_val"] == 1
+    assert stats["tpp"] is True and stats["pretext"] == "mae" and "total_time" in stats
     assert 0.0 <= stats["best_metric"] <= 1.0 and stats["best_metric"] == stats["eval"]["best_metric"]
-    assert 0.0 <= stats["eval"]["metrics"]["val_mean_dice"] <= 1.0 and stats["eval"]["key_metric_name"] == "val_mean_dice"
-    assert 0.0 <= stats["train"]["metrics"]["train_mean_dice"] <= 1.0
-    assert stats["num_val"] == meta["num_val"] and stats["published_epoch"] == stats["eval"]["best_metric_epoch"]
+    assert stats["eval"]["key_metric_name"] == "dice" and stats["model_mtime_ns"] == server["model"].stat().st_mtime_ns
 
     img = server["images"][-1]  # an unlabelled slice
-    h, w = np.asarray(Image.open(img)).shape
-    after = _infer(server, img, "json").json()
-    assert after["trained"] is True and after["model_version"] == 1
-    assert after["model_mtime_ns"] == server["model"].stat().st_mtime_ns
-    m1 = _mask(_infer(server, img))
-    assert m1.shape == (h, w) and m1.dtype == np.uint8 and set(np.unique(m1)) <= {0, 1, 2}
-
-    # the server's answer is the published model with the bundles' 4-flip TTA, at the input's size
-    from tpp_monai.bundle.inferers import FlipTTAInferer
-
-    model, cfg, _ = seg2d.load_model(server["model"])
-    arr, _ = seg2d.read_image_2d(img)
-    with torch.no_grad():
-        probs = FlipTTAInferer()(seg2d.to_model_input(arr, cfg.img_size, cfg.in_chans)[None], model)
-    probs = torch.nn.functional.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
-    assert np.array_equal(m1, probs.argmax(1)[0].numpy().astype(np.uint8))
+    out, res = c.infer("tpp_seg", img.stem, {})
+    assert res["trained"] is True and res["model_mtime_ns"] == server["model"].stat().st_mtime_ns
+    got = np.asarray(Image.open(out))
+    want = bundle_inference(server["bundle"], img, tmp_path / "direct")  # the published model, the bundle's way
+    assert got.shape == want.shape == np.asarray(Image.open(img)).shape and np.array_equal(got, want)
 
 
-def test_png_and_slicer_nifti_answers_line_up(server, trained, tmp_path):
-    """3D Slicer sends a PNG as a (x, y, 1) NIfTI: the answer, read back the same way, is the PNG's answer."""
-    import nibabel as nib
-
-    img = server["images"][-1]
-    png_mask = _mask(_infer(server, img))
-    arr = np.asarray(Image.open(img))
-    nii = tmp_path / "slice.nii.gz"
-    nib.save(nib.Nifti1Image(np.ascontiguousarray(arr.T[..., None]), np.diag([0.5, 0.5, 1, 1])), str(nii))
-    with open(nii, "rb") as f:
-        r = requests.post(f"{server['url']}/infer/tpp_seg", params={"output": "image"},
-                          files={"file": ("slice.nii.gz", f, "application/gzip")}, timeout=HTTP_TIMEOUT)
-    assert r.status_code == 200, r.text
-    (tmp_path / "out.nii.gz").write_bytes(r.content)
-    out = nib.load(str(tmp_path / "out.nii.gz"))
-    assert np.allclose(out.affine, np.diag([0.5, 0.5, 1, 1]))
-    assert np.array_equal(np.asarray(out.dataobj)[..., 0].T, png_mask)
-
-
+@pytest.mark.slow
 def test_bad_requests_then_still_serving(server, trained):
-    img = server["images"][0]
-    r = _infer(server, img, model="no_such_model")
-    assert 400 <= r.status_code < 600 and "no_such_model" in r.json()["detail"] and "tpp_seg" in r.json()["detail"]
-    r = requests.post(f"{server['url']}/train/no_such_model", json={}, timeout=HTTP_TIMEOUT)
-    assert 400 <= r.status_code < 600 and "no_such_model" in r.json()["detail"]
+    from monailabel.client.client import MONAILabelClientException
 
-    bad = server["studies"].parent / "corrupt.png"
+    c = server["client"]
+    with pytest.raises(MONAILabelClientException, match="no_such_model.*tpp_seg"):
+        c.infer("no_such_model", server["images"][0].stem, {})
+    with pytest.raises(MONAILabelClientException, match="no_such_model"):
+        c.train_start("no_such_model", {})
+    bad = server["root"] / "corrupt.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
-    r = _infer(server, bad)
-    assert 400 <= r.status_code < 500, r.text
-    assert "bad image" in r.json()["detail"] and "cannot read" in r.json()["detail"]
-
-    m = _mask(_infer(server, img))  # still serving
-    assert m.shape == np.asarray(Image.open(img)).shape
-    assert requests.get(f"{server['url']}/info/", timeout=HTTP_TIMEOUT).status_code == 200
+    with pytest.raises(MONAILabelClientException, match="40[0-9].*bad image.*cannot read"):
+        c.infer("tpp_seg", "", {}, file=str(bad))
+    out, _ = c.infer("tpp_seg", server["images"][0].stem, {})  # still serving
+    assert np.asarray(Image.open(out)).shape == np.asarray(Image.open(server["images"][0])).shape

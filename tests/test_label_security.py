@@ -15,7 +15,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -27,7 +26,8 @@ import pytest
 from conftest import label_server
 from PIL import Image
 
-from tpp_monai.label import safety, seg2d
+from label_helpers import app_copy, tiny_bundle
+from tpp_monai.label import images, safety
 from tpp_monai.label.serve import server_argv
 
 try:
@@ -39,8 +39,7 @@ HAVE_MONAILABEL = importlib.util.find_spec("monailabel") is not None and request
 NO_MONAILABEL = "monailabel is not installed (optional extra, see apps/tpp_label/README.md); server tests skipped"
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT, HTTP_TIMEOUT = 180, 60
-TINY = seg2d.Seg2DConfig(img_size=32, vit_overrides={"depth": 2})
-SERVER_OWN = ("studies/", "app/", "model/", "systmp/", "sessions/", "slicer/")  # what the test server may write to
+SERVER_OWN = ("studies/", "app/", "bundles/", "systmp/", "sessions/", "slicer/")  # what the test server may write to
 OHIF = "http://localhost:3000"  # the one cross-origin allowed on the test server (--conf cors_origins)
 TRAIN_START_TIMEOUT = 300
 
@@ -156,22 +155,20 @@ def test_nan_images_and_255_labels_are_refused_naming_the_file(tmp_path):
         b = a.copy()
         b[3, 4] = bad
         nib.save(nib.Nifti1Image(b[..., None], np.eye(4)), str(tmp_path / "scan.nii.gz"))
-        with pytest.raises(seg2d.ImageReadError, match=r"scan.nii.gz: 1 of 256 pixels are NaN or Inf"):
-            seg2d.read_image_2d(tmp_path / "scan.nii.gz")
-        with pytest.raises(seg2d.ImageReadError, match="NaN or Inf"):
-            seg2d.to_model_input(b, 8)
+        with pytest.raises(images.ImageReadError, match=r"scan.nii.gz: 1 of 256 pixels are NaN or Inf"):
+            images.read_image_2d(tmp_path / "scan.nii.gz")
     nib.save(nib.Nifti1Image(a[..., None], np.eye(4)), str(tmp_path / "ok.nii.gz"))
-    assert np.array_equal(seg2d.read_image_2d(tmp_path / "ok.nii.gz")[0], a.T)
+    assert np.array_equal(images.read_image_2d(tmp_path / "ok.nii.gz")[0], a.T)
 
     lbl = np.zeros((16, 16), np.uint8)
     lbl[2:8, 2:8] = 255
-    with pytest.raises(seg2d.ImageReadError, match=r"label mask.png has class value\(s\) \[255\].*divide the mask by 255"):
-        seg2d.check_label_classes(lbl, 2, "mask.png")
-    seg2d.check_label_classes(lbl // 255, 2, "mask.png")
+    with pytest.raises(images.ImageReadError, match=r"label mask.png has class value\(s\) \[255\].*divide the mask by 255"):
+        images.check_label_classes(lbl, 2, "mask.png")
+    images.check_label_classes(lbl // 255, 2, "mask.png")
     _png(tmp_path / "i.png", np.zeros((16, 16), np.uint8))
     _png(tmp_path / "l.png", lbl)
-    with pytest.raises(seg2d.ImageReadError, match="label l.png has class"):  # training names the file too
-        seg2d.check_labelled([(tmp_path / "i.png", tmp_path / "l.png")], 3)
+    with pytest.raises(images.ImageReadError, match="label l.png has class"):  # training names the file too
+        images.check_labelled([(tmp_path / "i.png", tmp_path / "l.png")], 3)
 
 
 class _Marker:
@@ -182,27 +179,46 @@ class _Marker:
         return (open, (self.path, "w"))
 
 
+def served_bundle(dst: Path) -> Path:
+    """A tiny copy of the demo bundle with a ``models/model.pt`` of its own network (untrained weights: these
+    tests are about what the server accepts, not about the segmentation)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    tiny_bundle(dst)
+    parser = ConfigParser()
+    parser.read_config(str(dst / "configs" / "inference.json"))
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network_def")
+    (dst / "models").mkdir()
+    torch.save({"model": net.state_dict()}, dst / "models" / "model.pt")
+    return dst
+
+
 def test_model_upload_is_validated_and_atomic(tmp_path):
-    """Issue 21.5: an uploaded model replaces the served one only if it is a safe, fitting model file."""
+    """Issue 21.5: an uploaded model replaces the served one only if it is a safe file that fits the bundle."""
+    if not HAVE_MONAILABEL:
+        pytest.skip(NO_MONAILABEL)
     import torch
 
-    dest = tmp_path / "tpp_seg.pt"
-    torch.manual_seed(0)
-    seg2d.save_model(dest, seg2d.build_model(TINY), TINY, {"version": 1, "trained": True})
+    main = _load_app_module()
+    bundle = served_bundle(tmp_path / "tpp_seg")
+    dest = bundle / "models" / "model.pt"
     before = dest.read_bytes()
+    good = torch.load(dest, weights_only=True)["model"]
     (tmp_path / "junk.pt").write_bytes(os.urandom(2000))
     torch.save({"x": _Marker(str(tmp_path / "PWNED"))}, tmp_path / "evil.pt")
-    other = seg2d.Seg2DConfig(img_size=32, vit_overrides={"depth": 2}, labels={"tumour": 1})
-    seg2d.save_model(tmp_path / "other.pt", seg2d.build_model(other), other, {"version": 5})
-    for name, what in (("junk.pt", "not a usable"), ("evil.pt", "not a usable"), ("other.pt", "labels=")):
-        with pytest.raises(Exception, match=what):
-            seg2d.install_model_file(tmp_path / name, dest, TINY)
+    torch.save({"model": {k: v for k, v in good.items() if "peft_" not in k}}, tmp_path / "other.pt")
+    for name, what in (("junk.pt", "not a weights-only"), ("evil.pt", "not a weights-only"),
+                       ("other.pt", "do not fit the bundle's network_def")):
+        with pytest.raises(main.ModelFileRefused, match=what):
+            main.install_model_file(str(tmp_path / name), str(bundle))
         assert dest.read_bytes() == before and not (tmp_path / "PWNED").exists()
-    torch.manual_seed(1)
-    seg2d.save_model(tmp_path / "new.pt", seg2d.build_model(TINY), TINY, {"version": 7, "trained": True})
-    assert seg2d.install_model_file(tmp_path / "new.pt", dest, TINY)["version"] == 7
+    new = {k: v + 1 if v.is_floating_point() else v for k, v in good.items()}
+    torch.save(new, tmp_path / "new.pt")  # a bare state_dict is accepted too
+    assert main.install_model_file(str(tmp_path / "new.pt"), str(bundle)) == dest.stat().st_mtime_ns
     assert dest.read_bytes() == (tmp_path / "new.pt").read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp file left
+    assert sorted(p.name for p in (bundle / "models").iterdir()) == ["model.pt"]  # no temp file left
 
 
 def test_datastore_upload_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -250,7 +266,7 @@ def test_stage_progress_counts_the_whole_run():
     """Issue 25.1: during TPP train_stats were empty (Slicer's bar sat at 1%)."""
     from types import SimpleNamespace
 
-    from tpp_monai.label.pipeline import StageProgress
+    from tpp_monai.label.progress import StageProgress
 
     seen = []
     p = StageProgress(seen.append, stage_epochs=3, total_epochs=5)
@@ -304,61 +320,38 @@ def test_image_pixel_cap_reads_header_only(tmp_path):
     big = tmp_path / "big.png"
     Image.new("L", (5000, 4000)).save(big)
     t0 = time.time()
-    with pytest.raises(seg2d.ImageTooLarge, match=r"5000 = 20000000 pixels .* limit of 1000000 pixels"):
-        seg2d.read_image_2d(big, max_pixels=1_000_000)
+    with pytest.raises(images.ImageTooLarge, match=r"5000 = 20000000 pixels .* limit of 1000000 pixels"):
+        images.read_image_2d(big, max_pixels=1_000_000)
     assert time.time() - t0 < 2.0
-    assert seg2d.read_image_2d(big, max_pixels=None)[0].shape == (4000, 5000)
-
-
-def _tiny_data(tmp_path: Path):
-    _png(tmp_path / "i.png", (np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8))
-    lbl = np.zeros((32, 32), np.uint8)
-    lbl[4:16, 4:16] = 1
-    _png(tmp_path / "l.png", lbl)
-    return [str(tmp_path / "i.png")], [(str(tmp_path / "i.png"), str(tmp_path / "l.png"))]
-
-
-def test_train_publishes_only_a_model_that_trained(tmp_path):
-    images, labelled = _tiny_data(tmp_path)
-    out = tmp_path / "m.pt"
-    for bad in ({"ft_epochs": -1}, {"ft_epochs": 0}, {"batch_size": 0}, {"ft_lr": float("nan")}):
-        kw = {"tpp": False, "ft_epochs": 1, **bad}
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            seg2d.train_tpp_peft(TINY, images, labelled, out, tmp_path / "w", **kw)
-        assert not out.exists()  # the old code saved an untrained model marked "trained" for ft_epochs=-1
-    with pytest.raises(FloatingPointError, match="previous model is kept"):  # lr so large the weights overflow
-        seg2d.train_tpp_peft(TINY, images, labelled, out, tmp_path / "w", tpp=False, ft_epochs=3, ft_lr=1e37)
-    assert not out.exists()
-    stats = seg2d.train_tpp_peft(TINY, images, labelled, out, tmp_path / "w", tpp=False, ft_epochs=1)
-    assert stats["trained"] and out.exists() and seg2d.read_model_file(out)["meta"]["ft_epochs"] == 1
+    assert images.read_image_2d(big, max_pixels=None)[0].shape == (4000, 5000)
 
 
 def _load_app_module():
-    spec = importlib.util.spec_from_file_location("tpp_label_main_under_test", REPO / "apps" / "tpp_label" / "main.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """apps/tpp_label/main.py as monailabel loads it (its folder on sys.path while it runs: ``lib`` imports)."""
+    from monailabel.utils.others.class_utils import module_from_file
+
+    return module_from_file("tpp_label_main_under_test", str(REPO / "apps" / "tpp_label" / "main.py"))
 
 
 def test_train_task_failure_shows_reason_not_traceback(tmp_path, caplog):
     if not HAVE_MONAILABEL:
         pytest.skip(NO_MONAILABEL)
     main = _load_app_module()
-    conf = {**main.DEFAULTS, "epochs": "1"}
-    task = main.TPPSegTrain("tpp_seg", str(tmp_path / "model" / "tpp_seg.pt"), TINY, conf, log_dir=str(tmp_path / "logs"))
+    bundle = tiny_bundle(tmp_path / "tpp_seg")
+    task = main.BundleTPPTrain("tpp_seg", str(bundle), {**main.DEFAULTS, "epochs": "1"}, log_dir=str(tmp_path / "logs"))
 
-    class Store:  # a datastore whose one label has a class the model does not have
+    class Store:  # a datastore whose one label has a class the bundle does not have
+        def datalist(self):
+            return [{"image": str(tmp_path / "a.png"), "label": str(tmp_path / "a_label.png")}]
+
         def list_images(self):
             return ["a"]
 
-        def get_labeled_images(self, tag):
+        def get_labeled_images(self, tag=None):
             return ["a"]
 
         def get_image_uri(self, i):
             return str(tmp_path / "a.png")
-
-        def get_label_uri(self, i, tag):
-            return str(tmp_path / "a_label.png")
 
     _png(tmp_path / "a.png", np.zeros((32, 32), np.uint8))
     _png(tmp_path / "a_label.png", np.full((32, 32), 7, np.uint8))
@@ -368,7 +361,7 @@ def test_train_task_failure_shows_reason_not_traceback(tmp_path, caplog):
     assert any("training failed" in m and "label a_label.png has class value(s) [7]" in m for m in client), client
     assert not any("Traceback" in m or str(tmp_path) in m for m in client)
     assert "Traceback" in (tmp_path / "logs" / "train_errors.log").read_text()
-    assert not (tmp_path / "model" / "tpp_seg.pt").exists()
+    assert not (bundle / "models").exists()  # refused before the bundle ran
     caplog.clear()
     with pytest.raises(SystemExit):  # invalid parameters are refused in the task too (a request from the CLI)
         task({"model": "tpp_seg", "epochs": -1}, Store())
@@ -381,17 +374,15 @@ def srv(tmp_path_factory):
     if not HAVE_MONAILABEL:
         pytest.skip(NO_MONAILABEL)
     root = tmp_path_factory.mktemp("labelsec")
-    studies, app, tmp = _studies(root), root / "app", root / "systmp"
-    app.mkdir()
+    studies, app, tmp = _studies(root), app_copy(root / "app"), root / "systmp"
     tmp.mkdir()
-    shutil.copy(REPO / "apps" / "tpp_label" / "main.py", app / "main.py")
+    bundle = served_bundle(root / "bundles" / "tpp_seg")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "tpp_monai.label.serve", "--app", str(app), "--studies", str(studies),
-           "--port", str(port), "--conf", "model_dir", str(root / "model"), "--conf", "img_size", "32",
-           "--conf", "vit_overrides", '{"depth": 2}', "--conf", "max_upload_mb", "1",
-           "--conf", "allow_untrained", "true", "--conf", "cors_origins", OHIF]  # no --host: the default
+           "--port", str(port), "--conf", "bundles", str(bundle), "--conf", "max_upload_mb", "1",
+           "--conf", "cors_origins", OHIF]  # no --host: the default
     env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
            "MONAI_LABEL_SESSION_PATH": str(root / "sessions"),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -399,7 +390,7 @@ def srv(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     with label_server(cmd, env, root, url, START_TIMEOUT) as proc:
         yield {"url": url, "root": root, "studies": studies, "tmp": tmp, "pid": proc.pid, "port": port,
-               "model": root / "model" / "tpp_seg.pt", "tmp_at_start": _files(tmp)}
+               "model": bundle / "models" / "model.pt", "tmp_at_start": _files(tmp)}
 
 
 def test_default_bind_is_loopback(srv):
@@ -415,14 +406,12 @@ def test_plain_monailabel_command_does_not_listen_on_all_interfaces(tmp_path):
     """``monailabel start_server`` without --host would bind 0.0.0.0: the app stops it before it listens."""
     if not HAVE_MONAILABEL:
         pytest.skip(NO_MONAILABEL)
-    (tmp_path / "app").mkdir()
-    shutil.copy(REPO / "apps" / "tpp_label" / "main.py", tmp_path / "app" / "main.py")
+    app_copy(tmp_path / "app")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(tmp_path / "app"),
-           "--studies", str(_studies(tmp_path)), "--port", str(port), "--conf", "model_dir", str(tmp_path / "model"),
-           "--conf", "img_size", "32", "--conf", "vit_overrides", '{"depth": 2}']
+           "--studies", str(_studies(tmp_path)), "--port", str(port), "--conf", "bundles", str(tiny_bundle(tmp_path / "tpp_seg"))]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=START_TIMEOUT)
@@ -477,7 +466,7 @@ def test_infer_reads_only_datastore_or_uploads(srv):
     assert status == 400 and "server paths are not accepted" in text and str(root) not in text
     r = requests.post(f"{u}/infer/tpp_seg", params={"image": "img_1", "output": "json"}, timeout=HTTP_TIMEOUT)
     assert r.status_code == 200 and r.json()["shape"] == [32, 32], r.text
-    assert r.json()["trained"] is False and r.json()["model_version"] == 0  # --conf allow_untrained true: says so
+    assert r.json()["trained"] is True and r.json()["model_mtime_ns"] == srv["model"].stat().st_mtime_ns
     r = requests.post(f"{u}/infer/tpp_seg", params={"image": "no_such_id", "output": "json"}, timeout=HTTP_TIMEOUT)
     assert r.status_code == 404 and "server paths are not accepted" in r.json()["detail"]
     with open(existing, "rb") as f:  # an upload is fine
@@ -541,7 +530,7 @@ def test_bad_train_params_refused_before_training(srv):
     assert r.status_code == 400 and "epochs" in r.json()["detail"], r.text
     r = requests.get(f"{u}/train/", timeout=HTTP_TIMEOUT)
     assert r.status_code == 404  # nothing was started
-    assert model.stat().st_mtime_ns == mtime and not seg2d.read_model_file(model)["meta"]["trained"]
+    assert model.stat().st_mtime_ns == mtime
 
 
 def test_reload_keeps_the_guards(srv):

@@ -60,15 +60,6 @@ def test_downsizing_matches_pil_antialiased_resize(tmp_path, chain):
     assert err.max() <= AA_BOUND, f"max |ours - PIL| = {err.max() * 255:.2f}/255"
 
 
-def test_label_app_input_is_antialiased_like_the_bundles(tmp_path):
-    from tpp_monai.label.seg2d import to_model_input
-
-    p = tmp_path / "t.png"
-    img = _texture_png(p)
-    out = to_model_input(img, 224, 3).numpy()
-    assert np.abs(out - _pil_bilinear(p, 224)).max() <= AA_BOUND
-
-
 # ------------------------------------------------------------ channel order and segmentation z-score (23.2, 23.3)
 def _cv2_imread(path) -> np.ndarray:
     """What ``cv2.imread(path)`` returns for an 8-bit colour image: the pixels in B, G, R order

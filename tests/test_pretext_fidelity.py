@@ -189,14 +189,6 @@ def test_format_defaults_and_recorded_values(medcoss_ckpt, tmp_path):
     b = build_backbone(str(tmp_path / "mae.pth"), img_size=32, input_norm="path_dino")
     assert b.input_norm["mean"] == pytest.approx(list(PATH_DINO_MEAN))
     assert build_backbone(str(path), img_size=32).input_norm == "none"
-    # the MONAI Label app builds its backbone the same way (Seg2DConfig.input_norm "auto" by default)
-    from tpp_monai.label.seg2d import Seg2DConfig
-    from tpp_monai.label.seg2d import build_backbone as label_backbone
-
-    assert label_backbone(Seg2DConfig(backbone_ckpt=str(tmp_path / "mae.pth"), img_size=32)).input_norm["std"] == \
-        pytest.approx(list(IMAGENET_STD))
-    # a segmentation app: MedCoSS's segmentation pixel space (per-image z-score), as the segmentation bundles
-    assert label_backbone(Seg2DConfig(backbone_ckpt=str(path), img_size=32)).input_norm == "zscore"
     with pytest.raises(ValueError, match="resolved from the backbone checkpoint"):
         resolve_input_norm("auto")
 

@@ -444,20 +444,6 @@ def test_prepare_qata_refuses_size_mismatch(tmp_path):
         prepare_qata(tmp_path)
 
 
-def test_label_app_training_refuses_size_mismatch_before_tpp(tmp_path):
-    import numpy as np
-    from PIL import Image
-
-    from tpp_monai.label.seg2d import Seg2DConfig, train_tpp_peft
-
-    Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "img.png")
-    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "lbl.png")
-    with pytest.raises(ValueError, match=r"lbl\.png is 40 x 40 pixels but its image .*img\.png is 40 x 50"):
-        train_tpp_peft(Seg2DConfig(), [tmp_path / "img.png"], [(tmp_path / "img.png", tmp_path / "lbl.png")],
-                       tmp_path / "model.pt", tmp_path / "work", tpp_epochs=1, ft_epochs=1)
-    assert not (tmp_path / "work" / "tpp").exists() and not (tmp_path / "model.pt").exists()  # stopped before TPP
-
-
 def _find(exc: BaseException, cls: type) -> BaseException:
     e = exc
     while e is not None:

@@ -106,17 +106,3 @@ def test_report_survives_resume(tmp_path):
     for k in ("loss_start", "loss_end", "lr_sum"):
         assert b[k] == a[k], k  # the resumed run equals the uninterrupted one bit for bit
     assert b["targets"] == a["targets"]
-
-
-def test_label_training_writes_and_logs_the_report(tmp_path):
-    """MONAI Label's TPP stage (seg2d.run_tpp_stage, called by the app's train task): report file + its log line."""
-    from test_label_security import TINY, _tiny_data
-    from tpp_monai.label import seg2d
-
-    images, _ = _tiny_data(tmp_path)
-    lines: list[str] = []
-    with pytest.warns(TPPLearningWarning):  # one image, one epoch: an inert run, reported as such
-        ckpt = seg2d.run_tpp_stage(TINY, images, tmp_path / "tpp", epochs=1, batch_size=1, log=lines.append)
-    r = read_report(tmp_path / "tpp" / REPORT_NAME)
-    assert str(tmp_path / "tpp") in ckpt and r["steps"] == 1 and r["peft"] == TINY.peft_method
-    assert any(line.startswith("TPP report: loss") and "over 1 steps" in line for line in lines)

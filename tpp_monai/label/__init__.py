@@ -1,21 +1,7 @@
-"""Annotation-server support (MONAI Label app in ``apps/tpp_label``): model file, I/O, TPP + PEFT training."""
+"""Annotation-server support for the MONAI Label app in ``apps/tpp_label``, which serves and trains the bundles.
 
-from tpp_monai.label.seg2d import (
-    MODEL_FORMAT,
-    ImageReadError,
-    Seg2DConfig,
-    build_model,
-    load_model,
-    parse_labels,
-    predict,
-    read_image_2d,
-    read_model_file,
-    save_model,
-    train_tpp_peft,
-    write_mask_2d,
-)
-
-__all__ = [
-    "MODEL_FORMAT", "ImageReadError", "Seg2DConfig", "build_model", "load_model", "parse_labels", "predict",
-    "read_image_2d", "read_model_file", "save_model", "train_tpp_peft", "write_mask_2d",
-]
+``images``: upload / datastore checks of 2D images and labels; ``nnunet3d``: the 3D nnU-Net task; ``progress``:
+train_stats across the TPP and fine-tuning stages; ``safety``: request checks; ``serve``: the loopback launcher.
+The model, its preprocessing and its training are the bundle's (``inference.json``, ``tpp_pretrain.json``,
+``train.json``), run by MONAI Label's ``BundleInferTask`` / ``BundleTrainTask``.
+"""

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from tpp_monai.label.seg2d import ImageReadError, ImageTooLarge
+from tpp_monai.label.images import ImageReadError, ImageTooLarge
 
 #: default voxel cap of the label server's 3D task (``--conf max_volume_voxels``): 512 x 512 x 1024
 MAX_VOLUME_VOXELS = 512 * 512 * 1024

@@ -24,7 +24,7 @@ import tempfile
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
-#: image / label file types the app reads (``seg2d.read_image_2d``)
+#: image / label file types the app reads (``images.read_image_2d``)
 UPLOAD_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".nii", ".nii.gz", ".nrrd")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
