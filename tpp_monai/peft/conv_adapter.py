@@ -95,7 +95,8 @@ class ConvAdapterModule(nn.Module):
     ``impl`` chooses how the same maths runs: ``"conv"`` calls the grouped and 1 x 1 convolutions (cuDNN on CUDA;
     also used while tracing for TorchScript); ``"taps"`` runs the grouped convolution as matrix products and
     shifted slices (:func:`tpp_monai.peft.grouped_conv.grouped_conv_taps`) and the 1 x 1 up-projection with
-    ``alpha`` folded into its weight as one matrix product: about 10x faster than oneDNN's grouped 3D
+    ``alpha`` folded into its weight as one matrix product (``groups == 1``, one input channel: a dense
+    convolution, which oneDNN runs fast): about 10x faster than oneDNN's grouped 3D
     convolution on CPU, forward and backward (``benchmarks/conv_adapter_step.py``); ``"auto"`` (default):
     ``"taps"`` on CPU, ``"conv"`` elsewhere. Parameters and ``state_dict`` are the same for every ``impl``; it is a
     plain attribute, not part of the method's config (so checkpoints do not depend on it): set it with
