@@ -18,6 +18,9 @@ How it is measured: one subprocess per (size, patch) configuration (``run_worker
 threads (default 1). Inside it the methods' models are built once and their steps are **interleaved round by
 round** (round 0 = warm-up, with the FLOP count), so load from other jobs on a shared machine hits every
 method alike; the median over ``--rounds`` rounds is reported, and the ratio to ``full`` of the medians.
+Beside the wall-clock step the process CPU time of the step (``time.process_time``) is reported: on a shared
+machine where a higher-priority job takes the cores, wall time also counts the time the benchmark waited for a
+core, CPU time does not (cache and memory-bandwidth contention still show in both).
 FLOPs are counted by ``torch.utils.flop_counter`` over one whole step (convolutions and matrix products, forward
 and backward, 2 per multiply-add; :func:`tpp_monai.benchmark.flops.count_flops`): the physical cost a PEFT step
 should have, beside the time it takes.
@@ -72,36 +75,38 @@ def worker(config: str, methods: list[str], batch: int, rounds: int, threads: in
         opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
         runs[name] = (net, opt, parameter_report(net).ratio)
 
-    def step(net, opt) -> float:
+    def step(net, opt) -> tuple[float, float]:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(net(x), y).backward()
         opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     flops = {name: count_flops(lambda: step(net, opt)) for name, (net, opt, _) in runs.items()}  # round 0
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, (net, opt, _) in runs.items():
             times[name].append(step(net, opt))
     return {"config": config, "rows": [
-        {"method": n, "trainable_percent": runs[n][2], "step_s": statistics.median(times[n]), "times": times[n],
-         "flops": flops[n]} for n in runs]}
+        {"method": n, "trainable_percent": runs[n][2], "step_s": statistics.median(t for t, _ in times[n]),
+         "cpu_s": statistics.median(c for _, c in times[n]), "times": times[n], "flops": flops[n]} for n in runs]}
 
 
 def table(results: list[dict], header: str) -> str:
     lines = [header, "", "| STU-Net | patch | method | trainable % | step (s), median | time ratio vs full | "
-             "GFLOP / step | FLOP ratio vs full |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "process CPU (s), median | CPU-time ratio vs full | GFLOP / step | FLOP ratio vs full |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for res in results:
         size, patch = res["config"].split("@")
         full = next(r for r in res["rows"] if r["method"] == "full")
         for r in res["rows"]:
             lines.append(f"| {size} | {patch}^3 | {r['method']} | {r['trainable_percent']:.2f} | {r['step_s']:.2f} | "
-                         f"**{r['step_s'] / full['step_s']:.2f}** | {r['flops'] / 1e9:.1f} | "
+                         f"**{r['step_s'] / full['step_s']:.2f}** | {r['cpu_s']:.2f} | "
+                         f"{r['cpu_s'] / full['cpu_s']:.2f} | {r['flops'] / 1e9:.1f} | "
                          f"{r['flops'] / full['flops']:.2f} |")
     return "\n".join(lines) + "\n"
 

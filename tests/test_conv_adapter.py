@@ -213,11 +213,14 @@ def test_cpu_default_runs_no_grouped_convolution_and_matches_in_the_network():
         out = m(x)
         out.square().mean().backward()
     assert mode.seen and max(mode.seen) == 1  # every convolution that ran (forward and backward) is dense
-    # the backbone is frozen: every convolution's backward computes the input gradient only (no weight or
+    # the backbone is frozen: every frozen convolution's backward computes the input gradient only (no weight or
     # bias gradient); the two that read the image (first block's conv1 and 1x1 shortcut) get no backward, nor
-    # the deep-supervision heads whose outputs are not returned
-    assert mode.masks and all(tuple(m) == (True, False, False) for m in mode.masks)
-    assert len(mode.seen) - len(mode.masks) == len(mode.masks) + 2 + (len(m.seg_outputs) - 1)
+    # the deep-supervision heads whose outputs are not returned. The first block's adapter reads the image's
+    # one channel (a dense 1 -> 1 convolution): its backward is its own weight and bias gradient only
+    frozen = [mk for mk in mode.masks if tuple(mk) != (False, True, True)]
+    assert len(mode.masks) - len(frozen) == 1
+    assert frozen and all(tuple(mk) == (True, False, False) for mk in frozen)
+    assert len(mode.seen) - len(mode.masks) == len(frozen) + 1 + 2 + (len(m.seg_outputs) - 1)
     ref(x).square().mean().backward()
     assert torch.allclose(out, ref(x), rtol=1e-10, atol=1e-12)
     for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
@@ -225,3 +228,36 @@ def test_cpu_default_runs_no_grouped_convolution_and_matches_in_the_network():
             assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12), n
     with pytest.raises(ValueError, match="impl"):
         set_conv_adapter_impl(m, "fast")
+
+
+def test_taps_path_adds_into_the_frozen_convolution_in_one_pass():
+    """The parallel hook returns ``conv(x) + alpha * (W relu(down(x)) + b)`` with one batched matrix product
+    (``baddbmm``) as the only op that writes a map of the output's size besides the frozen convolution itself
+    (before: a transposing ``matmul`` with two copies, the bias add and the sum with the conv output)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Writes(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.ops = numel, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view and isinstance(out, torch.Tensor) and out.numel() == self.numel:
+                self.ops.append(func.overloadpacket.__name__)
+            return out
+
+    torch.manual_seed(4)
+    blk = BasicResBlock(16, 16, 3, 1)
+    apply_peft(torch.nn.Sequential(blk), "conv_adapter")
+    a = blk.peft_conv_adapter
+    with torch.no_grad():
+        a.alpha.copy_(torch.linspace(-1.0, 2.0, 16))
+    x = torch.randn(2, 16, 7, 6, 5, requires_grad=True)
+    with Writes(2 * 16 * 7 * 6 * 5) as mode:
+        out = blk.conv1(x)
+    assert mode.ops == ["convolution", "baddbmm"], mode.ops
+    with torch.no_grad():
+        ref = F.conv3d(x, blk.conv1.weight, blk.conv1.bias, 1, 1) + conv_formulation(x, a)
+        assert torch.allclose(out, ref, atol=1e-5)
+        assert torch.allclose(a.added_to(None, x), conv_formulation(x, a), atol=1e-5)

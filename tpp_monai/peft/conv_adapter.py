@@ -95,7 +95,8 @@ class ConvAdapterModule(nn.Module):
     ``impl`` chooses how the same maths runs: ``"conv"`` calls the grouped and 1 x 1 convolutions (cuDNN on CUDA;
     also used while tracing for TorchScript); ``"taps"`` runs the grouped convolution as matrix products and
     shifted slices (:func:`tpp_monai.peft.grouped_conv.grouped_conv_taps`) and the 1 x 1 up-projection with
-    ``alpha`` folded into its weight as one matrix product: about 10x faster than oneDNN's grouped 3D
+    ``alpha`` folded into its weight as one matrix product (``groups == 1``, one input channel: a dense
+    convolution, which oneDNN runs fast): about 10x faster than oneDNN's grouped 3D
     convolution on CPU, forward and backward (``benchmarks/conv_adapter_step.py``); ``"auto"`` (default):
     ``"taps"`` on CPU, ``"conv"`` elsewhere. Parameters and ``state_dict`` are the same for every ``impl``; it is a
     plain attribute, not part of the method's config (so checkpoints do not depend on it): set it with
@@ -124,14 +125,30 @@ class ConvAdapterModule(nn.Module):
         return self.impl == "taps" or (self.impl == "auto" and x.device.type == "cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.added_to(None, x)
+
+    def added_to(self, base: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """``base + self(x)`` (``base``: the parallel convolution's output, or ``None``). On the taps path the
+        1 x 1 up-projection, its bias, ``alpha`` and the sum with ``base`` are one batched matrix product
+        (``baddbmm``): every extra pass over a full-resolution map (or a fresh allocation of one) costs about as
+        much as the adapter's own arithmetic."""
         if not self._use_taps(x):
             out = self.up(self.act(self.down(x)))
-            return out * self.alpha.view(1, -1, *([1] * (out.ndim - 2)))
+            out = out * self.alpha.view(1, -1, *([1] * (out.ndim - 2)))
+            return out if base is None else base + out
         d = self.down
-        h = self.act(grouped_conv_taps(x, d.weight, d.bias, d.stride, d.padding, d.dilation))
-        w = self.up.weight.flatten(1) * self.alpha[:, None]  # alpha * (W h + b) = (alpha W) h + alpha b
-        out = torch.matmul(w, h.flatten(2)) + (self.alpha * self.up.bias)[:, None]
-        return out.view(out.shape[0], out.shape[1], *h.shape[2:])
+        if d.groups == 1:  # one input channel (STU-Net's first block): a dense convolution, fast in oneDNN
+            h = d(x)
+        else:
+            h = grouped_conv_taps(x, d.weight, d.bias, d.stride, d.padding, d.dilation)
+        h = torch.relu_(h) if isinstance(self.act, nn.ReLU) else self.act(h)  # h is a fresh tensor
+        b = h.shape[0]
+        # alpha * (W h + b) = (alpha W) h + alpha b; the bias rides on a row of ones appended to h
+        w = torch.cat([self.up.weight.flatten(1) * self.alpha[:, None], (self.alpha * self.up.bias)[:, None]], 1)
+        h1 = torch.cat([h.flatten(2), h.new_ones(b, 1, h[0, 0].numel())], 1)
+        w = w.expand(b, *w.shape)
+        out = torch.bmm(w, h1) if base is None else torch.baddbmm(base.flatten(2), w, h1)
+        return out.view(b, out.shape[1], *h.shape[2:])
 
 
 def set_conv_adapter_impl(model: nn.Module, impl: str) -> int:
@@ -147,7 +164,7 @@ def set_conv_adapter_impl(model: nn.Module, impl: str) -> int:
 def _parallel_conv_hook(conv: nn.Module, inputs, output):
     # the adapter is kept on the conv as a plain attribute (not a submodule, so its tensors are named only
     # under <block>.peft_conv_adapter); deepcopy (DINO's teacher) maps it to the copied adapter
-    return output + conv.__dict__["_peft_parallel"](inputs[0])
+    return conv.__dict__["_peft_parallel"].added_to(output, inputs[0])
 
 
 @dataclass
