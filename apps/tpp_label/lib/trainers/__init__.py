@@ -1,0 +1,3 @@
+from .bundle_tpp import BundleTPPTrain
+
+__all__ = ["BundleTPPTrain"]
