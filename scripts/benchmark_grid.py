@@ -5,7 +5,9 @@
     python scripts/benchmark_grid.py --spec spec.json --out dir --list       # cell indices and ids
     python scripts/benchmark_grid.py --spec spec.json --out dir --report     # only rewrite CSV/MD/PNG
 
-Finished cells are skipped on rerun (resumable); see tpp_monai.benchmark.grid for the spec format.
+Every cell is a run of the spec's bundle (in-process ``monai.bundle.run``: its TPP stage, train.json and
+evaluate.json, as tpp_monai.study runs its arms), so the grid's numbers are the bundle's. Finished cells are
+skipped on rerun (resumable); see tpp_monai.benchmark.grid for the spec format.
 """
 
 from __future__ import annotations

@@ -202,30 +202,3 @@ def test_sh_peft_defaults_are_the_papers():
     opt = build_sh_optimizer(_masked_model())
     assert isinstance(opt, MaskedSGD) and opt.param_groups[0]["lr"] == 1e-3
     assert isinstance(build_sh_optimizer(_masked_model(), optimizer="adamw"), MaskedAdamW)
-
-
-def test_grid_sh_peft_cell_uses_one_epoch_and_masked_sgd_with_cosine(monkeypatch):
-    """The benchmark grid's sh_peft cell: importance over the whole training split (one epoch), masked SGD
-    at the paper's lr, annealed by cosine to 0 over the run."""
-    import tpp_monai.peft.sh_peft as sh
-    from tpp_monai.benchmark import grid
-
-    seen = []
-    real = sh.estimate_importance
-
-    def counting(model, loss_fn, batches, **kw):
-        batches = list(batches)
-        seen.append(sum(len(b[0]) for b in batches))
-        return real(model, loss_fn, batches, **kw)
-
-    monkeypatch.setattr(sh, "estimate_importance", counting)
-    split = grid.synthetic_dataset(2, 40, 8, 16, 3, 0, 1.0)
-    cell = grid.Cell(index=0, method="sh_peft", method_config={"top_percent": 1.0}, dataset={"name": "s"}, seed=0,
-                     tpp=False)
-    torch.manual_seed(0)
-    bb = build_vit("tiny", img_size=16, patch_size=8, depth=1)
-    spec = {"train": {"iterations": 4, "batch_size": 16, "lr": 0.5}}
-    model, _, head, make_opt = grid._prepare(cell, spec, split, bb, torch.device("cpu"), False)
-    assert seen == [40]  # every training image once
-    opt = make_opt([p for p in model.parameters() if p.requires_grad])
-    assert isinstance(opt, sh.MaskedSGD) and opt.param_groups[0]["lr"] == 1e-3 and opt.cosine

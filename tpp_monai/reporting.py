@@ -1,7 +1,8 @@
 """Paired statistics for A/B results over seeds: mean difference, seeded bootstrap interval, sign count.
 
-Why its own module: the study and the demo report the same statistic (TPP minus no-TPP, paired by
-seed, labelled subset and budget), and a reader must be able to re-compute it. The interval is the
+Why its own module: the study, the demo and the benchmark grid report the same statistics (mean and sample std
+over seeds; TPP minus no-TPP, paired by seed, labelled subset and budget), and a reader must be able to
+re-compute them. The interval is the
 percentile bootstrap of the mean paired difference: ``n_resamples`` resamples of the pairs with
 replacement, drawn as one ``(n_resamples, n)`` index array from ``numpy.random.default_rng(seed)``,
 and the ``(1 - level) / 2`` and ``(1 + level) / 2`` percentiles (numpy's linear interpolation) of
@@ -11,6 +12,7 @@ the sign count is reported beside it for that reason.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -71,3 +73,10 @@ def paired_difference(a: Sequence[float], b: Sequence[float], higher_is_better: 
     sign = d if higher_is_better else -d
     return PairedDifference(n=len(d), mean=float(d.mean()), lo=lo, hi=hi, better=int((sign > 0).sum()),
                             worse=int((sign < 0).sum()), ties=int((sign == 0).sum()), level=level)
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value) of a result column."""
+    a = [float(x) for x in xs]
+    m = math.fsum(a) / len(a)
+    return m, math.sqrt(math.fsum((x - m) ** 2 for x in a) / (len(a) - 1)) if len(a) > 1 else 0.0

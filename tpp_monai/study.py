@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from tpp_monai.checkpoint import atomic_write
-from tpp_monai.reporting import PairedDifference, paired_difference
+from tpp_monai.reporting import PairedDifference, mean_std, paired_difference
 
 if TYPE_CHECKING:
     import torch
@@ -268,8 +268,9 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def ensure_tpp(spec: StudySpec, backbone: Path, seed: int) -> Path:
-    """TPP of the target parameters on every training image for ``seed``; re-used when it exists."""
+def ensure_tpp(spec: StudySpec, backbone: Path | str, seed: int) -> Path:
+    """TPP of the target parameters on every training image for ``seed``; re-used when it exists.
+    ``backbone`` ``""``: the bundle's seeded random backbone (smoke tests, the benchmark grid's tiny specs)."""
     root = Path(spec.work) / "tpp" / f"seed{seed}"
     ckpt = root / "models" / "tpp_target_params.pt"
     if not ckpt.is_file():
@@ -305,8 +306,9 @@ def write_count_datalist(datalist: str | os.PathLike, out: str | os.PathLike, co
     return write_subset_datalist(datalist, out, 1.0, seed, exact=count, per_class=per_class)
 
 
-def run_arm(spec: StudySpec, backbone: Path, fraction: float, seed: int, init: str) -> dict[str, Any]:
-    """Fine-tune and test one arm; returns its result record (read back from its ``metrics.json``)."""
+def run_arm(spec: StudySpec, backbone: Path | str, fraction: float, seed: int, init: str) -> dict[str, Any]:
+    """Fine-tune and test one arm; returns its result record (read back from its ``metrics.json``).
+    Also one cell of the benchmark grid (:mod:`tpp_monai.benchmark.grid`); ``backbone`` as in :func:`ensure_tpp`."""
     d = _arm_dir(spec, fraction, seed, init)
     done = d / "result.json"
     if done.is_file():
@@ -421,13 +423,6 @@ def run_study(spec: StudySpec, progress: bool = True) -> list[dict[str, Any]]:
         bar.set_postfix_str(f"{fraction:g} labels, seed {seed}, {INIT_LABEL[init]}")
         results.append(run_arm(spec, backbone, fraction, seed, init))
     return results
-
-
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof 1; 0 for a single value) of a result column."""
-    a = [float(x) for x in xs]
-    m = math.fsum(a) / len(a)
-    return m, math.sqrt(math.fsum((x - m) ** 2 for x in a) / (len(a) - 1)) if len(a) > 1 else 0.0
 
 
 def summarise(results: Iterable[dict[str, Any]], metric: str = "dice") -> list[dict[str, Any]]:

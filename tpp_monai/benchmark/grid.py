@@ -1,41 +1,50 @@
 """PEFT benchmark grid (Dutt et al. protocol, small): methods x datasets x seeds, with or without TPP.
 
+Every cell is a bundle run: one arm of the study runner (:func:`tpp_monai.study.run_arm`), i.e. the bundle's
+``train.json`` + ``evaluate.json`` in-process through ``monai.bundle.run`` (after its ``tpp_pretrain.json``,
+:func:`tpp_monai.study.ensure_tpp`, for TPP cells). A cell's metric is therefore the metric that
+``python -m monai.bundle run`` gives with the same overrides (``tests/test_benchmark_grid.py`` checks it
+exactly): the backbone goes through the bundle's checkpoint converter and ``input_norm``, the head is the
+bundle's, the schedule, clipping and resume are the bundle's. There is no training loop here.
+
 One JSON/YAML spec describes the grid (see ``benchmarks/specs/tiny_grid.json``)::
 
-    {"backbone": {"size": "tiny", "img_size": 32, "patch_size": 8, "depth": 2, "checkpoint": null},
-     "methods": ["adapter", {"name": "sh_peft", "config": {"top_percent": 1.0}},
-                 {"name": "full", "train": {"lr": 1e-4}}],
+    {"bundle": "bundles/mhist_adapter_tpp", "backbone_ckpt": "",
+     "overrides": {"vit_size": "tiny", "image_size": 32, "vit_overrides": {"patch_size": 8, "depth": 2}},
+     "methods": ["linear", {"name": "full", "train": {"lr": 3e-4}}, {"name": "adapter", "config": {"bottleneck": 8}}],
      "datasets": [{"name": "synthetic", "num_classes": 2, "n_train": 64, "n_val": 32},
-                  {"name": "mhist", "datalist": "data/mhist.json", "num_classes": 2}],
-     "seeds": [0, 1], "tpp": [false, true], "metric": "f1",
-     "train": {"iterations": 30, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.05},
-     "tpp_train": {"iterations": 10, "batch_size": 16, "lr": 1.5e-4}}
+                  {"name": "mhist", "datalist": "data/mhist/datalist.json", "num_classes": 2}],
+     "seeds": [0, 1], "tpp": [false, true], "metric": "f1", "eval_split": "validation",
+     "train": {"iterations": 30, "batch_size": 16, "lr": 1e-3},
+     "tpp_train": {"epochs": 1, "batch_size": 16, "warmup_epochs": 0, "pretext": "mae"}}
+
+* ``bundle``: a classification bundle (relative paths: to the working folder, else to the repository);
+  ``backbone_ckpt``: the pre-trained backbone ("" : the bundle's seeded random ViT, smoke tests only).
+* ``overrides``: bundle config ids for every cell (also per dataset and per method: ``"overrides"``);
+  a method's ``config`` is the bundle's ``peft_config`` (absent: the bundle's per-method default).
+* ``train``: ``iterations`` / ``batch_size`` / ``lr`` (absent ``lr``: the bundle's ``lr_per_method``), per
+  method overridable; ``tpp_train``: ``epochs`` / ``batch_size`` / ``warmup_epochs`` / ``pretext`` of the TPP
+  stage (its other options, e.g. ``tpp_lr`` or ``pretext_config``, are bundle ``overrides``).
+* A dataset is a MONAI datalist (``{"training": [{"image": path, "label": int}], "validation": [...]}``) or
+  ``synthetic*``: learnable toy PNGs written once under ``out/data/<name>`` (class ``c`` brightens quadrant
+  ``c % 4`` of channel ``c % 3``). The metric is the bundle's evaluation of the *final* model on
+  ``eval_split`` (default "validation"), in %.
 
 Cells are the product methods x datasets x tpp x seeds in that order; ``cell.index`` is stable, so
 ``--cell i`` can run one cell as an independent job. Each finished cell writes
-``out/cells/<cell_id>.json`` atomically; reruns skip cells whose file exists (resumable), and after
-every cell ``results.csv``, ``results.md`` (mean ± std over seeds, papers' style) and the plots
-``perf_vs_params.png`` / ``perf_vs_memory.png`` are rewritten from all cell files.
+``out/cells/<cell_id>.json`` atomically; reruns skip cells whose file exists (resumable; the bundle runs
+themselves resume too), and after every cell ``results.csv``, ``results.md`` (mean ± std over seeds and the
+paired TPP effect with its bootstrap interval, :mod:`tpp_monai.reporting`, as the study reports it) and the
+plots ``perf_vs_params.png`` / ``perf_vs_memory.png`` are rewritten from all cell files.
 
-Cell runner: a ViT (from scratch, or ``backbone.checkpoint``: a state dict / ``{"model"|"state_dict"}``
-file), the PEFT method, a linear head on the class token, ``train.iterations`` AdamW iterations on
-random mini-batches, metrics ACC / AUC / macro-F1 on the validation split (in %).
-"full" and "linear" fall back to built-in handling when no such PEFT method is registered;
-"sh_peft" estimates the importance with the task loss over one epoch of the training split (or
-``config.importance_batches`` batches) and trains with the paper's optimiser
-(:func:`~tpp_monai.peft.sh_peft.build_sh_optimizer`: masked SGD lr 1e-3 with a cosine schedule;
-``config.optimizer: "adamw"`` for :class:`~tpp_monai.peft.sh_peft.MaskedAdamW`; a cell's ``train.lr`` wins); "fpt_plus" trains an
-:class:`~tpp_monai.peft.fpt_plus.FPTPlusClassifier` (frozen branch at ``img_size``).
+Cells the bundles cannot run are recorded, not run: ``status: "unsupported"`` for TPP cells of methods
+without a TPP stage (full, linear, ``tpp_supported = False``) and for every cell of the methods the bundles
+do not train (:data:`NOT_IN_BUNDLES`: SH-PEFT needs its importance mask and masked optimiser, FPT+ its side
+network; ``tpp_monai.peft.sh_peft`` / ``fpt_plus`` and ``benchmarks/fpt_memory.py`` measure those).
 
-TPP cells call ``tpp_hook(backbone, cell, spec, train_images, work_dir)`` before fine-tuning; the
-default hook is :func:`default_tpp_hook` (``tpp_monai.tpp.tpp_pretrain`` with MAE, the method's
-target parameters stay in the backbone). Methods whose targets TPP cannot pre-train here (full,
-linear, and methods with ``tpp_supported = False``: sh_peft, fpt_plus) are recorded with
-``status: "unsupported"``.
-
-Memory: ``memory_mb`` is the peak memory during training above what was held once the model was
-built (CUDA ``max_memory_allocated``; CPU peak RSS via ``VmHWM``, approximate in a long process, see
-:mod:`tpp_monai.metrics.efficiency`).
+Parameters: the bundle's own network (``network_def``), task head included. Memory: ``memory_mb`` is the peak
+memory of the fine-tuning run (train + evaluate) above what the process held before it (CUDA
+``max_memory_allocated``; CPU peak RSS via ``VmHWM``, approximate, see :mod:`tpp_monai.metrics.efficiency`).
 """
 
 from __future__ import annotations
@@ -46,19 +55,30 @@ import io
 import itertools
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from tpp_monai.checkpoint import atomic_write
+from tpp_monai.reporting import mean_std, paired_difference
 
-from tpp_monai.study import mean_std
-
-TPP_UNSUPPORTED = ("full", "linear", "sh_peft", "fpt_plus")
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_BUNDLE = "bundles/mhist_adapter_tpp"
+TPP_UNSUPPORTED = ("full", "linear")
+#: methods the bundles do not fine-tune (why, for the cell's record)
+NOT_IN_BUNDLES = {
+    "sh_peft": "SH-PEFT needs its importance mask and masked optimiser, which the bundles do not build",
+    "fpt_plus": "FPT+ trains a side network the bundles' classifier does not call",
+}
+METRICS = ("acc", "auc", "f1")
+TRAIN_KEYS = ("iterations", "batch_size", "lr")
+TPP_KEYS = {"epochs": "tpp_epochs", "batch_size": "tpp_batch_size", "warmup_epochs": "tpp_warmup_epochs",
+            "pretext": "pretext"}
+#: bundle ids the runner sets per cell (an override of them would be ignored or clash)
+RUNNER_IDS = ("bundle_root", "dataset_dir", "datalist", "peft_method", "backbone_ckpt", "tpp_ckpt", "seed",
+              "num_iterations", "batch_size", "val_interval", "model_ckpt", "run", "pretext", "tpp_epochs",
+              "tpp_batch_size", "tpp_warmup_epochs", "num_workers")
 CSV_FIELDS = [
     "cell", "index", "method", "dataset", "seed", "tpp", "status", "score", "metric", "acc", "auc", "f1",
     "trainable", "total", "param_percent", "memory_mb", "memory_method", "seconds", "error",
@@ -75,6 +95,7 @@ class Cell:
     seed: int
     tpp: bool
     train: dict = field(default_factory=dict)  # per-method overrides of spec["train"] (e.g. a learning rate)
+    overrides: dict = field(default_factory=dict)  # per-method bundle overrides
 
     @property
     def label(self) -> str:
@@ -96,15 +117,15 @@ def load_spec(spec: str | os.PathLike | dict) -> dict:
     return json.loads(text)
 
 
-def _method_entry(m: Any) -> tuple[str, dict, dict]:
+def _method_entry(m: Any) -> tuple[str, dict, dict, dict]:
     if isinstance(m, str):
-        return m, {}, {}
+        return m, {}, {}, {}
     if isinstance(m, dict) and "name" in m:
         cfg = dict(m.get("config", {}))
         if "label" in m:
             cfg["label"] = m["label"]
-        return m["name"], cfg, dict(m.get("train", {}))
-    raise ValueError(f"method entries are names or {{'name', 'config'}} dicts; got {m!r}")
+        return m["name"], cfg, dict(m.get("train", {})), dict(m.get("overrides", {}))
+    raise ValueError(f"method entries are names or {{'name', 'config', 'train', 'overrides'}} dicts; got {m!r}")
 
 
 def expand_cells(spec: dict) -> list[Cell]:
@@ -117,193 +138,133 @@ def expand_cells(spec: dict) -> list[Cell]:
     tpp = [bool(t) for t in (tpp if isinstance(tpp, list) else [tpp])]
     seeds = [int(s) for s in spec.get("seeds", [0])]
     cells = []
-    for i, ((m, cfg, tr), d, t, s) in enumerate(itertools.product(methods, datasets, tpp, seeds)):
-        cells.append(Cell(i, m, cfg, d, s, t, tr))
+    for i, ((m, cfg, tr, ov), d, t, s) in enumerate(itertools.product(methods, datasets, tpp, seeds)):
+        cells.append(Cell(i, m, cfg, d, s, t, tr, ov))
     return cells
 
 
 # ------------------------------------------------------------------------------ data
-@dataclass
-class Split:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    num_classes: int
+def _quadrant_images(num_classes: int, n: int, size: int, noise: float, g: Any) -> tuple[Any, list[int]]:
+    import torch
+
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    x = noise * torch.randn(n, 3, size, size, generator=g)
+    h = size // 2
+    for i, c in enumerate(y.tolist()):
+        q = c % 4
+        r, col = (q // 2) * h, (q % 2) * h
+        x[i, c % 3, r:r + h, col:col + h] += 1.5
+    return (127.5 + 40.0 * x).round().clamp(0, 255).to(torch.uint8), y.tolist()
 
 
-def synthetic_dataset(num_classes: int = 2, n_train: int = 64, n_val: int = 32, img_size: int = 32,
-                      in_chans: int = 3, seed: int = 0, noise: float = 1.0) -> Split:
-    """Learnable toy images: class c brightens quadrant ``c % 4`` of channel ``c % in_chans`` plus noise."""
+def write_synthetic_dataset(root: str | os.PathLike, num_classes: int = 2, n_train: int = 64, n_val: int = 32,
+                            image_size: int = 32, seed: int = 0, noise: float = 1.0) -> Path:
+    """Learnable toy RGB PNGs and their datalist (``training``, ``validation``, ``test`` = ``validation``)
+    under ``root``; written once (re-used while ``root/settings.json``, written last and atomically, matches:
+    an interrupted write is redone). Returns the datalist."""
+    import torch
+    from PIL import Image
+
+    root = Path(root)
+    settings = {"num_classes": num_classes, "n_train": n_train, "n_val": n_val, "image_size": image_size,
+                "seed": seed, "noise": noise, "format": 1}
+    datalist, stamp = root / "datalist.json", root / "settings.json"
+    if datalist.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings:
+        return datalist
     g = torch.Generator().manual_seed(seed)
-
-    def make(n):
-        y = torch.randint(0, num_classes, (n,), generator=g)
-        x = noise * torch.randn(n, in_chans, img_size, img_size, generator=g)
-        h = img_size // 2
-        for i, c in enumerate(y.tolist()):
-            q = c % 4
-            r, col = (q // 2) * h, (q % 2) * h
-            x[i, c % in_chans, r:r + h, col:col + h] += 1.5
-        return x, y
-
-    xt, yt = make(n_train)
-    xv, yv = make(n_val)
-    return Split(xt, yt, xv, yv, num_classes)
-
-
-def datalist_dataset(path: str | os.PathLike, img_size: int, in_chans: int = 3, num_classes: int | None = None,
-                     train_key: str = "training", val_key: str = "validation", image_key: str = "image",
-                     label_key: str = "label", max_items: int | None = None) -> Split:
-    """A MONAI datalist JSON (``{"training": [{"image": path, "label": int}], "validation": [...]}``),
-    loaded with MONAI, scaled to [0, 1] and resized to ``img_size``; grey images are repeated to 3 channels."""
-    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Resize, ScaleIntensity
-
-    from tpp_monai.data.transforms import upright_image_reader
-
-    lists = json.loads(Path(path).read_text())
-    base = Path(path).parent
-    tf = Compose([LoadImage(reader=upright_image_reader(), image_only=True), EnsureChannelFirst(), ScaleIntensity(),
-                  Resize((img_size, img_size))])
-
-    def load(items):
-        xs, ys = [], []
-        for it in items[:max_items]:
-            p = Path(it[image_key])
-            img = torch.as_tensor(tf(str(p if p.is_absolute() else base / p))).float()
-            if img.ndim == 4:  # (C, H, W, 1)
-                img = img[..., 0]
-            if img.shape[0] != in_chans:
-                img = img[:1].repeat(in_chans, 1, 1) if img.shape[0] in (1, 4) and in_chans == 3 else img[:in_chans]
-            xs.append(img)
-            lab = it[label_key]
-            ys.append(int(lab if not isinstance(lab, (list, tuple)) else max(range(len(lab)), key=lambda i: lab[i])))
-        return torch.stack(xs), torch.tensor(ys)
-
-    xt, yt = load(lists[train_key])
-    xv, yv = load(lists.get(val_key) or lists.get("test"))
-    k = num_classes or int(max(yt.max(), yv.max())) + 1
-    return Split(xt, yt, xv, yv, k)
+    lists: dict[str, list[dict]] = {}
+    for split, n in (("training", n_train), ("validation", n_val)):
+        images, labels = _quadrant_images(num_classes, n, image_size, noise, g)
+        lists[split] = []
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            name = f"{split}/{i:04d}.png"
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(root / name, format="PNG")  # valid once stamped
+            lists[split].append({"image": name, "label": int(lab)})
+    lists["test"] = lists["validation"]
+    atomic_write(datalist, json.dumps(lists, indent=1))
+    atomic_write(stamp, json.dumps(settings))
+    return datalist
 
 
-def load_dataset(ds: dict, img_size: int, in_chans: int) -> Split:
+def dataset_files(ds: dict, spec: dict, out_dir: str | os.PathLike) -> tuple[Path, int]:
+    """The dataset's datalist (synthetic ones written first) and its number of classes."""
     if ds.get("datalist"):
-        return datalist_dataset(ds["datalist"], img_size, in_chans, ds.get("num_classes"),
-                                max_items=ds.get("max_items"))
+        p = Path(ds["datalist"])
+        if not p.is_file():
+            raise FileNotFoundError(f"dataset {ds['name']!r}: datalist {p} not found; prepare it first "
+                                    "(scripts/prepare_<dataset>.py) or fix the spec's path")
+        k = ds.get("num_classes")
+        if k is None:
+            lists = json.loads(p.read_text())
+            k = 1 + max(int(e["label"]) for split in ("training", "validation") for e in lists.get(split, []))
+        return p, int(k)
     if ds.get("kind", ds["name"]).startswith("synthetic"):
-        return synthetic_dataset(int(ds.get("num_classes", 2)), int(ds.get("n_train", 64)), int(ds.get("n_val", 32)),
-                                 img_size, in_chans, int(ds.get("seed", 0)), float(ds.get("noise", 1.0)))
+        k = int(ds.get("num_classes", 2))
+        size = int(ds.get("image_size", spec.get("overrides", {}).get("image_size", 224)))
+        p = write_synthetic_dataset(Path(out_dir) / "data" / ds["name"], k, int(ds.get("n_train", 64)),
+                                    int(ds.get("n_val", 32)), size, int(ds.get("seed", 0)),
+                                    float(ds.get("noise", 1.0)))
+        return p, k
     raise ValueError(f"dataset {ds['name']!r}: give a 'datalist' JSON path or name it synthetic*")
 
 
-# ------------------------------------------------------------------------------ model
-def build_backbone(spec: dict) -> nn.Module:
-    from tpp_monai.backbones.vit import build_vit
-    from tpp_monai.checkpoint import safe_load
-
-    b = dict(spec.get("backbone", {}))
-    size = b.pop("size", "tiny")
-    ckpt = b.pop("checkpoint", None)
-    vit = build_vit(size, **b)
-    if ckpt:
-        state = safe_load(ckpt)
-        if isinstance(state, dict):
-            for key in ("model", "state_dict", "network_weights"):
-                if key in state and isinstance(state[key], dict):
-                    state = state[key]
-                    break
-        missing, unexpected = vit.load_state_dict(state, strict=False)
-        if len(missing) > 2:  # a final norm / head may differ; more means the wrong checkpoint
-            raise ValueError(f"backbone checkpoint {ckpt} misses {len(missing)} tensors, e.g. {missing[:4]}")
-    return vit
+# ------------------------------------------------------------------------------ cells as bundle runs
+def bundle_dir(spec: dict) -> Path:
+    """The spec's bundle folder (relative: to the working folder, else to the repository)."""
+    b = Path(spec.get("bundle", DEFAULT_BUNDLE))
+    if not b.is_absolute() and not (b / "configs").is_dir():
+        b = REPO / b
+    if not (b / "configs" / "train.json").is_file():
+        raise FileNotFoundError(f"the grid's bundle {b} has no configs/train.json; set \"bundle\" in the spec to a "
+                                "classification bundle folder, e.g. bundles/mhist_adapter_tpp")
+    return b.resolve()
 
 
-def default_tpp_hook(backbone: nn.Module, cell: Cell, spec: dict, train_images: torch.Tensor,
-                     work_dir: Path) -> None:
-    """TPP stage with ``tpp_monai.tpp.tpp_pretrain`` (MAE) on the cell's training images."""
-    from tpp_monai.tpp import tpp_pretrain
-
-    t = dict(spec.get("tpp_train", {}))
-    cfg = {k: v for k, v in cell.method_config.items() if k != "label"}
-    tpp_pretrain(
-        backbone, cell.method, t.get("pretext", "mae"), train_images, peft_config=cfg or None,
-        pretext_config=t.get("pretext_config"), epochs=int(t.get("epochs", 1)),
-        batch_size=int(t.get("batch_size", 16)), lr=t.get("lr"), max_iterations=t.get("iterations"),
-        output_dir=work_dir, seed=cell.seed, device=spec.get("device", "cpu"), tensorboard=False, log_every=10 ** 9,
-        checkpoint_every_epochs=None,
-    )
+def _checked_overrides(where: str, overrides: dict) -> dict:
+    clash = sorted(set(overrides) & set(RUNNER_IDS))
+    if clash:
+        raise ValueError(f"the grid spec's {where} overrides {clash}, which the grid sets per cell; use "
+                         "'train' (iterations, batch_size, lr), 'tpp_train' (epochs, batch_size, warmup_epochs, "
+                         "pretext), 'seeds' or 'backbone_ckpt' instead")
+    return dict(overrides)
 
 
-class _ClsModel(nn.Module):
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone, self.head = backbone, head
+def cell_study_spec(cell: Cell, spec: dict, out_dir: str | os.PathLike) -> Any:
+    """The :class:`~tpp_monai.study.StudySpec` whose arm ``(1.0, cell.seed, init)`` is this cell."""
+    from tpp_monai.study import StudySpec
 
-    def forward(self, x):
-        return self.head(self.backbone(x)[:, 0])
-
-
-def _prepare(cell: Cell, spec: dict, split: Split, backbone: nn.Module, device: torch.device, tpp_done: bool):
-    """Model, trainable parameters and optimiser factory for the cell's method."""
-    from tpp_monai.peft import PEFT_METHODS, apply_peft, get_peft
-
-    cfg = {k: v for k, v in cell.method_config.items() if k != "label"}
-    name = cell.method
-    head = nn.Linear(backbone.embed_dim, split.num_classes)
-    tr = {**spec.get("train", {}), **cell.train}
-    lr, wd = float(tr.get("lr", 1e-3)), float(tr.get("weight_decay", 0.05))
-
-    def adamw(params):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-
-    if name == "fpt_plus":
-        from tpp_monai.peft.fpt_plus import FPTPlusClassifier
-
-        model = FPTPlusClassifier(backbone, num_classes=split.num_classes, **cfg)
-        return model.to(device), model.frozen, model.head, adamw
-    if name in ("full", "linear") and name not in PEFT_METHODS:
-        for p in backbone.parameters():
-            p.requires_grad_(name == "full")
-        model = _ClsModel(backbone, head)
-        return model.to(device), backbone, head, adamw
-    if name == "sh_peft":
-        from tpp_monai.peft.sh_peft import PAPER_DEFAULTS, build_mask, build_sh_optimizer, estimate_importance
-
-        model = _ClsModel(backbone, head).to(device)
-        bs = int(tr.get("batch_size", 16))
-        xs, ys = split.x_train, split.y_train
-        nb = cfg.pop("importance_batches", None)  # None: one epoch (the paper's)
-        n_imp = len(xs) if nb is None else min(len(xs), int(nb) * bs)
-        batches = [(xs[i:i + bs].to(device), ys[i:i + bs].to(device)) for i in range(0, n_imp, bs)]
-        opt_name = cfg.pop("optimizer", PAPER_DEFAULTS["optimizer"])
-        sh_lr = float(cell.train["lr"]) if "lr" in cell.train else PAPER_DEFAULTS["lr"]
-
-        def loss_fn(m, b):
-            return F.cross_entropy(m(b[0]), b[1])
-
-        imp = estimate_importance(model, loss_fn, batches, variant=cfg.get("variant", "l2"),
-                                  lam=float(cfg.get("lam", 1.0)), module=backbone)
-        mask = build_mask(imp, float(cfg.get("top_percent", 1.0)))
-        apply_peft(backbone, "sh_peft", {k: v for k, v in cfg.items() if k in ("top_percent", "variant", "lam")}, mask=mask)
-
-        def masked(params):
-            opt = build_sh_optimizer(backbone, head.parameters(), optimizer=opt_name, lr=sh_lr,
-                                     weight_decay=float(cell.train["weight_decay"]) if "weight_decay" in cell.train
-                                     else None)
-            opt.cosine = PAPER_DEFAULTS["schedule"] == "cosine"  # the run loop anneals it over its iterations
-            return opt
-
-        return model, backbone, head, masked
-    if not tpp_done:
-        apply_peft(backbone, name, cfg or None)
-    else:
-        get_peft(backbone)
-    model = _ClsModel(backbone, head)
-    return model.to(device), backbone, head, adamw
+    datalist, k = dataset_files(cell.dataset, spec, out_dir)
+    train = {**spec.get("train", {}), **cell.train}
+    tpp = dict(spec.get("tpp_train", {}))
+    for where, keys, given in (("train", TRAIN_KEYS, train), ("tpp_train", tuple(TPP_KEYS), tpp)):
+        unknown = sorted(set(given) - set(keys))
+        if unknown:
+            raise ValueError(f"the grid spec's {where!r} has {unknown}; it takes {list(keys)} (other bundle "
+                             "settings go in 'overrides', under their bundle ids)")
+    overrides = {"num_classes": k, "class_names": [f"class_{i}" for i in range(k)],
+                 "eval_split": spec.get("eval_split", "validation"),
+                 **_checked_overrides("overrides", spec.get("overrides", {})),
+                 **_checked_overrides(f"dataset {cell.dataset['name']!r}", cell.dataset.get("overrides", {})),
+                 **_checked_overrides(f"method {cell.label!r}", cell.overrides)}
+    peft_config = {k_: v for k_, v in cell.method_config.items() if k_ != "label"}
+    if peft_config:
+        overrides["peft_config"] = peft_config
+    if spec.get("device"):
+        overrides["device"] = f"$torch.device({str(spec['device'])!r})"
+    iterations = int(train.get("iterations", 30))
+    return StudySpec(
+        bundle=str(bundle_dir(spec)), dataset_dir=str(datalist.parent), datalist=str(datalist),
+        work=str(Path(out_dir) / "work" / cell.cell_id), fractions=(1.0,), seeds=(cell.seed,),
+        peft_method=cell.method, pretext=str(tpp.get("pretext", "mae")), iterations=iterations,
+        batch_size=int(train.get("batch_size", 16)), val_every=iterations,  # validate once, at the end
+        tpp_epochs=int(tpp.get("epochs", 1)), tpp_batch_size=tpp.get("batch_size"),
+        tpp_warmup_epochs=tpp.get("warmup_epochs"), lr=train.get("lr"),
+        backbone_ckpt=str(spec.get("backbone_ckpt") or ""), metrics=METRICS, overrides=overrides)
 
 
 def tpp_supported(method: str) -> bool:
-    """False for methods the TPP stage cannot pre-train here (``TPP_UNSUPPORTED`` or ``tpp_supported = False``)."""
+    """False for methods without a TPP stage (``TPP_UNSUPPORTED`` or ``tpp_supported = False``)."""
     from tpp_monai.peft import PEFT_METHODS
 
     if method in TPP_UNSUPPORTED:
@@ -311,96 +272,53 @@ def tpp_supported(method: str) -> bool:
     return method not in PEFT_METHODS or bool(getattr(PEFT_METHODS.get(method), "tpp_supported", True))
 
 
-def run_cell(cell: Cell, spec: dict, out_dir: str | os.PathLike, tpp_hook: Callable | None = None) -> dict:
-    """Train and evaluate one cell; returns the result row (also what is written to the cell file)."""
-    from tpp_monai.metrics.classification import classification_metrics
+def run_cell(cell: Cell, spec: dict, out_dir: str | os.PathLike) -> dict:
+    """Run one cell through the bundle (TPP stage, fine-tuning, evaluation); returns its result row."""
+    from tpp_monai.bundle.networks import trainable_report
     from tpp_monai.metrics.efficiency import PeakMemory
-    from tpp_monai.peft import parameter_report
+    from tpp_monai.study import bundle_network, ensure_tpp, run_arm
 
     t0 = time.perf_counter()
     row: dict[str, Any] = {
         "cell": cell.cell_id, "index": cell.index, "method": cell.label, "dataset": cell.dataset["name"],
         "seed": cell.seed, "tpp": cell.tpp, "metric": spec.get("metric", "f1"), "status": "ok", "error": "",
     }
-    if cell.tpp and not tpp_supported(cell.method):
-        row.update(status="unsupported", error=f"TPP is not available for '{cell.method}' in this runner")
+    if cell.method in NOT_IN_BUNDLES:
+        row.update(status="unsupported", error=f"not run by the bundles: {NOT_IN_BUNDLES[cell.method]}")
         return row
-    device = torch.device(spec.get("device", "cpu"))
-    b = spec.get("backbone", {})
-    img, chans = int(b.get("img_size", 224)), int(b.get("in_chans", 3))
-    split = load_dataset(cell.dataset, img, chans)
-    torch.manual_seed(int(spec.get("backbone_seed", 0)))
-    backbone = build_backbone(spec)
-    torch.manual_seed(cell.seed)
-    tpp_done = False
+    if cell.tpp and not tpp_supported(cell.method):
+        row.update(status="unsupported", error=f"'{cell.method}' has no target parameters for a TPP stage")
+        return row
+    if row["metric"] not in METRICS:
+        raise ValueError(f"the grid spec's metric {row['metric']!r} is not one of {list(METRICS)}")
+    s = cell_study_spec(cell, spec, out_dir)
+    backbone = s.backbone_ckpt
     if cell.tpp:
-        hook = tpp_hook or default_tpp_hook
-        hook(backbone, cell, spec, split.x_train, Path(out_dir) / "work" / cell.cell_id)
-        tpp_done = True
-        torch.manual_seed(cell.seed)
-    model, bb, head, make_opt = _prepare(cell, spec, split, backbone, device, tpp_done)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_opt(params)
-    tr = {**spec.get("train", {}), **cell.train}
-    iters, bs = int(tr.get("iterations", 30)), int(tr.get("batch_size", 16))
-    g = torch.Generator().manual_seed(cell.seed)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters) if getattr(opt, "cosine", False) else None
-    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-    model.train()
-    with PeakMemory(device, baseline) as pm:
-        for _ in range(iters):
-            idx = torch.randint(0, len(split.x_train), (min(bs, len(split.x_train)),), generator=g)
-            x, y = split.x_train[idx].to(device), split.y_train[idx].to(device)
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-    model.eval()
-    with torch.no_grad():
-        scores = torch.cat([model(split.x_val[i:i + bs].to(device)).softmax(-1).cpu()
-                            for i in range(0, len(split.x_val), bs)])
-    m = classification_metrics(split.y_val.numpy(), scores.numpy(), percent=True)
-    rep = parameter_report(bb, head)
-    trainable = rep.trainable
-    if cell.method == "sh_peft":  # whole tensors require grad, but only the selected entries train
-        from tpp_monai.peft import get_peft
+        ensure_tpp(s, backbone, cell.seed)  # outside the memory measurement: it is the fine-tuning's
+    import torch
 
-        trainable = get_peft(bb).num_selected() + sum(p.numel() for p in head.parameters())
-    row.update(
-        score=m[row["metric"]], acc=m["acc"], auc=m["auc"], f1=m["f1"], trainable=trainable, total=rep.total,
-        param_percent=100.0 * trainable / max(rep.total, 1), memory_mb=pm.peak_mb, memory_method=pm.method, seconds=time.perf_counter() - t0,
-    )
+    device = torch.device(spec.get("device", "cpu"))
+    with PeakMemory(device, cpu_method="rss") as pm:
+        rec = run_arm(s, backbone, 1.0, cell.seed, "tpp" if cell.tpp else "random")
+    rep = trainable_report(bundle_network(s, backbone_ckpt=backbone, seed=cell.seed))
+    row.update(score=rec[row["metric"]], **{m: rec[m] for m in METRICS}, trainable=int(rep["trainable"]),
+               total=int(rep["total"]), param_percent=rep["ratio_percent"], memory_mb=pm.peak_mb,
+               memory_method=pm.method, seconds=time.perf_counter() - t0)
     return row
 
 
 # ------------------------------------------------------------------------------ grid
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def cell_path(out_dir: str | os.PathLike, cell: Cell) -> Path:
     return Path(out_dir) / "cells" / f"{cell.cell_id}.json"
 
 
 def run_grid(spec: str | os.PathLike | dict, out_dir: str | os.PathLike, cells: Sequence[int] | None = None,
-             tpp_hook: Callable | None = None, rerun_failed: bool = True, log: Callable[[str], None] = print) -> list[str]:
+             rerun_failed: bool = True, log: Callable[[str], None] = print) -> list[str]:
     """Run the (selected) cells not finished yet, rewriting the reports after each; returns the cell ids run."""
     spec = load_spec(spec)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "spec.json", json.dumps(spec, indent=1))
+    atomic_write(out / "spec.json", json.dumps(spec, indent=1))
     all_cells = expand_cells(spec)
     todo = all_cells if cells is None else [all_cells[i] for i in cells]
     ran = []
@@ -412,12 +330,12 @@ def run_grid(spec: str | os.PathLike | dict, out_dir: str | os.PathLike, cells: 
                 continue
         log(f"[grid] cell {cell.index + 1}/{len(all_cells)}: {cell.cell_id}")
         try:
-            row = run_cell(cell, spec, out, tpp_hook)
+            row = run_cell(cell, spec, out)
         except Exception as e:  # keep going; the error is recorded and the cell reruns next time
             row = {"cell": cell.cell_id, "index": cell.index, "method": cell.label, "dataset": cell.dataset["name"],
                    "seed": cell.seed, "tpp": cell.tpp, "status": "error", "error": f"{type(e).__name__}: {e}"}
             log(f"[grid]   failed: {row['error']}")
-        _atomic_write(path, json.dumps(row, indent=1))
+        atomic_write(path, json.dumps(row, indent=1))
         ran.append(cell.cell_id)
         write_reports(out, spec)
     if not ran:
@@ -450,11 +368,23 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def tpp_effects(rows: list[dict]) -> list[dict]:
+    """Per (method, dataset): the paired TPP - no-TPP difference of the score over the seeds that have both."""
+    by = {(r["method"], r["dataset"], bool(r["tpp"]), r["seed"]): r["score"] for r in rows if r.get("status") == "ok"}
+    out = []
+    for m, ds in dict.fromkeys((k[0], k[1]) for k in by):
+        seeds = sorted(s for (m_, d_, t, s) in by if (m_, d_, t) == (m, ds, False) and (m, ds, True, s) in by)
+        if seeds:
+            d = paired_difference([by[(m, ds, False, s)] for s in seeds], [by[(m, ds, True, s)] for s in seeds])
+            out.append({"method": m, "dataset": ds, "seeds": seeds, "diff": d})
+    return out
+
+
 def markdown_table(rows: list[dict], metric: str = "f1") -> str:
     summ = summarise(rows)
     datasets = list(dict.fromkeys(r["dataset"] for r in rows if r.get("status") == "ok"))
     head = ["Method", "TPP", "Params (%)", "Mem (MB)"] + datasets + ["Avg"]
-    lines = [f"{metric.upper()} (%) on the validation split, mean ± std over seeds", "",
+    lines = [f"{metric.upper()} (%) of the bundle runs, mean ± std over seeds", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for s in summ:
         cells = [s["method"], "✓" if s["tpp"] else "", f"{s['param_percent']:.2f}", f"{s['memory_mb']:.1f}"]
@@ -462,6 +392,14 @@ def markdown_table(rows: list[dict], metric: str = "f1") -> str:
             cells.append(f"{s['per_dataset'][ds][0]:.2f} ± {s['per_dataset'][ds][1]:.2f}" if ds in s["per_dataset"] else "-")
         cells.append(f"{s['avg']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
+    effects = tpp_effects(rows)
+    if effects:
+        lines += ["", f"TPP effect on {metric.upper()} (TPP - no TPP, paired by seed; 95% bootstrap interval)", "",
+                  "| Method | Dataset | seeds | paired diff | 95% CI | TPP better |", "|---|---|---:|---:|---|---:|"]
+        for e in effects:
+            d = e["diff"]
+            lines.append(f"| {e['method']} | {e['dataset']} | {d.n} | {d.mean:+.2f} | [{d.lo:+.2f}, {d.hi:+.2f}] | "
+                         f"{d.better}/{d.n} |")
     other = [r for r in rows if r.get("status") != "ok"]
     if other:
         lines += ["", "Cells not reported: " + "; ".join(f"{r['cell']} ({r['status']})" for r in other)]
@@ -486,10 +424,8 @@ def _plot(summ: list[dict], key: str, xlabel: str, path: Path, metric: str, log_
     ax.set_ylabel(f"average {metric.upper()} (%)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
 
 
 def write_reports(out_dir: str | os.PathLike, spec: dict) -> dict[str, Path]:
@@ -503,9 +439,9 @@ def write_reports(out_dir: str | os.PathLike, spec: dict) -> dict[str, Path]:
         w.writerow(r)
     paths = {"csv": out / "results.csv", "md": out / "results.md",
              "params_png": out / "perf_vs_params.png", "memory_png": out / "perf_vs_memory.png"}
-    _atomic_write(paths["csv"], buf.getvalue())
+    atomic_write(paths["csv"], buf.getvalue())
     metric = spec.get("metric", "f1")
-    _atomic_write(paths["md"], markdown_table(rows, metric))
+    atomic_write(paths["md"], markdown_table(rows, metric))
     summ = summarise(rows)
     _plot(summ, "param_percent", "trainable parameters (%)", paths["params_png"], metric, log_x=True)
     _plot(summ, "memory_mb", "peak training memory (MB)", paths["memory_png"], metric, log_x=False)
