@@ -228,7 +228,8 @@ def test_untrained_bundle_is_refused_and_listed_for_training(server):
     info = server["info_before"]
     assert "tpp_seg" in info["trainers"] and "tpp_seg" not in info["models"] and not server["model"].exists()
     assert set(info["strategies"]) == {"first", "random"} and "stunet3d" not in info["models"]
-    assert info["labels"] == ["soft tissue", "bone"]  # the bundle's metadata channel_def
+    # the bundle's metadata channel_def; MONAI Label's /info gives each label's class index
+    assert info["labels"] == {"soft tissue": 1, "bone": 2}
     cfg = info["trainers"]["tpp_seg"]["config"]  # what 3D Slicer offers and sends back with /train
     assert cfg["val_split"] == 0.2 and cfg["epochs"] == 2 and cfg["tpp_epochs"] == 1 and cfg["pretext"] == "mae"
     assert info["datastore"]["total"] == N_IMAGES and info["datastore"]["completed"] == N_LABELLED
