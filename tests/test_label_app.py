@@ -31,7 +31,7 @@ from conftest import label_server
 import torch
 from PIL import Image
 
-from tpp_monai.checkpoint import CheckpointMismatch
+from tpp_monai.safe_io import CheckpointMismatch
 from tpp_monai.data import demo_data as dd
 from tpp_monai.label import seg2d
 

@@ -10,7 +10,8 @@ from conftest import run_interrupted
 import torch
 
 from tpp_monai.backbones.vit import build_vit
-from tpp_monai.checkpoint import CheckpointMismatch, read_target_checkpoint
+from tpp_monai.safe_io import CheckpointMismatch
+from tpp_monai.peft.target_checkpoint import read_target_checkpoint
 from tpp_monai.engines.optim import WarmupCosineSchedule, build_optimizer
 from tpp_monai.engines.tpp_report import TPPLearningWarning, read_report
 from tpp_monai.engines.tpp_trainer import TPPTrainer

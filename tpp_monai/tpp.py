@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tpp_monai.checkpoint import load_target_checkpoint
+from tpp_monai.peft.target_checkpoint import load_target_checkpoint
 from tpp_monai.engines.distributed import global_batch_loader, is_distributed
 from tpp_monai.engines.optim import PRETEXT_DEFAULTS, build_optimizer, default_lr
 from tpp_monai.engines.tpp_trainer import TPPTrainer
@@ -141,7 +141,7 @@ def load_for_finetuning(
     """Insert ``peft_method`` into ``backbone`` and load the TPP target parameters (checked) into it.
 
     Returns the backbone (target parameters trainable, everything else frozen). Raises
-    :class:`~tpp_monai.checkpoint.CheckpointMismatch` if the checkpoint belongs to another
+    :class:`~tpp_monai.safe_io.CheckpointMismatch` if the checkpoint belongs to another
     backbone, method or config.
     """
     apply_peft(backbone, peft_method, peft_config)

@@ -66,7 +66,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from tpp_monai.bundle.inferers import FlipTTAInferer
-from tpp_monai.checkpoint import CheckpointMismatch, atomic_write
+from tpp_monai.safe_io import CheckpointMismatch, atomic_write
 from tpp_monai.label import nnunet3d, pipeline, safety, seg2d
 from tpp_monai.pretext import PRETEXT_TASKS
 

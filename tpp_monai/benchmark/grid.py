@@ -199,7 +199,7 @@ def load_dataset(ds: dict, img_size: int, in_chans: int) -> Split:
 # ------------------------------------------------------------------------------ model
 def build_backbone(spec: dict) -> nn.Module:
     from tpp_monai.backbones.vit import build_vit
-    from tpp_monai.checkpoint import safe_load
+    from tpp_monai.safe_io import safe_load
 
     b = dict(spec.get("backbone", {}))
     size = b.pop("size", "tiny")

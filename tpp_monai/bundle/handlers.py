@@ -36,7 +36,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from ignite.metrics import Metric
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from tpp_monai.checkpoint import atomic_save, atomic_write, check_checkpoint_file, non_finite_tensors
+from tpp_monai.safe_io import atomic_save, atomic_write, check_checkpoint_file, non_finite_tensors
 from tpp_monai.runlock import OutputLock
 
 

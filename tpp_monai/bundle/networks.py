@@ -88,7 +88,7 @@ def build_backbone(
             torch.random.set_rng_state(state)
         return model.set_input_norm("none" if _is_auto(input_norm) else input_norm,
                                     "rgb" if _is_auto(channel_order) else channel_order)
-    from tpp_monai.backbones.checkpoints import build_vit_from_checkpoint
+    from tpp_monai.backbones.weights import build_vit_from_checkpoint
 
     p = Path(backbone_ckpt)  # type: ignore[arg-type]
     if not p.is_file():
@@ -100,7 +100,7 @@ def build_backbone(
                          auto_order if _is_auto(channel_order) else channel_order)
     logger.info("backbone: %s; input normalisation %s, channel order %s", loaded.summary(), model.input_norm,
                 model.channel_order)
-    from tpp_monai.checkpoint import warn_if_non_finite
+    from tpp_monai.safe_io import warn_if_non_finite
 
     warn_if_non_finite(model.state_dict(), p, "backbone checkpoint")
     return model
@@ -112,11 +112,11 @@ def _is_auto(input_norm: Any) -> bool:
 
 def read_backbone_checkpoint(backbone_ckpt: str | os.PathLike | None, allow_pickle: bool = False,
                              ckpt_format: str = "auto"):
-    """The converted backbone checkpoint (:class:`~tpp_monai.backbones.checkpoints.LoadedCheckpoint`:
+    """The converted backbone checkpoint (:class:`~tpp_monai.backbones.weights.LoadedCheckpoint`:
     MAE decoder, its heads, the pixel space), or None without a checkpoint."""
     if _is_empty(backbone_ckpt):
         return None
-    from tpp_monai.backbones.checkpoints import load_vit_checkpoint
+    from tpp_monai.backbones.weights import load_vit_checkpoint
 
     return load_vit_checkpoint(backbone_ckpt, format=ckpt_format, allow_partial=True, allow_pickle=allow_pickle)
 
@@ -143,7 +143,7 @@ def load_target_params(network: nn.Module, tpp_ckpt: str | os.PathLike | None) -
     p = Path(tpp_ckpt)  # type: ignore[arg-type]
     if not p.is_file():
         raise TPPCheckpointMissing(f"TPP target-parameter checkpoint not found: {p}. {TPP_MISSING_HELP}")
-    from tpp_monai.checkpoint import load_target_checkpoint
+    from tpp_monai.peft.target_checkpoint import load_target_checkpoint
 
     backbone = getattr(network, "backbone", network)
     meta = load_target_checkpoint(p, backbone)

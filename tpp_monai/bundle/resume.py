@@ -36,7 +36,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
 from torch import nn
 
-from tpp_monai.checkpoint import CheckpointMismatch, atomic_save, non_finite_tensors, safe_load
+from tpp_monai.safe_io import CheckpointMismatch, atomic_save, non_finite_tensors, safe_load
 from tpp_monai.engines.distributed import is_main_process, unwrap
 from tpp_monai.engines.resumable_data import ResumableLoader
 from tpp_monai.peft.api import tensors_digest

@@ -105,9 +105,9 @@ def save_mae_checkpoint(task: nn.Module, path: str | os.PathLike) -> Path:
 
     The encoder tensors keep the timm names (``patch_embed.*``, ``blocks.N.*``, ...), PEFT-inserted
     tensors (``peft_*``) are left out, the decoder keeps ``decoder_*``/``mask_token``; so
-    :func:`tpp_monai.backbones.checkpoints.load_vit_checkpoint` reads it like a released MAE file.
+    :func:`tpp_monai.backbones.weights.load_vit_checkpoint` reads it like a released MAE file.
     """
-    from tpp_monai.checkpoint import atomic_save
+    from tpp_monai.safe_io import atomic_save
 
     enc = {k: v.detach().cpu().clone() for k, v in task.backbone.state_dict().items() if "peft_" not in k}
     dec = {k: v.detach().cpu().clone() for k, v in task.decoder.state_dict().items()}

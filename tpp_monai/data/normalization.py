@@ -5,7 +5,7 @@ The data pipelines of tpp-monai therefore always produce images in [0, 1] and th
 normalises them itself (:meth:`tpp_monai.backbones.vit.VisionTransformer.set_input_norm`), so the
 TPP stage, fine-tuning, evaluation, inference, TorchScript exports and the MONAI Label app cannot
 disagree. Which space a checkpoint expects is decided by its format
-(:data:`tpp_monai.backbones.checkpoints.FORMAT_DEFAULTS`) and can be overridden by name or by an
+(:data:`tpp_monai.backbones.weights.FORMAT_DEFAULTS`) and can be overridden by name or by an
 explicit ``[mean, std]`` pair.
 
 =============  ===========================================  =================================================

@@ -30,7 +30,8 @@ from ignite.engine import Engine, Events
 from monai.engines import Trainer
 from torch import nn
 
-from tpp_monai.checkpoint import CheckpointMismatch, atomic_save, safe_load, save_target_checkpoint
+from tpp_monai.safe_io import CheckpointMismatch, atomic_save, safe_load
+from tpp_monai.peft.target_checkpoint import save_target_checkpoint
 from tpp_monai.data.fingerprint import dataset_fingerprint
 from tpp_monai.engines.amp import autocast, grad_scaler, resolve_amp
 from tpp_monai.engines.distributed import barrier, is_main_process, mean_over_ranks, wrap_ddp

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpp_monai.checkpoint import CheckpointMismatch, atomic_save, safe_load
+from tpp_monai.safe_io import CheckpointMismatch, atomic_save, safe_load
 
 logger = logging.getLogger("tpp_monai.label")
 
@@ -201,7 +201,7 @@ def install_model_file(upload: str | os.PathLike, dest: str | os.PathLike, expec
     over it: a reader (or a crash) never sees half a model, and a refused upload leaves ``dest`` untouched.
     Returns the file's ``meta``.
     """
-    from tpp_monai.checkpoint import atomic_write
+    from tpp_monai.safe_io import atomic_write
 
     try:
         _, cfg, meta = load_model(upload, device=device)

@@ -71,9 +71,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
 from tpp_monai.backbones.stunet import STUNet, load_stunet_checkpoint
-from tpp_monai.checkpoint import (
-    CheckpointMismatch, atomic_save, load_target_checkpoint, read_target_checkpoint, save_target_checkpoint,
-)
+from tpp_monai.safe_io import CheckpointMismatch, atomic_save
+from tpp_monai.peft.target_checkpoint import load_target_checkpoint, read_target_checkpoint, save_target_checkpoint
 from tpp_monai.engines.distributed import accumulation_context, barrier, rank_world, wrap_ddp
 from tpp_monai.engines.optim import build_optimizer
 from tpp_monai.engines.schedules import WarmupCosineSchedule

@@ -28,7 +28,7 @@ pre-trained in (MedCoSS: [0, 1], no mean/std; MAE/DINO/timm: ImageNet mean/std).
 tpp-monai (:func:`tpp_monai.bundle.save_mae_checkpoint`) record both (top-level ``decoder_heads`` /
 ``input_norm``), which then win over the format's defaults.
 
-Reading is safe by default (``weights_only=True`` through :func:`tpp_monai.checkpoint.safe_load`);
+Reading is safe by default (``weights_only=True`` through :func:`tpp_monai.safe_io.safe_load`);
 MedCoSS ``.pth`` files pickle an ``argparse.Namespace`` under ``'args'`` and need
 ``allow_pickle=True`` (only for files you trust).
 """
@@ -245,7 +245,7 @@ def _sha256(path: Path) -> str:
 
 
 def _read_file(path: Path, allow_pickle: bool) -> Any:
-    from tpp_monai.checkpoint import safe_load
+    from tpp_monai.safe_io import safe_load
 
     if not path.exists():
         raise FileNotFoundError(f"ViT checkpoint not found: {path}. Check the path (or the bundle override).")
@@ -524,7 +524,7 @@ def load_vit_checkpoint(
     else:
         obj, where = path_or_state, "<in-memory checkpoint>"
     raw, meta = _unwrap(obj, where)
-    from tpp_monai.checkpoint import warn_if_non_finite
+    from tpp_monai.safe_io import warn_if_non_finite
 
     warn_if_non_finite(raw, where, "ViT checkpoint")  # a diverged run's weights: say so before training on NaN
     state, stripped = _strip_prefixes(raw)
