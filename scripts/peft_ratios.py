@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tpp_monai.backbones.vit import VisionTransformer, ViTConfig  # noqa: E402
 from tpp_monai.heads import HEADS  # noqa: E402
+from tpp_monai.safe_io import atomic_write  # noqa: E402
 from tpp_monai.peft import PEFT_METHODS, apply_peft  # noqa: E402
 
 #: TPP paper (Lei et al.), Table 3/4 "Ratio" columns in %: (classification, segmentation)
@@ -155,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table()
     print(text)
     if a.out:
-        path = Path(a.out)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(path)
+        atomic_write(a.out, text + "\n")
     return 0
 
 

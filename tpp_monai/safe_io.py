@@ -1,6 +1,6 @@
 """Generic safe checkpoint I/O, the bottom layer every writer and reader of files uses.
 
-Writing: :func:`atomic_write` (temporary file in the same folder, fsync, rename: a crash mid-write leaves the
+Writing: :func:`atomic_file` / :func:`atomic_write` (temporary file in the same folder, fsync, rename: a crash mid-write leaves the
 previous file intact) and :func:`atomic_save` (``torch.save`` through it; a full disk is a
 :class:`DiskFullError` naming the file). Reading: :func:`safe_load` (``torch.load`` weights-only unless the
 caller opts in; an unreadable file is an error naming it and the fix) and :func:`check_checkpoint_file`.
@@ -9,6 +9,7 @@ The target-parameter format (TPP -> fine-tuning hand-over) is :mod:`tpp_monai.pe
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -17,7 +18,7 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 import torch
 
@@ -31,22 +32,22 @@ class CheckpointCorrupt(CheckpointMismatch):
     """A checkpoint's tensors differ from the digest written with them (damaged file)."""
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], Any]) -> Path:
-    """Write ``data`` (bytes, text, or a function writing to a binary file) to a temporary file in the
-    same folder, fsync, then rename it over ``path``: a crash mid-write leaves the previous file intact.
-    The file gets the usual permissions (umask), not ``mkstemp``'s owner-only ones. The temporary file's
-    name carries the writer's PID; one left by a killed writer of the same ``path`` is removed here."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """The one atomic writer: yields a temporary path in ``path``'s folder for any writer that takes a file name
+    (``torch.save``, safetensors, MONAI's image writers, ``shutil.copyfile``); when the block ends without error
+    the file is fsync'ed, given the usual permissions (umask, not ``mkstemp``'s owner-only ones) and renamed over
+    ``path``, so a crash mid-write leaves the previous file intact; on error it is removed. The temporary name
+    carries the writer's PID; one left by a killed writer of the same ``path`` is removed here
+    (:func:`remove_stale_tmps`). ``suffix``: a writer that appends its own extension gets one ending in it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
@@ -54,7 +55,16 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], Any]) -> Path:
+    """Write ``data`` (bytes, text, or a function writing to a binary file) through :func:`atomic_file`."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        if callable(data):
+            data(f)
+        else:
+            f.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 STALE_TMP_AGE_S = {"dead_pid": 10.0, "no_pid": 3600.0}

@@ -46,7 +46,6 @@ import io
 import itertools
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tpp_monai.safe_io import atomic_write
 from tpp_monai.study import mean_std
 
 TPP_UNSUPPORTED = ("full", "linear", "sh_peft", "fpt_plus")
@@ -376,20 +376,6 @@ def run_cell(cell: Cell, spec: dict, out_dir: str | os.PathLike, tpp_hook: Calla
 
 
 # ------------------------------------------------------------------------------ grid
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def cell_path(out_dir: str | os.PathLike, cell: Cell) -> Path:
     return Path(out_dir) / "cells" / f"{cell.cell_id}.json"
 
@@ -400,7 +386,7 @@ def run_grid(spec: str | os.PathLike | dict, out_dir: str | os.PathLike, cells: 
     spec = load_spec(spec)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "spec.json", json.dumps(spec, indent=1))
+    atomic_write(out / "spec.json", json.dumps(spec, indent=1))
     all_cells = expand_cells(spec)
     todo = all_cells if cells is None else [all_cells[i] for i in cells]
     ran = []
@@ -417,7 +403,7 @@ def run_grid(spec: str | os.PathLike | dict, out_dir: str | os.PathLike, cells: 
             row = {"cell": cell.cell_id, "index": cell.index, "method": cell.label, "dataset": cell.dataset["name"],
                    "seed": cell.seed, "tpp": cell.tpp, "status": "error", "error": f"{type(e).__name__}: {e}"}
             log(f"[grid]   failed: {row['error']}")
-        _atomic_write(path, json.dumps(row, indent=1))
+        atomic_write(path, json.dumps(row, indent=1))
         ran.append(cell.cell_id)
         write_reports(out, spec)
     if not ran:
@@ -489,7 +475,7 @@ def _plot(summ: list[dict], key: str, xlabel: str, path: Path, metric: str, log_
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def write_reports(out_dir: str | os.PathLike, spec: dict) -> dict[str, Path]:
@@ -503,9 +489,9 @@ def write_reports(out_dir: str | os.PathLike, spec: dict) -> dict[str, Path]:
         w.writerow(r)
     paths = {"csv": out / "results.csv", "md": out / "results.md",
              "params_png": out / "perf_vs_params.png", "memory_png": out / "perf_vs_memory.png"}
-    _atomic_write(paths["csv"], buf.getvalue())
+    atomic_write(paths["csv"], buf.getvalue())
     metric = spec.get("metric", "f1")
-    _atomic_write(paths["md"], markdown_table(rows, metric))
+    atomic_write(paths["md"], markdown_table(rows, metric))
     summ = summarise(rows)
     _plot(summ, "param_percent", "trainable parameters (%)", paths["params_png"], metric, log_x=True)
     _plot(summ, "memory_mb", "peak training memory (MB)", paths["memory_png"], metric, log_x=False)

@@ -12,8 +12,6 @@ NIfTI masks go through :class:`NiftiMaskWriter` (MONAI's nibabel writer minus a 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Hashable, Mapping
 
@@ -22,6 +20,8 @@ import torch
 from monai.config import KeysCollection
 from monai.data import NibabelWriter
 from monai.transforms import SaveImaged
+
+from tpp_monai.safe_io import atomic_file
 
 
 def mask_name(path: str | os.PathLike, postfix: str = "seg", ext: str = ".png") -> str:
@@ -82,13 +82,8 @@ class SaveMaskd(SaveImaged):
         mask = torch.as_tensor(mask).as_subclass(torch.Tensor).detach().cpu().to(torch.uint8)
         if self.output_ext == ".png":  # MONAI's PNG writer wants (C, W, H): keep the image upright
             mask = mask.transpose(1, 2)
-        tmp = tempfile.mkdtemp(prefix=".writing.", dir=self.output_dir)
-        try:
-            stem = name[: -len(self.output_ext)]
-            self.saver(mask, meta_data={"filename_or_obj": path}, filename=str(Path(tmp) / stem))
-            os.replace(Path(tmp) / name, self.output_dir / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_file(self.output_dir / name, suffix=".tmp" + self.output_ext) as tmp:
+            self.saver(mask, meta_data={"filename_or_obj": path}, filename=str(tmp)[: -len(self.output_ext)])
         return self.output_dir / name
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:

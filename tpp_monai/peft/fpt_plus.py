@@ -366,6 +366,8 @@ class FeatureCache:
               id_key: str = "id", image_key: str = "image", overwrite: bool = False) -> list[Path]:
         from safetensors.torch import save_file
 
+        from tpp_monai.safe_io import atomic_file
+
         if self.model is None:
             raise RuntimeError("FeatureCache.build needs the FPTPlusClassifier (frozen model) it caches for")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -388,9 +390,8 @@ class FeatureCache:
                     tensors[f"v{j}"] = v[b].to("cpu", self.dtype).contiguous()
                     tensors[f"idx{j}"] = idx[b].cpu().contiguous()
                 path = self.path(image_id)
-                tmp = path.with_name(f".{path.name}.tmp")
-                save_file(tensors, str(tmp), metadata={**settings, "id": str(image_id)})
-                os.replace(tmp, path)
+                with atomic_file(path) as tmp:
+                    save_file(tensors, str(tmp), metadata={**settings, "id": str(image_id)})
                 written.append(path)
             pending.clear()
 
