@@ -2,33 +2,20 @@
 
 AdamW over ``task.trainable_parameters()``: weight decay on weight matrices only (no decay on biases,
 norms, 1-d tensors, tokens and position tables). The learning-rate / weight-decay schedule lives in
-:mod:`tpp_monai.engines.schedules` (re-exported here: :class:`WarmupCosineSchedule`, :func:`build_schedule`).
+:mod:`tpp_monai.engines.schedules` (re-exported here: :class:`WarmupCosineSchedule`, :func:`build_schedule`);
+each pretext's own recipe is its class's ``defaults`` (:func:`tpp_monai.pretext.pretext_recipe`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from tpp_monai.engines.schedules import WarmupCosineSchedule, build_schedule  # noqa: F401  (re-exported)
 
-#: Paper defaults (METHOD.md section 1). DINO's lr is ``lr_per_256 * batch / 256``.
-PRETEXT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mae": {"lr": 1.5e-3, "weight_decay": 1.5e-2, "weight_decay_end": None, "warmup_epochs": 40,
-            "betas": (0.9, 0.95), "min_lr": 0.0},
-    "dino": {"lr_per_256": 1e-4, "weight_decay": 0.04, "weight_decay_end": 0.4, "warmup_epochs": 10,
-             "betas": (0.9, 0.999), "min_lr": 0.0},
-}
-
 _NO_DECAY_WORDS = ("bias", "norm", "cls_token", "pos_embed", "mask_token", "prompt", "gamma", "weight_g")
-
-
-def default_lr(pretext: str, batch_size: int) -> float:
-    """The paper's learning rate for a pretext task and batch size."""
-    d = PRETEXT_DEFAULTS[pretext.lower()]
-    return d["lr"] if "lr" in d else d["lr_per_256"] * batch_size / 256
 
 
 def no_weight_decay(name: str, p: torch.Tensor) -> bool:

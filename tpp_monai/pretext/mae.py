@@ -231,6 +231,9 @@ class MAEPretext(PretextTask):
     """
 
     name = "mae"
+    #: MAE's recipe (METHOD.md section 1): AdamW lr 1.5e-3, weight decay 0.015, betas (0.9, 0.95), 40 warm-up epochs.
+    defaults = {"lr": 1.5e-3, "weight_decay": 1.5e-2, "weight_decay_end": None, "warmup_epochs": 40,
+                "betas": (0.9, 0.95), "min_lr": 0.0}
 
     def __init__(
         self, backbone: nn.Module, mask_ratio: float = 0.75, decoder_mode: str = "new",
