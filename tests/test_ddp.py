@@ -159,7 +159,7 @@ def _trainable(net: torch.nn.Module) -> dict:
 def _ft_run() -> dict:
     from monai.engines import SupervisedTrainer
 
-    from tpp_monai.bundle.networks import build_optimizer
+    from tpp_monai.engines.optim import build_optimizer
 
     net = _ft_init()
     labels = torch.arange(N_IMAGES) % 3

@@ -593,12 +593,12 @@ def test_nnunet_checkpoint_check_refuses_a_pickled_checkpoint(tmp_path):
 # ------------------------------------------------------------------ item 15: arguments are validated
 def test_zero_lr_iterations_epochs_and_images_are_refused(tmp_path):
     from tpp_monai.bundle import epochs_for_iterations
-    from tpp_monai.bundle.networks import build_optimizer as bundle_optimizer
+    from tpp_monai.engines.optim import build_optimizer
     from tpp_monai.tpp import tpp_pretrain
 
     net = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="--lr must be a positive"):
-        bundle_optimizer(net, lr=0)
+        build_optimizer(net, lr=0)
     with pytest.raises(ValueError, match="--num_iterations must be a positive"):
         epochs_for_iterations(0, 10)
     assert epochs_for_iterations(25, 10) == 3

@@ -280,7 +280,7 @@ class TPPSegTrain(BasicTrainTask):
         return seg2d.build_model(self.cfg, tpp_ckpt=tpp_ckpt)
 
     def optimizer(self, context):
-        from tpp_monai.bundle.networks import build_optimizer
+        from tpp_monai.engines.optim import build_optimizer
 
         return build_optimizer(context.network, lr=float(context.request["lr"]))
 

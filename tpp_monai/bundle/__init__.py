@@ -9,10 +9,11 @@ from tpp_monai.bundle.handlers import (
     NonFiniteModelError, OutputFolderLock, PredictionWriter, SegmentationMetric, StopOnNonFiniteLoss, save_metrics_json,
 )
 from tpp_monai.bundle.networks import (
-    TPPCheckpointMissing, build_backbone, build_classifier, build_optimizer, build_peft_backbone, build_segmenter,
+    TPPCheckpointMissing, build_backbone, build_classifier, build_peft_backbone, build_segmenter,
     load_target_params, log_trainable, poly_lr, read_backbone_checkpoint, read_decoder_state, trainable_report,
 )
 from tpp_monai.bundle.resume import FineTuneResume
+from tpp_monai.engines.optim import build_optimizer  # the one optimiser builder, wired by the bundles' JSON
 from tpp_monai.bundle.root import BundleRootError, resolve_bundle_root
 from tpp_monai.bundle.saving import SaveMaskd
 from tpp_monai.bundle.tpp_stage import (

@@ -200,35 +200,6 @@ def build_segmenter(backbone: nn.Module, num_classes: int, feature_size: int = 1
                                norm_name=norm_name)
 
 
-def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
-    params = [p for p in network.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("The network has no trainable parameters (PEFT froze everything and no head?)")
-    return params
-
-
-def build_optimizer(network: nn.Module, lr: float = 1e-4, weight_decay: float = 0.05,
-                    betas: tuple[float, float] = (0.9, 0.999), decay_1d: bool = False) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only (target parameters + task head).
-
-    ``decay_1d=False``: no decay on norms/biases/tokens (timm convention); ``True``: decay on every
-    trainable tensor, as MedCoSS's ``AdamW(model.parameters(), lr, weight_decay=1e-4)`` (the bundles' choice).
-    """
-    from tpp_monai.engines.optim import param_groups
-
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"--lr must be a positive learning rate, got {lr!r} (the paper's per-method values are in "
-                         "the bundle's lr_per_method)")
-
-    named = [(n, p) for n, p in network.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("The network has no trainable parameters (PEFT froze everything and no head?)")
-    if decay_1d:
-        params = list({id(p): p for _, p in named}.values())
-        return torch.optim.AdamW([{"params": params, "weight_decay": weight_decay}], lr=lr, betas=tuple(betas))
-    return torch.optim.AdamW(param_groups(named, weight_decay), lr=lr, betas=tuple(betas))
-
-
 def poly_lr(optimizer: torch.optim.Optimizer, num_iterations: int, epoch_length: int | None = None,
             power: float = 0.9) -> torch.optim.lr_scheduler.LambdaLR:
     """MedCoSS's fine-tuning schedule, stepped every iteration: ``lr * (1 - e / E) ** power`` with
@@ -245,8 +216,9 @@ def poly_lr(optimizer: torch.optim.Optimizer, num_iterations: int, epoch_length:
 
 def trainable_report(network: nn.Module) -> dict[str, float]:
     """Trainable / total parameters (the paper's "Ratio", task head included)."""
-    total = sum(p.numel() for p in network.parameters())
-    train = sum(p.numel() for p in network.parameters() if p.requires_grad)
+    from tpp_monai.peft.api import count_parameters
+
+    train, total = count_parameters(network)
     return {"trainable": train, "total": total, "ratio_percent": 100.0 * train / max(total, 1)}
 
 

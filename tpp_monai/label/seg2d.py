@@ -483,7 +483,7 @@ def train_tpp_peft(
     """
     from monai.losses import DiceCELoss
 
-    from tpp_monai.bundle.networks import build_optimizer
+    from tpp_monai.engines.optim import build_optimizer
 
     log = log or logger.info
     device = torch.device(device)
