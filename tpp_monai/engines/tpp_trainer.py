@@ -77,6 +77,14 @@ class TargetCheckpointHandler:
         self.resume_path = self.output_dir / resume_name
         self.meta = dict(meta or {})
         self._last_saved = -1
+        self._hashes: dict[int, tuple[str, dict[str, str]]] = {}
+
+    def frozen_hashes(self, module: nn.Module) -> tuple[str, dict[str, str]]:
+        """:func:`~tpp_monai.peft.api.backbone_hashes` of ``module``, computed once per run: the frozen tensors
+        cannot change during TPP (~344 MB hashed per call for ViT-B), the target parameters are not part of it."""
+        if id(module) not in self._hashes:
+            self._hashes[id(module)] = backbone_hashes(module)
+        return self._hashes[id(module)]
 
     def attach(self, engine: "TPPTrainer") -> None:
         if self.every_iters:
@@ -94,23 +102,23 @@ class TargetCheckpointHandler:
         meta = {**self.meta, "iteration": it, "epoch": engine.state.epoch, "pretext": task.name,
                 "pretext_config": task.config() if hasattr(task, "config") else {}}
         handover = task.handover_backbone() if hasattr(task, "handover_backbone") else backbone  # DINO: teacher
-        save_target_checkpoint(self.target_path, handover, meta=meta)
+        save_target_checkpoint(self.target_path, handover, meta=meta, hashes=self.frozen_hashes(handover))
         state = resume_state(
             task, engine.optimizer, engine.schedule, iteration=it,
             epoch=it // engine.state.epoch_length if engine.state.epoch_length else engine.state.epoch,
             max_epochs=engine.state.max_epochs, data=engine.data_loader.state_dict(), settings=engine.settings,
-            report=engine.report.state_dict())
+            report=engine.report.state_dict(), hashes=self.frozen_hashes(backbone))
         atomic_save(state, self.resume_path)
 
 
 def resume_state(task: nn.Module, optimizer: torch.optim.Optimizer, schedule: WarmupCosineSchedule, *, iteration: int,
                  epoch: int, max_epochs: int, data: Any, settings: Mapping[str, Any], report: dict | None = None,
-                 **extra: Any) -> dict[str, Any]:
+                 hashes: tuple[str, dict[str, str]] | None = None, **extra: Any) -> dict[str, Any]:
     """The resume file's content (format ``tpp-resume-state``), shared by every TPP loop (this trainer and the
     nnU-Net TPP stage, which adds its ``extra`` entries: network weights, grad scaler). ``rng``: every RNG state
     (:func:`tpp_monai.engines.run_state.rng_state`: torch, CUDA, numpy, Python, the task's MONAI transforms)."""
     backbone = task.backbone
-    fingerprint, digests = backbone_hashes(backbone)
+    fingerprint, digests = hashes if hashes is not None else backbone_hashes(backbone)  # once per run: see frozen_hashes
     return {
         "format": RESUME_FORMAT,
         "iteration": int(iteration),

@@ -83,7 +83,7 @@ from tpp_monai.engines.tpp_trainer import check_resume_state, load_resume_state,
 from tpp_monai.nnunet import tpp_only_trainer_name
 from tpp_monai.nnunet.safety import TRAIN_OPT_IN, allow_pickle_from_env, load_weights_only, weights_only_loads
 from tpp_monai.pretext.dino3d import DINO3DPretext
-from tpp_monai.peft.api import apply_peft, count_parameters, get_peft, load_target_state_dict, target_state_dict, tensors_digest
+from tpp_monai.peft.api import apply_peft, backbone_hashes, count_parameters, get_peft, load_target_state_dict, target_state_dict, tensors_digest
 
 TPP_FILE = "tpp_target_params.pt"
 TPP_RESUME = "tpp_resume.pt"  # the 2D TPP stage's resume file name and format (tpp_monai.engines.tpp_trainer)
@@ -416,12 +416,19 @@ class _TPPStage:
                 "stunet_size": self.stunet_size, "fold": self.fold, "trainer": type(self).__name__,
                 "stunet_fingerprint": fp, "peft": get_peft(net).describe(), "handover": "teacher"}
         if self.local_rank == 0:
-            save_target_checkpoint(path, teacher, meta=meta)
+            save_target_checkpoint(path, teacher, meta=meta, hashes=self._tpp_hashes(teacher))
             report.finalise(self.output_folder, log=self.print_to_log_file)
         barrier()  # the file is complete before any rank goes on
         self.my_init_kwargs[TPP_RECORD] = {**{k: v for k, v in meta.items() if k != "peft"}, "done": True}
         del task, opt, fwd
         self.print_to_log_file(f"TPP stage done in {meta['seconds']} s; target parameters saved to {path}")
+
+    def _tpp_hashes(self, module: nn.Module) -> tuple[str, dict[str, str]]:
+        """The frozen tensors' hashes, once per stage (they cannot change during TPP), not at every epoch's save."""
+        cache = self.__dict__.setdefault("_tpp_hash_cache", {})
+        if id(module) not in cache:
+            cache[id(module)] = backbone_hashes(module)
+        return cache[id(module)]
 
     def _tpp_batches(self) -> Iterator[torch.Tensor]:
         """Patches from nnU-Net's training loader, each repeated ``tpp_views_per_patch`` times (endless)."""
@@ -438,7 +445,7 @@ class _TPPStage:
         state = resume_state(
             task, opt, schedule, iteration=iteration, epoch=iteration // plan["steps_per_epoch"],
             max_epochs=self.tpp_epochs, data={"loader": "nnunet"}, settings=settings,
-            report=report.state_dict(), network_weights={k: v.detach().cpu() for k, v in net.state_dict().items()},
+            report=report.state_dict(), hashes=self._tpp_hashes(task.backbone), network_weights={k: v.detach().cpu() for k, v in net.state_dict().items()},
             grad_scaler=scaler.state_dict() if scaler is not None else None)
         atomic_save(state, resume_path)
 

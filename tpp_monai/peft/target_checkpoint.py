@@ -35,11 +35,14 @@ from tpp_monai.safe_io import CheckpointCorrupt, CheckpointMismatch, atomic_save
 TARGET_FORMAT = "tpp-target-params"
 
 
-def save_target_checkpoint(path: str | os.PathLike, backbone: nn.Module, meta: dict | None = None) -> Path:
-    """Write only the target parameters of ``backbone`` plus what is needed to verify them later."""
+def save_target_checkpoint(path: str | os.PathLike, backbone: nn.Module, meta: dict | None = None,
+                           hashes: tuple[str, dict[str, str]] | None = None) -> Path:
+    """Write only the target parameters of ``backbone`` plus what is needed to verify them later. ``hashes``:
+    :func:`~tpp_monai.peft.api.backbone_hashes` of ``backbone`` when the caller already has them (the frozen
+    tensors do not change during a run, so a TPP run hashes them once, not at every save)."""
     peft = get_peft(backbone)
     state = target_state_dict(backbone)
-    fingerprint, digests = backbone_hashes(backbone)
+    fingerprint, digests = hashes if hashes is not None else backbone_hashes(backbone)
     obj = {
         "format": TARGET_FORMAT,
         "version": 3,
