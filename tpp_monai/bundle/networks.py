@@ -22,7 +22,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from tpp_monai.backbones.vit import VisionTransformer, ViTConfig
+from tpp_monai.backbones import BACKBONES
+from tpp_monai.backbones.vit import VisionTransformer
 
 logger = logging.getLogger("tpp_monai.bundle")
 
@@ -79,11 +80,10 @@ def build_backbone(
         warnings.warn(msg, stacklevel=2)
         overrides = dict(vit_overrides or {})  # e.g. {"depth": 6, "patch_size": 8}: overrides win
         overrides.setdefault("patch_size", patch_size)
-        cfg = ViTConfig.from_size(size, img_size=img_size, in_chans=in_chans, **overrides)
         state = torch.random.get_rng_state()
         torch.manual_seed(init_seed)
-        try:
-            model = VisionTransformer(cfg)
+        try:  # the registered factory (tpp_monai.backbones.BACKBONES), as a new backbone would be
+            model = BACKBONES.get("vit")(size, img_size=img_size, in_chans=in_chans, **overrides)
         finally:
             torch.random.set_rng_state(state)
         return model.set_input_norm("none" if _is_auto(input_norm) else input_norm,
@@ -152,6 +152,19 @@ def load_target_params(network: nn.Module, tpp_ckpt: str | os.PathLike | None) -
     return network
 
 
+def refuse_in_bundles(peft_method: str) -> None:
+    """A ``ValueError`` naming the method, why a bundle cannot train it and the route that can (the method class's
+    ``bundle_refusal``: FPT+, SH-PEFT), before any weights are read."""
+    from tpp_monai.peft.registry import PEFT_METHODS
+
+    cls = PEFT_METHODS.get(peft_method)
+    if cls.bundle_refusal:
+        ok = [n for n in PEFT_METHODS.names() if "vit" in PEFT_METHODS.get(n).applies_to
+              and not PEFT_METHODS.get(n).bundle_refusal]
+        raise ValueError(f"--peft_method {peft_method} is not supported in the bundles: {cls.bundle_refusal}. "
+                         f"Bundles train: {', '.join(ok)}.")
+
+
 def build_peft_backbone(
     backbone_ckpt: str | os.PathLike | None = "",
     size: str = "base",
@@ -172,6 +185,7 @@ def build_peft_backbone(
     load them on the whole network instead, so the default ``None`` neither loads nor logs anything here)."""
     from tpp_monai.peft.api import apply_peft
 
+    refuse_in_bundles(peft_method)
     backbone = build_backbone(backbone_ckpt, size=size, img_size=img_size, in_chans=in_chans,
                               allow_pickle=allow_pickle, init_seed=init_seed, vit_overrides=vit_overrides,
                               input_norm=input_norm, task=task, modality=modality, channel_order=channel_order)
@@ -180,24 +194,25 @@ def build_peft_backbone(
 
 
 def build_classifier(backbone: nn.Module, num_classes: int, pool: str = "mean", fc_norm: bool = True,
-                     drop_path: float = 0.0) -> nn.Module:
-    """ViT (+ PEFT) + linear head: ``forward(image) -> logits (B, num_classes)``; ``drop_path``: stochastic
-    depth of the backbone's blocks while training (MedCoSS fine-tunes with 0.1)."""
+                     drop_path: float = 0.0, head: str = "linear_cls") -> nn.Module:
+    """ViT (+ PEFT) + the registered head ``head`` (``tpp_monai.heads.HEADS``, default the linear head):
+    ``forward(image) -> logits (B, num_classes)``; ``drop_path``: stochastic depth of the backbone's blocks while
+    training (MedCoSS fine-tunes with 0.1)."""
     from tpp_monai.backbones.drop_path import set_drop_path
     from tpp_monai.networks import build_vit_classifier
 
-    return build_vit_classifier(set_drop_path(backbone, drop_path), num_classes, pool=pool, fc_norm=fc_norm)
+    return build_vit_classifier(set_drop_path(backbone, drop_path), num_classes, pool=pool, fc_norm=fc_norm, head=head)
 
 
 def build_segmenter(backbone: nn.Module, num_classes: int, feature_size: int = 16,
-                    norm_name: str = "instance", drop_path: float = 0.0) -> nn.Module:
-    """ViT (+ PEFT) + UNETR 2D decoder: ``forward(image) -> logits (B, num_classes, H, W)``; ``drop_path`` as
-    in :func:`build_classifier`."""
+                    norm_name: str = "instance", drop_path: float = 0.0, head: str = "unetr2d") -> nn.Module:
+    """ViT (+ PEFT) + the registered head ``head`` (``HEADS``, default the UNETR 2D decoder):
+    ``forward(image) -> logits (B, num_classes, H, W)``; ``drop_path`` as in :func:`build_classifier`."""
     from tpp_monai.backbones.drop_path import set_drop_path
     from tpp_monai.heads.segmentation import build_vit_segmenter
 
     return build_vit_segmenter(set_drop_path(backbone, drop_path), num_classes, feature_size=feature_size,
-                               norm_name=norm_name)
+                               norm_name=norm_name, head=head)
 
 
 def poly_lr(optimizer: torch.optim.Optimizer, num_iterations: int, epoch_length: int | None = None,

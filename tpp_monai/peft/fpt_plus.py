@@ -267,6 +267,10 @@ class FPTPlus(PeftMethod):
     #: the generic MAE/DINO TPP stage cannot train it (the side branch is not on backbone.forward's path)
     tpp_supported: ClassVar[bool] = False
     tpp_refusal: ClassVar[str] = "its side network is not on the backbone's forward path that MAE/DINO train"
+    bundle_refusal: ClassVar[str] = (
+        "a bundle's network calls the backbone's forward, which never runs FPT+'s side network (only the head would "
+        "train). Train it from Python with tpp_monai.peft.fpt_plus.FPTPlusClassifier (+ FeatureCache for the frozen "
+        "features), as docs/FPT_PLUS.md shows")
 
     def inject(self, model: nn.Module) -> None:
         blocks = vit_blocks(model)

@@ -173,6 +173,11 @@ class SHPeft(PeftMethod):
     #: needs a mask from a task loss before injection; the generic TPP stage cannot build one
     tpp_supported: ClassVar[bool] = False
     tpp_refusal: ClassVar[str] = "its weight mask comes from the downstream task's gradients, which a pretext task lacks"
+    bundle_refusal: ClassVar[str] = (
+        "it needs a weight mask estimated from the task's gradients before injection and a masked optimiser, which "
+        "the bundles' recipe does not run. Train it from Python: mask = build_mask(estimate_importance(model, loss_fn, "
+        "batches), top_percent); apply_peft(backbone, SHPeft(mask=mask)); build_sh_optimizer(model) "
+        "(tpp_monai.peft.sh_peft)")
 
     def __init__(self, config: Any = None, mask: Mapping[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
