@@ -121,13 +121,6 @@ def read_backbone_checkpoint(backbone_ckpt: str | os.PathLike | None, allow_pick
     return load_vit_checkpoint(backbone_ckpt, format=ckpt_format, allow_partial=True, allow_pickle=allow_pickle)
 
 
-def read_decoder_state(backbone_ckpt: str | os.PathLike | None, allow_pickle: bool = False,
-                       ckpt_format: str = "auto") -> dict[str, torch.Tensor]:
-    """The MAE decoder stored with a backbone checkpoint (timm-MAE names); {} when there is none."""
-    loaded = read_backbone_checkpoint(backbone_ckpt, allow_pickle, ckpt_format)
-    return {} if loaded is None else dict(loaded.decoder_state)
-
-
 def load_target_params(network: nn.Module, tpp_ckpt: str | os.PathLike | None) -> nn.Module:
     """Load the TPP stage's target parameters into ``network`` (or ``network.backbone``), checked.
 

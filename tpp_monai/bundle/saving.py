@@ -48,7 +48,7 @@ class SaveMaskd(SaveImaged):
     """``SaveImaged`` for label maps: ``output_dir/<stem>_seg<ext>`` as uint8 class indices, written atomically.
 
     ``output_ext``: ``.png`` (kept upright) or ``.nii.gz``; ``path_key``: the item's source image path
-    (:func:`tpp_monai.bundle.data.with_paths` / :func:`tpp_monai.bundle.inference_inputs` put it there).
+    (:func:`tpp_monai.bundle.inference_inputs` puts it there).
     The path written is stored under ``<key>_saved_to`` in the returned item.
     """
 
@@ -72,7 +72,7 @@ class SaveMaskd(SaveImaged):
         if not isinstance(path, (str, os.PathLike)) or not str(path):
             raise KeyError(f"SaveMaskd: the item has no source image path under '{self.path_key}' to name the "
                            f"mask after; build the dataset with tpp_monai.bundle.inference_inputs (or "
-                           f"with_paths), or set path_key to the key that holds it")
+                           f"an entry's 'path'), or set path_key to the key that holds it")
         return str(path)
 
     def save_one(self, mask: torch.Tensor, path: str) -> Path:

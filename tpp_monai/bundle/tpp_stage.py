@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from tpp_monai.bundle.networks import _is_empty, read_backbone_checkpoint
+from tpp_monai.bundle.networks import read_backbone_checkpoint
 from tpp_monai.bundle.resume import parse_resume
 
 logger = logging.getLogger("tpp_monai.bundle")
@@ -120,5 +120,3 @@ def save_mae_checkpoint(task: nn.Module, path: str | os.PathLike) -> Path:
     return out
 
 
-def exists_or_empty(path: str | os.PathLike | None) -> bool:
-    return _is_empty(path) or Path(path).is_file()  # type: ignore[arg-type]

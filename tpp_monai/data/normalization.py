@@ -96,16 +96,6 @@ def _per_channel(v: Any, channels: int, what: str) -> tuple[float, ...]:
     return vals
 
 
-def describe_input_norm(spec: InputNorm, in_channels: int = 3) -> Any:
-    """JSON-friendly form of a spec: the name when it is one, else ``{"mean": [..], "std": [..]}``."""
-    if isinstance(spec, str) and spec.strip().lower() in INPUT_NORMS:
-        return spec.strip().lower()
-    ms = resolve_input_norm(spec, in_channels)
-    if ms is None or ms == ZSCORE:
-        return "none" if ms is None else ZSCORE
-    return {"mean": list(ms[0]), "std": list(ms[1])}
-
-
 def zscore_per_image(x: "torch.Tensor") -> "torch.Tensor":
     """(B, C, H, W) -> each image's channels standardised: ``(x - mean) / std`` (population std; a constant
     channel is only centred), as MedCoSS's segmentation loaders do with numpy."""
