@@ -597,7 +597,7 @@ def test_zero_lr_iterations_epochs_and_images_are_refused(tmp_path):
     from tpp_monai.tpp import tpp_pretrain
 
     net = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="--lr must be a positive"):
+    with pytest.raises(ValueError, match="learning rate must be > 0, got 0"):
         build_optimizer(net, lr=0)
     with pytest.raises(ValueError, match="--num_iterations must be a positive"):
         epochs_for_iterations(0, 10)

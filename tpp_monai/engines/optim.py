@@ -53,8 +53,8 @@ def build_optimizer(
     Each pretext's lr / weight decay / betas are its class's ``defaults`` (:func:`tpp_monai.pretext.pretext_recipe`).
     """
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"--lr must be a positive learning rate, got {lr!r} (the paper's per-method values are in "
-                         "the bundle's lr_per_method)")
+        raise ValueError(f"The learning rate must be > 0, got {lr!r} (a bundle's --lr: the paper's per-method values "
+                         "are in the bundle's lr_per_method; TPP: leave it unset for the pretext's default)")
     if hasattr(network, "trainable_parameters"):
         trainable = {id(p) for p in network.trainable_parameters()}  # type: ignore[operator]
         named = [(n, p) for n, p in network.named_parameters() if id(p) in trainable]
