@@ -33,22 +33,17 @@ class CheckpointCorrupt(CheckpointMismatch):
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """The one atomic writer: yields a temporary path in ``path``'s folder for any writer that takes a file name
-    (``torch.save``, safetensors, MONAI's image writers, ``shutil.copyfile``); when the block ends without error
-    the file is fsync'ed, given the usual permissions (umask, not ``mkstemp``'s owner-only ones) and renamed over
-    ``path``, so a crash mid-write leaves the previous file intact; on error it is removed. The temporary name
-    carries the writer's PID; one left by a killed writer of the same ``path`` is removed here
-    (:func:`remove_stale_tmps`). ``suffix``: a writer that appends its own extension gets one ending in it."""
+def _atomic_target(path: str | os.PathLike, suffix: str) -> Iterator[tuple[int, Path]]:
+    """The one atomic-write mechanism: a temporary file beside ``path`` (name with the writer's PID; a killed
+    writer's leftovers removed first, :func:`remove_stale_tmps`), given the usual permissions (umask, not
+    ``mkstemp``'s owner-only ones) and renamed over ``path`` when the block ends without error, removed otherwise.
+    Yields its open descriptor and its path; the caller writes and fsyncs through one of them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        yield fd, Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
@@ -57,13 +52,29 @@ def atomic_file(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Atomic writing for any writer that takes a file name (``torch.save``, safetensors, MONAI's image writers,
+    ``shutil.copyfile``): yields a temporary path beside ``path``, fsyncs it and renames it over ``path`` when the
+    block ends without error, so a crash mid-write leaves the previous file intact (:func:`_atomic_target`).
+    ``suffix``: a writer that appends its own extension gets a name ending in it."""
+    with _atomic_target(path, suffix) as (fd, tmp):
+        os.close(fd)
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], Any]) -> Path:
-    """Write ``data`` (bytes, text, or a function writing to a binary file) through :func:`atomic_file`."""
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+    """Write ``data`` (bytes, text, or a function writing to a binary file) atomically (:func:`_atomic_target`),
+    through the temporary file's own descriptor, fsync'ed before the rename."""
+    with _atomic_target(path, ".tmp") as (fd, _tmp), os.fdopen(fd, "wb") as f:
         if callable(data):
             data(f)
         else:
             f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
     return Path(path)
 
 
