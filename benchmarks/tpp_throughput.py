@@ -121,13 +121,14 @@ def _run_rank(rank: int, world: int, mode: str, size: str, img: int, batch: int,
         if mode == "finetune":
             from monai.engines import SupervisedTrainer
 
-            from tpp_monai.bundle.networks import build_classifier, build_optimizer
+            from tpp_monai.bundle.networks import build_classifier
+            from tpp_monai.engines.optim import build_optimizer
             from tpp_monai.engines.distributed import wrap_ddp
 
             net = build_classifier(vit, num_classes=2)
             trainer = SupervisedTrainer(
                 device=device, max_epochs=1, epoch_length=n_iter, train_data_loader=loader,
-                network=wrap_ddp(net, device, find_unused_parameters=True), optimizer=build_optimizer(net),
+                network=wrap_ddp(net, device, find_unused_parameters=True), optimizer=build_optimizer(net, lr=1e-4),
                 loss_function=torch.nn.CrossEntropyLoss(),
             )
             timer.attach(trainer)
@@ -144,7 +145,7 @@ def _run_rank(rank: int, world: int, mode: str, size: str, img: int, batch: int,
                 task.set_decoder_trainable(mode == "mae_trainable")
             trainer = TPPTrainer(
                 device=device, max_epochs=1, epoch_length=n_iter, data_loader=loader, task=task,
-                optimizer=build_optimizer(task), output_dir=tmp, checkpoint_every_epochs=None, tensorboard=False,
+                optimizer=build_optimizer(task, lr=1.5e-3), output_dir=tmp, checkpoint_every_epochs=None, tensorboard=False,
                 log_every=10**6, seed=0, handlers=[timer],
             )
         if len(loader) < n_iter:
@@ -174,7 +175,6 @@ def interleaved_ratio(size: str, img: int, batch: int, steps: int, bottleneck: i
     from tpp_monai.backbones.vit import build_vit
     from tpp_monai.benchmark.flops import StepShape, count_flops, mae_finetune_ratio
     from tpp_monai.bundle.networks import build_classifier
-    from tpp_monai.bundle.networks import build_optimizer as build_ft_optimizer
     from tpp_monai.engines.optim import build_optimizer
     from tpp_monai.peft import apply_peft
     from tpp_monai.pretext.mae import MAEPretext
@@ -190,7 +190,7 @@ def interleaved_ratio(size: str, img: int, batch: int, steps: int, bottleneck: i
         return vit
 
     net = build_classifier(adapter_vit(), num_classes=2).train()
-    ft_opt = build_ft_optimizer(net)
+    ft_opt = build_optimizer(net, lr=1e-4)
     steps_fn = {}
 
     def ft_step() -> None:
@@ -202,7 +202,7 @@ def interleaved_ratio(size: str, img: int, batch: int, steps: int, bottleneck: i
     for mode in ("mae_frozen", "mae_trainable"):
         task = MAEPretext(adapter_vit(), decoder_dim=512, decoder_depth=8, decoder_heads=16).train()
         task.set_decoder_trainable(mode == "mae_trainable")
-        opt = build_optimizer(task)
+        opt = build_optimizer(task, lr=1.5e-3)
 
         def mae_step(task=task, opt=opt) -> None:
             opt.zero_grad(set_to_none=True)

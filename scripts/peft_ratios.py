@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tpp_monai.backbones.vit import VisionTransformer, ViTConfig  # noqa: E402
 from tpp_monai.heads import HEADS  # noqa: E402
+from tpp_monai.peft.api import count_parameters  # noqa: E402
+from tpp_monai.safe_io import atomic_write  # noqa: E402
 from tpp_monai.peft import PEFT_METHODS, apply_peft  # noqa: E402
 
 #: TPP paper (Lei et al.), Table 3/4 "Ratio" columns in %: (classification, segmentation)
@@ -77,8 +79,8 @@ class Count:
 
 
 def _count(modules: list[nn.Module]) -> tuple[int, int]:
-    params = [p for m in modules for p in m.parameters()]
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    counts = [count_parameters(m) for m in modules]
+    return sum(t for t, _ in counts), sum(n for _, n in counts)
 
 
 def method_counts(method: str, config: dict[str, Any] | None = None, img_size: int = 224) -> dict[str, Count]:
@@ -113,7 +115,7 @@ def target_count(method: str, config: dict[str, Any] | None = None) -> int:
     with torch.device("meta"):
         vit = VisionTransformer(ViTConfig.medcoss())
         apply_peft(vit, method, config or {})
-    return sum(p.numel() for p in vit.parameters() if p.requires_grad)
+    return count_parameters(vit)[0]
 
 
 def rel_err(ours: float, paper: float) -> float:
@@ -155,10 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table()
     print(text)
     if a.out:
-        path = Path(a.out)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(path)
+        atomic_write(a.out, text + "\n")
     return 0
 
 

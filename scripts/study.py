@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     import torch
 
-    from tpp_monai.checkpoint import atomic_write
+    from tpp_monai.safe_io import atomic_write
     from tpp_monai.data.demo_data import DEFAULT_CACHE, DemoDataError, build_demo_cache
     from tpp_monai.study import (
         StudySpec, loss_drop, loss_plateau, markdown_table, plot_fractions, plot_losses, run_study, summarise,
@@ -161,7 +161,7 @@ def _tumour_crops(a: argparse.Namespace, argv: list[str] | None, cache: Path, ou
 
     import torch
 
-    from tpp_monai.checkpoint import atomic_write
+    from tpp_monai.safe_io import atomic_write
     from tpp_monai.data.demo_data import DemoDataError
     from tpp_monai.data.upstream_pool import build_upstream_pool
     from tpp_monai.study import run_study, tumour_crops_spec
@@ -187,7 +187,7 @@ def write_report(spec, results: list[dict], out: Path, title: str, cmd: str, com
                  threads: int) -> str:
     """study.md + figures for a counts study: per-metric tables with the bootstrap interval, pooled pairs,
     the convergence view, TPP and upstream loss drops."""
-    from tpp_monai.checkpoint import atomic_write
+    from tpp_monai.safe_io import atomic_write
     from tpp_monai.study import (
         LOWER_IS_BETTER, METRIC_NAMES, loss_drop, markdown_table, plot_convergence, plot_losses, pooled, summarise,
         target_norms, tpp_loss_change_text, upstream_log,

@@ -92,7 +92,7 @@ def test_grid_cells_give_the_metrics_of_the_equivalent_bundle_runs(grid, tmp_pat
     (after tpp_pretrain.json for TPP) with the same overrides and seed give the same metrics, exactly."""
     import torch
 
-    from tpp_monai.checkpoint import read_target_checkpoint
+    from tpp_monai.peft.target_checkpoint import read_target_checkpoint
 
     out = grid["out"]
     rows = _rows(out)

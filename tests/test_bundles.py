@@ -183,7 +183,7 @@ def run_stage(bundle: str, extra: str | None, **over):
 
 @pytest.mark.parametrize("bundle,maker", [("mhist", make_mhist), ("qata", make_qata)])
 def test_pipeline_tpp_train_evaluate_inference(bundle, maker, tmp_path, capsys):
-    from tpp_monai.checkpoint import read_target_checkpoint
+    from tpp_monai.peft.target_checkpoint import read_target_checkpoint
     from tpp_monai.peft.api import target_state_dict
 
     data = maker(tmp_path)

@@ -14,15 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tpp_monai.backbones.checkpoints import CheckpointFormatError, load_vit_checkpoint
+from tpp_monai.backbones.weights import CheckpointFormatError, load_vit_checkpoint
 from tpp_monai.backbones.vit import build_vit
-from tpp_monai.checkpoint import (
-    CheckpointCorrupt,
-    load_target_checkpoint,
-    read_target_checkpoint,
-    safe_load,
-    save_target_checkpoint,
-)
+from tpp_monai.safe_io import CheckpointCorrupt, safe_load
+from tpp_monai.peft.target_checkpoint import load_target_checkpoint, read_target_checkpoint, save_target_checkpoint
 from tpp_monai.checkpoint_diagnosis import pickle_globals
 from tpp_monai.peft import apply_peft
 

@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpp_monai.backbones.checkpoints import (
+from tpp_monai.backbones.weights import (
     CheckpointFormatError,
     CheckpointLoadError,
     build_vit_from_checkpoint,
     load_vit_checkpoint,
 )
 from tpp_monai.backbones.vit import ViTConfig, VisionTransformer
-from tpp_monai.checkpoint import atomic_save
+from tpp_monai.safe_io import atomic_save
 from tpp_monai.pretext.mae import MAEDecoder
 
 timm = pytest.importorskip("timm")

@@ -148,7 +148,7 @@ def test_segmentation_datalist_in_a_classification_bundle_is_refused(tmp_path):
 
 
 def test_fine_tuning_with_tpp_does_not_log_without_tpp(tmp_path, caplog):
-    from tpp_monai.checkpoint import save_target_checkpoint
+    from tpp_monai.peft.target_checkpoint import save_target_checkpoint
 
     net = parser_for("mhist", bundle_root=str(tmp_path), tpp_ckpt="").get_parsed_content("network_def")
     ckpt = tmp_path / "tpp_target_params.pt"

@@ -74,7 +74,7 @@ def _ddp_worker(rank: int, world: int, out: str) -> None:
 
     state, before, after = _mae_run(Path(out) / "run")
     torch.save({"state": state, "frozen": (before, after)}, Path(out) / f"rank{rank}.pt")
-    from tpp_monai.checkpoint import safe_load
+    from tpp_monai.safe_io import safe_load
 
     half, _, _ = _mae_run(Path(out) / "resumed", handlers=[_StopAfterFirstEpoch()])  # interrupted after epoch 1 ...
     stopped_at = safe_load(Path(out) / "resumed" / "tpp_resume.pt")["iteration"]
@@ -108,7 +108,7 @@ def test_mae_tpp_two_gloo_processes_equal_one(tmp_path, ddp_out):
     assert _max_diff(r1["state"], r0["state"]) == 0.0  # ranks stay in lock-step
     assert r0["frozen"][0] == r0["frozen"][1] == before
     # rank 0 alone wrote the checkpoint, and it holds the DDP run's values
-    from tpp_monai.checkpoint import read_target_checkpoint
+    from tpp_monai.peft.target_checkpoint import read_target_checkpoint
 
     ck = read_target_checkpoint(ddp_out / "run" / "target_params.pt")
     assert _max_diff(ck["state_dict"], r0["state"]) == 0.0
@@ -124,7 +124,7 @@ def test_resume_under_ddp_equals_the_uninterrupted_run(ddp_out):
             assert_close_to_update(full, res["half"], target_state_dict(_vit()), steps=STEPS, n=MAE_CHAIN)
         # the same 2 processes and threads redo the same arithmetic in the same order: bit for bit
         assert _max_diff(res["resumed"], full) == 0.0
-    from tpp_monai.checkpoint import safe_load
+    from tpp_monai.safe_io import safe_load
 
     assert safe_load(ddp_out / "resumed" / "tpp_resume.pt")["iteration"] == 2 * (N_IMAGES // GLOBAL_BATCH)
 
@@ -159,7 +159,7 @@ def _trainable(net: torch.nn.Module) -> dict:
 def _ft_run() -> dict:
     from monai.engines import SupervisedTrainer
 
-    from tpp_monai.bundle.networks import build_optimizer
+    from tpp_monai.engines.optim import build_optimizer
 
     net = _ft_init()
     labels = torch.arange(N_IMAGES) % 3

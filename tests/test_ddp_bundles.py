@@ -62,7 +62,7 @@ def _bundle_tpp(rank: int, world: int, data: str, work: str) -> None:
 
 
 def test_bundle_tpp_two_gloo_processes_equal_one(tmp_path):
-    from tpp_monai.checkpoint import read_target_checkpoint
+    from tpp_monai.peft.target_checkpoint import read_target_checkpoint
     from tpp_monai.engines.distributed import spawn_cpu
 
     data = str(make_mhist(tmp_path))

@@ -75,7 +75,7 @@ def _worker(rank: int, world: int, out: str) -> None:
 
 
 def test_nnunet_tpp_stage_under_ddp(tmp_path):
-    from tpp_monai.checkpoint import read_target_checkpoint
+    from tpp_monai.peft.target_checkpoint import read_target_checkpoint
 
     (tmp_path / "ddp").mkdir()
     for r in (0, 1):

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import run_interrupted  # noqa: E402
 from test_bundles import TINY, cfg, make_mhist  # noqa: E402
 
-from tpp_monai.checkpoint import CheckpointMismatch  # noqa: E402
+from tpp_monai.safe_io import CheckpointMismatch  # noqa: E402
 
 BUNDLE = "mhist"
 

@@ -34,7 +34,7 @@ def _full_disk(monkeypatch, tmp_path: Path) -> list[str]:
 
 
 def test_torch_save_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
-    from tpp_monai.checkpoint import DiskFullError, atomic_save
+    from tpp_monai.safe_io import DiskFullError, atomic_save
 
     path = atomic_save({"w": torch.ones(3)}, tmp_path / "model.pt")
     made = _full_disk(monkeypatch, tmp_path)
@@ -47,7 +47,7 @@ def test_torch_save_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
 
 
 def test_prepare_datalist_leaves_no_tmp_on_a_full_disk(tmp_path, monkeypatch):
-    from tpp_monai.checkpoint import DiskFullError
+    from tpp_monai.safe_io import DiskFullError
     from tpp_monai.data.datalist import write_datalist
 
     out = tmp_path / "datalist.json"

@@ -13,7 +13,7 @@ from test_ddp_nnunet import _trainer  # noqa: E402  (the stand-in trainer: tiny 
 def test_3d_stage_hands_over_the_ema_teacher(tmp_path):
     """As 2D DINO-TPP (and DINO itself): the saved target tensors, and those fine-tuning starts from, are the EMA
     teacher's, not the student's; after two steps at lr 0.016 and momentum 0.996 the two differ."""
-    from tpp_monai.checkpoint import read_target_checkpoint
+    from tpp_monai.peft.target_checkpoint import read_target_checkpoint
     from tpp_monai.engines.tpp_report import read_report
     from tpp_monai.peft import target_state_dict
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tpp_monai.backbones.checkpoints import load_vit_checkpoint
+from tpp_monai.backbones.weights import load_vit_checkpoint
 from tpp_monai.backbones.vit import VisionTransformer, ViTConfig
 from tpp_monai.peft.api import apply_peft, target_state_dict
 from tpp_monai.pretext.mae import MAEPretext, patchify
@@ -160,7 +160,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def test_format_defaults_and_recorded_values(medcoss_ckpt, tmp_path):
-    from tpp_monai.backbones.checkpoints import FORMAT_DEFAULTS
+    from tpp_monai.backbones.weights import FORMAT_DEFAULTS
     from tpp_monai.data.normalization import PATH_DINO_MEAN, resolve_input_norm
 
     _, path = medcoss_ckpt
@@ -226,7 +226,7 @@ def test_backbone_sees_its_pixel_space_and_mae_targets_live_there():
 def test_dino_hands_over_the_teacher(tmp_path):
     """Defect 4: the TPP checkpoint of DINO holds the EMA teacher's target parameters (DINO evaluates the
     teacher); the old code saved the student's."""
-    from tpp_monai.checkpoint import load_target_checkpoint
+    from tpp_monai.peft.target_checkpoint import load_target_checkpoint
     from tpp_monai.tpp import tpp_pretrain
 
     torch.manual_seed(0)
@@ -352,7 +352,7 @@ def medcoss_seg_encoder(sd: dict, x: torch.Tensor, depth: int, heads: int) -> li
 def test_segmenter_encoder_is_medcoss_class_token_free_forward():
     """The segmentation network's encoder features equal MedCoSS's (no class token in the sequence); with the
     class token run along (the old behaviour) they differ, so the test can fail."""
-    from tpp_monai.backbones.checkpoints import build_vit_from_checkpoint
+    from tpp_monai.backbones.weights import build_vit_from_checkpoint
     from tpp_monai.heads.segmentation import build_vit_segmenter
 
     torch.set_num_threads(1)

@@ -20,7 +20,7 @@ import torch
 from ignite.engine import Events
 
 from tpp_monai.backbones.vit import build_vit
-from tpp_monai.checkpoint import CheckpointMismatch
+from tpp_monai.safe_io import CheckpointMismatch
 from tpp_monai.engines.optim import build_optimizer
 from tpp_monai.engines.tpp_trainer import RESUME_NAME, TPPTrainer
 from tpp_monai.peft import apply_peft, target_state_dict
@@ -332,7 +332,7 @@ def test_finetuning_stops_on_nan_and_keeps_the_good_model(tmp_path, monkeypatch,
 
     from monai.bundle import ConfigParser, run
 
-    from tpp_monai.checkpoint import save_target_checkpoint
+    from tpp_monai.peft.target_checkpoint import save_target_checkpoint
 
     sys.path.insert(0, str(ROOT / "tests"))
     from test_bundles import TINY, make_mhist
@@ -456,7 +456,7 @@ def _find(exc: BaseException, cls: type) -> BaseException:
 # ------------------------------------------------------------------ item 13: errors name the file and the fix
 @pytest.mark.parametrize("kind", ["random", "truncated", "empty"])
 def test_corrupt_target_checkpoint_is_not_called_a_pickle(tmp_path, kind):
-    from tpp_monai.checkpoint import read_target_checkpoint, save_target_checkpoint
+    from tpp_monai.peft.target_checkpoint import read_target_checkpoint, save_target_checkpoint
 
     torch.manual_seed(0)
     vit = build_vit("tiny", depth=1, img_size=IMG, patch_size=PATCH)
@@ -472,7 +472,7 @@ def test_corrupt_target_checkpoint_is_not_called_a_pickle(tmp_path, kind):
 
 
 def test_pickled_checkpoint_still_gets_the_allow_pickle_advice(tmp_path):
-    from tpp_monai.checkpoint import safe_load
+    from tpp_monai.safe_io import safe_load
 
     p = tmp_path / "legacy.pth"
     torch.save({"args": argparse_namespace()}, p)
@@ -579,12 +579,12 @@ def test_nnunet_checkpoint_check_refuses_a_pickled_checkpoint(tmp_path):
 # ------------------------------------------------------------------ item 15: arguments are validated
 def test_zero_lr_iterations_epochs_and_images_are_refused(tmp_path):
     from tpp_monai.bundle import epochs_for_iterations
-    from tpp_monai.bundle.networks import build_optimizer as bundle_optimizer
+    from tpp_monai.engines.optim import build_optimizer
     from tpp_monai.tpp import tpp_pretrain
 
     net = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="--lr must be a positive"):
-        bundle_optimizer(net, lr=0)
+    with pytest.raises(ValueError, match="learning rate must be > 0, got 0"):
+        build_optimizer(net, lr=0)
     with pytest.raises(ValueError, match="--num_iterations must be a positive"):
         epochs_for_iterations(0, 10)
     assert epochs_for_iterations(25, 10) == 3

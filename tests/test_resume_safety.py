@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from test_reliability import Crash, _find, _raise_crash, adapter_task, images  # noqa: E402
 
-from tpp_monai.checkpoint import CheckpointMismatch, atomic_save, remove_stale_tmps  # noqa: E402
+from tpp_monai.safe_io import CheckpointMismatch, atomic_save, remove_stale_tmps  # noqa: E402
 from tpp_monai.engines.optim import build_optimizer  # noqa: E402
 from tpp_monai.engines.tpp_trainer import TPPTrainer  # noqa: E402
 

@@ -146,7 +146,7 @@ def test_target_norms_group_tensors_by_kind(tmp_path):
     import torch
 
     from tpp_monai.backbones.vit import VisionTransformer
-    from tpp_monai.checkpoint import save_target_checkpoint
+    from tpp_monai.peft.target_checkpoint import save_target_checkpoint
     from tpp_monai.peft import apply_peft
     from tpp_monai.study import target_norms
 

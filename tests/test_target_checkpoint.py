@@ -6,14 +6,8 @@ import pytest
 import torch
 
 from tpp_monai.backbones.vit import build_vit
-from tpp_monai.checkpoint import (
-    CheckpointMismatch,
-    atomic_save,
-    load_target_checkpoint,
-    read_target_checkpoint,
-    safe_load,
-    save_target_checkpoint,
-)
+from tpp_monai.safe_io import CheckpointMismatch, atomic_save, safe_load
+from tpp_monai.peft.target_checkpoint import load_target_checkpoint, read_target_checkpoint, save_target_checkpoint
 from tpp_monai.peft import apply_peft, target_state_dict
 from tpp_monai.peft.api import tensors_digest
 

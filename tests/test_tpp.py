@@ -10,7 +10,8 @@ from conftest import run_interrupted
 import torch
 
 from tpp_monai.backbones.vit import build_vit
-from tpp_monai.checkpoint import CheckpointMismatch, read_target_checkpoint
+from tpp_monai.safe_io import CheckpointMismatch
+from tpp_monai.peft.target_checkpoint import read_target_checkpoint
 from tpp_monai.engines.optim import WarmupCosineSchedule, build_optimizer
 from tpp_monai.engines.tpp_report import TPPLearningWarning, read_report
 from tpp_monai.engines.tpp_trainer import TPPTrainer
@@ -344,7 +345,7 @@ def test_warmup_cosine_schedule():
     assert s.lr_at(10) == pytest.approx(0.0) and s.lr_at(6) == pytest.approx(0.5)
     assert s.wd_at(0) == pytest.approx(0.04) and s.wd_at(10) == pytest.approx(0.4)
     task = MAEPretext(adapter_vit(), **SMALL_DEC)
-    opt = build_optimizer(task, weight_decay=0.05)
+    opt = build_optimizer(task, lr=1e-3, weight_decay=0.05)
     s.apply(opt, 0)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == pytest.approx(0.04) and no_decay["weight_decay"] == 0.0

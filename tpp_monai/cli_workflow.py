@@ -157,7 +157,7 @@ def run_stage(stage: str, args: argparse.Namespace, rest: Sequence[str]) -> int:
               "checkpoint (MedCoSS / MAE / DINO / timm ViT)", file=sys.stderr, flush=True)
     work.mkdir(parents=True, exist_ok=True)
     if stage == "train":
-        from tpp_monai.checkpoint import atomic_write
+        from tpp_monai.safe_io import atomic_write
 
         atomic_write(work / "workflow.json", json.dumps({**info, "bundle": str(bundle)}, indent=1))
     run(config_file=[str(c) for c in configs], meta_file=str(meta), **overrides)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tpp_monai.heads.classification import LinearClsHead
-
 
 class ViTClassifier(nn.Module):
     """``forward(image) -> logits``: ViT tokens (B, 1 + ..., D) pooled by a :class:`LinearClsHead`.
@@ -27,7 +25,11 @@ class ViTClassifier(nn.Module):
 
 
 def build_vit_classifier(backbone: nn.Module, num_classes: int, pool: str = "mean", fc_norm: bool = True,
-                         **head_kwargs: object) -> ViTClassifier:
-    """Wrap a :class:`~tpp_monai.backbones.vit.VisionTransformer` with a linear head sized from its config."""
-    head = LinearClsHead(backbone.cfg.embed_dim, num_classes, pool=pool, fc_norm=fc_norm, **head_kwargs)
-    return ViTClassifier(backbone, head)
+                         head: str = "linear_cls", **head_kwargs: object) -> ViTClassifier:
+    """Wrap a :class:`~tpp_monai.backbones.vit.VisionTransformer` with the registered classification head ``head``
+    (``tpp_monai.heads.HEADS``; default the linear head), built as ``HEADS.get(head)(embed_dim, num_classes,
+    pool=, fc_norm=, **head_kwargs)`` from the backbone's config."""
+    from tpp_monai.heads import HEADS
+
+    module = HEADS.get(head)(backbone.cfg.embed_dim, num_classes, pool=pool, fc_norm=fc_norm, **head_kwargs)
+    return ViTClassifier(backbone, module)

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from tpp_monai.checkpoint import atomic_write
 from tpp_monai.reporting import PairedDifference, mean_std, paired_difference
+from tpp_monai.safe_io import atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -546,7 +546,7 @@ def target_norms(ckpt: str | os.PathLike) -> dict[str, float]:
     What TPP taught the target parameters, in one line per kind: e.g. an Adapter's ``up.weight`` is zero
     at insertion, so its norm after TPP is how far the pretext moved the adapter's output.
     """
-    from tpp_monai.checkpoint import read_target_checkpoint
+    from tpp_monai.peft.target_checkpoint import read_target_checkpoint
 
     groups: dict[str, list[float]] = {}
     for name, t in read_target_checkpoint(ckpt)["state_dict"].items():

@@ -15,13 +15,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tpp_monai.checkpoint import load_target_checkpoint
+from tpp_monai.peft.target_checkpoint import load_target_checkpoint
 from tpp_monai.engines.distributed import global_batch_loader, is_distributed
-from tpp_monai.engines.optim import PRETEXT_DEFAULTS, build_optimizer, default_lr
+from tpp_monai.engines.optim import build_optimizer
 from tpp_monai.engines.tpp_trainer import TPPTrainer
 from tpp_monai.peft.api import apply_peft, get_peft
 from tpp_monai.peft.base import PeftMethod
-from tpp_monai.pretext import PRETEXT_TASKS, PretextTask
+from tpp_monai.pretext import PRETEXT_TASKS, PretextTask, pretext_recipe
 
 
 class _TensorImages(Dataset):
@@ -108,13 +108,10 @@ def tpp_pretrain(
         get_peft(backbone)
     backbone.to(device)
     task = pretext if isinstance(pretext, PretextTask) else PRETEXT_TASKS.get(pretext)(backbone, **(pretext_config or {}))
-    name = task.name if task.name in PRETEXT_DEFAULTS else "mae"
-    d = PRETEXT_DEFAULTS[name]
-    lr = default_lr(name, batch_size) if lr is None else lr
-    wd = d["weight_decay"] if weight_decay is None else weight_decay
-    wd_end = d["weight_decay_end"] if weight_decay_end is None else weight_decay_end
-    warm = d["warmup_epochs"] if warmup_epochs is None else warmup_epochs
-    optimizer = build_optimizer(task, lr=lr, weight_decay=wd, betas=tuple(betas or d["betas"]))
+    r = pretext_recipe(task, batch_size, lr=lr, weight_decay=weight_decay, weight_decay_end=weight_decay_end,
+                       warmup_epochs=warmup_epochs, betas=betas)
+    lr, wd, wd_end, warm = r["lr"], r["weight_decay"], r["weight_decay_end"], r["warmup_epochs"]
+    optimizer = build_optimizer(task, lr=lr, weight_decay=wd, betas=r["betas"])
     ds = make_dataset(images, transforms)
     if len(ds) == 0:
         raise ValueError("tpp_pretrain got 0 images: pass the downstream training images (a tensor (N, C, H, W), a "
@@ -141,7 +138,7 @@ def load_for_finetuning(
     """Insert ``peft_method`` into ``backbone`` and load the TPP target parameters (checked) into it.
 
     Returns the backbone (target parameters trainable, everything else frozen). Raises
-    :class:`~tpp_monai.checkpoint.CheckpointMismatch` if the checkpoint belongs to another
+    :class:`~tpp_monai.safe_io.CheckpointMismatch` if the checkpoint belongs to another
     backbone, method or config.
     """
     apply_peft(backbone, peft_method, peft_config)

@@ -59,7 +59,7 @@ from lib.infers.bundle_seg import NOT_A_DATASTORE_IMAGE, ModelFileRefused, insta
 from lib.trainers import BundleTPPTrain
 from lib.trainers.bundle_tpp import SERVER_PID_ENV
 
-from tpp_monai.checkpoint import atomic_write
+from tpp_monai.safe_io import atomic_write
 from tpp_monai.data.transforms import ImageFileError
 from tpp_monai.label import images, nnunet3d, safety
 from tpp_monai.pretext import PRETEXT_TASKS

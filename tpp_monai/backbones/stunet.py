@@ -266,7 +266,7 @@ def load_stunet_checkpoint(
     ``allow_pickle=True`` (only for files you trust). Returns ``{"loaded", "skipped", "missing",
     "unexpected", "mismatched"}`` (lists of names).
     """
-    from tpp_monai.checkpoint import safe_load
+    from tpp_monai.safe_io import safe_load
 
     if input_channels_mode not in ("repeat", "average"):
         raise ValueError("input_channels_mode must be 'repeat' or 'average'")

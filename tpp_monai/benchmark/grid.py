@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from tpp_monai.checkpoint import atomic_write
+from tpp_monai.safe_io import atomic_write
 from tpp_monai.reporting import mean_std, paired_difference
 
 REPO = Path(__file__).resolve().parents[2]

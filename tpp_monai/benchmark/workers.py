@@ -30,6 +30,6 @@ def run_workers(script: str, runs: dict[str, list[str]]) -> list[dict]:
 def write_results(out: str | os.PathLike, text: str) -> Path:
     """Write a benchmark's Markdown result atomically (folder created): a killed benchmark never leaves a
     half-written results file in ``benchmarks/results/``."""
-    from tpp_monai.checkpoint import atomic_write
+    from tpp_monai.safe_io import atomic_write
 
     return atomic_write(out, text)

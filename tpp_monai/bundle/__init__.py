@@ -1,7 +1,7 @@
 """Factories and handlers used by the MONAI bundles in ``bundles/`` (JSON wires them by ``_target_`` / ``$``)."""
 
 from tpp_monai.bundle.data import (
-    BundleDataError, default_bundle_root, epochs_for_iterations, inference_inputs, load_datalist, with_paths,
+    BundleDataError, epochs_for_iterations, inference_inputs, load_datalist,
 )
 from tpp_monai.bundle.inferers import FlipTTAInferer
 from tpp_monai.bundle.handlers import (
@@ -9,10 +9,11 @@ from tpp_monai.bundle.handlers import (
     NonFiniteModelError, OutputFolderLock, PredictionWriter, SegmentationMetric, StopOnNonFiniteLoss, save_metrics_json,
 )
 from tpp_monai.bundle.networks import (
-    TPPCheckpointMissing, build_backbone, build_classifier, build_optimizer, build_peft_backbone, build_segmenter,
-    load_target_params, log_trainable, poly_lr, read_backbone_checkpoint, read_decoder_state, trainable_report,
+    TPPCheckpointMissing, build_backbone, build_classifier, build_peft_backbone, build_segmenter,
+    load_target_params, log_trainable, poly_lr, read_backbone_checkpoint, trainable_report,
 )
 from tpp_monai.bundle.resume import FineTuneResume
+from tpp_monai.engines.optim import build_optimizer  # the one optimiser builder, wired by the bundles' JSON
 from tpp_monai.bundle.root import BundleRootError, resolve_bundle_root
 from tpp_monai.bundle.saving import SaveMaskd
 from tpp_monai.bundle.tpp_stage import (
@@ -24,7 +25,7 @@ __all__ = [
     "GradClipHandler", "JsonlLogger", "LearningCurves", "NonFiniteModelError", "OutputFolderLock", "PredictionWriter", "SaveMaskd", "SegmentationMetric",
     "StopOnNonFiniteLoss", "TPPCheckpointMissing",
     "build_backbone", "build_classifier", "build_optimizer", "build_peft_backbone", "build_pretext",
-    "build_segmenter", "build_tpp_optimizer", "build_tpp_trainer", "default_bundle_root", "epochs_for_iterations", "inference_inputs",
-    "load_datalist", "load_target_params", "log_trainable", "poly_lr", "read_backbone_checkpoint", "read_decoder_state",
-    "resolve_bundle_root", "save_mae_checkpoint", "save_metrics_json", "trainable_report", "with_paths",
+    "build_segmenter", "build_tpp_optimizer", "build_tpp_trainer", "epochs_for_iterations", "inference_inputs",
+    "load_datalist", "load_target_params", "log_trainable", "poly_lr", "read_backbone_checkpoint",
+    "resolve_bundle_root", "save_mae_checkpoint", "save_metrics_json", "trainable_report",
 ]

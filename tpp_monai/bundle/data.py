@@ -13,13 +13,6 @@ class BundleDataError(FileNotFoundError):
     """The datalist named by the bundle (``--dataset_dir`` / ``--datalist``) is missing or malformed."""
 
 
-def default_bundle_root(config_file: str | os.PathLike | None = None) -> str:
-    """The bundle folder (parent of ``configs/``) of ``config_file``; the CWD when not given."""
-    if not config_file:
-        return os.getcwd()
-    return str(Path(config_file).resolve().parent.parent)
-
-
 def load_datalist(datalist: str | os.PathLike, split: str = "training", base_dir: str | os.PathLike | None = None,
                   image_only: bool = False, limit: int | None = None, task: str | None = None) -> list[dict[str, Any]]:
     """Entries of ``split`` in a MONAI datalist JSON written by ``scripts/prepare_<dataset>.py``.
@@ -78,11 +71,6 @@ def _check_label(path: Path, split: str, entry: dict[str, Any], task: str) -> No
             "(task 'seg') and needs the path of a mask image per entry. Use a classification bundle for class indices "
             "(mhist_adapter_tpp / oct_c8_adapter_tpp / chestxray_pa_adapter_tpp, `tpp-monai train --task cls`), or "
             "pair each image with its mask (`tpp-monai prepare --task seg`; format: docs/DATA_FORMAT.md).")
-
-
-def with_paths(entries: list[dict[str, Any]], key: str = "image", name: str = "path") -> list[dict[str, Any]]:
-    """Copy each entry's ``key`` path into ``name`` so it survives loading (inference file names)."""
-    return [{**e, name: str(e[key])} for e in entries]
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz")

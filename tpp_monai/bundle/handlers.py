@@ -36,7 +36,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from ignite.metrics import Metric
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from tpp_monai.checkpoint import atomic_save, atomic_write, check_checkpoint_file, non_finite_tensors
+from tpp_monai.safe_io import atomic_save, atomic_write, check_checkpoint_file, non_finite_tensors
 from tpp_monai.runlock import OutputLock
 
 
@@ -175,7 +175,7 @@ class PredictionWriter:
     """Writes classification predictions at each iteration of an evaluator: rows
     ``path, pred, prob_0..prob_{C-1}`` into ``output_dir/predictions.csv`` (``pred`` after softmax),
     written atomically when the run completes. The image path comes from the batch key ``path_key``
-    (see :func:`tpp_monai.bundle.data.with_paths`). Segmentation masks are written by the inference
+    (:func:`tpp_monai.bundle.inference_inputs` puts it there). Segmentation masks are written by the inference
     ``postprocessing`` instead (:class:`tpp_monai.bundle.SaveMaskd`, a MONAI ``SaveImaged``).
     """
 

@@ -22,7 +22,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from tpp_monai.backbones.vit import VisionTransformer, ViTConfig
+from tpp_monai.backbones import BACKBONES
+from tpp_monai.backbones.vit import VisionTransformer
 
 logger = logging.getLogger("tpp_monai.bundle")
 
@@ -79,16 +80,15 @@ def build_backbone(
         warnings.warn(msg, stacklevel=2)
         overrides = dict(vit_overrides or {})  # e.g. {"depth": 6, "patch_size": 8}: overrides win
         overrides.setdefault("patch_size", patch_size)
-        cfg = ViTConfig.from_size(size, img_size=img_size, in_chans=in_chans, **overrides)
         state = torch.random.get_rng_state()
         torch.manual_seed(init_seed)
-        try:
-            model = VisionTransformer(cfg)
+        try:  # the registered factory (tpp_monai.backbones.BACKBONES), as a new backbone would be
+            model = BACKBONES.get("vit")(size, img_size=img_size, in_chans=in_chans, **overrides)
         finally:
             torch.random.set_rng_state(state)
         return model.set_input_norm("none" if _is_auto(input_norm) else input_norm,
                                     "rgb" if _is_auto(channel_order) else channel_order)
-    from tpp_monai.backbones.checkpoints import build_vit_from_checkpoint
+    from tpp_monai.backbones.weights import build_vit_from_checkpoint
 
     p = Path(backbone_ckpt)  # type: ignore[arg-type]
     if not p.is_file():
@@ -100,7 +100,7 @@ def build_backbone(
                          auto_order if _is_auto(channel_order) else channel_order)
     logger.info("backbone: %s; input normalisation %s, channel order %s", loaded.summary(), model.input_norm,
                 model.channel_order)
-    from tpp_monai.checkpoint import warn_if_non_finite
+    from tpp_monai.safe_io import warn_if_non_finite
 
     warn_if_non_finite(model.state_dict(), p, "backbone checkpoint")
     return model
@@ -112,20 +112,13 @@ def _is_auto(input_norm: Any) -> bool:
 
 def read_backbone_checkpoint(backbone_ckpt: str | os.PathLike | None, allow_pickle: bool = False,
                              ckpt_format: str = "auto"):
-    """The converted backbone checkpoint (:class:`~tpp_monai.backbones.checkpoints.LoadedCheckpoint`:
+    """The converted backbone checkpoint (:class:`~tpp_monai.backbones.weights.LoadedCheckpoint`:
     MAE decoder, its heads, the pixel space), or None without a checkpoint."""
     if _is_empty(backbone_ckpt):
         return None
-    from tpp_monai.backbones.checkpoints import load_vit_checkpoint
+    from tpp_monai.backbones.weights import load_vit_checkpoint
 
     return load_vit_checkpoint(backbone_ckpt, format=ckpt_format, allow_partial=True, allow_pickle=allow_pickle)
-
-
-def read_decoder_state(backbone_ckpt: str | os.PathLike | None, allow_pickle: bool = False,
-                       ckpt_format: str = "auto") -> dict[str, torch.Tensor]:
-    """The MAE decoder stored with a backbone checkpoint (timm-MAE names); {} when there is none."""
-    loaded = read_backbone_checkpoint(backbone_ckpt, allow_pickle, ckpt_format)
-    return {} if loaded is None else dict(loaded.decoder_state)
 
 
 def load_target_params(network: nn.Module, tpp_ckpt: str | os.PathLike | None) -> nn.Module:
@@ -143,13 +136,26 @@ def load_target_params(network: nn.Module, tpp_ckpt: str | os.PathLike | None) -
     p = Path(tpp_ckpt)  # type: ignore[arg-type]
     if not p.is_file():
         raise TPPCheckpointMissing(f"TPP target-parameter checkpoint not found: {p}. {TPP_MISSING_HELP}")
-    from tpp_monai.checkpoint import load_target_checkpoint
+    from tpp_monai.peft.target_checkpoint import load_target_checkpoint
 
     backbone = getattr(network, "backbone", network)
     meta = load_target_checkpoint(p, backbone)
     logger.info("loaded TPP target parameters from %s (pretext %s, iteration %s)", p, meta.get("pretext"),
                 meta.get("iteration"))
     return network
+
+
+def refuse_in_bundles(peft_method: str) -> None:
+    """A ``ValueError`` naming the method, why a bundle cannot train it and the route that can (the method class's
+    ``bundle_refusal``: FPT+, SH-PEFT), before any weights are read."""
+    from tpp_monai.peft.registry import PEFT_METHODS
+
+    cls = PEFT_METHODS.get(peft_method)
+    if cls.bundle_refusal:
+        ok = [n for n in PEFT_METHODS.names() if "vit" in PEFT_METHODS.get(n).applies_to
+              and not PEFT_METHODS.get(n).bundle_refusal]
+        raise ValueError(f"--peft_method {peft_method} is not supported in the bundles: {cls.bundle_refusal}. "
+                         f"Bundles train: {', '.join(ok)}.")
 
 
 def build_peft_backbone(
@@ -172,6 +178,7 @@ def build_peft_backbone(
     load them on the whole network instead, so the default ``None`` neither loads nor logs anything here)."""
     from tpp_monai.peft.api import apply_peft
 
+    refuse_in_bundles(peft_method)
     backbone = build_backbone(backbone_ckpt, size=size, img_size=img_size, in_chans=in_chans,
                               allow_pickle=allow_pickle, init_seed=init_seed, vit_overrides=vit_overrides,
                               input_norm=input_norm, task=task, modality=modality, channel_order=channel_order)
@@ -180,53 +187,25 @@ def build_peft_backbone(
 
 
 def build_classifier(backbone: nn.Module, num_classes: int, pool: str = "mean", fc_norm: bool = True,
-                     drop_path: float = 0.0) -> nn.Module:
-    """ViT (+ PEFT) + linear head: ``forward(image) -> logits (B, num_classes)``; ``drop_path``: stochastic
-    depth of the backbone's blocks while training (MedCoSS fine-tunes with 0.1)."""
+                     drop_path: float = 0.0, head: str = "linear_cls") -> nn.Module:
+    """ViT (+ PEFT) + the registered head ``head`` (``tpp_monai.heads.HEADS``, default the linear head):
+    ``forward(image) -> logits (B, num_classes)``; ``drop_path``: stochastic depth of the backbone's blocks while
+    training (MedCoSS fine-tunes with 0.1)."""
     from tpp_monai.backbones.drop_path import set_drop_path
     from tpp_monai.networks import build_vit_classifier
 
-    return build_vit_classifier(set_drop_path(backbone, drop_path), num_classes, pool=pool, fc_norm=fc_norm)
+    return build_vit_classifier(set_drop_path(backbone, drop_path), num_classes, pool=pool, fc_norm=fc_norm, head=head)
 
 
 def build_segmenter(backbone: nn.Module, num_classes: int, feature_size: int = 16,
-                    norm_name: str = "instance", drop_path: float = 0.0) -> nn.Module:
-    """ViT (+ PEFT) + UNETR 2D decoder: ``forward(image) -> logits (B, num_classes, H, W)``; ``drop_path`` as
-    in :func:`build_classifier`."""
+                    norm_name: str = "instance", drop_path: float = 0.0, head: str = "unetr2d") -> nn.Module:
+    """ViT (+ PEFT) + the registered head ``head`` (``HEADS``, default the UNETR 2D decoder):
+    ``forward(image) -> logits (B, num_classes, H, W)``; ``drop_path`` as in :func:`build_classifier`."""
     from tpp_monai.backbones.drop_path import set_drop_path
     from tpp_monai.heads.segmentation import build_vit_segmenter
 
     return build_vit_segmenter(set_drop_path(backbone, drop_path), num_classes, feature_size=feature_size,
-                               norm_name=norm_name)
-
-
-def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
-    params = [p for p in network.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("The network has no trainable parameters (PEFT froze everything and no head?)")
-    return params
-
-
-def build_optimizer(network: nn.Module, lr: float = 1e-4, weight_decay: float = 0.05,
-                    betas: tuple[float, float] = (0.9, 0.999), decay_1d: bool = False) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only (target parameters + task head).
-
-    ``decay_1d=False``: no decay on norms/biases/tokens (timm convention); ``True``: decay on every
-    trainable tensor, as MedCoSS's ``AdamW(model.parameters(), lr, weight_decay=1e-4)`` (the bundles' choice).
-    """
-    from tpp_monai.engines.optim import param_groups
-
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"--lr must be a positive learning rate, got {lr!r} (the paper's per-method values are in "
-                         "the bundle's lr_per_method)")
-
-    named = [(n, p) for n, p in network.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("The network has no trainable parameters (PEFT froze everything and no head?)")
-    if decay_1d:
-        params = list({id(p): p for _, p in named}.values())
-        return torch.optim.AdamW([{"params": params, "weight_decay": weight_decay}], lr=lr, betas=tuple(betas))
-    return torch.optim.AdamW(param_groups(named, weight_decay), lr=lr, betas=tuple(betas))
+                               norm_name=norm_name, head=head)
 
 
 def poly_lr(optimizer: torch.optim.Optimizer, num_iterations: int, epoch_length: int | None = None,
@@ -245,8 +224,9 @@ def poly_lr(optimizer: torch.optim.Optimizer, num_iterations: int, epoch_length:
 
 def trainable_report(network: nn.Module) -> dict[str, float]:
     """Trainable / total parameters (the paper's "Ratio", task head included)."""
-    total = sum(p.numel() for p in network.parameters())
-    train = sum(p.numel() for p in network.parameters() if p.requires_grad)
+    from tpp_monai.peft.api import count_parameters
+
+    train, total = count_parameters(network)
     return {"trainable": train, "total": total, "ratio_percent": 100.0 * train / max(total, 1)}
 
 

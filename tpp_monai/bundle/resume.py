@@ -26,19 +26,18 @@ So data order, augmentation, weights, optimiser and schedule continue exactly on
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
 from torch import nn
 
-from tpp_monai.checkpoint import CheckpointMismatch, atomic_save, non_finite_tensors, safe_load
+from tpp_monai.safe_io import CheckpointMismatch, atomic_save, non_finite_tensors, safe_load
 from tpp_monai.engines.distributed import is_main_process, unwrap
 from tpp_monai.engines.resumable_data import ResumableLoader
+from tpp_monai.engines.run_state import restore_rank_rng, rng_of_every_rank, settings_diff
 from tpp_monai.peft.api import tensors_digest
 
 RESUME_NAME = "finetune_resume.pt"
@@ -153,7 +152,7 @@ class FineTuneResume:
         it = engine.state.iteration
         if it == self._last_saved:
             return
-        rngs = _rng_of_every_rank()  # a collective: every rank saves at the same iterations
+        rngs = rng_of_every_rank()  # a collective: every rank saves at the same iterations
         if not is_main_process():
             self._last_saved = it  # as rank 0 below: the next save is at the same iteration on every rank
             return
@@ -186,7 +185,7 @@ class FineTuneResume:
         return obj
 
     def _load(self, engine: Engine, net: nn.Module, obj: dict) -> None:
-        diffs = _diff(obj.get("settings") or {}, self.settings)
+        diffs = settings_diff(obj.get("settings") or {}, self.settings)
         if diffs:
             raise CheckpointMismatch(f"{self.path} was written by a fine-tuning run with other settings ({diffs}). "
                                      f"{_FIX}")
@@ -200,7 +199,7 @@ class FineTuneResume:
         self._restore_validation(obj.get("validation") or {})
         if obj.get("scaler") and getattr(engine, "scaler", None) is not None:
             engine.scaler.load_state_dict(obj["scaler"])  # MONAI's Trainer.run() made a new one
-        _restore_rank_rng(obj, self.path)  # after set-up, right before the first resumed iteration
+        restore_rank_rng(obj, self.path)  # after set-up, right before the first resumed iteration
         it = int(obj["iteration"])
         self._last_saved = it
         total = engine.state.max_epochs * engine.state.epoch_length
@@ -254,61 +253,6 @@ def _finished(obj: Mapping[str, Any]) -> bool:
     st = obj.get("settings") or {}
     total = int(st.get("max_epochs", 0)) * int(st.get("epoch_length", 0))
     return bool(total) and int(obj["iteration"]) >= total
-
-
-def _get_rng() -> dict:
-    """RNG states in types a weights-only ``torch.load`` reads (tensors, numbers, tuples)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _rng_of_every_rank() -> list[dict]:
-    """Every rank's :func:`_get_rng` (rank order), on every rank; ``[_get_rng()]`` outside DDP."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [_get_rng()]
-    states: list = [None] * dist.get_world_size()
-    dist.all_gather_object(states, _get_rng())
-    return states
-
-
-def _restore_rank_rng(obj: Mapping[str, Any], path: Path) -> None:
-    """Each rank restores its own saved RNG state (each draws its own stochastic-depth / dropout masks)."""
-    from tpp_monai.engines.distributed import rank_world
-
-    rank, world = rank_world()
-    ranks = obj.get("rng_ranks")
-    if ranks is not None and len(ranks) == world:
-        _set_rng(ranks[rank])
-    elif rank == 0:
-        _set_rng(obj["rng"])
-        if world == 1 and ranks is None:  # an older single-process file: rank 0's state is all there is
-            return
-        logger.warning("%s was written by %s process(es), this run has %d: only rank 0's random state is restored, "
-                       "so stochastic depth / dropout on the other ranks differ from the interrupted run", path,
-                       len(ranks) if ranks is not None else "an unknown number of", world)
-
-
-def _set_rng(s: Mapping[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
-    kind, keys, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(s["python"])
-    if s.get("cuda") and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def _diff(saved: Mapping[str, Any], here: Mapping[str, Any]) -> str:
-    def short(v: Any) -> str:
-        r = repr(v)
-        return r if len(r) <= 60 else r[:57] + "..."
-
-    keys = sorted(set(saved) | set(here))
-    return ", ".join(f"{k}: saved {short(saved.get(k))} vs now {short(here.get(k))}"
-                     for k in keys if saved.get(k) != here.get(k))
 
 
 def _dataset_size(loader: Any) -> int | None:

@@ -12,8 +12,6 @@ NIfTI masks go through :class:`NiftiMaskWriter` (MONAI's nibabel writer minus a 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Hashable, Mapping
 
@@ -22,6 +20,8 @@ import torch
 from monai.config import KeysCollection
 from monai.data import NibabelWriter
 from monai.transforms import SaveImaged
+
+from tpp_monai.safe_io import atomic_file
 
 
 def mask_name(path: str | os.PathLike, postfix: str = "seg", ext: str = ".png") -> str:
@@ -48,7 +48,7 @@ class SaveMaskd(SaveImaged):
     """``SaveImaged`` for label maps: ``output_dir/<stem>_seg<ext>`` as uint8 class indices, written atomically.
 
     ``output_ext``: ``.png`` (kept upright) or ``.nii.gz``; ``path_key``: the item's source image path
-    (:func:`tpp_monai.bundle.data.with_paths` / :func:`tpp_monai.bundle.inference_inputs` put it there).
+    (:func:`tpp_monai.bundle.inference_inputs` puts it there).
     The path written is stored under ``<key>_saved_to`` in the returned item.
     """
 
@@ -72,7 +72,7 @@ class SaveMaskd(SaveImaged):
         if not isinstance(path, (str, os.PathLike)) or not str(path):
             raise KeyError(f"SaveMaskd: the item has no source image path under '{self.path_key}' to name the "
                            f"mask after; build the dataset with tpp_monai.bundle.inference_inputs (or "
-                           f"with_paths), or set path_key to the key that holds it")
+                           f"an entry's 'path'), or set path_key to the key that holds it")
         return str(path)
 
     def save_one(self, mask: torch.Tensor, path: str) -> Path:
@@ -82,13 +82,8 @@ class SaveMaskd(SaveImaged):
         mask = torch.as_tensor(mask).as_subclass(torch.Tensor).detach().cpu().to(torch.uint8)
         if self.output_ext == ".png":  # MONAI's PNG writer wants (C, W, H): keep the image upright
             mask = mask.transpose(1, 2)
-        tmp = tempfile.mkdtemp(prefix=".writing.", dir=self.output_dir)
-        try:
-            stem = name[: -len(self.output_ext)]
-            self.saver(mask, meta_data={"filename_or_obj": path}, filename=str(Path(tmp) / stem))
-            os.replace(Path(tmp) / name, self.output_dir / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_file(self.output_dir / name, suffix=".tmp" + self.output_ext) as tmp:
+            self.saver(mask, meta_data={"filename_or_obj": path}, filename=str(tmp)[: -len(self.output_ext)])
         return self.output_dir / name
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from tpp_monai.bundle.networks import _is_empty, read_backbone_checkpoint
+from tpp_monai.bundle.networks import read_backbone_checkpoint
 from tpp_monai.bundle.resume import parse_resume
 
 logger = logging.getLogger("tpp_monai.bundle")
@@ -52,15 +52,14 @@ def build_pretext(
 def build_tpp_optimizer(task: nn.Module, lr: float | None = None, batch_size: int = 64,
                         weight_decay: float | None = None) -> torch.optim.Optimizer:
     """AdamW over target parameters + trainable pretext head; paper defaults per pretext when None."""
-    from tpp_monai.engines.optim import PRETEXT_DEFAULTS, build_optimizer, default_lr
+    from tpp_monai.engines.optim import build_optimizer
+    from tpp_monai.pretext import pretext_recipe
 
-    name = getattr(task, "name", "mae")
-    d = PRETEXT_DEFAULTS.get(name, PRETEXT_DEFAULTS["mae"])
-    lr = default_lr(name if name in PRETEXT_DEFAULTS else "mae", batch_size) if lr is None else lr
+    r = pretext_recipe(task, batch_size, lr=lr, weight_decay=weight_decay)
+    lr = r["lr"]
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"--tpp_lr must be a positive learning rate or null (the paper's default), got {lr!r}")
-    wd = d["weight_decay"] if weight_decay is None else weight_decay
-    return build_optimizer(task, lr=lr, weight_decay=wd, betas=tuple(d["betas"]))
+    return build_optimizer(task, lr=lr, weight_decay=r["weight_decay"], betas=r["betas"])
 
 
 def build_tpp_trainer(
@@ -73,22 +72,21 @@ def build_tpp_trainer(
 ):
     """A :class:`~tpp_monai.engines.TPPTrainer` writing ``output_dir/<target_name>`` (default
     ``tpp_target_params.pt``), warm-up + cosine schedule; warm-up is capped at half the run.
-    ``warmup_epochs`` None: the paper's for the pretext (MAE 40, DINO 10; ``PRETEXT_DEFAULTS``).
+    ``warmup_epochs`` None: the paper's for the pretext (MAE 40, DINO 10: the pretext class's ``defaults``).
 
     ``resume`` (the bundle's top-level ``resume``): "auto" continues a killed run from
     ``tpp_resume.pt`` when it was written with the same settings (and refuses one with other
     settings), true requires it, false starts over."""
-    from tpp_monai.engines.optim import PRETEXT_DEFAULTS
     from tpp_monai.engines.tpp_trainer import TPPTrainer
+    from tpp_monai.pretext import pretext_recipe
 
-    name = getattr(task, "name", "mae")
-    d = PRETEXT_DEFAULTS.get(name, PRETEXT_DEFAULTS["mae"])
     lr = optimizer.param_groups[0]["lr"] if lr is None else lr
-    wd = d["weight_decay"] if weight_decay is None else weight_decay
-    wd_end = d["weight_decay_end"] if weight_decay_end is None else weight_decay_end
+    r = pretext_recipe(task, 1, lr=lr, weight_decay=weight_decay, weight_decay_end=weight_decay_end,
+                       warmup_epochs=warmup_epochs, betas=tuple(optimizer.param_groups[0]["betas"]))
+    wd, wd_end = r["weight_decay"], r["weight_decay_end"]
     resume = parse_resume(resume)
     os.makedirs(output_dir, exist_ok=True)
-    warm = min(float(d["warmup_epochs"] if warmup_epochs is None else warmup_epochs), max_epochs / 2)
+    warm = min(float(r["warmup_epochs"]), max_epochs / 2)
     trainer = TPPTrainer(
         device=torch.device(device), max_epochs=int(max_epochs), data_loader=data_loader, task=task,
         optimizer=optimizer, output_dir=output_dir, epoch_length=epoch_length,
@@ -105,9 +103,9 @@ def save_mae_checkpoint(task: nn.Module, path: str | os.PathLike) -> Path:
 
     The encoder tensors keep the timm names (``patch_embed.*``, ``blocks.N.*``, ...), PEFT-inserted
     tensors (``peft_*``) are left out, the decoder keeps ``decoder_*``/``mask_token``; so
-    :func:`tpp_monai.backbones.checkpoints.load_vit_checkpoint` reads it like a released MAE file.
+    :func:`tpp_monai.backbones.weights.load_vit_checkpoint` reads it like a released MAE file.
     """
-    from tpp_monai.checkpoint import atomic_save
+    from tpp_monai.safe_io import atomic_save
 
     enc = {k: v.detach().cpu().clone() for k, v in task.backbone.state_dict().items() if "peft_" not in k}
     dec = {k: v.detach().cpu().clone() for k, v in task.decoder.state_dict().items()}
@@ -122,5 +120,3 @@ def save_mae_checkpoint(task: nn.Module, path: str | os.PathLike) -> Path:
     return out
 
 
-def exists_or_empty(path: str | os.PathLike | None) -> bool:
-    return _is_empty(path) or Path(path).is_file()  # type: ignore[arg-type]

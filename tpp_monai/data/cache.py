@@ -43,7 +43,7 @@ class SafePersistentDataset(PersistentDataset):
     def _cachecheck(self, item_transformed: Any) -> Any:
         if self.cache_dir is None:
             return super()._cachecheck(item_transformed)
-        from tpp_monai.checkpoint import atomic_write, disk_full_error
+        from tpp_monai.safe_io import atomic_write, disk_full_error
 
         entry = self._entry(item_transformed)
         if entry.is_file():

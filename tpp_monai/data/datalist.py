@@ -193,7 +193,7 @@ def write_datalist(out: str | os.PathLike, datalist: dict[str, list[dict]], verb
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {**{k: datalist[k] for k in INFO_KEYS if k in datalist}, **{s: datalist.get(s, []) for s in SPLITS}}
-    from tpp_monai.checkpoint import atomic_write, disk_full_error
+    from tpp_monai.safe_io import atomic_write, disk_full_error
 
     try:  # atomic: a full disk leaves neither a half-written datalist nor a stray temporary file
         atomic_write(out, json.dumps(payload, indent=1))

@@ -74,11 +74,6 @@ def nii_ending(path: Path) -> str | None:
     return next((e for e in NII_ENDINGS if name.endswith(e)), None)
 
 
-def _stem(path: Path) -> str:
-    e = nii_ending(path)
-    return path.name[: -len(e)] if e else path.name
-
-
 def _check_root(root: str | os.PathLike) -> Path:
     root = Path(root).expanduser()
     if not root.is_dir():

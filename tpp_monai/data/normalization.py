@@ -5,7 +5,7 @@ The data pipelines of tpp-monai therefore always produce images in [0, 1] and th
 normalises them itself (:meth:`tpp_monai.backbones.vit.VisionTransformer.set_input_norm`), so the
 TPP stage, fine-tuning, evaluation, inference, TorchScript exports and the MONAI Label app cannot
 disagree. Which space a checkpoint expects is decided by its format
-(:data:`tpp_monai.backbones.checkpoints.FORMAT_DEFAULTS`) and can be overridden by name or by an
+(:data:`tpp_monai.backbones.weights.FORMAT_DEFAULTS`) and can be overridden by name or by an
 explicit ``[mean, std]`` pair.
 
 =============  ===========================================  =================================================
@@ -94,16 +94,6 @@ def _per_channel(v: Any, channels: int, what: str) -> tuple[float, ...]:
             "give one value per channel (or a single value), or use input_norm 'none'"
         )
     return vals
-
-
-def describe_input_norm(spec: InputNorm, in_channels: int = 3) -> Any:
-    """JSON-friendly form of a spec: the name when it is one, else ``{"mean": [..], "std": [..]}``."""
-    if isinstance(spec, str) and spec.strip().lower() in INPUT_NORMS:
-        return spec.strip().lower()
-    ms = resolve_input_norm(spec, in_channels)
-    if ms is None or ms == ZSCORE:
-        return "none" if ms is None else ZSCORE
-    return {"mean": list(ms[0]), "std": list(ms[1])}
 
 
 def zscore_per_image(x: "torch.Tensor") -> "torch.Tensor":

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tpp_monai.checkpoint import atomic_write
+from tpp_monai.safe_io import atomic_write
 from tpp_monai.data.demo_data import DemoDataError, _run, fetch_invesalius_deb, read_invesalius_head
 
 DEFAULT_POOL = Path(".tpp_cache/upstream_pool")

@@ -186,15 +186,6 @@ def accumulation_context(module: nn.Module, last: bool) -> AbstractContextManage
     return nullcontext()
 
 
-def per_rank_share(total: int, what: str = "accumulation steps") -> int:
-    """``total`` (micro-batches per optimiser step, samples, ...) split evenly over the ranks, so the W ranks
-    together take what one process takes; refuses totals that do not split."""
-    world = rank_world()[1]
-    if total % world:
-        raise ValueError(f"{total} {what} do not split evenly over {world} processes; use a multiple of {world}")
-    return total // world
-
-
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (or the module itself)."""
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module

@@ -1,34 +1,21 @@
-"""Optimiser of the TPP stage.
+"""The optimiser of the TPP stage and of fine-tuning.
 
-AdamW over ``task.trainable_parameters()``: weight decay on weight matrices only (no decay on biases,
+AdamW over what trains: weight decay on weight matrices only (no decay on biases,
 norms, 1-d tensors, tokens and position tables). The learning-rate / weight-decay schedule lives in
-:mod:`tpp_monai.engines.schedules` (re-exported here: :class:`WarmupCosineSchedule`, :func:`build_schedule`).
+:mod:`tpp_monai.engines.schedules` (re-exported here: :class:`WarmupCosineSchedule`, :func:`build_schedule`);
+each pretext's own recipe is its class's ``defaults`` (:func:`tpp_monai.pretext.pretext_recipe`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from tpp_monai.engines.schedules import WarmupCosineSchedule, build_schedule  # noqa: F401  (re-exported)
 
-#: Paper defaults (METHOD.md section 1). DINO's lr is ``lr_per_256 * batch / 256``.
-PRETEXT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mae": {"lr": 1.5e-3, "weight_decay": 1.5e-2, "weight_decay_end": None, "warmup_epochs": 40,
-            "betas": (0.9, 0.95), "min_lr": 0.0},
-    "dino": {"lr_per_256": 1e-4, "weight_decay": 0.04, "weight_decay_end": 0.4, "warmup_epochs": 10,
-             "betas": (0.9, 0.999), "min_lr": 0.0},
-}
-
 _NO_DECAY_WORDS = ("bias", "norm", "cls_token", "pos_embed", "mask_token", "prompt", "gamma", "weight_g")
-
-
-def default_lr(pretext: str, batch_size: int) -> float:
-    """The paper's learning rate for a pretext task and batch size."""
-    d = PRETEXT_DEFAULTS[pretext.lower()]
-    return d["lr"] if "lr" in d else d["lr_per_256"] * batch_size / 256
 
 
 def no_weight_decay(name: str, p: torch.Tensor) -> bool:
@@ -54,12 +41,29 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float)
 
 
 def build_optimizer(
-    task: nn.Module, lr: float = 1.5e-3, weight_decay: float = 1.5e-2, betas: tuple[float, float] = (0.9, 0.95),
-    eps: float = 1e-8,
+    network: nn.Module, lr: float, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8, decay_1d: bool = False,
 ) -> torch.optim.AdamW:
-    """AdamW over the task's trainable parameters (target parameters + trainable pretext head)."""
-    trainable = {id(p) for p in task.trainable_parameters()}  # type: ignore[operator]
-    named = [(n, p) for n, p in task.named_parameters() if id(p) in trainable]
+    """The one optimiser builder (TPP stage, fine-tuning, label app): AdamW over what trains, i.e. a pretext task's
+    ``trainable_parameters()`` (target parameters + trainable pretext head) or, for any other module, the parameters
+    that require grad (target parameters + task head).
+
+    ``decay_1d=False``: no decay on norms/biases/tokens (timm convention); ``True``: decay on every trainable
+    tensor, as MedCoSS's ``AdamW(model.parameters(), lr, weight_decay=1e-4)`` (the bundles' fine-tuning choice).
+    Each pretext's lr / weight decay / betas are its class's ``defaults`` (:func:`tpp_monai.pretext.pretext_recipe`).
+    """
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"The learning rate must be > 0, got {lr!r} (a bundle's --lr: the paper's per-method values "
+                         "are in the bundle's lr_per_method; TPP: leave it unset for the pretext's default)")
+    if hasattr(network, "trainable_parameters"):
+        trainable = {id(p) for p in network.trainable_parameters()}  # type: ignore[operator]
+        named = [(n, p) for n, p in network.named_parameters() if id(p) in trainable]
+    else:
+        named = [(n, p) for n, p in network.named_parameters() if p.requires_grad]
     if not named:
-        raise ValueError("The task has no trainable parameters: apply a PEFT method to the backbone first")
+        raise ValueError(f"The {type(network).__name__} has no trainable parameters: apply a PEFT method to the "
+                         "backbone first (or PEFT froze everything and there is no head)")
+    if decay_1d:
+        params = list({id(p): p for _, p in named}.values())
+        return torch.optim.AdamW([{"params": params, "weight_decay": weight_decay}], lr=lr, betas=tuple(betas), eps=eps)
     return torch.optim.AdamW(param_groups(named, weight_decay), lr=lr, betas=tuple(betas), eps=eps)

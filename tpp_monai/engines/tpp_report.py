@@ -41,7 +41,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from tpp_monai.checkpoint import atomic_write
+from tpp_monai.safe_io import atomic_write
 
 REPORT_NAME = "tpp_report.json"
 REPORT_FORMAT = "tpp-learning-report"

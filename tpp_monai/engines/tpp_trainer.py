@@ -1,5 +1,6 @@
 """The TPP stage as a MONAI workflow (ignite engine): pretext loss -> AdamW step on the target
-parameters (+ trainable pretext head) -> ``task.after_step`` (EMA teacher, centre).
+parameters (+ trainable pretext head) -> ``task.after_step`` (EMA teacher, centre), one
+:func:`~tpp_monai.engines.tpp_step.tpp_step` per iteration (the nnU-Net TPP stage runs the same step).
 
 Handlers: per-iteration LR/weight-decay schedule, loss logging (``StatsHandler``,
 ``TensorBoardStatsHandler``), optional progress bar, and :class:`TargetCheckpointHandler`, which
@@ -30,12 +31,15 @@ from ignite.engine import Engine, Events
 from monai.engines import Trainer
 from torch import nn
 
-from tpp_monai.checkpoint import CheckpointMismatch, atomic_save, safe_load, save_target_checkpoint
+from tpp_monai.safe_io import CheckpointMismatch, atomic_save, safe_load
+from tpp_monai.peft.target_checkpoint import save_target_checkpoint
 from tpp_monai.data.fingerprint import dataset_fingerprint
-from tpp_monai.engines.amp import autocast, grad_scaler, resolve_amp
-from tpp_monai.engines.distributed import barrier, is_main_process, mean_over_ranks, wrap_ddp
+from tpp_monai.engines.amp import grad_scaler, resolve_amp
+from tpp_monai.engines.distributed import barrier, is_main_process, wrap_ddp
 from tpp_monai.engines.resumable_data import ResumableLoader
+from tpp_monai.engines.run_state import rng_state, set_rng_state, settings_diff
 from tpp_monai.engines.tpp_report import TPPReport
+from tpp_monai.engines.tpp_step import tpp_step
 from tpp_monai.engines.schedules import WarmupCosineSchedule
 from tpp_monai.peft.api import backbone_difference, backbone_hashes, get_peft, load_target_state_dict, target_state_dict
 from tpp_monai.runlock import OutputLock
@@ -73,6 +77,14 @@ class TargetCheckpointHandler:
         self.resume_path = self.output_dir / resume_name
         self.meta = dict(meta or {})
         self._last_saved = -1
+        self._hashes: dict[int, tuple[str, dict[str, str]]] = {}
+
+    def frozen_hashes(self, module: nn.Module) -> tuple[str, dict[str, str]]:
+        """:func:`~tpp_monai.peft.api.backbone_hashes` of ``module``, computed once per run: the frozen tensors
+        cannot change during TPP (~344 MB hashed per call for ViT-B), the target parameters are not part of it."""
+        if id(module) not in self._hashes:
+            self._hashes[id(module)] = backbone_hashes(module)
+        return self._hashes[id(module)]
 
     def attach(self, engine: "TPPTrainer") -> None:
         if self.every_iters:
@@ -90,22 +102,23 @@ class TargetCheckpointHandler:
         meta = {**self.meta, "iteration": it, "epoch": engine.state.epoch, "pretext": task.name,
                 "pretext_config": task.config() if hasattr(task, "config") else {}}
         handover = task.handover_backbone() if hasattr(task, "handover_backbone") else backbone  # DINO: teacher
-        save_target_checkpoint(self.target_path, handover, meta=meta)
+        save_target_checkpoint(self.target_path, handover, meta=meta, hashes=self.frozen_hashes(handover))
         state = resume_state(
             task, engine.optimizer, engine.schedule, iteration=it,
             epoch=it // engine.state.epoch_length if engine.state.epoch_length else engine.state.epoch,
             max_epochs=engine.state.max_epochs, data=engine.data_loader.state_dict(), settings=engine.settings,
-            report=engine.report.state_dict())
+            report=engine.report.state_dict(), hashes=self.frozen_hashes(backbone))
         atomic_save(state, self.resume_path)
 
 
 def resume_state(task: nn.Module, optimizer: torch.optim.Optimizer, schedule: WarmupCosineSchedule, *, iteration: int,
                  epoch: int, max_epochs: int, data: Any, settings: Mapping[str, Any], report: dict | None = None,
-                 **extra: Any) -> dict[str, Any]:
+                 hashes: tuple[str, dict[str, str]] | None = None, **extra: Any) -> dict[str, Any]:
     """The resume file's content (format ``tpp-resume-state``), shared by every TPP loop (this trainer and the
-    nnU-Net TPP stage, which adds its ``extra`` entries: network weights, numpy/python/CUDA RNG, grad scaler)."""
+    nnU-Net TPP stage, which adds its ``extra`` entries: network weights, grad scaler). ``rng``: every RNG state
+    (:func:`tpp_monai.engines.run_state.rng_state`: torch, CUDA, numpy, Python, the task's MONAI transforms)."""
     backbone = task.backbone
-    fingerprint, digests = backbone_hashes(backbone)
+    fingerprint, digests = hashes if hashes is not None else backbone_hashes(backbone)  # once per run: see frozen_hashes
     return {
         "format": RESUME_FORMAT,
         "iteration": int(iteration),
@@ -119,7 +132,7 @@ def resume_state(task: nn.Module, optimizer: torch.optim.Optimizer, schedule: Wa
         "head_state": {k: v.detach().cpu() for k, v in task.head_state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
-        "rng": torch.get_rng_state(),
+        "rng": rng_state(task),
         "data": data,
         "settings": dict(settings),
         "report": report,
@@ -154,7 +167,7 @@ def check_resume_state(obj: dict[str, Any], path: str | os.PathLike, task: nn.Mo
         raise CheckpointMismatch(
             f"{path} was written with a different backbone; load the same backbone weights as that run. "
             f"{backbone_difference(obj.get('backbone_digests'), backbone)} {_RESUME_FIX}")
-    diffs = _settings_diff(obj.get("settings"), settings)
+    diffs = settings_diff(obj.get("settings"), settings)
     if diffs:
         raise CheckpointMismatch(f"{path} was written by a run with other settings ({diffs}). {_RESUME_FIX}")
     return obj
@@ -318,26 +331,9 @@ class TPPTrainer(Trainer):
             torch.manual_seed(self.seed + i)
         images = _batch_images(batchdata, self.image_key).to(self.state.device, non_blocking=self.non_blocking)
         self.task.train()
-        with autocast(self.state.device, self.amp_dtype):
-            out = self.forward_fn(images)
-        loss = out["loss"]
-        mean_loss = mean_over_ranks(loss)  # every rank sees the same value: all stop together
-        if not torch.isfinite(mean_loss):
-            raise FloatingPointError(
-                f"TPP loss is {mean_loss.item()} at iteration {i + 1}; lower the lr or check inputs")
-        self.optimizer.zero_grad(set_to_none=True)
-        scaler = self.grad_scaler
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if self.clip_grad:
-            if scaler is not None:
-                scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.task.trainable_parameters(), self.clip_grad)
-        if scaler is not None:
-            scaler.step(self.optimizer)
-            scaler.update()
-        else:
-            self.optimizer.step()
-        self.task.after_step(i, self.total_steps)
+        mean_loss = tpp_step(self.task, self.forward_fn, self.optimizer, [images], step=i, total_steps=self.total_steps,
+                             device=self.state.device, amp_dtype=self.amp_dtype, scaler=self.grad_scaler,
+                             clip_grad=self.clip_grad, ddp_module=self.network)
         return {"loss": float(mean_loss), "lr": float(self.optimizer.param_groups[0]["lr"])}
 
     # ------------------------------------------------------------------ resume
@@ -354,7 +350,7 @@ class TPPTrainer(Trainer):
         self.task.load_head_state_dict(obj["head_state"])
         self.optimizer.load_state_dict(obj["optimizer"])
         self.schedule.load_state_dict({**obj["schedule"], "total_steps": self.total_steps})
-        torch.set_rng_state(obj["rng"])
+        set_rng_state(obj["rng"], self.task, path)
         self.data_loader.load_state_dict(obj["data"])
         it = int(obj["iteration"])
         self.state.iteration = it
@@ -387,17 +383,6 @@ class TPPTrainer(Trainer):
 
 _RESUME_FIX = ("Resume with the same settings, write to another output folder, or start over with resume=False "
                "(bundles: --resume false), which overwrites that run's state.")
-
-
-def _settings_diff(saved: Mapping[str, Any] | None, here: Mapping[str, Any]) -> str:
-    """'name: saved X vs now Y' for every recorded setting that differs ('' when all match)."""
-    if saved is None:
-        return "the file records no settings (written by an older version)"
-    keys = sorted(set(saved) | set(here))
-    diffs = [f"{k}: saved {saved.get(k)!r} vs now {here.get(k)!r}" for k in keys if saved.get(k) != here.get(k)]
-    if saved.get("data") != here.get("data"):
-        diffs.append("the training images are not those of that run (paths, sizes or modification times differ)")
-    return ", ".join(diffs)
 
 
 def _say(msg: str) -> None:

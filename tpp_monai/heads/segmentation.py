@@ -175,11 +175,13 @@ def build_vit_segmenter(
     norm_name: str | tuple = "instance",
     res_block: bool = True,
     cls_token: bool = False,
+    head: str = "unetr2d",
 ) -> ViTSegmenter:
-    """Wrap a :class:`~tpp_monai.backbones.vit.VisionTransformer` with a UNETR decoder sized from its config
-    (``cls_token``: run the encoder with the class token; default False, as MedCoSS's segmentation model)."""
+    """Wrap a :class:`~tpp_monai.backbones.vit.VisionTransformer` with the registered segmentation head ``head``
+    (``HEADS``; default the UNETR decoder) sized from its config (``cls_token``: run the encoder with the class
+    token; default False, as MedCoSS's segmentation model)."""
     cfg = backbone.cfg
-    dec = UNETRDecoder2D(
+    dec = HEADS.get(head)(
         in_channels=cfg.in_chans, embed_dim=cfg.embed_dim, num_classes=num_classes,
         layers=tuple(layers) if layers is not None else default_layers(cfg.depth),
         feature_size=feature_size, patch_size=cfg.patch_size, norm_name=norm_name, res_block=res_block,

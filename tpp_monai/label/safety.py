@@ -165,19 +165,6 @@ def validate_train_params(params: Mapping[str, Any] | None, pretexts: Sequence[s
     return out
 
 
-def parse_json_object(text: str | None, what: str) -> dict:
-    """``params`` / ``info`` form fields: a JSON object, or a 400 naming the field and the parse error."""
-    if not text:
-        return {}
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RequestError(f"{what} is not valid JSON ({e.msg} at character {e.pos})") from e
-    if not isinstance(obj, dict):
-        raise RequestError(f"{what} must be a JSON object, got {type(obj).__name__}")
-    return obj
-
-
 # ------------------------------------------------------------------------------------------ binding
 def start_server_args(argv: Sequence[str]) -> argparse.Namespace:
     """``monailabel start_server`` arguments parsed by monailabel's own argparse definition.

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tpp_monai.peft.api import ParameterReport, parameter_report
+from tpp_monai.peft.api import ParameterReport, count_parameters, parameter_report
 
 
 def parameter_ratio(backbone: nn.Module, head: nn.Module | None = None) -> float:
@@ -46,8 +46,7 @@ def parameter_ratio(backbone: nn.Module, head: nn.Module | None = None) -> float
     trainable = rep.trainable
     method = getattr(backbone, "tpp_peft", None)
     if method is not None and hasattr(method, "num_selected"):
-        head_train = sum(p.numel() for p in head.parameters() if p.requires_grad) if head is not None else 0
-        trainable = method.num_selected() + head_train
+        trainable = method.num_selected() + count_parameters(head)[0]
     return trainable / max(rep.total, 1)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 
@@ -91,11 +90,9 @@ def dice_summary_for_dataset(pred_dir, ref_dir, dataset_json, out=None, verbose:
     if verbose:
         print(format_summary(report))
     if out:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out)
+        from tpp_monai.safe_io import atomic_write
+
+        atomic_write(out, json.dumps(report, indent=2))
     return report
 
 

@@ -52,7 +52,7 @@ def nnunet_data_globals() -> list:
 
 
 def _refusal(path: Any, err: BaseException, opt_in: str, what: str) -> str:
-    from tpp_monai.checkpoint import describe_unreadable
+    from tpp_monai.safe_io import describe_unreadable
 
     if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
         return f"Could not read {what} {path!r} with a weights-only load ({type(err).__name__}: {err})."

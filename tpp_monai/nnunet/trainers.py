@@ -57,12 +57,11 @@ Single-process training only for the TPP stage (not with ``-num_gpus`` > 1).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import random
 import shutil
 import time
+from collections.abc import Iterator
 from os.path import isfile, join
 
 import torch
@@ -71,17 +70,20 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
 from tpp_monai.backbones.stunet import STUNet, load_stunet_checkpoint
-from tpp_monai.checkpoint import (
-    CheckpointMismatch, atomic_save, load_target_checkpoint, read_target_checkpoint, save_target_checkpoint,
-)
-from tpp_monai.engines.distributed import accumulation_context, barrier, rank_world, wrap_ddp
+from tpp_monai.safe_io import CheckpointMismatch, atomic_file, atomic_save
+from tpp_monai.peft.target_checkpoint import load_target_checkpoint, read_target_checkpoint, save_target_checkpoint
+from tpp_monai.engines.distributed import barrier, rank_world, wrap_ddp
+from tpp_monai.engines.amp import grad_scaler
 from tpp_monai.engines.optim import build_optimizer
+from tpp_monai.engines.run_state import set_rng_state
 from tpp_monai.engines.schedules import WarmupCosineSchedule
 from tpp_monai.engines.tpp_report import TPPReport
+from tpp_monai.engines.tpp_step import tpp_step
 from tpp_monai.engines.tpp_trainer import check_resume_state, load_resume_state, resume_state
 from tpp_monai.nnunet import tpp_only_trainer_name
 from tpp_monai.nnunet.safety import TRAIN_OPT_IN, allow_pickle_from_env, load_weights_only, weights_only_loads
-from tpp_monai.peft.api import apply_peft, get_peft, load_target_state_dict, target_state_dict, tensors_digest
+from tpp_monai.pretext.dino3d import DINO3DPretext
+from tpp_monai.peft.api import apply_peft, backbone_hashes, count_parameters, get_peft, load_target_state_dict, target_state_dict, tensors_digest
 
 TPP_FILE = "tpp_target_params.pt"
 TPP_RESUME = "tpp_resume.pt"  # the 2D TPP stage's resume file name and format (tpp_monai.engines.tpp_trainer)
@@ -142,65 +144,6 @@ def install_continue_hook() -> None:
     rt.maybe_load_checkpoint = maybe_load_checkpoint
 
 
-def _np_state(state: tuple) -> dict:
-    import numpy as np
-
-    kind, keys, pos, has_gauss, gauss = state
-    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}
-
-
-def _np_tuple(n: dict) -> tuple:
-    import numpy as np
-
-    return n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]
-
-
-def _monai_randomizables(task: nn.Module) -> list:
-    """The MONAI random transforms held by ``task``'s modules (each owns a numpy RandomState, ``.R``), in order."""
-    from monai.transforms import Compose, Randomizable
-
-    out = []
-
-    def add(t) -> None:
-        if isinstance(t, Randomizable):
-            out.append(t)
-        for sub in (t.transforms if isinstance(t, Compose) else ()):
-            add(sub)
-
-    for m in task.modules():
-        for v in vars(m).values():
-            add(v)
-    return out
-
-
-def rng_states(device: torch.device, task: nn.Module) -> dict:
-    """numpy / Python / CUDA RNG states and those of the task's MONAI random transforms (torch's CPU state is the
-    resume file's ``rng``), storable weights-only."""
-    import numpy as np
-
-    out = {"numpy": _np_state(np.random.get_state()), "python": random.getstate(),
-           "monai": [_np_state(t.R.get_state()) for t in _monai_randomizables(task)]}
-    if device.type == "cuda":
-        out["cuda"] = torch.cuda.get_rng_state(device)
-    return out
-
-
-def set_rng_states(state: dict, device: torch.device, task: nn.Module) -> None:
-    import numpy as np
-
-    np.random.set_state(_np_tuple(state["numpy"]))
-    random.setstate(state["python"])
-    transforms = _monai_randomizables(task)
-    if len(transforms) != len(state.get("monai", [])):
-        raise CheckpointMismatch(f"the resume state holds {len(state.get('monai', []))} MONAI transform RNG states, this "
-                                 f"task has {len(transforms)}; resume with the same tpp-monai version and settings")
-    for t, n in zip(transforms, state["monai"]):
-        t.R.set_state(_np_tuple(n))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def frozen_fingerprint(net: nn.Module) -> str:
     """SHA-256 of the frozen STU-Net tensors (no target parameters, no ``seg_outputs``)."""
     peft = getattr(net, "tpp_peft", None)
@@ -254,8 +197,7 @@ class nnUNetTrainer_STUNet_FT(nnUNetTrainer):
         install_pretrained_loader()  # before nnU-Net's maybe_load_checkpoint calls load_pretrained_weights
         super().initialize()
         net = _unwrap(self.network)
-        n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
-        n_all = sum(p.numel() for p in net.parameters())
+        n_train, n_all = count_parameters(net)
         self.print_to_log_file(f"STU-Net-{self.stunet_size} PEFT={self.peft_method} train_scope={self.train_scope}: "
                                f"trainable {n_train:,} / {n_all:,} parameters ({100.0 * n_train / n_all:.3f}%)")
 
@@ -298,11 +240,12 @@ class _TPPStage:
     tpp_views_per_patch: int = 1  # independent multi-crop sets drawn from each nnU-Net patch
     tpp_epochs: int = 100
     tpp_iterations_per_epoch: int = 250  # optimiser steps per TPP epoch: nnU-Net's num_iterations_per_epoch
-    tpp_warmup_epochs: int = 10
-    tpp_lr_per_256: float = 1e-4  # lr = tpp_lr_per_256 * effective batch / 256
-    tpp_weight_decay: float = 0.04
-    tpp_weight_decay_end: float = 0.4
-    tpp_clip_grad: float = 3.0
+    # DINO's recipe, owned by the pretext class (DINO3DPretext.defaults): warm-up, lr per 256, weight decay, clipping
+    tpp_warmup_epochs: int = DINO3DPretext.defaults["warmup_epochs"]
+    tpp_lr_per_256: float = DINO3DPretext.defaults["lr_per_256"]  # lr = tpp_lr_per_256 * effective batch / 256
+    tpp_weight_decay: float = DINO3DPretext.defaults["weight_decay"]
+    tpp_weight_decay_end: float = DINO3DPretext.defaults["weight_decay_end"]
+    tpp_clip_grad: float = DINO3DPretext.default_clip_grad
     tpp_n_local_crops: int = 4
     tpp_features: str = "decoder"
     tpp_head: dict = {"out_dim": 4096, "hidden_dim": 1024, "bottleneck_dim": 256}
@@ -387,9 +330,8 @@ class _TPPStage:
                 self.print_to_log_file(f"Cannot reuse {src} ({e})")
                 continue
             if src != path and self.local_rank == 0:
-                tmp = path + ".tmp"
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, path)
+                with atomic_file(path) as tmp:
+                    shutil.copyfile(src, tmp)
             self.my_init_kwargs[TPP_RECORD] = {**{k: v for k, v in meta.items() if k != "peft"}, "done": True,
                                                "source": src}
             self.print_to_log_file(f"Loaded TPP target parameters from {src}; skipping the TPP stage")
@@ -415,8 +357,6 @@ class _TPPStage:
         if resume is None and self._try_reuse(net, fp, path):
             return
 
-        from tpp_monai.pretext.dino3d import DINO3DPretext
-
         gsize, lsize = self._crop_sizes()
         tr_keys, _ = self.do_split()
         plan = self.tpp_plan(len(tr_keys))
@@ -426,14 +366,16 @@ class _TPPStage:
             p.requires_grad_(False)
         task = DINO3DPretext(net, global_size=gsize, local_size=lsize, n_local_crops=self.tpp_n_local_crops,
                              spatial_dims=len(gsize), features=self.tpp_features, **self.tpp_head).to(self.device)
-        opt = build_optimizer(task, lr=plan["lr"], weight_decay=self.tpp_weight_decay, betas=(0.9, 0.999))
+        opt = build_optimizer(task, lr=plan["lr"], weight_decay=self.tpp_weight_decay,
+                              betas=DINO3DPretext.defaults["betas"])
         params = task.trainable_parameters()
         # -num_gpus N: the task is DDP-wrapped, so all ranks train one set of target parameters (gradients
         # averaged, DINO's centre over all ranks' patches); rank 0 writes the file. Unused: whatever part of
         # the network the pretext features do not reach.
         fwd = wrap_ddp(task, self.device, find_unused_parameters=True)
         cuda = self.device.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda") if cuda else None
+        amp_dtype = torch.float16 if cuda else None  # as nnU-Net trains: fp16 autocast + GradScaler on CUDA
+        scaler = grad_scaler(self.device, amp_dtype)
         settings = {"tpp_settings": self.tpp_settings(), "plan": plan, "crops": [gsize, lsize], "fold": self.fold}
         report = TPPReport(task.handover_backbone(), pretext="dino3d", peft=get_peft(net).name,
                            total_steps=plan["steps"], warmup_steps=plan["warmup_steps"], handover="teacher",
@@ -454,26 +396,9 @@ class _TPPStage:
         t0 = time.time()
         for it in range(start, plan["steps"]):
             lr = schedule.apply(opt, it)
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for k in range(plan["accumulation"]):
-                data = torch.as_tensor(next(self.dataloader_train)["data"]).to(self.device, non_blocking=True)
-                if self.tpp_views_per_patch > 1:
-                    data = data.repeat_interleave(self.tpp_views_per_patch, dim=0)
-                with accumulation_context(fwd, last=k == plan["accumulation"] - 1):  # DDP: one all-reduce per step
-                    with torch.autocast(self.device.type, enabled=True) if cuda else contextlib.nullcontext():
-                        loss = fwd(data)["loss"] / plan["accumulation"]
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                total += float(loss.detach())
-            if scaler is not None:
-                scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, self.tpp_clip_grad)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            task.after_step(it, plan["steps"])
+            total = float(tpp_step(task, fwd, opt, self._tpp_batches(), step=it, total_steps=plan["steps"],
+                                   device=self.device, amp_dtype=amp_dtype, scaler=scaler, clip_grad=self.tpp_clip_grad,
+                                   accumulation=plan["accumulation"]))  # DDP: one all-reduce per step
             report.record(total, lr)
             if it % 10 == 0 or it == plan["steps"] - 1:
                 self.print_to_log_file(f"TPP iteration {it + 1}/{plan['steps']}: loss {total:.4f} lr {lr:.2e} "
@@ -491,12 +416,25 @@ class _TPPStage:
                 "stunet_size": self.stunet_size, "fold": self.fold, "trainer": type(self).__name__,
                 "stunet_fingerprint": fp, "peft": get_peft(net).describe(), "handover": "teacher"}
         if self.local_rank == 0:
-            save_target_checkpoint(path, teacher, meta=meta)
+            save_target_checkpoint(path, teacher, meta=meta, hashes=self._tpp_hashes(teacher))
             report.finalise(self.output_folder, log=self.print_to_log_file)
         barrier()  # the file is complete before any rank goes on
         self.my_init_kwargs[TPP_RECORD] = {**{k: v for k, v in meta.items() if k != "peft"}, "done": True}
         del task, opt, fwd
         self.print_to_log_file(f"TPP stage done in {meta['seconds']} s; target parameters saved to {path}")
+
+    def _tpp_hashes(self, module: nn.Module) -> tuple[str, dict[str, str]]:
+        """The frozen tensors' hashes, once per stage (they cannot change during TPP), not at every epoch's save."""
+        cache = self.__dict__.setdefault("_tpp_hash_cache", {})
+        if id(module) not in cache:
+            cache[id(module)] = backbone_hashes(module)
+        return cache[id(module)]
+
+    def _tpp_batches(self) -> Iterator[torch.Tensor]:
+        """Patches from nnU-Net's training loader, each repeated ``tpp_views_per_patch`` times (endless)."""
+        while True:
+            data = torch.as_tensor(next(self.dataloader_train)["data"]).to(self.device, non_blocking=True)
+            yield data.repeat_interleave(self.tpp_views_per_patch, dim=0) if self.tpp_views_per_patch > 1 else data
 
     def _save_tpp_resume(self, resume_path: str, iteration: int, net: nn.Module, task: nn.Module, opt, schedule,
                          scaler, report: TPPReport, settings: dict, plan: dict) -> None:
@@ -506,8 +444,8 @@ class _TPPStage:
             return
         state = resume_state(
             task, opt, schedule, iteration=iteration, epoch=iteration // plan["steps_per_epoch"],
-            max_epochs=self.tpp_epochs, data={"loader": "nnunet", "rng": rng_states(self.device, task)}, settings=settings,
-            report=report.state_dict(), network_weights={k: v.detach().cpu() for k, v in net.state_dict().items()},
+            max_epochs=self.tpp_epochs, data={"loader": "nnunet"}, settings=settings,
+            report=report.state_dict(), hashes=self._tpp_hashes(task.backbone), network_weights={k: v.detach().cpu() for k, v in net.state_dict().items()},
             grad_scaler=scaler.state_dict() if scaler is not None else None)
         atomic_save(state, resume_path)
 
@@ -523,8 +461,7 @@ class _TPPStage:
         it = int(obj["iteration"])
         report.load_state_dict(obj.get("report"), it)
         task.set_schedule_position(it, settings["plan"]["steps"])
-        torch.set_rng_state(obj["rng"])
-        set_rng_states(obj["data"]["rng"], self.device, task)
+        set_rng_state(obj["rng"], task, resume_path)
         self.print_to_log_file(f"resuming the TPP stage from {resume_path} at iteration {it} of "
                                f"{settings['plan']['steps']} (--c); without --c it starts over")
         return it

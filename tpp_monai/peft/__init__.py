@@ -6,6 +6,7 @@ from tpp_monai.peft.api import (
     apply_peft,
     backbone_fingerprint,
     check_target_state_dict,
+    count_parameters,
     get_peft,
     load_target_state_dict,
     merge_peft,
@@ -22,6 +23,6 @@ import_submodules(__name__, __path__)
 
 __all__ = [
     "PEFT_METHODS", "methods_for", "PeftConfig", "PeftMethod", "TARGET_PREFIX", "ParameterReport", "TargetParameterMismatch",
-    "apply_peft", "backbone_fingerprint", "check_target_state_dict", "get_peft", "load_target_state_dict", "merge_peft",
+    "apply_peft", "backbone_fingerprint", "check_target_state_dict", "count_parameters", "get_peft", "load_target_state_dict", "merge_peft",
     "parameter_report", "target_parameter_names", "target_parameters", "target_state_dict",
 ]

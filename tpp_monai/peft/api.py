@@ -196,12 +196,19 @@ class ParameterReport:
         )
 
 
+def count_parameters(module: nn.Module | None) -> tuple[int, int]:
+    """The one parameter counter: ``(trainable, total)`` elements of ``module`` (``(0, 0)`` for None); a tensor
+    shared by two submodules counts once, as ``module.parameters()`` yields it once."""
+    if module is None:
+        return 0, 0
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 def parameter_report(backbone: nn.Module, head: nn.Module | None = None) -> ParameterReport:
     """Trainable/total parameters of backbone (+ injected target params) and head."""
-    bb_total = sum(p.numel() for p in backbone.parameters())
-    bb_train = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
-    head_n = sum(p.numel() for p in head.parameters()) if head is not None else 0
-    head_train = sum(p.numel() for p in head.parameters() if p.requires_grad) if head is not None else 0
+    bb_train, bb_total = count_parameters(backbone)
+    head_train, head_n = count_parameters(head)
     return ParameterReport(bb_train + head_train, bb_total + head_n, bb_train, head_n)
 
 

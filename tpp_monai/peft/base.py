@@ -34,6 +34,9 @@ class PeftMethod:
     tpp_supported: ClassVar[bool] = True
     #: why not, shown when a pretext task is built on a method with ``tpp_supported = False``
     tpp_refusal: ClassVar[str] = ""
+    #: non-empty: the bundles (generic backbone -> head network, AdamW over what requires grad) cannot train this
+    #: method, and this says why and which route can; ``tpp_monai.bundle.build_peft_backbone`` refuses it with it
+    bundle_refusal: ClassVar[str] = ""
 
     def __init__(self, config: PeftConfig | dict | None = None, **kwargs: Any) -> None:
         if isinstance(config, dict):

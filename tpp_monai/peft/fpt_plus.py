@@ -267,6 +267,10 @@ class FPTPlus(PeftMethod):
     #: the generic MAE/DINO TPP stage cannot train it (the side branch is not on backbone.forward's path)
     tpp_supported: ClassVar[bool] = False
     tpp_refusal: ClassVar[str] = "its side network is not on the backbone's forward path that MAE/DINO train"
+    bundle_refusal: ClassVar[str] = (
+        "a bundle's network calls the backbone's forward, which never runs FPT+'s side network (only the head would "
+        "train). Train it from Python with tpp_monai.peft.fpt_plus.FPTPlusClassifier (+ FeatureCache for the frozen "
+        "features), as docs/FPT_PLUS.md shows")
 
     def inject(self, model: nn.Module) -> None:
         blocks = vit_blocks(model)
@@ -366,6 +370,8 @@ class FeatureCache:
               id_key: str = "id", image_key: str = "image", overwrite: bool = False) -> list[Path]:
         from safetensors.torch import save_file
 
+        from tpp_monai.safe_io import atomic_file
+
         if self.model is None:
             raise RuntimeError("FeatureCache.build needs the FPTPlusClassifier (frozen model) it caches for")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -388,9 +394,8 @@ class FeatureCache:
                     tensors[f"v{j}"] = v[b].to("cpu", self.dtype).contiguous()
                     tensors[f"idx{j}"] = idx[b].cpu().contiguous()
                 path = self.path(image_id)
-                tmp = path.with_name(f".{path.name}.tmp")
-                save_file(tensors, str(tmp), metadata={**settings, "id": str(image_id)})
-                os.replace(tmp, path)
+                with atomic_file(path) as tmp:
+                    save_file(tensors, str(tmp), metadata={**settings, "id": str(image_id)})
                 written.append(path)
             pending.clear()
 

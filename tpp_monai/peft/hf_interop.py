@@ -102,7 +102,7 @@ def export_peft_adapter(source: nn.Module | str | os.PathLike, folder: str | os.
     method or from a target-parameter checkpoint (the TPP stage's output). Each file is written atomically."""
     from safetensors.torch import save
 
-    from tpp_monai.checkpoint import atomic_write, read_target_checkpoint  # (imports tpp_monai.peft)
+    from tpp_monai.safe_io import atomic_write, read_target_checkpoint  # (imports tpp_monai.peft
 
     if isinstance(source, nn.Module):
         m = get_peft(source)
@@ -242,7 +242,7 @@ def load_peft_adapter(model: nn.Module, folder: str | os.PathLike) -> dict[str, 
 def import_peft_adapter(folder: str | os.PathLike, backbone: nn.Module, out: str | os.PathLike) -> Path:
     """Write a tpp-monai target-parameter checkpoint (``--tpp_ckpt`` of the bundles) from a peft adapter,
     for ``backbone`` (the pre-trained backbone the adapter belongs to, without a PEFT method)."""
-    from tpp_monai.checkpoint import save_target_checkpoint
+    from tpp_monai.peft.target_checkpoint import save_target_checkpoint
 
     desc = load_peft_adapter(backbone, folder)
     return save_target_checkpoint(out, backbone, meta={"pretext": "hf-peft-import", "source": str(folder),

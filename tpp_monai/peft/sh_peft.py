@@ -173,6 +173,11 @@ class SHPeft(PeftMethod):
     #: needs a mask from a task loss before injection; the generic TPP stage cannot build one
     tpp_supported: ClassVar[bool] = False
     tpp_refusal: ClassVar[str] = "its weight mask comes from the downstream task's gradients, which a pretext task lacks"
+    bundle_refusal: ClassVar[str] = (
+        "it needs a weight mask estimated from the task's gradients before injection and a masked optimiser, which "
+        "the bundles' recipe does not run. Train it from Python: mask = build_mask(estimate_importance(model, loss_fn, "
+        "batches), top_percent); apply_peft(backbone, SHPeft(mask=mask)); build_sh_optimizer(model) "
+        "(tpp_monai.peft.sh_peft)")
 
     def __init__(self, config: Any = None, mask: Mapping[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
@@ -378,11 +383,11 @@ def sparse_delta(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
 def save_sparse_delta(model: nn.Module, path: str | os.PathLike, meta: Mapping[str, str] | None = None) -> str:
     """Write the selected indices + trained values per tensor to a safetensors file (atomically)."""
     import json
-    import tempfile
 
     from safetensors.torch import save_file
 
     from tpp_monai.peft.api import get_peft
+    from tpp_monai.safe_io import atomic_file
 
     delta = sparse_delta(model)
     tensors, shapes = {}, {}
@@ -394,15 +399,8 @@ def save_sparse_delta(model: nn.Module, path: str | os.PathLike, meta: Mapping[s
     metadata = {"format": DELTA_FORMAT, "peft": json.dumps(get_peft(model).describe()), "shapes": json.dumps(shapes)}
     metadata.update({k: str(v) for k, v in (meta or {}).items()})
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".delta.", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

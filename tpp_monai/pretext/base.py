@@ -7,7 +7,7 @@ parameters the head marks trainable; the backbone's other tensors never change.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -18,6 +18,10 @@ class PretextTask(nn.Module):
     (EMA teacher, centre update); ``trainable_parameters()`` is what the optimiser gets."""
 
     name: ClassVar[str] = ""
+    #: The optimiser recipe of this pretext (``lr`` or ``lr_per_256``, ``weight_decay``, ``weight_decay_end``,
+    #: ``warmup_epochs``, ``betas``, ``min_lr``), owned by the task class; None: a task without one, which the
+    #: TPP stage refuses unless every value is given (:func:`pretext_recipe`).
+    defaults: ClassVar[Mapping[str, Any] | None] = None
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
@@ -51,6 +55,54 @@ class PretextTask(nn.Module):
                 f"unexpected {unexpected[:6]}. Resume with the same pretext task and options."
             )
         self.load_state_dict(state, strict=False)
+
+
+RECIPE_KEYS = ("lr", "weight_decay", "weight_decay_end", "warmup_epochs", "betas", "min_lr")
+
+
+def pretext_defaults(task: PretextTask | type[PretextTask] | str) -> dict[str, Any]:
+    """The pretext's own optimiser recipe (a task, its class or its registered name); a pretext that has none is
+    a ``ValueError`` naming it (never another pretext's recipe)."""
+    cls = _task_class(task)
+    if not cls.defaults:
+        raise ValueError(f"pretext '{cls.name or cls.__name__}' ({cls.__name__}) has no default optimiser recipe: "
+                         f"give lr, weight_decay, weight_decay_end, warmup_epochs and betas explicitly, or set "
+                         f"{cls.__name__}.defaults (see MAEPretext.defaults)")
+    return dict(cls.defaults)
+
+
+def default_lr(task: PretextTask | type[PretextTask] | str, batch_size: int) -> float:
+    """The pretext's learning rate for ``batch_size`` (DINO-style ``lr_per_256 * batch / 256`` or a fixed ``lr``)."""
+    d = pretext_defaults(task)
+    return d["lr"] if "lr" in d else d["lr_per_256"] * batch_size / 256
+
+
+def pretext_recipe(task: PretextTask | type[PretextTask] | str, batch_size: int, **given: Any) -> dict[str, Any]:
+    """``given`` (None: the pretext's default) completed from :func:`pretext_defaults`. A pretext without a recipe
+    runs only when lr, weight_decay, warmup_epochs and betas are all given (``weight_decay_end`` None: constant)."""
+    unknown = set(given) - set(RECIPE_KEYS)
+    if unknown:
+        raise TypeError(f"unknown TPP recipe option(s) {sorted(unknown)}; use {', '.join(RECIPE_KEYS)}")
+    out = {k: given.get(k) for k in RECIPE_KEYS}
+    missing = [k for k in ("lr", "weight_decay", "warmup_epochs", "betas") if out[k] is None]
+    if missing or _task_class(task).defaults:
+        d = pretext_defaults(task)  # raises naming the pretext when it has no recipe
+        if out["lr"] is None:
+            out["lr"] = default_lr(task, batch_size)
+        for k in ("weight_decay", "weight_decay_end", "warmup_epochs", "betas", "min_lr"):
+            if out[k] is None:
+                out[k] = d.get(k)
+    out["min_lr"] = 0.0 if out["min_lr"] is None else out["min_lr"]
+    out["betas"] = tuple(out["betas"])
+    return out
+
+
+def _task_class(task: PretextTask | type[PretextTask] | str) -> type[PretextTask]:
+    if isinstance(task, str):
+        from tpp_monai.pretext.registry import PRETEXT_TASKS
+
+        return PRETEXT_TASKS.get(task)
+    return task if isinstance(task, type) else type(task)
 
 
 def _refuse_non_tpp_method(backbone: nn.Module) -> None:

@@ -157,6 +157,10 @@ class DINOPretext(PretextTask):
     """
 
     name = "dino"
+    #: DINO's recipe (METHOD.md section 1): lr 1e-4 x batch / 256, weight decay cosine 0.04 -> 0.4, 10 warm-up
+    #: epochs, betas (0.9, 0.999).
+    defaults = {"lr_per_256": 1e-4, "weight_decay": 0.04, "weight_decay_end": 0.4, "warmup_epochs": 10,
+                "betas": (0.9, 0.999), "min_lr": 0.0}
     #: DINO's ``--clip_grad 3.0`` (global norm of the student's gradients); the TPP trainer applies it
     #: unless it is given its own ``clip_grad`` (0 turns clipping off).
     default_clip_grad: float | None = 3.0

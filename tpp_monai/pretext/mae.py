@@ -3,7 +3,7 @@
 
 The decoder uses timm-MAE tensor names (``decoder_embed``, ``mask_token``, ``decoder_pos_embed``,
 ``decoder_blocks.N.*``, ``decoder_norm``, ``decoder_pred``) so a pre-trained MAE decoder state
-(``tpp_monai.backbones.checkpoints``) loads without renaming. Decoder modes:
+(``tpp_monai.backbones.weights``) loads without renaming. Decoder modes:
 
 - ``"new"``: a fresh light decoder, trained;
 - ``"inherit_frozen"``: the given pre-trained decoder, frozen (paper default for classification);
@@ -15,7 +15,7 @@ MedCoSS, ImageNet-normalised for MAE), normalised per patch with the unbiased va
 (``Tensor.var``'s default, as in MAE's and MedCoSS's ``forward_loss``).
 
 Decoder heads cannot be read off the tensors. An inherited decoder given as a
-:class:`~tpp_monai.backbones.checkpoints.LoadedCheckpoint` runs with the heads recorded for its
+:class:`~tpp_monai.backbones.weights.LoadedCheckpoint` runs with the heads recorded for its
 format (MedCoSS / official MAE: 16); given as a plain tensor dict it needs ``decoder_heads``
 (else the MAE convention, 16, is assumed with a warning).
 """
@@ -178,7 +178,7 @@ def _read_decoder_state(state: Any) -> dict[str, torch.Tensor]:
     if hasattr(state, "decoder_state") and hasattr(state, "format"):  # a LoadedCheckpoint
         state = state.decoder_state
     if isinstance(state, (str, os.PathLike)):
-        from tpp_monai.checkpoint import safe_load
+        from tpp_monai.safe_io import safe_load
 
         state = safe_load(state)
         for key in ("decoder", "state_dict", "model"):
@@ -217,7 +217,7 @@ class MAEPretext(PretextTask):
         mask_ratio: fraction of masked patches (0.75).
         decoder_mode: ``"new"``, ``"inherit_frozen"`` or ``"inherit_trainable"``.
         decoder_state: the pre-trained decoder: a
-            :class:`~tpp_monai.backbones.checkpoints.LoadedCheckpoint` (its format gives the heads), a
+            :class:`~tpp_monai.backbones.weights.LoadedCheckpoint` (its format gives the heads), a
             dict of tensors with timm-MAE names, or a file path; required by the ``inherit_*`` modes;
             its width/depth are read from the tensors.
         decoder_dim, decoder_depth: decoder size for ``"new"``.
@@ -231,6 +231,9 @@ class MAEPretext(PretextTask):
     """
 
     name = "mae"
+    #: MAE's recipe (METHOD.md section 1): AdamW lr 1.5e-3, weight decay 0.015, betas (0.9, 0.95), 40 warm-up epochs.
+    defaults = {"lr": 1.5e-3, "weight_decay": 1.5e-2, "weight_decay_end": None, "warmup_epochs": 40,
+                "betas": (0.9, 0.95), "min_lr": 0.0}
 
     def __init__(
         self, backbone: nn.Module, mask_ratio: float = 0.75, decoder_mode: str = "new",
@@ -270,7 +273,7 @@ class MAEPretext(PretextTask):
                 warnings.warn(
                     f"The inherited MAE decoder's attention heads are unknown (they cannot be read off the tensors); "
                     f"assuming {MAE_DECODER_HEADS} (MedCoSS / official MAE). Pass decoder_heads=, or the "
-                    "LoadedCheckpoint from tpp_monai.backbones.checkpoints.load_vit_checkpoint as decoder_state.",
+                    "LoadedCheckpoint from tpp_monai.backbones.weights.load_vit_checkpoint as decoder_state.",
                     stacklevel=2,
                 )
                 decoder_heads = MAE_DECODER_HEADS

@@ -19,7 +19,7 @@ from typing import Callable
 from monai.transforms import SaveImaged
 from monailabel.tasks.infer.bundle import BundleInferTask
 
-from tpp_monai.checkpoint import check_checkpoint_file
+from tpp_monai.safe_io import check_checkpoint_file
 from tpp_monai.label import images, safety
 
 #: the one message for any image that is not a datastore id or an upload: never says whether a path exists

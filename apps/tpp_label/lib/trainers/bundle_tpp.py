@@ -26,7 +26,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
 from monailabel.tasks.train.handler import prepare_stats
 
-from tpp_monai.checkpoint import atomic_write
+from tpp_monai.safe_io import atomic_write
 from tpp_monai.label import images, safety
 from tpp_monai.label.progress import FineTuneStats, StageProgress
 from tpp_monai.pretext import PRETEXT_TASKS

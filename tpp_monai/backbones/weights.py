@@ -28,7 +28,7 @@ pre-trained in (MedCoSS: [0, 1], no mean/std; MAE/DINO/timm: ImageNet mean/std).
 tpp-monai (:func:`tpp_monai.bundle.save_mae_checkpoint`) record both (top-level ``decoder_heads`` /
 ``input_norm``), which then win over the format's defaults.
 
-Reading is safe by default (``weights_only=True`` through :func:`tpp_monai.checkpoint.safe_load`);
+Reading is safe by default (``weights_only=True`` through :func:`tpp_monai.safe_io.safe_load`);
 MedCoSS ``.pth`` files pickle an ``argparse.Namespace`` under ``'args'`` and need
 ``allow_pickle=True`` (only for files you trust).
 """
@@ -244,8 +244,36 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_FILE_CACHE: dict[tuple, tuple[Any, str]] = {}
+
+
+def read_checkpoint_file(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[Any, str]:
+    """A checkpoint file's content and SHA-256, read and hashed once per process: a run builds the backbone and
+    then the MAE decoder from the same file. Keyed by the resolved path, inode, modification/change times, size and
+    ``allow_pickle`` (a changed or replaced file is read again; a weights-only read never serves a pickle
+    request's content or the reverse). Only the latest file is kept (one ViT-B checkpoint, ~344 MB); callers
+    copy the tensors they load and must not modify what this returns. :func:`clear_checkpoint_cache` drops it."""
+    p = Path(path)
+    try:
+        st = p.resolve().stat()
+    except OSError:
+        return _read_file(p, allow_pickle), ""  # raises naming the file
+    key = (str(p.resolve()), st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size, bool(allow_pickle))
+    hit = _FILE_CACHE.get(key)
+    if hit is None:
+        hit = (_read_file(p, allow_pickle), _sha256(p))
+        _FILE_CACHE.clear()
+        _FILE_CACHE[key] = hit
+    return hit
+
+
+def clear_checkpoint_cache() -> None:
+    """Forget the file :func:`read_checkpoint_file` keeps (frees its memory)."""
+    _FILE_CACHE.clear()
+
+
 def _read_file(path: Path, allow_pickle: bool) -> Any:
-    from tpp_monai.checkpoint import safe_load
+    from tpp_monai.safe_io import safe_load
 
     if not path.exists():
         raise FileNotFoundError(f"ViT checkpoint not found: {path}. Check the path (or the bundle override).")
@@ -518,13 +546,13 @@ def load_vit_checkpoint(
     source = sha = None
     if isinstance(path_or_state, (str, os.PathLike)):
         p = Path(path_or_state)
-        obj = _read_file(p, allow_pickle)
-        source, sha = str(p), _sha256(p)
+        obj, sha = read_checkpoint_file(p, allow_pickle)
+        source = str(p)
         where = str(p)
     else:
         obj, where = path_or_state, "<in-memory checkpoint>"
     raw, meta = _unwrap(obj, where)
-    from tpp_monai.checkpoint import warn_if_non_finite
+    from tpp_monai.safe_io import warn_if_non_finite
 
     warn_if_non_finite(raw, where, "ViT checkpoint")  # a diverged run's weights: say so before training on NaN
     state, stripped = _strip_prefixes(raw)
