@@ -11,7 +11,7 @@ import torch
 peft = pytest.importorskip("peft", reason="peft is a test dependency (pip install -e '.[dev]')")
 
 from tpp_monai.backbones.vit import build_vit  # noqa: E402
-from tpp_monai.safe_io import save_target_checkpoint  # noqa: E402
+from tpp_monai.peft.target_checkpoint import save_target_checkpoint  # noqa: E402
 from tpp_monai.peft.target_checkpoint import load_target_checkpoint
 from tpp_monai.peft import apply_peft  # noqa: E402
 from tpp_monai.peft.hf_interop import (  # noqa: E402

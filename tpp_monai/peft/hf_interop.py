@@ -102,7 +102,8 @@ def export_peft_adapter(source: nn.Module | str | os.PathLike, folder: str | os.
     method or from a target-parameter checkpoint (the TPP stage's output). Each file is written atomically."""
     from safetensors.torch import save
 
-    from tpp_monai.safe_io import atomic_write, read_target_checkpoint  # (imports tpp_monai.peft
+    from tpp_monai.peft.target_checkpoint import read_target_checkpoint
+    from tpp_monai.safe_io import atomic_write  # (imports tpp_monai.peft
 
     if isinstance(source, nn.Module):
         m = get_peft(source)
