@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -177,15 +175,10 @@ def expected_files() -> dict[Path, str]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """The project's one atomic writer (tpp_monai.safe_io), so a killed run never leaves half a config."""
+    from tpp_monai.safe_io import atomic_write
+
+    atomic_write(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:
