@@ -103,7 +103,7 @@ def export_peft_adapter(source: nn.Module | str | os.PathLike, folder: str | os.
     from safetensors.torch import save
 
     from tpp_monai.peft.target_checkpoint import read_target_checkpoint
-    from tpp_monai.safe_io import atomic_write  # (imports tpp_monai.peft
+    from tpp_monai.safe_io import atomic_write
 
     if isinstance(source, nn.Module):
         m = get_peft(source)
