@@ -233,14 +233,13 @@ def test_plan_train_tpp_predict(demo_raw, nnunet_fold, tmp_path):
 @pytest.mark.slow
 def test_label_app_serves_the_trained_fold_3d(demo_raw, nnunet_fold, tmp_path):
     """The label server's 3D task (``--conf nnunet_model_folder``) answers a NIfTI volume with nnU-Net's own
-    predictor: voxel for voxel what ``tpp-monai nnunet-predict`` wrote for the same case, on the input's grid.
-    Driven by MONAI Label's own client (what 3D Slicer uses)."""
-    import shutil
+    predictor: voxel for voxel what ``tpp-monai nnunet-predict`` wrote for the same case, on the input's grid."""
     import socket
 
     import SimpleITK as sitk
     from conftest import label_server
 
+    requests = pytest.importorskip("requests")
     pytest.importorskip("monailabel")
     fold_dir = nnunet_fold["out"].parent
     case = sorted((demo_raw / "Dataset990_DemoLungCT" / "imagesTr").glob("*_0000.nii.gz"))[0]
@@ -260,29 +259,34 @@ def test_label_app_serves_the_trained_fold_3d(demo_raw, nnunet_fold, tmp_path):
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_TRACKING_ENABLED": "false"}
     url = f"http://127.0.0.1:{port}"
-    from monailabel.client import MONAILabelClient
-    from monailabel.client.client import MONAILabelClientException
-
-    (tmp_path / "client").mkdir()
     with label_server(cmd, env, tmp_path, url, 180):
-        c = MONAILabelClient(url, tmpdir=str(tmp_path / "client"), client_id="tester")
-        info = c.info()
+        info = requests.get(f"{url}/info/", timeout=60).json()
         m = info["models"]["stunet3d"]
         assert m["dimension"] == 3 and m["type"] == "segmentation" and m["labels"] == {"lung": 1, "tumour": 2}
         assert "stunet3d" not in info["trainers"]  # trained with nnU-Net, not from the label server
-        out, js = c.infer("stunet3d", "", {}, file=str(case))
-        shutil.copy(out, tmp_path / "out.nii.gz")
+        with open(case, "rb") as f:
+            r = requests.post(f"{url}/infer/stunet3d", params={"output": "image"},
+                              files={"file": (case.name, f, "application/gzip")}, timeout=300)
+        assert r.status_code == 200, r.text
+        (tmp_path / "out.nii.gz").write_bytes(r.content)
+        with open(case, "rb") as f:
+            js = requests.post(f"{url}/infer/stunet3d", params={"output": "json"},
+                               files={"file": (case.name, f, "application/gzip")}, timeout=300).json()
         png = tmp_path / "slice.png"
         from PIL import Image
 
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
-        with pytest.raises(MONAILabelClientException, match="400.*3D volume"):
-            c.infer("stunet3d", "", {}, file=str(png))
-        with pytest.raises(MONAILabelClientException, match="404"):
-            c.train_start("stunet3d", {})
-        assert c.upload_image(str(case), "case0")["image"] == "case0"  # 3D Slicer's Next Sample / Submit Label flow
-        by_id, _ = c.infer("stunet3d", "case0", {})
-        shutil.copy(by_id, tmp_path / "by_id.nii.gz")
+        with open(png, "rb") as f:
+            bad = requests.post(f"{url}/infer/stunet3d", params={"output": "json"},
+                                files={"file": ("slice.png", f, "image/png")}, timeout=60)
+        assert requests.post(f"{url}/train/stunet3d", json={}, timeout=60).status_code == 404
+        with open(case, "rb") as f:  # a volume in the datastore (3D Slicer's Next Sample / Submit Label flow)
+            up = requests.put(f"{url}/datastore/image", params={"image": "case0"},
+                              files={"file": ("case0.nii.gz", f, "application/gzip")}, timeout=60)
+        assert up.status_code == 200, up.text
+        by_id = requests.post(f"{url}/infer/stunet3d", params={"image": "case0", "output": "image"}, timeout=300)
+        assert by_id.status_code == 200, by_id.text
+        (tmp_path / "by_id.nii.gz").write_bytes(by_id.content)
     got, want, img = (sitk.ReadImage(str(p)) for p in (tmp_path / "out.nii.gz", ref, case))
     a, b = sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want)
     assert a.shape == b.shape == sitk.GetArrayFromImage(img).shape and np.array_equal(a, b)
@@ -292,6 +296,7 @@ def test_label_app_serves_the_trained_fold_3d(demo_raw, nnunet_fold, tmp_path):
     assert got.GetDirection() == img.GetDirection()
     assert js["model"] == "stunet3d" and js["shape"] == list(b.shape) and js["label_names"] == {"lung": 1, "tumour": 2}
     assert js["folds"] == [0] and js["classes_present"] == sorted(int(v) for v in np.unique(b))
+    assert bad.status_code == 400 and "3D volume" in bad.json()["detail"], bad.text
 
 
 # nnU-Net's own entry point (what nnUNetv2_train runs); after TPP optimiser step TPP_TEST_SNAPSHOT_AT the fold folder

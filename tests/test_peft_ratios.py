@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tpp_monai.backbones.vit import VisionTransformer, ViTConfig
-from tpp_monai.peft import PEFT_METHODS, apply_peft
+from tpp_monai.peft import apply_peft
 
 ROOT = Path(__file__).resolve().parents[1]
 
