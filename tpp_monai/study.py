@@ -154,6 +154,8 @@ class StudySpec:
     per_class: bool = False
     #: the bundle with ``pretrain_backbone.json`` (empty: ``bundle``)
     upstream_bundle: str = ""
+    #: the inits each (amount, seed) runs: both for TPP pairs, ``("random",)`` for a baseline method's arms
+    inits: tuple[str, ...] = INITS
 
     @property
     def cfg_dir(self) -> Path:
@@ -166,7 +168,7 @@ class StudySpec:
     def arms(self) -> list[tuple[float, int, str]]:
         """(label amount, seed, init): the amount is a count when ``counts`` is set, else a fraction."""
         amounts = self.counts or self.fractions
-        return [(f, s, i) for f in amounts for s in self.seeds for i in INITS]
+        return [(f, s, i) for f in amounts for s in self.seeds for i in self.inits]
 
     def num_classes(self) -> int:
         return int(self.overrides.get("num_classes", 2))
@@ -397,13 +399,60 @@ def tumour_crops_spec(root: str | os.PathLike, cache: str | os.PathLike, pool: s
                        num_classes=s["num_classes"], class_names=s["class_names"]))
 
 
+#: Issue 24's study (docs/results/study_effnet_tumour_crops/PROTOCOL.md, fixed before its run): the ImageNet
+#: EfficientNet-Lite0 of a registry package, frozen; Conv-Adapter fine-tuned from its own init and from DINO-TPP,
+#: on tumour-crop classification (C) and segmentation (S) at 64 px, 8 and 2 labels (per class for C), 5 seeds;
+#: Dutt et al.'s CNN PEFT baselines at 8 labels without TPP.
+EFFNET_SETTING: dict[str, Any] = dict(
+    image_size=64, iterations=300, batch_size=8, lr=1e-3, val_every=50, seeds=(0, 1, 2, 3, 4), counts=(8, 2),
+    tpp_batch_size=16, pretext="dino", method="conv_adapter", baselines=("tsa", "norm_tuning", "bitfit", "ssf_cnn"),
+    tasks={
+        "cls": dict(bundle="bundles/tumour_crops_cls_effnet_convadapter_tpp",
+                    datalist_name="datalist_tumour_crops_cls.json", per_class=True, metrics=("auc", "f1", "acc"),
+                    tpp_epochs=50, tpp_warmup_epochs=5),
+        "seg": dict(bundle="bundles/tumour_crops_effnet_convadapter_tpp", datalist_name="datalist_tumour_crops.json",
+                    per_class=False, metrics=("dice", "hd95"), tpp_epochs=150, tpp_warmup_epochs=15),
+    })
+#: CI-sized: the same code path, a few iterations
+EFFNET_QUICK: dict[str, Any] = dict(EFFNET_SETTING, image_size=32, iterations=3, batch_size=4, val_every=3,
+                                    seeds=(0, 1), counts=(2,), tpp_batch_size=4, baselines=("bitfit",), tasks={
+    k: dict(v, tpp_epochs=1, tpp_warmup_epochs=0) for k, v in EFFNET_SETTING["tasks"].items()})
+
+
+def effnet_specs(root: str | os.PathLike, cache: str | os.PathLike, weights: str | os.PathLike,
+                 work: str | os.PathLike, quick: bool = False, tasks: Iterable[str] = ("cls", "seg"),
+                 ) -> list[tuple[str, str, StudySpec]]:
+    """(task, method, spec) of :data:`EFFNET_SETTING` in the protocol's order: per task, the Conv-Adapter TPP pairs
+    (``counts`` in order), then each baseline method's arms (no TPP) at the largest count."""
+    s = EFFNET_QUICK if quick else EFFNET_SETTING
+    out = []
+    for task in tasks:
+        t = s["tasks"][task]
+        base = dict(bundle=str(Path(root) / t["bundle"]), dataset_dir=str(cache),
+                    datalist=str(Path(cache) / t["datalist_name"]), fractions=(1.0,), seeds=tuple(s["seeds"]),
+                    pretext=s["pretext"], iterations=s["iterations"], batch_size=s["batch_size"],
+                    val_every=s["val_every"], tpp_epochs=t["tpp_epochs"], tpp_warmup_epochs=t["tpp_warmup_epochs"],
+                    tpp_batch_size=s["tpp_batch_size"], lr=s["lr"], metrics=tuple(t["metrics"]),
+                    per_class=t["per_class"], backbone_ckpt=str(weights),
+                    overrides={"image_size": s["image_size"]})
+        out.append((task, s["method"], StudySpec(**base, work=str(Path(work) / task / s["method"]),
+                                                 peft_method=s["method"], counts=tuple(s["counts"]))))
+        for m in s["baselines"]:
+            out.append((task, m, StudySpec(**base, work=str(Path(work) / task / m), peft_method=m,
+                                           counts=(max(s["counts"]),), inits=("random",))))
+    return out
+
+
 def check_resumable(spec: StudySpec) -> None:
     """Refuse a work folder whose finished arms were run with other settings (they would be mixed in)."""
     stamp = Path(spec.work) / "spec.json"
     if not stamp.is_file():
         return
     old, new = json.loads(stamp.read_text()), json.loads(json.dumps(asdict(spec)))
-    changed = sorted(k for k in set(old) | set(new) if k not in EXTENDABLE and old.get(k) != new.get(k))
+    defaults = json.loads(json.dumps(asdict(StudySpec(bundle="", dataset_dir="", datalist="", work=""))))
+    # a field added to StudySpec after the stamp was written counts as its default there
+    changed = sorted(k for k in set(old) | set(new)
+                     if k not in EXTENDABLE and old.get(k, defaults.get(k)) != new.get(k))
     if changed:
         raise ValueError(f"{spec.work} holds a study run with other settings ({', '.join(changed)} differ: "
                          + "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
