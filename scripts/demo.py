@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from tpp_monai.bundle import trainable_report
     from tpp_monai.reporting import paired_difference
     from tpp_monai.study import (
-        TUMOUR_CROPS_QUICK, TUMOUR_CROPS_SETTING, bundle_network, loss_drop, plot_convergence, plot_losses,
+        TUMOUR_CROPS_QUICK, TUMOUR_CROPS_SETTING, bundle_network, loss_first_last_10pct, plot_convergence, plot_losses,
         read_jsonl, run_study, tpp_loss_change_text, tumour_crops_spec, upstream_log,
     )
 
@@ -98,10 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     n_tpp = len([r for r in read_jsonl(tpp_log) if r.get("kind") == "loss"])
     drops = {}
     for sd in seeds:
-        log = work / "tpp" / f"seed{sd}" / "logs" / "tpp_log.jsonl"
-        n = len([r for r in read_jsonl(log) if r.get("kind") == "loss"])
-        drops[sd] = loss_drop(log, head=max(1, n // 10))
-    up = loss_drop(upstream_log(spec), head=max(1, len(read_jsonl(upstream_log(spec))) // 10))
+        drops[sd] = loss_first_last_10pct(work / "tpp" / f"seed{sd}" / "logs" / "tpp_log.jsonl")
+    up = loss_first_last_10pct(upstream_log(spec))
     total = time.time() - t_start
     n = len(seeds)
     mean = lambda m, i: sum(by[(s, i)][m] for s in seeds) / n  # noqa: E731

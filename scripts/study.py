@@ -189,7 +189,7 @@ def write_report(spec, results: list[dict], out: Path, title: str, cmd: str, com
     the convergence view, TPP and upstream loss drops."""
     from tpp_monai.safe_io import atomic_write
     from tpp_monai.study import (
-        LOWER_IS_BETTER, METRIC_NAMES, loss_drop, markdown_table, plot_convergence, plot_losses, pooled, summarise,
+        LOWER_IS_BETTER, METRIC_NAMES, loss_first_last_10pct, markdown_table, plot_convergence, plot_losses, pooled, summarise,
         target_norms, tpp_loss_change_text, upstream_log,
     )
 
@@ -220,7 +220,7 @@ def write_report(spec, results: list[dict], out: Path, title: str, cmd: str, com
               "| run | iterations | first | last | change |", "|---|---|---|---|---|"]
     for name, log in {"upstream MAE": upstream_log(spec), **{f"TPP seed {sd}": lp for sd, lp in tpp_logs.items()}}.items():
         n = len([1 for r in _jsonl(log) if r.get("kind") == "loss"])
-        v = loss_drop(log, head=max(1, n // 10))
+        v = loss_first_last_10pct(log)
         if v:
             lines.append(f"| {name} | {n} | {v[0]:.4f} | {v[1]:.4f} | {100 * (v[1] / v[0] - 1):+.1f}% |")
     lines += ["", f"TPP loss change over seeds (last vs first 10% of each seed's TPP run): "

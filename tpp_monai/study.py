@@ -251,7 +251,7 @@ def write_upstream_provenance(spec: StudySpec, up: Path, seconds: float) -> Path
     pool_manifest = Path(spec.upstream_datalist).parent / "manifest.json" if spec.upstream_datalist else None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
                             capture_output=True, text=True).stdout.strip()
-    drop, flat = loss_drop(log, head=max(1, len(losses) // 10)), loss_plateau(log)
+    drop, flat = loss_first_last_10pct(log), loss_plateau(log)
     prov = {"settings": spec.upstream_settings(), "bundle": str(spec.bundle), "iterations": len(losses),
             "seconds": round(seconds, 1), "torch_threads": _threads(), "commit": commit or "unknown",
             "loss_first_10pct": drop[0] if drop else None, "loss_last_10pct": drop[1] if drop else None,
@@ -555,6 +555,13 @@ def loss_drop(log: str | os.PathLike, head: int = 10) -> tuple[float, float] | N
     return sum(losses[:k]) / k, sum(losses[-k:]) / k
 
 
+def loss_first_last_10pct(log: str | os.PathLike) -> tuple[float, float] | None:
+    """(mean of the first 10% of a loss log's iterations, mean of the last 10%): the start / end that every
+    report of this project quotes (the TPP learning report computes the same from its own records)."""
+    n = sum(1 for r in read_jsonl(log) if r.get("kind") == "loss")
+    return loss_drop(log, head=max(1, n // 10)) if n else None
+
+
 def loss_plateau(log: str | os.PathLike, frac: float = 0.1) -> tuple[float, float] | None:
     """(mean loss of the second-to-last ``frac`` of iterations, of the last ``frac``): equal when flattened."""
     losses = [r["loss"] for r in read_jsonl(log) if r.get("kind") == "loss"]
@@ -570,8 +577,7 @@ def tpp_loss_changes(work: str | os.PathLike, seeds: Iterable[int]) -> dict[int,
     out = {}
     for sd in seeds:
         log = Path(work) / "tpp" / f"seed{sd}" / "logs" / "tpp_log.jsonl"
-        n = len([1 for r in read_jsonl(log) if r.get("kind") == "loss"])
-        v = loss_drop(log, head=max(1, n // 10)) if n else None
+        v = loss_first_last_10pct(log)
         if v:
             out[sd] = v[1] / v[0] - 1
     return out
