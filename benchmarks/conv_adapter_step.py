@@ -12,7 +12,10 @@ random 3-class label map, backward, AdamW over the trainable parameters. Methods
   (``impl="taps"``: grouped convolution as matrix products + shifted slices);
 * ``conv_adapter[conv]``: the same module and weights computed with ``nn.Conv3d(groups=w)`` (oneDNN), the
   formulation before the taps one, for comparison;
-* ``conv_adapter_residual``: tpp-monai's earlier residual-parallel design.
+* ``conv_adapter_residual``: tpp-monai's earlier residual-parallel design;
+* ``norm_tuning``: the frozen network with nothing inserted (only the norms' affine tensors train): the floor of
+  every PEFT method that keeps the backbone frozen, since the frozen convolutions still run forward and pass the
+  input gradient back (only their weight gradients are saved). A Conv-Adapter step cannot cost less than this row.
 
 How it is measured: one subprocess per (size, patch) configuration (``run_workers``), ``--threads`` torch
 threads (default 1). Inside it the methods' models are built once and their steps are **interleaved round by
@@ -44,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tpp_monai.benchmark.workers import run_workers, write_results  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("full", "conv_adapter", "conv_adapter[conv]", "conv_adapter_residual")
+METHODS = ("full", "conv_adapter", "conv_adapter[conv]", "conv_adapter_residual", "norm_tuning")
 
 
 def worker(config: str, methods: list[str], batch: int, rounds: int, threads: int, device: str) -> dict:

@@ -261,3 +261,53 @@ def test_taps_path_adds_into_the_frozen_convolution_in_one_pass():
         ref = F.conv3d(x, blk.conv1.weight, blk.conv1.bias, 1, 1) + conv_formulation(x, a)
         assert torch.allclose(out, ref, atol=1e-5)
         assert torch.allclose(a.added_to(None, x), conv_formulation(x, a), atol=1e-5)
+
+
+SLAB_CASES = [  # (spatial dims, in, groups, spatial size, kernel, dilation, slab bytes): several slabs, edges, dilation
+    (3, 16, 2, (9, 8, 7), 3, 1, 3000), (3, 24, 3, (7, 9, 6), 3, 2, 2000), (3, 16, 4, (6, 5, 4), 1, 1, 100),
+    (3, 16, 2, (8, 6, 5), 5, 1, 1 << 30), (3, 8, 1, (3, 3, 3), 5, 2, 100), (2, 24, 6, (15, 14), 3, 1, 1000),
+]
+
+
+@pytest.mark.parametrize("nd,cin,groups,spatial,k,dil,slab", SLAB_CASES)
+def test_stride_one_slab_path_equals_grouped_convolution(nd, cin, groups, spatial, k, dil, slab, monkeypatch):
+    """The stride-1 path (depth slab by depth slab, :class:`_GroupedConvSlabs`) is the grouped convolution:
+    forward and all three gradients in float64 to rounding, whatever the slab size (one slice per slab, several,
+    or the whole volume) and at the edges (taps that read only padding, dilation)."""
+    import tpp_monai.peft.grouped_conv as gc
+
+    monkeypatch.setattr(gc, "SLAB_BYTES", slab)
+    torch.manual_seed(5)
+    conv = {2: F.conv2d, 3: F.conv3d}[nd]
+    x = torch.randn(2, cin, *spatial, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(groups, cin // groups, *([k] * nd), dtype=torch.float64, requires_grad=True)
+    b = torch.randn(groups, dtype=torch.float64, requires_grad=True)
+    p = dil * (k // 2)
+    ref = conv(x, w, b, padding=p, dilation=dil, groups=groups)
+    got = gc.grouped_conv_taps(x, w, b, (1,) * nd, (p,) * nd, (dil,) * nd)
+    assert got.shape == ref.shape
+    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    for name, u, v in zip(("x", "weight", "bias"), torch.autograd.grad(got, (x, w, b), g),
+                          torch.autograd.grad(ref, (x, w, b), g)):
+        assert torch.allclose(u, v, rtol=1e-11, atol=1e-11), name
+
+
+def test_stride_one_slab_path_sums_in_float32_under_bfloat16():
+    """Under CPU autocast (bf16) the slab path sums its taps in float32 and returns bf16, like the strided path.
+    Bound from the computation (bf16 unit roundoff u = 2^-9): each tap's partial sum (one bf16 matrix product)
+    is rounded once, |e| <= u |z_t|, the float32 sum of the 27 partials adds ~1e-7 relative, the bf16 output
+    rounds once more: |got - ref| <= 3 u sum_t |z_t| <= 3 u conv(|x|, |w|)."""
+    from tpp_monai.peft.grouped_conv import grouped_conv_taps
+
+    torch.manual_seed(6)
+    x = torch.randn(2, 16, 8, 8, 8, requires_grad=True)
+    w = torch.randn(2, 8, 3, 3, 3, requires_grad=True)
+    got = grouped_conv_taps(x.bfloat16(), w.bfloat16(), None, (1, 1, 1), (1, 1, 1), (1, 1, 1))
+    ref = F.conv3d(x.bfloat16().float(), w.bfloat16().float(), None, padding=1, groups=2)
+    assert got.dtype == torch.bfloat16
+    mag = F.conv3d(x.bfloat16().float().abs(), w.bfloat16().float().abs(), None, padding=1, groups=2)
+    err = (got.float() - ref).abs()
+    assert bool((err <= 3 * 2.0 ** -9 * mag + 1e-6).all()), (err / mag).max()
+    got.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
