@@ -21,9 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from test_prepare import MHIST_HEADER, _csv, _img  # noqa: E402  (fake official-layout builders)
 
-BUNDLES = ["mhist", "oct_c8", "chestxray_pa", "glas", "qata", "demo_ct"]
-SEG = {"glas", "qata", "demo_ct"}
-NUM_CLASSES = {"mhist": 2, "oct_c8": 8, "chestxray_pa": 3, "glas": 2, "qata": 2, "demo_ct": 3}
+#: the 2D CNN bundles (EfficientNet-Lite0 encoder, tests/test_bundles_effnet.py runs their stages)
+CNN = {"effnet_seg": "tumour_crops_effnet_convadapter_tpp", "effnet_cls": "tumour_crops_cls_effnet_convadapter_tpp"}
+BUNDLES = ["mhist", "oct_c8", "chestxray_pa", "glas", "qata", "demo_ct", *CNN]
+SEG = {"glas", "qata", "demo_ct", "effnet_seg"}
+NUM_CLASSES = {"mhist": 2, "oct_c8": 8, "chestxray_pa": 3, "glas": 2, "qata": 2, "demo_ct": 3, "effnet_seg": 2,
+               "effnet_cls": 2}
 TINY = {"vit_size": "tiny", "vit_overrides": {"depth": 2}, "image_size": 32, "backbone_ckpt": "", "tpp_ckpt": "",
         "num_workers": 0}
 SPEC_FIELDS = ("schema", "version", "changelog", "monai_version", "pytorch_version", "numpy_version",
@@ -31,8 +34,12 @@ SPEC_FIELDS = ("schema", "version", "changelog", "monai_version", "pytorch_versi
                "intended_use", "data_source", "references")
 
 
+def folder(bundle: str) -> str:
+    return CNN.get(bundle, f"{bundle}_adapter_tpp")
+
+
 def cfg(bundle: str, name: str) -> str:
-    return f"bundles/{bundle}_adapter_tpp/configs/{name}"
+    return f"bundles/{folder(bundle)}/configs/{name}"
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +65,7 @@ def test_configs_parse_and_network_def(bundle, tmp_path):
     files = ["train.json", "tpp_pretrain.json", "evaluate.json", "inference.json", "multi_gpu_train.json"]
     for f in files:
         assert (ROOT / cfg(bundle, f)).is_file(), f
-    assert (ROOT / f"bundles/{bundle}_adapter_tpp/docs/README.md").is_file()
+    assert (ROOT / f"bundles/{folder(bundle)}/docs/README.md").is_file()
     for extra in (None, "tpp_pretrain.json", "evaluate.json", "inference.json", "multi_gpu_train.json"):
         p = parser_for(bundle, *(["train.json"] + ([extra] if extra else [])), bundle_root=str(tmp_path))
         p.parse()
@@ -73,14 +80,17 @@ def test_configs_parse_and_network_def(bundle, tmp_path):
     # generated, self-contained: the shared snippet is copied in (scripts/generate_bundles.py), the
     # hyper-parameters are the bundle's own
     raw = json.loads((ROOT / cfg(bundle, "train.json")).read_text())
-    common = json.loads((ROOT / f"bundles/common/{'seg' if bundle in SEG else 'cls'}.json").read_text())
+    if bundle in CNN:  # the bundle's own network (FlexibleUNet / pool + linear around the EfficientNet encoder)
+        common = json.loads((ROOT / f"bundles/common/specs/{folder(bundle)}.json").read_text())["values"]
+    else:
+        common = json.loads((ROOT / f"bundles/common/{'seg' if bundle in SEG else 'cls'}.json").read_text())
     assert raw["network_def"] == common["network_def"]
     # engines and shared handlers come from supervised.json as nested dicts; train/validate#handlers stay literal
     # (empty) lists so that MONAI's --tracking can append its handlers (tests/test_mlflow_tracking.py)
     supervised = json.loads((ROOT / "bundles/common/supervised.json").read_text())
     assert raw["train"]["trainer"] == supervised["train"]["trainer"]
     assert raw["train"]["handlers"] == [] and raw["validate"]["handlers"] == []
-    assert p["peft_method"] == "adapter"
+    assert p["peft_method"] == ("conv_adapter" if bundle in CNN else "adapter")
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)

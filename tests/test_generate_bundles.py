@@ -171,7 +171,8 @@ def test_metadata_and_readme_state_the_same_pixel_space():
     """The prose comes from one source (bundles/common/docs/prose.json): with a MedCoSS checkpoint a segmentation
     bundle z-scores each image and a classification bundle feeds [0, 1], in metadata.json as in the README
     (before, every metadata.json said 'none for MedCoSS', also for the segmentation bundles)."""
-    prose = json.loads((COMMON / "docs" / "prose.json").read_text())["pixel_space"]
+    all_prose = json.loads((COMMON / "docs" / "prose.json").read_text())
+    prose = all_prose["pixel_space"]
     for bundle in ALL_BUNDLES:
         folder = ROOT / "bundles" / bundle
         train = json.loads((folder / "configs" / "train.json").read_text())
@@ -179,6 +180,11 @@ def test_metadata_and_readme_state_the_same_pixel_space():
             continue  # nnU-Net bundles: nnU-Net's CT normalisation
         meta = json.loads((folder / "configs" / "metadata.json").read_text())
         readme = (folder / "docs" / "README.md").read_text()
+        if str(train["network_def"].get("_target_", "")).startswith("tpp_monai.bundle.build_cnn_"):
+            # the 2D CNN bundles (EfficientNet-Lite0): the weights' own pixel space, one sentence for both files
+            assert meta["image_classes"].endswith(all_prose["pixel_space_cnn"]), bundle
+            assert all_prose["pixel_space_cnn"] in readme, bundle
+            continue
         assert meta["image_classes"].endswith(prose[train["task"]]), bundle
         assert ("z-score" in meta["image_classes"]) == (train["task"] == "seg"), bundle
         if "docs/readme_2d.md" not in (COMMON / "specs" / f"{bundle}.md").read_text():

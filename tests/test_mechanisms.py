@@ -161,7 +161,7 @@ def test_a_pretext_without_defaults_is_an_error_naming_it():
 def test_pretext_recipes_are_the_classes_own():
     from tpp_monai.bundle.tpp_stage import build_tpp_optimizer
     from tpp_monai.pretext.dino import DINOPretext
-    from tpp_monai.pretext.dino3d import DINO3DPretext
+    from tpp_monai.pretext.dino_cnn import DINO3DPretext
 
     mae = pretext_recipe("mae", 64)
     assert (mae["lr"], mae["weight_decay"], mae["warmup_epochs"], mae["betas"]) == (1.5e-3, 1.5e-2, 40, (0.9, 0.95))
@@ -177,7 +177,7 @@ def test_pretext_recipes_are_the_classes_own():
 def test_nnunet_tpp_settings_come_from_the_pretext_class():
     pytest.importorskip("nnunetv2")
     from tpp_monai.nnunet.trainers import _TPPStage
-    from tpp_monai.pretext.dino3d import DINO3DPretext
+    from tpp_monai.pretext.dino_cnn import DINO3DPretext
 
     d = DINO3DPretext.defaults
     assert (_TPPStage.tpp_lr_per_256, _TPPStage.tpp_weight_decay, _TPPStage.tpp_weight_decay_end,

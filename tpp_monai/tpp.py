@@ -107,7 +107,11 @@ def tpp_pretrain(
     else:
         get_peft(backbone)
     backbone.to(device)
-    task = pretext if isinstance(pretext, PretextTask) else PRETEXT_TASKS.get(pretext)(backbone, **(pretext_config or {}))
+    if not isinstance(pretext, PretextTask):
+        from tpp_monai.pretext.dino_cnn import pretext_name_for
+
+        pretext = PRETEXT_TASKS.get(pretext_name_for(pretext, backbone))(backbone, **(pretext_config or {}))
+    task = pretext
     r = pretext_recipe(task, batch_size, lr=lr, weight_decay=weight_decay, weight_decay_end=weight_decay_end,
                        warmup_epochs=warmup_epochs, betas=betas)
     lr, wd, wd_end, warm = r["lr"], r["weight_decay"], r["weight_decay_end"], r["warmup_epochs"]

@@ -9,7 +9,8 @@ from tpp_monai.bundle.handlers import (
     NonFiniteModelError, OutputFolderLock, PredictionWriter, SegmentationMetric, StopOnNonFiniteLoss, save_metrics_json,
 )
 from tpp_monai.bundle.networks import (
-    TPPCheckpointMissing, build_backbone, build_classifier, build_peft_backbone, build_segmenter,
+    TPPCheckpointMissing, build_backbone, build_classifier, build_cnn_backbone, build_cnn_classifier,
+    build_cnn_segmenter, build_peft_backbone, build_peft_cnn_backbone, build_segmenter,
     load_target_params, log_trainable, poly_lr, read_backbone_checkpoint, trainable_report,
 )
 from tpp_monai.bundle.resume import FineTuneResume
@@ -24,7 +25,8 @@ __all__ = [
     "AtomicCheckpointSaver", "BundleDataError", "BundleRootError", "FineTuneResume", "CheckedCheckpointLoader", "EvaluationFigures", "FlipTTAInferer",
     "GradClipHandler", "JsonlLogger", "LearningCurves", "NonFiniteModelError", "OutputFolderLock", "PredictionWriter", "SaveMaskd", "SegmentationMetric",
     "StopOnNonFiniteLoss", "TPPCheckpointMissing",
-    "build_backbone", "build_classifier", "build_optimizer", "build_peft_backbone", "build_pretext",
+    "build_backbone", "build_classifier", "build_cnn_backbone", "build_cnn_classifier", "build_cnn_segmenter",
+    "build_optimizer", "build_peft_cnn_backbone", "build_peft_backbone", "build_pretext",
     "build_segmenter", "build_tpp_optimizer", "build_tpp_trainer", "epochs_for_iterations", "inference_inputs",
     "load_datalist", "load_target_params", "log_trainable", "poly_lr", "read_backbone_checkpoint",
     "resolve_bundle_root", "save_mae_checkpoint", "save_metrics_json", "trainable_report",

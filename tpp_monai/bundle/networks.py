@@ -4,6 +4,8 @@
     backbone  = build_peft_backbone(backbone_ckpt, ..., peft_method="adapter", peft_config={...},
                                     tpp_ckpt="models/tpp_target_params.pt")       # stage-2 hand-over
     network   = build_classifier(...) / build_segmenter(...)                       # backbone + task head
+    encoder   = build_peft_cnn_backbone(backbone_ckpt, peft_method="conv_adapter")  # 2D CNN (EfficientNet-Lite0)
+    network   = build_cnn_classifier(encoder, ...) / build_cnn_segmenter(encoder, ...)  # pool+linear / FlexibleUNet
     network   = load_target_params(network, tpp_ckpt)                             # bundles' ``network`` id
 
 A backbone built without a checkpoint is seeded (``init_seed``), so the TPP stage and the
@@ -206,6 +208,105 @@ def build_segmenter(backbone: nn.Module, num_classes: int, feature_size: int = 1
 
     return build_vit_segmenter(set_drop_path(backbone, drop_path), num_classes, feature_size=feature_size,
                                norm_name=norm_name, head=head)
+
+
+# ---------------------------------------------------------------------------------------------- 2D CNN encoders
+CNN_BACKBONES = ("efficientnet_lite0",)
+
+
+def build_cnn_backbone(
+    backbone_ckpt: str | os.PathLike | None = "",
+    backbone: str = "efficientnet_lite0",
+    in_chans: int = 3,
+    init_seed: int = 0,
+    input_norm: Any = "auto",
+    channel_order: str = "auto",
+    padding: str = "same",
+) -> nn.Module:
+    """A 2D CNN encoder (``BACKBONES[backbone]``, EfficientNet-Lite0) with its real pre-trained weights from
+    ``backbone_ckpt`` (read by :mod:`tpp_monai.backbones.efficientnet_weights`, which names every missing /
+    unexpected / mis-shaped key), or a seeded random one with a loud warning (``""``: smoke tests only).
+
+    ``input_norm`` / ``channel_order`` ``"auto"``: the pixel space the weights were trained in (the encoder's
+    default, recorded with the format: ``efficientnet_lite``, RGB); a random encoder: ``"none"``, RGB.
+    ``padding``: ``"same"`` (TensorFlow, as the weights were trained) or ``"symmetric"`` (timm's).
+    """
+    if backbone not in CNN_BACKBONES:
+        raise ValueError(f"--cnn_backbone {backbone!r} is not a 2D CNN encoder the bundles build; choose one of "
+                         f"{list(CNN_BACKBONES)}")
+    factory = BACKBONES.get(backbone)
+    if _is_empty(backbone_ckpt):
+        warnings.warn(f"No --backbone_ckpt given: the {backbone} encoder is RANDOMLY INITIALISED (seed {init_seed}). "
+                      "This is only useful for smoke tests; fetch the ImageNet weights (scripts/fetch_weights.py, "
+                      ".tpp_cache/weights/) and pass --backbone_ckpt for real results.", stacklevel=2)
+        state = torch.random.get_rng_state()
+        torch.manual_seed(init_seed)
+        try:
+            model = factory(in_channels=in_chans, padding=padding)
+        finally:
+            torch.random.set_rng_state(state)
+        return model.set_input_norm("none" if _is_auto(input_norm) else input_norm,
+                                    "rgb" if _is_auto(channel_order) else channel_order)
+    p = Path(backbone_ckpt)  # type: ignore[arg-type]
+    if not p.is_file():
+        raise FileNotFoundError(f"--backbone_ckpt {p} does not exist; fetch the {backbone} ImageNet weights "
+                                "(scripts/fetch_weights.py writes .tpp_cache/weights/...) or pass \"\" for a random "
+                                "encoder (smoke tests only).")
+    from tpp_monai.backbones.efficientnet_weights import load_efficientnet_lite0_weights
+
+    model = factory(in_channels=in_chans, padding=padding)
+    fmt = load_efficientnet_lite0_weights(model, p)["format"]  # strict: names every key that does not fit
+    model.set_input_norm(fmt["input_norm"] if _is_auto(input_norm) else input_norm,
+                         fmt["channel_order"] if _is_auto(channel_order) else channel_order)
+    logger.info("backbone: %s from %s; input normalisation %s, channel order %s", backbone, p, model.input_norm,
+                model.channel_order)
+    return model
+
+
+def build_peft_cnn_backbone(
+    backbone_ckpt: str | os.PathLike | None = "",
+    backbone: str = "efficientnet_lite0",
+    in_chans: int = 3,
+    peft_method: str = "conv_adapter",
+    peft_config: Mapping[str, Any] | None = None,
+    init_seed: int = 0,
+    input_norm: Any = "auto",
+    channel_order: str = "auto",
+    padding: str = "same",
+) -> nn.Module:
+    """:func:`build_cnn_backbone` + ``apply_peft`` on the encoder only (the decoder / head is not a target: it
+    trains in fine-tuning). A method that does not apply to CNNs (the ViT methods) is refused by name."""
+    from tpp_monai.peft.api import apply_peft
+    from tpp_monai.peft.registry import PEFT_METHODS, methods_for
+
+    refuse_in_bundles(peft_method)
+    if "cnn" not in PEFT_METHODS.get(peft_method).applies_to:
+        raise ValueError(f"--peft_method {peft_method} does not apply to a CNN encoder; the CNN methods are: "
+                         f"{', '.join(methods_for('cnn'))}")
+    model = build_cnn_backbone(backbone_ckpt, backbone=backbone, in_chans=in_chans, init_seed=init_seed,
+                               input_norm=input_norm, channel_order=channel_order, padding=padding)
+    apply_peft(model, peft_method, dict(peft_config or {}))
+    return model
+
+
+def build_cnn_classifier(backbone: nn.Module, num_classes: int, head: str = "linear_cls",
+                         fc_norm: bool = False) -> nn.Module:
+    """CNN encoder (+ PEFT) + global average pool + the registered head ``head`` (:class:`tpp_monai.networks.
+    CNNClassifier`): ``forward(image) -> logits (B, num_classes)``."""
+    from tpp_monai.networks import build_cnn_classifier as build
+
+    return build(backbone, num_classes, head=head, fc_norm=fc_norm)
+
+
+def build_cnn_segmenter(backbone: nn.Module, num_classes: int,
+                        decoder_channels: tuple[int, ...] | list[int] = (256, 128, 64, 32, 16)) -> nn.Module:
+    """MONAI FlexibleUNet with the CNN encoder (+ PEFT) and FlexibleUNet's decoder (:class:`tpp_monai.networks.
+    FlexUNetSegmenter`): ``forward(image) -> logits (B, num_classes, H, W)``."""
+    from tpp_monai.backbones.efficientnet import FLEXUNET_NAME
+    from tpp_monai.networks import build_flexunet_segmenter
+
+    return build_flexunet_segmenter(backbone, num_classes, decoder_channels=tuple(decoder_channels),
+                                    encoder_name=FLEXUNET_NAME)
 
 
 def poly_lr(optimizer: torch.optim.Optimizer, num_iterations: int, epoch_length: int | None = None,

@@ -30,7 +30,8 @@ def build_pretext(
     for its format (MedCoSS/MAE: 16; ``pretext_config["decoder_heads"]`` overrides); when the
     checkpoint has no decoder (DINO/timm backbone, or no checkpoint) a fresh decoder (``"new"``) is
     used, with a warning.
-    Other pretexts (``dino``) get ``pretext_config`` only.
+    Other pretexts (``dino``) get ``pretext_config`` only; ``dino`` on a CNN backbone (EfficientNet encoder) is
+    the CNN DINO (``dino_cnn``, :mod:`tpp_monai.pretext.dino_cnn`).
     """
     from tpp_monai.pretext import PRETEXT_TASKS
 
@@ -46,7 +47,9 @@ def build_pretext(
                 cfg["decoder_mode"] = "new"
         else:
             cfg["decoder_mode"] = "new"
-    return PRETEXT_TASKS.get(pretext)(backbone, **cfg)
+    from tpp_monai.pretext.dino_cnn import pretext_name_for
+
+    return PRETEXT_TASKS.get(pretext_name_for(pretext, backbone))(backbone, **cfg)
 
 
 def build_tpp_optimizer(task: nn.Module, lr: float | None = None, batch_size: int = 64,

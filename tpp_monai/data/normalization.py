@@ -8,19 +8,22 @@ disagree. Which space a checkpoint expects is decided by its format
 (:data:`tpp_monai.backbones.weights.FORMAT_DEFAULTS`) and can be overridden by name or by an
 explicit ``[mean, std]`` pair.
 
-=============  ===========================================  =================================================
-name           mean / std                                   used by
-=============  ===========================================  =================================================
-``none``       (images stay in [0, 1])                      MedCoSS: ``ToTensor()`` only, pre-training and
-                                                            downstream (its ``Normalize`` line is commented out)
-``imagenet``   (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)  official MAE, DINO, timm ViTs
-``path_dino``  (0.70322989, 0.53606487, 0.66096631) /       Path_DINO (Kang et al., CVPR 2023, Lunit
-               (0.21716536, 0.26081574, 0.20723464)          ``benchmark-ssl-pathology``): the statistics its
-                                                            DINO ViTs were pre-trained with
-``zscore``     per image and channel: (x - mean) / std          MedCoSS's *segmentation* fine-tuning
-                                                            (``Downstream/Dim_2/QaTa_CoV19/DSDataset.py``);
-                                                            opt-in (its pre-training saw [0, 1])
-=============  ===========================================  =================================================
+=====================  ===========================================  =================================================
+name                   mean / std                                   used by
+=====================  ===========================================  =================================================
+``none``               (images stay in [0, 1])                      MedCoSS: ``ToTensor()`` only, pre-training and
+                                                                    downstream (its ``Normalize`` line is commented out)
+``imagenet``           (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)  official MAE, DINO, timm ViTs
+``path_dino``          (0.70322989, 0.53606487, 0.66096631) /       Path_DINO (Kang et al., CVPR 2023, Lunit
+                       (0.21716536, 0.26081574, 0.20723464)          ``benchmark-ssl-pathology``): the statistics its
+                                                                    DINO ViTs were pre-trained with
+``efficientnet_lite``  (127/255,) * 3 / (128/255,) * 3             the official TensorFlow EfficientNet-Lite weights
+                                                                    (TF "edge" models: mean 127, std 128 on 0-255
+                                                                    pixels, ``efficientnet_lite_builder.py``)
+``zscore``             per image and channel: (x - mean) / std          MedCoSS's *segmentation* fine-tuning
+                                                                    (``Downstream/Dim_2/QaTa_CoV19/DSDataset.py``);
+                                                                    opt-in (its pre-training saw [0, 1])
+=====================  ===========================================  =================================================
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PATH_DINO_MEAN = (0.70322989, 0.53606487, 0.66096631)
 PATH_DINO_STD = (0.21716536, 0.26081574, 0.20723464)
+#: TensorFlow EfficientNet-Lite (and other "edge" models): (x*255 - 127) / 128
+EFFICIENTNET_LITE_MEAN = (127.0 / 255.0,) * 3
+EFFICIENTNET_LITE_STD = (128.0 / 255.0,) * 3
 
 #: Per-image, per-channel standardisation (population std), as MedCoSS's segmentation data loaders.
 ZSCORE = "zscore"
@@ -42,6 +48,7 @@ INPUT_NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
     "none": None,
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
     "path_dino": (PATH_DINO_MEAN, PATH_DINO_STD),
+    "efficientnet_lite": (EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD),
     ZSCORE: ZSCORE,  # type: ignore[dict-item]
 }
 

@@ -46,7 +46,7 @@ from tpp_monai.safe_io import atomic_write
 REPORT_NAME = "tpp_report.json"
 REPORT_FORMAT = "tpp-learning-report"
 THRESHOLDS = {"min_rel_change": 0.01, "min_loss_drop": 0.01, "min_steps": 100, "min_lr_sum": 0.01}
-NO_LOSS_CHECK = ("dino", "dino3d")  # pretexts whose loss rises first by design
+NO_LOSS_CHECK = ("dino", "dino3d", "dino_cnn")  # pretexts whose loss rises first by design
 
 logger = logging.getLogger("tpp_monai.tpp")
 

@@ -82,7 +82,7 @@ from tpp_monai.engines.tpp_step import tpp_step
 from tpp_monai.engines.tpp_trainer import check_resume_state, load_resume_state, resume_state
 from tpp_monai.nnunet import tpp_only_trainer_name
 from tpp_monai.nnunet.safety import TRAIN_OPT_IN, allow_pickle_from_env, load_weights_only, weights_only_loads
-from tpp_monai.pretext.dino3d import DINO3DPretext
+from tpp_monai.pretext.dino_cnn import DINO3DPretext
 from tpp_monai.peft.api import apply_peft, backbone_hashes, count_parameters, get_peft, load_target_state_dict, target_state_dict, tensors_digest
 
 TPP_FILE = "tpp_target_params.pt"

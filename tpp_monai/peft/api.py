@@ -117,7 +117,9 @@ def load_target_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) 
 def _tensor_record(name: str, t: torch.Tensor) -> tuple[bytes, bytes]:
     """What a digest of a named tensor covers: its name, dtype and shape, then its bytes."""
     t = t.detach().cpu().contiguous()
-    return f"{name}|{t.dtype}|{tuple(t.shape)}".encode(), t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    # reshape(-1): a 0-dim tensor (BatchNorm's int64 num_batches_tracked) cannot be viewed as bytes; same bytes
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return f"{name}|{t.dtype}|{tuple(t.shape)}".encode(), data
 
 
 def tensors_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:

@@ -23,12 +23,30 @@ the whole residual block (point-wise down -> depth-wise k x k with the block's s
 up, zero-initialised): ``block(x) + up(act(dw(down(x))))``.
 
 Both live at ``<block>.peft_conv_adapter``. Residual blocks are taken from ``model.residual_blocks()`` when the
-backbone provides it (STU-Net); otherwise every module with ``conv1`` and ``conv2`` convolutions.
+backbone provides it (STU-Net); otherwise every module with ``conv1`` and ``conv2`` convolutions, and every
+MobileNet/EfficientNet block (a module with a depth-wise ``conv_dw`` and point-wise ``conv_pw``/``conv_pwl``: timm's
+``InvertedResidual`` and ``DepthwiseSeparableConv``, e.g. EfficientNet-Lite0).
+
+Inverted-residual (MBConv) blocks: the reference places the adapter differently there
+(``models/backbones/efficientnet/efficientnet_blocks.py``, ``InvertedResidual``): parallel to the *whole block*, from
+the block's input to its output (added after the skip connection), with the kernel of the block's first convolution
+(``exp_kernel_size``: the 1 x 1 expansion, so a grouped 1 x 1 down-projection), the block's stride, symmetric padding
+``(k - 1) // 2``, ``width = in // adapt_size`` groups and the block's activation (ReLU6 in EfficientNet-Lite; set
+``act="block"`` or ``"relu6"`` for it, the default ``"relu"`` is the ResNet one)::
+
+    block(x) + alpha * up(act(down(x)))      # down: k_first x k_first, in -> w, groups w, stride of conv_dw
+
+A block without expansion (``DepthwiseSeparableConv``, EfficientNet's first block) gets the same rule with its first
+convolution, the k x k depth-wise one (the reference builds it with a tuning config but its class takes none; this is
+our reading, as for its ``ConvBnAct`` / ``EdgeResidual`` blocks, whose adapters use their first conv's kernel). The
+module and its maths are the same ``ConvAdapterModule``; only where it reads its input and adds its output differ.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -39,6 +57,8 @@ from tpp_monai.peft.registry import PEFT_METHODS
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+#: activation modules -> ``ConvAdapterModule`` act names (``act="block"``: the block's own activation)
+_ACT_NAMES = ((nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.LeakyReLU, "leakyrelu"), (nn.GELU, "gelu"), (nn.SiLU, "silu"))
 
 
 def cnn_residual_blocks(model: nn.Module, scope: str = "all") -> list[nn.Module]:
@@ -48,18 +68,54 @@ def cnn_residual_blocks(model: nn.Module, scope: str = "all") -> list[nn.Module]
         blocks = [(named[id(b)], b) for b in model.residual_blocks()]
     else:
         blocks = [(n, m) for n, m in model.named_modules()
-                  if isinstance(getattr(m, "conv1", None), _CONV) and isinstance(getattr(m, "conv2", None), _CONV)]
+                  if (isinstance(getattr(m, "conv1", None), _CONV) and isinstance(getattr(m, "conv2", None), _CONV))
+                  or is_mbconv_block(m)]
     if scope == "encoder":
         blocks = [(n, b) for n, b in blocks if n.startswith(("conv_blocks_context", "encoder", "layer"))]
     elif scope != "all":
         raise ValueError(f"scope must be 'all' or 'encoder', got {scope!r}")
     if not blocks:
-        raise TypeError(f"{type(model).__name__} has no residual blocks (modules with conv1/conv2) for a CNN PEFT method")
+        raise TypeError(f"{type(model).__name__} has no residual blocks (modules with conv1/conv2, or MBConv blocks "
+                        "with conv_dw and conv_pw/conv_pwl) for a CNN PEFT method")
     return [b for _, b in blocks]
+
+
+def is_mbconv_block(m: nn.Module) -> bool:
+    """A MobileNet/EfficientNet block: a depth-wise ``conv_dw`` and a point-wise ``conv_pw`` (timm
+    ``DepthwiseSeparableConv``) or ``conv_pw`` + ``conv_pwl`` (timm ``InvertedResidual``)."""
+    dw = getattr(m, "conv_dw", None)
+    return (isinstance(dw, _CONV) and dw.groups > 1
+            and isinstance(getattr(m, "conv_pwl", getattr(m, "conv_pw", None)), _CONV))
+
+
+def mbconv_geometry(block: nn.Module) -> SimpleNamespace:
+    """What the reference's MBConv Conv-Adapter is "like": a convolution from the block's input to its output with
+    the kernel of the block's first convolution (``conv_pw`` of an inverted residual, ``conv_dw`` without expansion),
+    the depth-wise convolution's stride, symmetric padding ``(k - 1) // 2`` and dilation 1."""
+    expanded = isinstance(getattr(block, "conv_pwl", None), _CONV)
+    first = block.conv_pw if expanded else block.conv_dw
+    last = block.conv_pwl if expanded else block.conv_pw
+    k = first.kernel_size
+    return SimpleNamespace(in_channels=first.in_channels, out_channels=last.out_channels, kernel_size=k,
+                           stride=block.conv_dw.stride, padding=tuple((i - 1) // 2 for i in k),
+                           dilation=(1,) * len(k))
+
+
+def block_activation(block: nn.Module) -> str:
+    """Name (for ``ConvAdapterModule(act=)``) of the first activation module of ``block``."""
+    for m in block.modules():
+        for cls, name in _ACT_NAMES:
+            if type(m) is cls:
+                return name
+    raise TypeError(f"{type(block).__name__} has no activation module ({', '.join(n for _, n in _ACT_NAMES)}) "
+                    "for Conv-Adapter act='block'")
 
 
 def block_io(block: nn.Module) -> tuple[int, int, tuple[int, ...], int]:
     """(in_channels, out_channels, stride, spatial_dims) of a residual block."""
+    if is_mbconv_block(block) and not isinstance(getattr(block, "conv1", None), _CONV):
+        g = mbconv_geometry(block)
+        return g.in_channels, g.out_channels, tuple(g.stride), len(g.kernel_size)
     c1, c2 = block.conv1, block.conv2
     out = c2.out_channels
     c3 = getattr(block, "conv3", None)
@@ -72,11 +128,12 @@ def block_io(block: nn.Module) -> tuple[int, int, tuple[int, ...], int]:
 def first_kxk_conv(block: nn.Module) -> nn.Module:
     """The block's first convolution with a kernel larger than 1 (``conv1`` of basic blocks, ``conv2`` of
     bottlenecks): the convolution the original Conv-Adapter runs parallel to."""
-    for name in ("conv1", "conv2"):
+    for name in ("conv1", "conv2", "conv_dw"):
         conv = getattr(block, name, None)
         if isinstance(conv, _CONV) and max(conv.kernel_size) > 1:
             return conv
-    raise TypeError(f"{type(block).__name__} has no k x k convolution (conv1/conv2 with kernel > 1) for Conv-Adapter")
+    raise TypeError(f"{type(block).__name__} has no k x k convolution (conv1/conv2/conv_dw with kernel > 1) for "
+                    "Conv-Adapter")
 
 
 def adapter_width(in_channels: int, reduction: float) -> int:
@@ -115,7 +172,8 @@ class ConvAdapterModule(nn.Module):
         cin, cout = like.in_channels, like.out_channels
         self.down = conv(cin, width, like.kernel_size, stride=like.stride, padding=like.padding,
                          dilation=like.dilation, groups=width)
-        self.act = {"relu": nn.ReLU(), "leakyrelu": nn.LeakyReLU(0.01), "gelu": nn.GELU()}[act]
+        self.act = {"relu": nn.ReLU(), "leakyrelu": nn.LeakyReLU(0.01), "gelu": nn.GELU(), "relu6": nn.ReLU6(),
+                    "silu": nn.SiLU()}[act]
         self.up = conv(width, cout, 1)
         self.alpha = nn.Parameter(torch.full((cout,), float(alpha_init)))
 
@@ -171,7 +229,7 @@ def _parallel_conv_hook(conv: nn.Module, inputs, output):
 class ConvAdapterConfig(PeftConfig):
     reduction: float = 8  # width = in_channels // reduction (reference --adapt_size 8)
     alpha_init: float = 1.0  # reference: ones
-    act: str = "relu"  # reference act_layer for ResNets
+    act: str = "relu"  # reference act_layer for ResNets; "block": the block's own (reference for MBConv: ReLU6)
     scope: str = "all"  # "all" residual blocks or only the "encoder"
 
 
@@ -186,8 +244,16 @@ class ConvAdapter(PeftMethod):
     def inject(self, model: nn.Module) -> None:
         c = self.config
         for blk in cnn_residual_blocks(model, c.scope):
+            act = block_activation(blk) if c.act == "block" else c.act
+            if is_mbconv_block(blk) and not isinstance(getattr(blk, "conv1", None), _CONV):
+                # the reference's inverted-residual placement: parallel to the whole block (module docstring)
+                like = mbconv_geometry(blk)
+                blk.peft_conv_adapter = ConvAdapterModule(like, adapter_width(like.in_channels, c.reduction),
+                                                          c.alpha_init, act)
+                blk.register_forward_hook(_parallel_block_hook)
+                continue
             conv = first_kxk_conv(blk)
-            adapter = ConvAdapterModule(conv, adapter_width(conv.in_channels, c.reduction), c.alpha_init, c.act)
+            adapter = ConvAdapterModule(conv, adapter_width(conv.in_channels, c.reduction), c.alpha_init, act)
             blk.peft_conv_adapter = adapter
             object.__setattr__(conv, "_peft_parallel", adapter)
             conv.register_forward_hook(_parallel_conv_hook)

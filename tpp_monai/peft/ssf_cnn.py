@@ -2,6 +2,11 @@
 a per-channel ``scale`` (init 1) and ``shift`` (init 0) after every convolution and every norm layer:
 ``y <- y * scale + shift``. Identity at insertion; :meth:`SSFCNN.merge` folds them into the convs.
 Parameters ``<module>.peft_ssf_scale`` / ``peft_ssf_shift`` (the ViT version is ``ssf``).
+
+A norm layer that applies its activation itself (timm's ``BatchNormAct2d``, an ``nn.BatchNorm2d`` with ``act`` /
+``drop`` children, as in timm's EfficientNets) gets its scale and shift between the normalisation and the activation
+(a forward pre-hook on its ``act``), where SSF sits in a network with separate BN and activation layers; a forward
+hook there would scale the activated output instead.
 """
 
 from __future__ import annotations
@@ -25,6 +30,20 @@ def _ssf_hook(module: nn.Module, inputs, output):
     return output * module.peft_ssf_scale.view(shape) + module.peft_ssf_shift.view(shape)
 
 
+def _ssf_pre_act_hook(act: nn.Module, inputs):
+    # the norm owning the parameters is a plain attribute of its act (deepcopy maps it to the copied norm)
+    norm = act.__dict__["_peft_ssf_norm"]
+    x = inputs[0]
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return (x * norm.peft_ssf_scale.view(shape) + norm.peft_ssf_shift.view(shape),)
+
+
+def _norm_act(m: nn.Module) -> nn.Module | None:
+    """The activation child of a norm layer that applies it itself (timm ``BatchNormAct2d``), else None."""
+    act = getattr(m, "act", None)
+    return act if isinstance(m, _NORM) and isinstance(act, nn.Module) else None
+
+
 @dataclass
 class SSFCNNConfig(PeftConfig):
     convs: bool = True
@@ -46,7 +65,12 @@ class SSFCNN(PeftMethod):
             c = m.out_channels if isinstance(m, _CONV) else (m.num_channels if isinstance(m, nn.GroupNorm) else m.num_features)
             m.peft_ssf_scale = nn.Parameter(torch.ones(c))
             m.peft_ssf_shift = nn.Parameter(torch.zeros(c))
-            m.register_forward_hook(_ssf_hook)
+            act = _norm_act(m)
+            if act is not None:
+                object.__setattr__(act, "_peft_ssf_norm", m)
+                act.register_forward_pre_hook(_ssf_pre_act_hook)
+            else:
+                m.register_forward_hook(_ssf_hook)
 
     @torch.no_grad()
     def merge(self, model: nn.Module) -> nn.Module:

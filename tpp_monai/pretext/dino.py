@@ -143,6 +143,23 @@ class MultiCropAugment(nn.Module):
         return [torch.stack(v) for v in views]
 
 
+def dino_loss(teacher_out: torch.Tensor, student_out: Sequence[torch.Tensor], center: torch.Tensor,
+              teacher_temp: float, student_temp: float) -> torch.Tensor:
+    """DINO's ``DINOLoss``: cross-entropy between the centred, sharpened teacher distribution of each of the two
+    global views (``teacher_out`` (2B, K), the two views stacked) and the student's distribution of every *other*
+    view (``student_out``: one (B, K) tensor per view, globals first), averaged over the pairs. One function for
+    the ViT and the CNN (2D / 3D) tasks, so their loss maths cannot drift apart."""
+    t_prob = F.softmax((teacher_out - center) / teacher_temp, dim=-1).detach().chunk(2)
+    total, n = 0.0, 0
+    for iq, q in enumerate(t_prob):
+        for v, s in enumerate(student_out):
+            if v == iq:
+                continue
+            total = total + torch.sum(-q * F.log_softmax(s / student_temp, dim=-1), dim=-1).mean()
+            n += 1
+    return total / n
+
+
 def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
     """Teacher momentum: cosine from ``base`` to ``final`` (:func:`tpp_monai.engines.schedules.cosine_value`)."""
     return cosine_value(step, total_steps, base, final)
@@ -281,15 +298,7 @@ class DINOPretext(PretextTask):
         t_out = self._teacher(views)  # (2B, K)
         s_out = self._student(views)
         temp = self.current_teacher_temp()
-        t_prob = F.softmax((t_out - self.center) / temp, dim=-1).detach().chunk(2)
-        total, n = 0.0, 0
-        for iq, q in enumerate(t_prob):
-            for v, s in enumerate(s_out):
-                if v == iq:
-                    continue
-                total = total + torch.sum(-q * F.log_softmax(s / self.student_temp, dim=-1), dim=-1).mean()
-                n += 1
-        loss = total / n
+        loss = dino_loss(t_out, s_out, self.center, temp, self.student_temp)
         if self.training:
             self._pending_center = global_mean(t_out.detach(), dim=0)  # over all ranks' batches, as DINO does
         return {"loss": loss, "teacher_temp": torch.tensor(temp)}
@@ -350,9 +359,10 @@ class DINOPretext(PretextTask):
 
 
 def _group_by_size(views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive views of one spatial size (2D or 3D), so each size goes through the network in one batch."""
     groups: list[list[torch.Tensor]] = []
     for v in views:
-        if groups and groups[-1][0].shape[-2:] == v.shape[-2:]:
+        if groups and groups[-1][0].shape[2:] == v.shape[2:]:
             groups[-1].append(v)
         else:
             groups.append([v])
