@@ -275,3 +275,19 @@ def test_peft_inside_monai_flexible_unet_and_the_cnn_family():
     net.train()
     assert not any(m.training for m in net.encoder.model.modules() if isinstance(m, nn.BatchNorm2d))
     assert all(m.training for m in net.decoder.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_ratio_table_counts():
+    """scripts/cnn_peft_ratios.py (the table in docs/PEFT_RATIOS.md) against counts from the architecture."""
+    from conftest import load_script
+
+    rows = {r["method"]: r for r in load_script("cnn_peft_ratios").ratios()}
+    bn_channels = 32 + sum(cin * e * (2 if e != 1 else 1) + cout for _, cin, cout, _, _, e in BLOCKS)
+    convs = 32 + sum(cin * e * (2 if e != 1 else 1) + cout for _, cin, cout, _, _, e in BLOCKS)  # out channels
+    assert rows["bitfit"]["target"] == bn_channels == 9_864 * 2  # BN biases only: the convs have none
+    assert rows["norm_tuning"]["target"] == 2 * bn_channels
+    assert rows["ssf_cnn"]["target"] == 2 * (convs + bn_channels)
+    assert rows["tsa"]["target"] == 96 + sum(cin * e for _, cin, _, _, _, e in BLOCKS) == 9_056
+    assert rows["conv_adapter"]["target"] == 36_534 and rows["linear"]["target"] == 0
+    assert rows["full"]["target"] == rows["full"]["total"] == 2_958_848
+    assert abs(rows["conv_adapter"]["encoder"] - 100 * 36_534 / (2_958_848 + 36_534)) < 1e-9
