@@ -131,11 +131,13 @@ def write_report(specs, results, out: Path, cmd: str, commit: str) -> str:
             lines += tpp_report_lines(work, pair.seeds) + [""]
         # Dutt-style table at the largest count: every method, F1 (C) / Dice (S), trainable %
         big = max(pair.counts)
-        key = "f1" if "f1" in pair.metrics else pair.metrics[0]
+        # C: F1 (Dutt et al.'s metric) beside AUC; S: Dice beside HD95
+        cols = ("f1", pair.metrics[0]) if "f1" in pair.metrics else tuple(pair.metrics[:2])
+        heads = [f"{METRIC_NAMES.get(k, k)} ({'px' if k in LOWER_IS_BETTER else '%'})" for k in cols]
         lines += [f"Methods at {big} labels{' per class' if pair.per_class else ''} (Dutt et al.-style), test "
-                  f"{METRIC_NAMES.get(key, key)} (%) and {METRIC_NAMES.get(pair.metrics[0])} (%), mean +- std over "
-                  "seeds:", "", f"| method | trainable % | n | {METRIC_NAMES.get(key, key)} | "
-                  f"{METRIC_NAMES.get(pair.metrics[0])} |", "|---|---:|---:|---:|---:|"]
+                  f"{' and '.join(heads)}, mean +- std over seeds; trainable % of the whole network (target "
+                  "parameters + task head / decoder):", "", f"| method | trainable % | n | {' | '.join(heads)} |",
+                  "|---|---:|---:|" + "---:|" * len(cols)]
         for m, sp in tspecs:
             arms = results.get((task, m), [])
             for init in sp.inits:
@@ -146,11 +148,10 @@ def write_report(specs, results, out: Path, cmd: str, commit: str) -> str:
                 name = {"random": m, "tpp": f"{m} + TPP"}[init]
                 tp = trainable_percent(sp)
                 cells = []
-                for k in (key, pair.metrics[0]):
+                for k in cols:
                     mu, sd = mean_std([r[k] for r in sel])
                     cells.append(f"{mu:.2f} +- {sd:.2f}")
-                lines.append(f"| {name} | {'-' if tp is None else f'{tp:.2f}'} | {len(sel)} | {cells[0]} | "
-                             f"{cells[1]} |")
+                lines.append(f"| {name} | {'-' if tp is None else f'{tp:.2f}'} | {len(sel)} | {' | '.join(cells)} |")
         lines.append("")
     md = "\n".join(lines)
     atomic_write(out / "study.md", md)

@@ -235,3 +235,40 @@ def test_rebuilding_the_upstream_keeps_the_cached_backbone_until_the_new_one_is_
     assert not (tmp_path / "up.partial").exists() and not (tmp_path / "up.old").exists()
     messages = []
     assert study.ensure_upstream(spec, log=messages.append) == ckpt and "re-using" in messages[0]
+
+
+def test_effnet_specs_follow_the_protocol_order_and_baselines_run_without_tpp(tmp_path):
+    """Issue 24's study (PROTOCOL.md): per task the Conv-Adapter pairs at 8 then 2 labels, seed by seed, then each
+    Dutt baseline at 8 labels with the "random" init only; every spec uses the real weights, DINO and 64 px."""
+    from tpp_monai.study import EFFNET_SETTING, effnet_specs
+
+    specs = effnet_specs(tmp_path, tmp_path / "cache", tmp_path / "w.pth", tmp_path / "work")
+    assert [(t, m) for t, m, _ in specs] == [(t, m) for t in ("cls", "seg") for m in
+                                               ("conv_adapter", "tsa", "norm_tuning", "bitfit", "ssf_cnn")]
+    pair = specs[0][2]
+    assert pair.arms()[:4] == [(8, 0, "random"), (8, 0, "tpp"), (8, 1, "random"), (8, 1, "tpp")]
+    assert len(pair.arms()) == 2 * 5 * 2 and pair.arms()[-1] == (2, 4, "tpp")
+    base = specs[1][2]
+    assert base.inits == ("random",) and base.arms() == [(8, s, "random") for s in range(5)]
+    for _, m, sp in specs:
+        assert sp.peft_method == m and sp.pretext == "dino" and sp.backbone_ckpt == str(tmp_path / "w.pth")
+        assert sp.overrides == {"image_size": EFFNET_SETTING["image_size"]} and sp.iterations == 300
+    assert specs[0][2].per_class and not specs[5][2].per_class
+    assert specs[0][2].metrics[0] == "auc" and specs[5][2].metrics[0] == "dice"
+
+
+def test_resumability_check_accepts_a_stamp_written_before_a_field_was_added(tmp_path):
+    """A work folder stamped before StudySpec gained ``inits`` is the same study (its default), not another."""
+    import json
+    from dataclasses import asdict
+
+    from tpp_monai.study import StudySpec, check_resumable
+
+    spec = StudySpec(bundle="b", dataset_dir="d", datalist="l", work=str(tmp_path))
+    old = asdict(spec)
+    old.pop("inits")
+    (tmp_path / "spec.json").write_text(json.dumps(old))
+    check_resumable(spec)  # no error
+    other = StudySpec(bundle="b", dataset_dir="d", datalist="l", work=str(tmp_path), inits=("random",))
+    with pytest.raises(ValueError, match="inits"):
+        check_resumable(other)
