@@ -81,7 +81,8 @@ def trainable_percent(spec) -> float | None:
         return None
 
 
-def write_report(specs, results, out: Path, cmd: str, commit: str) -> str:
+def write_report(specs, results, out: Path, cmd: str, commit: str, name: str = "study.md",
+                 protocol: str = "PROTOCOL.md") -> str:
     from tpp_monai.reporting import mean_std
     from tpp_monai.safe_io import atomic_write
     from tpp_monai.study import (
@@ -94,7 +95,7 @@ def write_report(specs, results, out: Path, cmd: str, commit: str) -> str:
 
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# TPP on real ImageNet weights: EfficientNet-Lite0 + Conv-Adapter (+ DINO-TPP), tumour crops", "",
-             f"Protocol: [PROTOCOL.md](PROTOCOL.md) (committed before the run). Command: `{cmd}` at commit "
+             f"Protocol: [{protocol}]({protocol}) (committed before the run). Command: `{cmd}` at commit "
              f"{commit or 'unknown'}. Each paired row: mean +- std over seeds per init, the mean paired difference "
              "(TPP - no TPP) +- its std, its 95% percentile-bootstrap interval (10,000 resamples, seed 0) and the "
              "sign count.", ""]
@@ -154,8 +155,8 @@ def write_report(specs, results, out: Path, cmd: str, commit: str) -> str:
                 lines.append(f"| {name} | {'-' if tp is None else f'{tp:.2f}'} | {len(sel)} | {' | '.join(cells)} |")
         lines.append("")
     md = "\n".join(lines)
-    atomic_write(out / "study.md", md)
-    atomic_write(out / "results.json", json.dumps({f"{t}/{m}": r for (t, m), r in results.items()}, indent=1))
+    atomic_write(out / name, md)
+    atomic_write(out / name.replace("study", "results").replace(".md", ".json"), json.dumps({f"{t}/{m}": r for (t, m), r in results.items()}, indent=1))
     return md
 
 
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="EfficientNet-Lite0 weights file (default: fetched into the cache)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     p.add_argument("--report_only", action="store_true", help="write the report from the finished arms")
+    p.add_argument("--v1", action="store_true", help="protocol version 1 (PROTOCOL_v1.md, stopped; report in <out>/v1)")
     a = p.parse_args(argv)
 
     import torch
@@ -177,25 +179,28 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     from tpp_monai.backbones.efficientnet_weights import fetch_efficientnet_lite0_weights
     from tpp_monai.data.demo_data import DEFAULT_CACHE, build_demo_cache
-    from tpp_monai.study import effnet_specs
+    from tpp_monai.study import EFFNET_QUICK, EFFNET_SETTING, EFFNET_V1, effnet_specs
 
-    tag = "effnet_tumour_crops" + ("_quick" if a.quick else "")
+    setting = EFFNET_QUICK if a.quick else EFFNET_V1 if a.v1 else EFFNET_SETTING
+    tag = setting["work"]
     out = Path(a.out or ROOT / "docs" / "results" / "study_effnet_tumour_crops")
     work = Path(a.work or ROOT / ".tpp_cache" / "study" / tag)
     cache = Path(a.cache or DEFAULT_CACHE)
     cache = Path(build_demo_cache(cache, size=96)).resolve()
     weights = Path(a.weights) if a.weights else fetch_efficientnet_lite0_weights()
-    specs = effnet_specs(ROOT, cache, weights, work, quick=a.quick, tasks=a.tasks)
+    specs = effnet_specs(ROOT, cache, weights, work, tasks=a.tasks, setting=setting)
     t0 = time.time()
     results = finished(specs) if a.report_only else run(specs)
     if not a.report_only:
         print(f"study: {(time.time() - t0) / 60:.1f} min", file=sys.stderr)
-    all_specs = effnet_specs(ROOT, cache, weights, work, quick=a.quick)  # the report covers both tasks
+    all_specs = effnet_specs(ROOT, cache, weights, work, setting=setting)  # the report covers both tasks
     results = {**finished(all_specs), **{k: v for k, v in results.items() if v}}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     cmd = "python scripts/study_effnet.py " + " ".join(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
-    print(write_report(all_specs, results, out, cmd.strip(), commit))
+    if a.v1:  # version 1's report and figures in their own folder
+        out = out / "v1"
+    print(write_report(all_specs, results, out, cmd.strip(), commit, protocol="../PROTOCOL_v1.md" if a.v1 else "PROTOCOL.md"))
     return 0
 
 

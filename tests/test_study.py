@@ -248,11 +248,12 @@ def test_effnet_specs_follow_the_protocol_order_and_baselines_run_without_tpp(tm
     pair = specs[0][2]
     assert pair.arms()[:4] == [(8, 0, "random"), (8, 0, "tpp"), (8, 1, "random"), (8, 1, "tpp")]
     assert len(pair.arms()) == 2 * 5 * 2 and pair.arms()[-1] == (2, 4, "tpp")
+    assert specs[5][2].counts == (8,) and pair.tpp_lr == 4e-4 and pair.pretext_config["out_dim"] == 4096
     base = specs[1][2]
     assert base.inits == ("random",) and base.arms() == [(8, s, "random") for s in range(5)]
     for _, m, sp in specs:
         assert sp.peft_method == m and sp.pretext == "dino" and sp.backbone_ckpt == str(tmp_path / "w.pth")
-        assert sp.overrides == {"image_size": EFFNET_SETTING["image_size"]} and sp.iterations == 300
+        assert sp.overrides == {"image_size": EFFNET_SETTING["image_size"]} and sp.iterations == 200
     assert specs[0][2].per_class and not specs[5][2].per_class
     assert specs[0][2].metrics[0] == "auc" and specs[5][2].metrics[0] == "dice"
 

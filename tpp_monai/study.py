@@ -148,6 +148,9 @@ class StudySpec:
     tpp_warmup_epochs: int | None = None
     tpp_batch_size: int | None = None
     lr: float | None = None
+    #: TPP stage learning rate and pretext settings (None: the bundle's / the pretext's defaults)
+    tpp_lr: float | None = None
+    pretext_config: dict[str, Any] | None = None
     #: the test metrics recorded per arm (keys of the bundle's metrics.json; all but hd95 in %)
     metrics: tuple[str, ...] = ("dice", "hd95")
     #: ``counts`` are per class (balanced subsets of a classification datalist with integer labels)
@@ -279,7 +282,9 @@ def ensure_tpp(spec: StudySpec, backbone: Path | str, seed: int) -> Path:
         run_bundle_stage(spec.cfg_dir, ["train.json", "tpp_pretrain.json"], quiet=True, bundle_root=str(root),
                          **spec.common(), backbone_ckpt=str(backbone), pretext=spec.pretext,
                          tpp_epochs=spec.tpp_epochs, seed=seed, **_set(tpp_warmup_epochs=spec.tpp_warmup_epochs,
-                                                                        tpp_batch_size=spec.tpp_batch_size))
+                                                                        tpp_batch_size=spec.tpp_batch_size,
+                                                                        tpp_lr=spec.tpp_lr,
+                                                                        pretext_config=spec.pretext_config))
     return ckpt
 
 
@@ -399,32 +404,41 @@ def tumour_crops_spec(root: str | os.PathLike, cache: str | os.PathLike, pool: s
                        num_classes=s["num_classes"], class_names=s["class_names"]))
 
 
-#: Issue 24's study (docs/results/study_effnet_tumour_crops/PROTOCOL.md, fixed before its run): the ImageNet
-#: EfficientNet-Lite0 of a registry package, frozen; Conv-Adapter fine-tuned from its own init and from DINO-TPP,
-#: on tumour-crop classification (C) and segmentation (S) at 64 px, 8 and 2 labels (per class for C), 5 seeds;
-#: Dutt et al.'s CNN PEFT baselines at 8 labels without TPP.
+#: Issue 24's study, version 2 (docs/results/study_effnet_tumour_crops/PROTOCOL.md, fixed before its run): the
+#: ImageNet EfficientNet-Lite0 of a registry package, frozen; Conv-Adapter fine-tuned from its own init and from
+#: DINO-TPP (lr 4e-4, 4096-way head, 250 steps), tumour-crop classification (C, 8 and 2 labels per class) and
+#: segmentation (S, 8 labels) at 64 px, 5 seeds; Dutt et al.'s CNN PEFT baselines at 8 labels without TPP.
 EFFNET_SETTING: dict[str, Any] = dict(
-    image_size=64, iterations=300, batch_size=8, lr=1e-3, val_every=50, seeds=(0, 1, 2, 3, 4), counts=(8, 2),
-    tpp_batch_size=16, pretext="dino", method="conv_adapter", baselines=("tsa", "norm_tuning", "bitfit", "ssf_cnn"),
+    image_size=64, iterations=200, batch_size=8, lr=1e-3, val_every=50, seeds=(0, 1, 2, 3, 4),
+    tpp_batch_size=16, tpp_lr=4e-4, pretext="dino", method="conv_adapter",
+    baselines=("tsa", "norm_tuning", "bitfit", "ssf_cnn"),
     tasks={
-        "cls": dict(bundle="bundles/tumour_crops_cls_effnet_convadapter_tpp",
+        "cls": dict(bundle="bundles/tumour_crops_cls_effnet_convadapter_tpp", counts=(8, 2),
                     datalist_name="datalist_tumour_crops_cls.json", per_class=True, metrics=("auc", "f1", "acc"),
                     tpp_epochs=50, tpp_warmup_epochs=5),
         "seg": dict(bundle="bundles/tumour_crops_effnet_convadapter_tpp", datalist_name="datalist_tumour_crops.json",
-                    per_class=False, metrics=("dice", "hd95"), tpp_epochs=150, tpp_warmup_epochs=15),
-    })
+                    counts=(8,), per_class=False, metrics=("dice", "hd95"), tpp_epochs=250, tpp_warmup_epochs=25),
+    },
+    pretext_config={"global_size": 64, "local_size": 28, "out_dim": 4096}, work="effnet_tumour_crops_v2")
+#: Version 1 (PROTOCOL_v1.md; stopped: its TPP stage was inert, see PROTOCOL.md): kept so that it can be re-run
+EFFNET_V1: dict[str, Any] = dict(
+    EFFNET_SETTING, iterations=300, tpp_lr=None, pretext_config=None, work="effnet_tumour_crops", tasks={
+        "cls": dict(EFFNET_SETTING["tasks"]["cls"], counts=(8, 2)),
+        "seg": dict(EFFNET_SETTING["tasks"]["seg"], counts=(8, 2), tpp_epochs=150, tpp_warmup_epochs=15)})
 #: CI-sized: the same code path, a few iterations
-EFFNET_QUICK: dict[str, Any] = dict(EFFNET_SETTING, image_size=32, iterations=3, batch_size=4, val_every=3,
-                                    seeds=(0, 1), counts=(2,), tpp_batch_size=4, baselines=("bitfit",), tasks={
-    k: dict(v, tpp_epochs=1, tpp_warmup_epochs=0) for k, v in EFFNET_SETTING["tasks"].items()})
+EFFNET_QUICK: dict[str, Any] = dict(
+    EFFNET_SETTING, image_size=32, iterations=3, batch_size=4, val_every=3, seeds=(0, 1), tpp_batch_size=4,
+    baselines=("bitfit",), pretext_config={"global_size": 32, "local_size": 16, "out_dim": 256},
+    work="effnet_tumour_crops_quick",
+    tasks={k: dict(v, counts=(2,), tpp_epochs=1, tpp_warmup_epochs=0) for k, v in EFFNET_SETTING["tasks"].items()})
 
 
 def effnet_specs(root: str | os.PathLike, cache: str | os.PathLike, weights: str | os.PathLike,
                  work: str | os.PathLike, quick: bool = False, tasks: Iterable[str] = ("cls", "seg"),
-                 ) -> list[tuple[str, str, StudySpec]]:
-    """(task, method, spec) of :data:`EFFNET_SETTING` in the protocol's order: per task, the Conv-Adapter TPP pairs
-    (``counts`` in order), then each baseline method's arms (no TPP) at the largest count."""
-    s = EFFNET_QUICK if quick else EFFNET_SETTING
+                 setting: dict[str, Any] | None = None) -> list[tuple[str, str, StudySpec]]:
+    """(task, method, spec) of :data:`EFFNET_SETTING` (or ``setting``) in the protocol's order: per task, the
+    Conv-Adapter TPP pairs (``counts`` in order), then each baseline method's arms (no TPP) at the largest count."""
+    s = setting or (EFFNET_QUICK if quick else EFFNET_SETTING)
     out = []
     for task in tasks:
         t = s["tasks"][task]
@@ -433,13 +447,13 @@ def effnet_specs(root: str | os.PathLike, cache: str | os.PathLike, weights: str
                     pretext=s["pretext"], iterations=s["iterations"], batch_size=s["batch_size"],
                     val_every=s["val_every"], tpp_epochs=t["tpp_epochs"], tpp_warmup_epochs=t["tpp_warmup_epochs"],
                     tpp_batch_size=s["tpp_batch_size"], lr=s["lr"], metrics=tuple(t["metrics"]),
-                    per_class=t["per_class"], backbone_ckpt=str(weights),
-                    overrides={"image_size": s["image_size"]})
+                    per_class=t["per_class"], backbone_ckpt=str(weights), tpp_lr=s.get("tpp_lr"),
+                    pretext_config=s.get("pretext_config"), overrides={"image_size": s["image_size"]})
         out.append((task, s["method"], StudySpec(**base, work=str(Path(work) / task / s["method"]),
-                                                 peft_method=s["method"], counts=tuple(s["counts"]))))
+                                                 peft_method=s["method"], counts=tuple(t["counts"]))))
         for m in s["baselines"]:
             out.append((task, m, StudySpec(**base, work=str(Path(work) / task / m), peft_method=m,
-                                           counts=(max(s["counts"]),), inits=("random",))))
+                                           counts=(max(t["counts"]),), inits=("random",))))
     return out
 
 
