@@ -254,7 +254,7 @@ def tpp_report_lines(work: Path, seeds) -> list[str]:
              "|---|---|---|---|" + "---|" * len(kinds)]
     lines += [f"| {sd} | {r.get('steps')} | {r.get('lr_sum', float('nan')):.3g} | "
               f"{100 * r.get('loss_rel_change', float('nan')):+.1f}% | "
-              + " | ".join(f"{r['targets'][k]['rel_change']:.3f}" if k in r.get("targets", {}) else "-"
+              + " | ".join(f"{r['targets'][k]['rel_change']:.3g}" if k in r.get("targets", {}) else "-"
                            for k in kinds) + " |" for sd, r in reports.items()]
     return lines
 

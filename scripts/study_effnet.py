@@ -146,13 +146,13 @@ def write_report(specs, results, out: Path, cmd: str, commit: str, name: str = "
                        and r["n_labelled"] == big * (2 if sp.per_class else 1)]
                 if not sel:
                     continue
-                name = {"random": m, "tpp": f"{m} + TPP"}[init]
+                label = {"random": m, "tpp": f"{m} + TPP"}[init]
                 tp = trainable_percent(sp)
                 cells = []
                 for k in cols:
                     mu, sd = mean_std([r[k] for r in sel])
                     cells.append(f"{mu:.2f} +- {sd:.2f}")
-                lines.append(f"| {name} | {'-' if tp is None else f'{tp:.2f}'} | {len(sel)} | {' | '.join(cells)} |")
+                lines.append(f"| {label} | {'-' if tp is None else f'{tp:.2f}'} | {len(sel)} | {' | '.join(cells)} |")
         lines.append("")
     md = "\n".join(lines)
     atomic_write(out / name, md)
