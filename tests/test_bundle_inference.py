@@ -23,7 +23,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from test_bundles import BUNDLES, SEG, TINY, make_mhist, make_qata  # noqa: E402
+from test_bundles import BUNDLES, SEG, TINY, folder, make_mhist, make_qata  # noqa: E402
 
 PY = sys.executable
 OUTPUTS = ("models", "logs", "eval", "predictions", "cache")
@@ -123,7 +123,7 @@ def test_monai_property_checks_and_data_shape_with_inference_alone(bundle, tmp_p
     the zoo's verify_data_shape (verify_net_in_out) on inference.json alone."""
     from monai.bundle import ConfigWorkflow, verify_net_in_out
 
-    cfg = ROOT / "bundles" / f"{bundle}_adapter_tpp" / "configs"
+    cfg = ROOT / "bundles" / folder(bundle) / "configs"
     data = (make_qata if bundle in SEG else make_mhist)(tmp_path / "data")
     over = {**TINY, "bundle_root": str(tmp_path / "work"), "datalist": str(data / "datalist.json"), "train_cache": "none"}
     for config, kind in (("train.json", "train"), ("inference.json", "infer")):

@@ -129,10 +129,10 @@ def test_bundle_stages_on_real_weights_and_data(task, cache, lite0_weights, tmp_
     saved = read_target_checkpoint(tpp_ckpt)["state_dict"]
     assert saved and all("peft_" in k for k in saved)
     # stage 3's network starts from exactly the TPP (teacher) target parameters; without TPP it does not
-    net = parser_for(task, **over, tpp_ckpt=str(tpp_ckpt)).get_parsed_content("network")
+    net = parser_for(task, **{**over, "tpp_ckpt": str(tpp_ckpt)}).get_parsed_content("network")
     here = target_state_dict(net.backbone)
     assert set(here) == set(saved) and all(torch.equal(here[k].cpu(), saved[k]) for k in saved)
-    fresh = parser_for(task, **over, tpp_ckpt="").get_parsed_content("network")
+    fresh = parser_for(task, **over).get_parsed_content("network")  # tpp_ckpt "": without TPP
     assert not all(torch.equal(target_state_dict(fresh.backbone)[k].cpu(), saved[k]) for k in saved)
     pretrained = _digests(fresh.backbone)  # the ImageNet encoder as loaded (targets at their init)
     stage(None, tpp_ckpt=str(tpp_ckpt), num_iterations=3)
