@@ -39,14 +39,7 @@ CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian ca
 ESPRESSO = 967
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, busy CPU two OpenMP threads of a niced process spin at their barriers
-    (measured here: an EfficientNet-Lite0 forward at 64 px took 3.3 s with 2 threads, 0.03 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blocks():

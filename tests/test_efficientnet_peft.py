@@ -31,14 +31,7 @@ BLOCKS = [(f"model.blocks.{s}.{j}", cin if j == 0 else cout, cout, k, st if j ==
 IMG = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, busy CPU two OpenMP threads of a niced process spin at their barriers
-    (measured here: an EfficientNet-Lite0 forward at 64 px took 3.3 s with 2 threads, 0.03 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def encoder(seed: int = 0, **kw) -> EfficientNetLite0Encoder:

@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tpp_monai.backbones.registry import BACKBONES
+from tpp_monai.data.normalization import PixelSpaceMixin
 
 __all__ = ["EfficientNetLite0Encoder", "build_timm_efficientnet_lite0", "FLEXUNET_NAME", "LITE0_CHANNELS",
            "PADDINGS", "DEFAULT_INPUT_NORM"]
@@ -69,7 +70,7 @@ def build_timm_efficientnet_lite0(in_chans: int = 3, padding: str = "same", num_
                              pad_type=PADDINGS[padding], bn_eps=bn_eps, drop_path_rate=drop_path_rate)
 
 
-class EfficientNetLite0Encoder(nn.Module, BaseEncoder):
+class EfficientNetLite0Encoder(PixelSpaceMixin, nn.Module, BaseEncoder):
     """EfficientNet-Lite0 feature encoder (timm network under ``self.model``), [0, 1] RGB images in.
 
     ``spatial_dims``/``in_channels``/``pretrained`` are MONAI FlexibleUNet's encoder arguments (2D only;
@@ -98,10 +99,7 @@ class EfficientNetLite0Encoder(nn.Module, BaseEncoder):
         if not self.has_head:  # unused tensors would be trained by nothing (and trip DDP's unused-parameter check)
             self.model.conv_head = nn.Identity()
             self.model.bn2 = nn.Identity()
-        self.register_buffer("input_mean", None, persistent=False)
-        self.register_buffer("input_std", None, persistent=False)
-        self.register_buffer("input_zscore", None, persistent=False)
-        self.register_buffer("input_channel_perm", None, persistent=False)
+        self._init_pixel_space()
         self._input_norm_name: Any = None
         self.set_input_norm(input_norm, channel_order)
         if pretrained or weights is not None:
@@ -126,24 +124,7 @@ class EfficientNetLite0Encoder(nn.Module, BaseEncoder):
         """Normalise [0, 1] input images into the pixel space of pre-training (a name of
         :data:`tpp_monai.data.normalization.INPUT_NORMS`, ``[mean, std]`` or ``"zscore"``), after putting the
         channels in ``channel_order``. Non-persistent buffers: not in ``state_dict``, part of the fingerprint."""
-        from tpp_monai.data.normalization import ZSCORE, resolve_input_norm
-
-        order = str(channel_order).strip().lower()
-        if order not in ("rgb", "bgr"):
-            raise ValueError(f"channel_order must be 'rgb' or 'bgr'; got {channel_order!r}")
-        if order == "bgr" and self.in_chans != 3:
-            raise ValueError(f"channel_order 'bgr' needs a 3-channel backbone; this one takes {self.in_chans}")
-        dev = self.model.conv_stem.weight.device
-        self.input_channel_perm = torch.tensor([2, 1, 0], device=dev) if order == "bgr" else None
-        ms = resolve_input_norm(spec, self.in_chans)
-        self.input_zscore = None
-        if ms is None or ms == ZSCORE:
-            self.input_mean = self.input_std = None
-            if ms == ZSCORE:
-                self.input_zscore = torch.ones(1, device=dev)
-        else:
-            self.input_mean = torch.tensor(ms[0], device=dev).reshape(1, -1, 1, 1)
-            self.input_std = torch.tensor(ms[1], device=dev).reshape(1, -1, 1, 1)
+        self._set_pixel_space(spec, channel_order, self.in_chans, self.model.conv_stem.weight.device)
         self._input_norm_name = spec.strip().lower() if isinstance(spec, str) else spec
         return self
 
@@ -153,27 +134,7 @@ class EfficientNetLite0Encoder(nn.Module, BaseEncoder):
         ``"none"``, ``"zscore"``) or ``{"mean": [..], "std": [..]}`` when given as numbers."""
         if isinstance(self._input_norm_name, str):
             return self._input_norm_name
-        if self.input_zscore is not None:
-            return "zscore"
-        if self.input_mean is None:
-            return "none"
-        return {"mean": self.input_mean.flatten().tolist(), "std": self.input_std.flatten().tolist()}
-
-    @property
-    def channel_order(self) -> str:
-        return "rgb" if self.input_channel_perm is None else "bgr"
-
-    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 1] RGB images -> the backbone's pixel space."""
-        if self.input_channel_perm is not None:
-            x = x.index_select(1, self.input_channel_perm.to(x.device))
-        if self.input_zscore is not None:
-            from tpp_monai.data.normalization import zscore_per_image
-
-            return zscore_per_image(x)
-        if self.input_mean is None:
-            return x
-        return (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
+        return self._pixel_space_spec()
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tpp_monai.backbones.registry import BACKBONES
+from tpp_monai.data.normalization import PixelSpaceMixin
 
 VIT_SIZES: dict[str, dict[str, int]] = {
     "tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3},
@@ -164,7 +165,7 @@ class ViTOutput:
     grid: tuple[int, int]
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(PixelSpaceMixin, nn.Module):
     """2D ViT exposing tokens and the hidden states of chosen layers.
 
     Any image size divisible by the patch size works: timm-style tables are interpolated; the
@@ -196,11 +197,8 @@ class VisionTransformer(nn.Module):
         self.embed_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.embed_norm else nn.Identity()
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
-        # pixel space of pre-training: (x - mean) / std inside the model (None: images used as given, [0, 1])
-        self.register_buffer("input_mean", None, persistent=False)
-        self.register_buffer("input_std", None, persistent=False)
-        self.register_buffer("input_zscore", None, persistent=False)  # a flag tensor: per-image standardisation
-        self.register_buffer("input_channel_perm", None, persistent=False)  # channel order: (2, 1, 0) for BGR
+        # pixel space of pre-training, inside the model (none: images used as given, [0, 1])
+        self._init_pixel_space()
         self._init_weights()
 
     def set_input_norm(self, spec: object = "none", channel_order: str = "rgb") -> "VisionTransformer":
@@ -212,52 +210,13 @@ class VisionTransformer(nn.Module):
         Kept in non-persistent buffers: not in ``state_dict`` (checkpoints unchanged), but part of the
         backbone fingerprint, so target parameters trained in another pixel space are refused.
         """
-        from tpp_monai.data.normalization import ZSCORE, resolve_input_norm
-
-        order = str(channel_order).strip().lower()
-        if order not in ("rgb", "bgr"):
-            raise ValueError(f"channel_order must be 'rgb' or 'bgr'; got {channel_order!r}")
-        if order == "bgr" and self.cfg.in_chans != 3:
-            raise ValueError(f"channel_order 'bgr' needs a 3-channel backbone; this one takes {self.cfg.in_chans}")
-        self.input_channel_perm = (torch.tensor([2, 1, 0], device=self.cls_token.device) if order == "bgr"
-                                   else None)
-        ms = resolve_input_norm(spec, self.cfg.in_chans)  # type: ignore[arg-type]
-        self.input_zscore = None
-        if ms is None or ms == ZSCORE:
-            self.input_mean = self.input_std = None
-            if ms == ZSCORE:
-                self.input_zscore = torch.ones(1, device=self.cls_token.device)
-        else:
-            dev = self.cls_token.device
-            self.input_mean = torch.tensor(ms[0], device=dev).reshape(1, -1, 1, 1)
-            self.input_std = torch.tensor(ms[1], device=dev).reshape(1, -1, 1, 1)
+        self._set_pixel_space(spec, channel_order, self.cfg.in_chans, self.cls_token.device)
         return self
 
     @property
     def input_norm(self) -> object:
-        """The pixel space set by :meth:`set_input_norm`: ``"none"`` or ``{"mean": [..], "std": [..]}``."""
-        if self.input_zscore is not None:
-            return "zscore"
-        if self.input_mean is None:
-            return "none"
-        return {"mean": self.input_mean.flatten().tolist(), "std": self.input_std.flatten().tolist()}
-
-    @property
-    def channel_order(self) -> str:
-        """``"rgb"`` or ``"bgr"``: the channel order the backbone is fed (set by :meth:`set_input_norm`)."""
-        return "rgb" if self.input_channel_perm is None else "bgr"
-
-    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] (RGB) -> the pixel space the backbone was pre-trained in (identity for ``"none"``)."""
-        if self.input_channel_perm is not None:
-            x = x.index_select(1, self.input_channel_perm.to(x.device))
-        if self.input_zscore is not None:
-            from tpp_monai.data.normalization import zscore_per_image
-
-            return zscore_per_image(x)
-        if self.input_mean is None:
-            return x
-        return (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
+        """The pixel space set by :meth:`set_input_norm`: ``"none"``, ``"zscore"`` or ``{"mean": [..], "std": [..]}``."""
+        return self._pixel_space_spec()
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

@@ -19,7 +19,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -42,6 +42,17 @@ class TPPCheckpointMissing(FileNotFoundError):
 
 def _is_empty(path: str | os.PathLike | None) -> bool:
     return path is None or str(path).strip() in ("", "None", "none")
+
+
+def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``build()`` under ``seed``, leaving the caller's RNG stream as it was: the TPP and the fine-tuning stage
+    build the same random backbone, and the rest of the run draws the same numbers as with a checkpoint."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return build()
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def build_backbone(
@@ -82,12 +93,9 @@ def build_backbone(
         warnings.warn(msg, stacklevel=2)
         overrides = dict(vit_overrides or {})  # e.g. {"depth": 6, "patch_size": 8}: overrides win
         overrides.setdefault("patch_size", patch_size)
-        state = torch.random.get_rng_state()
-        torch.manual_seed(init_seed)
-        try:  # the registered factory (tpp_monai.backbones.BACKBONES), as a new backbone would be
-            model = BACKBONES.get("vit")(size, img_size=img_size, in_chans=in_chans, **overrides)
-        finally:
-            torch.random.set_rng_state(state)
+        # the registered factory (tpp_monai.backbones.BACKBONES), as a new backbone would be
+        model = _seeded(lambda: BACKBONES.get("vit")(size, img_size=img_size, in_chans=in_chans, **overrides),
+                        init_seed)
         return model.set_input_norm("none" if _is_auto(input_norm) else input_norm,
                                     "rgb" if _is_auto(channel_order) else channel_order)
     from tpp_monai.backbones.weights import build_vit_from_checkpoint
@@ -239,12 +247,7 @@ def build_cnn_backbone(
         warnings.warn(f"No --backbone_ckpt given: the {backbone} encoder is RANDOMLY INITIALISED (seed {init_seed}). "
                       "This is only useful for smoke tests; fetch the ImageNet weights (scripts/fetch_weights.py, "
                       ".tpp_cache/weights/) and pass --backbone_ckpt for real results.", stacklevel=2)
-        state = torch.random.get_rng_state()
-        torch.manual_seed(init_seed)
-        try:
-            model = factory(in_channels=in_chans, padding=padding)
-        finally:
-            torch.random.set_rng_state(state)
+        model = _seeded(lambda: factory(in_channels=in_chans, padding=padding), init_seed)
         return model.set_input_norm("none" if _is_auto(input_norm) else input_norm,
                                     "rgb" if _is_auto(channel_order) else channel_order)
     p = Path(backbone_ckpt)  # type: ignore[arg-type]

@@ -109,3 +109,55 @@ def zscore_per_image(x: "torch.Tensor") -> "torch.Tensor":
     mean = x.mean(dim=(-2, -1), keepdim=True)
     std = x.std(dim=(-2, -1), keepdim=True, unbiased=False)
     return (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
+
+
+class PixelSpaceMixin:
+    """The pixel space a backbone was pre-trained in, applied inside the model (ViT, EfficientNet): channel order,
+    then ``(x - mean) / std``, per-image z-scoring or nothing, on [0, 1] RGB input. Kept in non-persistent buffers
+    (``input_mean``, ``input_std``, ``input_zscore``, ``input_channel_perm``): not in ``state_dict`` (checkpoints
+    unchanged) but part of the backbone fingerprint, so target parameters trained in another pixel space are refused.
+    Mixed into an ``nn.Module``, which calls :meth:`_init_pixel_space` in ``__init__``."""
+
+    def _init_pixel_space(self) -> None:
+        for name in ("input_mean", "input_std", "input_zscore", "input_channel_perm"):
+            self.register_buffer(name, None, persistent=False)  # type: ignore[attr-defined]
+
+    def _set_pixel_space(self, spec: Any, channel_order: str, in_chans: int, device: torch.device) -> None:
+        order = str(channel_order).strip().lower()
+        if order not in ("rgb", "bgr"):
+            raise ValueError(f"channel_order must be 'rgb' or 'bgr'; got {channel_order!r}")
+        if order == "bgr" and in_chans != 3:
+            raise ValueError(f"channel_order 'bgr' needs a 3-channel backbone; this one takes {in_chans}")
+        self.input_channel_perm = torch.tensor([2, 1, 0], device=device) if order == "bgr" else None
+        ms = resolve_input_norm(spec, in_chans)
+        self.input_zscore = None
+        if ms is None or ms == ZSCORE:
+            self.input_mean = self.input_std = None
+            if ms == ZSCORE:
+                self.input_zscore = torch.ones(1, device=device)
+        else:
+            self.input_mean = torch.tensor(ms[0], device=device).reshape(1, -1, 1, 1)
+            self.input_std = torch.tensor(ms[1], device=device).reshape(1, -1, 1, 1)
+
+    def _pixel_space_spec(self) -> Any:
+        """``"none"``, ``"zscore"`` or ``{"mean": [..], "std": [..]}``: what the buffers hold."""
+        if self.input_zscore is not None:
+            return ZSCORE
+        if self.input_mean is None:
+            return "none"
+        return {"mean": self.input_mean.flatten().tolist(), "std": self.input_std.flatten().tolist()}
+
+    @property
+    def channel_order(self) -> str:
+        """``"rgb"`` or ``"bgr"``: the channel order the backbone is fed."""
+        return "rgb" if self.input_channel_perm is None else "bgr"
+
+    def normalize_input(self, x: "torch.Tensor") -> "torch.Tensor":
+        """Images in [0, 1] (RGB) -> the pixel space the backbone was pre-trained in (identity for ``"none"``)."""
+        if self.input_channel_perm is not None:
+            x = x.index_select(1, self.input_channel_perm.to(x.device))
+        if self.input_zscore is not None:
+            return zscore_per_image(x)
+        if self.input_mean is None:
+            return x
+        return (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)

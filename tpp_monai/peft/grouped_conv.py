@@ -153,6 +153,17 @@ def _windows(n_in: int, n_out: int, k: int, p: int, d: int) -> list[tuple[slice,
     return out
 
 
+def _depth_taps(depth: list[tuple[slice, slice] | None], d0: int, n: int):
+    """(depth tap, first and end output slice of the slab ``[d0, d0 + n)`` it reaches, input offset) per depth
+    tap that reads inside the input there."""
+    for td, win in enumerate(depth):
+        if win is None:
+            continue
+        q0, q1 = max(win[0].start, d0), min(win[0].stop, d0 + n)
+        if q1 > q0:
+            yield td, q0, q1, win[1].start - win[0].start
+
+
 class _GroupedConvSlabs(torch.autograd.Function):
     """Stride-1 grouped convolution of ``(B, C, D, H, W)`` (2D: ``D = 1``), depth slab by depth slab.
 
@@ -184,13 +195,7 @@ class _GroupedConvSlabs(torch.autograd.Function):
         grouped = out.view(b, groups, ocg, *out_shape)
         for d0 in range(0, d_out, n_slab):
             n = min(n_slab, d_out - d0)
-            for td, win in enumerate(depth):
-                if win is None:
-                    continue
-                q0, q1 = max(win[0].start, d0), min(win[0].stop, d0 + n)
-                if q1 <= q0:
-                    continue
-                off = win[1].start - win[0].start
+            for td, q0, q1, off in _depth_taps(depth, d0, n):
                 xs = x[:, :, q0 + off:q1 + off].reshape(b, groups, pg, -1)
                 z = torch.matmul(wt[td], xs).view(b, groups, ocg, t2, q1 - q0, h_in, w_in)
                 oq = grouped[:, :, :, q0:q1]
@@ -224,13 +229,7 @@ class _GroupedConvSlabs(torch.autograd.Function):
             gs = g[:, :, :, d0:d0 + n]
             for i, (ho, hi), (wo, wi) in planes:
                 buf[:, :, :, i, :, hi, wi] = gs[:, :, :, :, ho, wo]
-            for td, win in enumerate(depth):
-                if win is None:
-                    continue
-                q0, q1 = max(win[0].start, d0), min(win[0].stop, d0 + n)
-                if q1 <= q0:
-                    continue
-                off = win[1].start - win[0].start
+            for td, q0, q1, off in _depth_taps(depth, d0, n):
                 gz = buf if (q0, q1) == (d0, d0 + n) else buf[:, :, :, :, q0 - d0:q1 - d0]
                 gz = gz.reshape(b, groups, ocg * t2, -1)
                 xs = x[:, :, q0 + off:q1 + off].reshape(b, groups, pg, -1)
