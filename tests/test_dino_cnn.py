@@ -141,6 +141,18 @@ def test_dino_on_a_cnn_is_the_cnn_task_and_vit_keeps_its_own():
     assert PRETEXT_TASKS.get("dino3d") is DINO3DPretext and PRETEXT_TASKS.get("dino_cnn") is CNNDINOPretext
 
 
+def _train(task, opt, steps: int, batch) -> None:
+    """``steps`` plain optimiser steps of ``task`` on ``batch()`` images (seed 1), with its ``after_step`` hook."""
+    torch.manual_seed(1)
+    for i in range(steps):
+        task.train()
+        out = task(batch())
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        task.after_step(i, steps)
+
+
 def test_frozen_backbone_and_bn_statistics_unchanged_targets_moved():
     """norm_tuning on a batch-norm encoder: BN weights/biases move; convolutions and the running statistics
     (frozen backbone tensors) stay bit-identical, in the student and in the teacher."""
@@ -150,14 +162,7 @@ def test_frozen_backbone_and_bn_statistics_unchanged_targets_moved():
     assert targets and all(".1." in n for n in targets)  # the BN layers' weight / bias
     task = CNNDINOPretext(m, global_size=32, local_size=16, n_local_crops=2, **HEAD)
     opt = build_optimizer(task, lr=1e-2, weight_decay=0.0)
-    torch.manual_seed(1)
-    for i in range(3):
-        task.train()
-        out = task(torch.rand(4, 3, 48, 48))
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        task.after_step(i, 3)
+    _train(task, opt, 3, lambda: torch.rand(4, 3, 48, 48))
     assert all(not bn.training for bn in m.modules() if isinstance(bn, nn.BatchNorm2d))
     moved = {n for n, d in _digests(m).items() if d != before[n]}
     assert moved == targets
@@ -174,13 +179,7 @@ def test_decoder_rule_reaches_2d_decoder_targets():
     task = CNNDINOPretext(m, global_size=16, local_size=8, n_local_crops=1, multicrop="volume", **HEAD)
     assert task.features == "decoder" and task.spatial_dims == 2
     opt = build_optimizer(task, lr=1e-2, weight_decay=0.0)
-    torch.manual_seed(1)
-    for i in range(3):  # zero-init up-projections need one step before the rest gets a gradient
-        out = task(torch.randn(2, 1, 16, 16))
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        task.after_step(i, 3)
+    _train(task, opt, 3, lambda: torch.randn(2, 1, 16, 16))  # zero-init up-projections need one step first
     moved = {n for n, d in _digests(m).items() if d != before[n]}
     assert moved == targets
 
@@ -237,14 +236,7 @@ def test_flexible_unet_decoder_rule_pools_every_decoder_stage():
     task = CNNDINOPretext(net, global_size=32, local_size=32, n_local_crops=1, **HEAD)
     assert task.features == "decoder" and task.head.mlp[0].in_features == 320 + 16 + 16 + 8 + 8 + 8
     opt = build_optimizer(task, lr=1e-2, weight_decay=0.0)
-    torch.manual_seed(1)
-    for i in range(2):
-        task.train()
-        out = task(torch.rand(2, 3, 32, 32))
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        task.after_step(i, 2)
+    _train(task, opt, 2, lambda: torch.rand(2, 3, 32, 32))
     moved = {n for n, d in _digests(net).items() if d != before[n]}
     assert moved == targets  # decoder BN weights included; no running statistic, no convolution moved
 
