@@ -141,13 +141,13 @@ def write_report(specs, results, out: Path, cmd: str, commit: str, name: str = "
                   "|---|---:|---:|" + "---:|" * len(cols)]
         for m, sp in tspecs:
             arms = results.get((task, m), [])
+            tp = trainable_percent(sp) if arms else None  # the same network for both inits: built once
             for init in sp.inits:
                 sel = [r for r in arms if r["init"] == init
                        and r["n_labelled"] == big * (2 if sp.per_class else 1)]
                 if not sel:
                     continue
                 label = {"random": m, "tpp": f"{m} + TPP"}[init]
-                tp = trainable_percent(sp)
                 cells = []
                 for k in cols:
                     mu, sd = mean_std([r[k] for r in sel])
