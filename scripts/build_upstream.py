@@ -23,7 +23,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-BUNDLE = "bundles/demo_ct_adapter_tpp"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except DemoDataError as e:
         print(f"error: could not build the data caches: {e}", file=sys.stderr)
         return 2
-    spec = tumour_crops_spec(ROOT / BUNDLE, Path(cache).resolve(), Path(pool).resolve(),
+    spec = tumour_crops_spec(ROOT, Path(cache).resolve(), Path(pool).resolve(),
                              ROOT / ".tpp_cache" / "study" / "unused", quick=a.quick)
     ckpt = ensure_upstream(spec)
     prov = Path(spec.upstream_root()) / "provenance.json"
