@@ -298,6 +298,21 @@ def test_bundles_refuse_fpt_plus_and_sh_peft_naming_the_route(method, route):
         build_peft_backbone("", size="tiny", img_size=IMG, peft_method=method)
 
 
+@pytest.mark.parametrize("kind", ["vit", "cnn"])
+def test_the_refusal_lists_the_methods_of_the_bundles_backbone_kind(kind):
+    """A CNN bundle's refusal names the CNN methods (Conv-Adapter, TSA, ...), not the ViT ones it cannot train."""
+    from tpp_monai.bundle.networks import refuse_in_bundles
+    from tpp_monai.peft.registry import PEFT_METHODS
+
+    with pytest.raises(ValueError) as e:
+        refuse_in_bundles("sh_peft", kind)
+    listed = set(str(e.value).split("Bundles train: ")[1].rstrip(".").split(", "))
+    expected = {n for n in PEFT_METHODS.names()
+                if kind in PEFT_METHODS.get(n).applies_to and not PEFT_METHODS.get(n).bundle_refusal}
+    assert listed == expected
+    assert ("conv_adapter" in listed) == (kind == "cnn") and ("lora" in listed) == (kind == "vit")
+
+
 def test_a_bundle_config_with_fpt_plus_is_refused():
     """Through MONAI's own ConfigParser on a generated bundle (what ``monai.bundle run`` does first)."""
     from pathlib import Path

@@ -155,14 +155,15 @@ def load_target_params(network: nn.Module, tpp_ckpt: str | os.PathLike | None) -
     return network
 
 
-def refuse_in_bundles(peft_method: str) -> None:
+def refuse_in_bundles(peft_method: str, backbone_kind: str = "vit") -> None:
     """A ``ValueError`` naming the method, why a bundle cannot train it and the route that can (the method class's
-    ``bundle_refusal``: FPT+, SH-PEFT), before any weights are read."""
+    ``bundle_refusal``: FPT+, SH-PEFT), before any weights are read; it lists the methods the bundle's kind of
+    backbone (``"vit"`` or ``"cnn"``) can train."""
     from tpp_monai.peft.registry import PEFT_METHODS
 
     cls = PEFT_METHODS.get(peft_method)
     if cls.bundle_refusal:
-        ok = [n for n in PEFT_METHODS.names() if "vit" in PEFT_METHODS.get(n).applies_to
+        ok = [n for n in PEFT_METHODS.names() if backbone_kind in PEFT_METHODS.get(n).applies_to
               and not PEFT_METHODS.get(n).bundle_refusal]
         raise ValueError(f"--peft_method {peft_method} is not supported in the bundles: {cls.bundle_refusal}. "
                          f"Bundles train: {', '.join(ok)}.")
@@ -282,7 +283,7 @@ def build_peft_cnn_backbone(
     from tpp_monai.peft.api import apply_peft
     from tpp_monai.peft.registry import PEFT_METHODS, methods_for
 
-    refuse_in_bundles(peft_method)
+    refuse_in_bundles(peft_method, "cnn")
     if "cnn" not in PEFT_METHODS.get(peft_method).applies_to:
         raise ValueError(f"--peft_method {peft_method} does not apply to a CNN encoder; the CNN methods are: "
                          f"{', '.join(methods_for('cnn'))}")
