@@ -53,3 +53,21 @@ def test_demo_quick(demo_cache, tmp_path):
     assert m, md  # the TPP learning margin with its interval over seeds
     assert float(m.group(2)) <= float(m.group(1)) <= float(m.group(3))
     assert "| method | AUC (%) | accuracy (%) | trainable (%) |" in proc.stdout
+
+
+def test_build_upstream_quick_builds_or_reuses_the_demos_backbone(demo_cache):
+    """The README's ``python scripts/build_upstream.py`` (here ``--quick``): the backbone the demo / study use,
+    with its provenance (it once looked for the bundle under the bundle's own folder and failed)."""
+    proc = subprocess.run([sys.executable, "scripts/build_upstream.py", "--quick"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = re.search(r"^backbone: (.+)$", proc.stdout, re.M)
+    assert m, proc.stdout[-2000:]
+    ckpt = Path(m.group(1))
+    assert ckpt.is_file() and ckpt.name == "backbone_mae.pt"
+    assert ckpt.parent.parent.parent == ROOT / ".tpp_cache" / "upstream"
+    import json
+
+    prov = json.loads((ckpt.parent.parent / "provenance.json").read_text())
+    assert prov["iterations"] >= 1 and prov["loss_first_10pct"] > 0
+    assert re.search(rf"upstream MAE: {prov['iterations']} iterations", proc.stdout)
