@@ -243,7 +243,9 @@ def worker(mode: str, size: str, img: int, batch: int, steps: int, cache: str, p
             _run_rank(0, 1, mode, size, img, batch, steps, cache, datalist, out)
         else:
             os.environ.setdefault("TPP_THREADS_PER_RANK", str(max(1, torch.get_num_threads() // procs)))
-            spawn_cpu(_run_rank, procs, mode, size, img, batch, steps, cache, datalist, out)
+            # more than one thread a rank needs freshly started processes (OpenMP does not survive fork)
+            method = "spawn" if int(os.environ["TPP_THREADS_PER_RANK"]) > 1 else "fork"
+            spawn_cpu(_run_rank, procs, mode, size, img, batch, steps, cache, datalist, out, start_method=method)
         with open(out) as f:
             row = json.load(f)
     row["threads"] = torch.get_num_threads()

@@ -224,3 +224,37 @@ def test_amp_resolution():
     assert grad_scaler("cpu", torch.float16) is not None and grad_scaler("cpu", torch.bfloat16) is None
     with pytest.raises(ValueError, match="amp must be"):
         resolve_amp("int8", "cpu")
+
+
+def _threads_worker(rank: int, world: int, out: str) -> None:
+    """A few DDP steps (intra-op parallel matmuls and gloo all-reduces), then the rank's thread count."""
+    net = wrap_ddp(torch.nn.Linear(256, 256))
+    for _ in range(3):
+        net(torch.randn(64, 256)).sum().backward()
+    Path(out, f"threads{rank}.txt").write_text(str(torch.get_num_threads()))
+
+
+def test_threads_per_rank_under_fork_is_one_with_a_warning(tmp_path, monkeypatch):
+    """TPP_THREADS_PER_RANK=2 with forked ranks after the parent computed on 2 threads used to hang in OpenMP
+    (reproduced: both ranks stuck until the 60 s timeout); now the ranks use 1 thread and say why."""
+    from tpp_monai.engines.distributed import threads_per_rank
+
+    monkeypatch.setenv("TPP_THREADS_PER_RANK", "2")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = torch.randn(512, 512)
+        (a @ a).sum()  # the parent's OpenMP pool is up
+        with pytest.warns(RuntimeWarning, match="TPP_THREADS_PER_RANK=2 with fork-started processes"):
+            spawn_cpu(_threads_worker, 2, str(tmp_path), timeout=90)
+    finally:
+        torch.set_num_threads(before)
+    assert [Path(tmp_path, f"threads{r}.txt").read_text() for r in range(2)] == ["1", "1"]
+    assert threads_per_rank("spawn") == 2
+
+
+@pytest.mark.slow
+def test_threads_per_rank_under_spawn_is_honoured(tmp_path, monkeypatch):
+    monkeypatch.setenv("TPP_THREADS_PER_RANK", "2")
+    spawn_cpu(_threads_worker, 2, str(tmp_path), start_method="spawn", timeout=180)
+    assert [Path(tmp_path, f"threads{r}.txt").read_text() for r in range(2)] == ["2", "2"]

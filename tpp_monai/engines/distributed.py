@@ -197,10 +197,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _spawned(rank: int, fn: Callable, world: int, port: int, args: Sequence[Any]) -> None:
+def threads_per_rank(start_method: str = "fork") -> int:
+    """The torch threads of each :func:`spawn_cpu` process: ``TPP_THREADS_PER_RANK`` (default 1), but 1 for
+    ``fork``-started processes, with a ``RuntimeWarning``: OpenMP's thread pool does not survive ``fork``, and a
+    forked child that computes with more than one thread hangs once the parent has computed in parallel."""
+    n = max(1, int(os.environ.get("TPP_THREADS_PER_RANK", "1")))
+    if n > 1 and start_method == "fork":
+        import warnings
+
+        warnings.warn(f"TPP_THREADS_PER_RANK={n} with fork-started processes: a forked process computing with more "
+                      "than one thread hangs in OpenMP once the parent has computed in parallel, so each rank uses "
+                      f"1 thread. For {n} threads per rank pass start_method='spawn' (a module-level fn) or start the "
+                      "ranks with torchrun.", RuntimeWarning, stacklevel=3)
+        return 1
+    return n
+
+
+def _spawned(rank: int, fn: Callable, world: int, port: int, args: Sequence[Any], threads: int = 1) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
-    torch.set_num_threads(max(1, int(os.environ.get("TPP_THREADS_PER_RANK", "1"))))
+    torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
@@ -212,14 +228,15 @@ def spawn_cpu(fn: Callable, world_size: int, *args: Any, start_method: str = "fo
               timeout: float | None = None) -> None:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` CPU processes joined by gloo (tests and the
     benchmark; real runs use torchrun). ``fork`` (default) skips re-importing torch/MONAI in every child;
-    each child computes with ``TPP_THREADS_PER_RANK`` threads (default 1). With ``"spawn"``, ``fn`` must
-    be importable (a module-level function). ``timeout`` (seconds): a run still going then (a hung
+    each child computes with ``TPP_THREADS_PER_RANK`` threads (default 1; always 1 under ``fork``, see
+    :func:`threads_per_rank`). With ``"spawn"``, ``fn`` must be importable (a module-level function). ``timeout`` (seconds): a run still going then (a hung
     collective) is killed and ``TimeoutError`` raised, so a test fails instead of blocking."""
     import time
 
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_spawned, args=(fn, world_size, free_port(), args), nprocs=world_size,
+    threads = threads_per_rank(start_method)
+    ctx = mp.start_processes(_spawned, args=(fn, world_size, free_port(), args, threads), nprocs=world_size,
                              join=timeout is None, start_method=start_method)
     if timeout is None:
         return
