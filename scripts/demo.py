@@ -2,15 +2,16 @@
 """The tpp-monai demo (``make demo``): upstream MAE -> TPP -> Adapter with / without TPP -> test, paired.
 
 The setting of issue 20 and of the study (``tpp_monai.study.TUMOUR_CROPS_SETTING``,
-docs/results/study_tumour_crops_v2/PROTOCOL.md), every stage through MONAI's bundle API:
+docs/results/study_tumour_crops_v3_mri/PROTOCOL.md), every stage through MONAI's bundle API:
 
   (a) ``bundles/demo_ct_adapter_tpp`` pretrain_backbone.json: MAE pre-training of a ViT-tiny on an
       unlabelled pool of head CT, radiographs and ultrasound (no chest CT, no MRI); built once and
       cached in ``.tpp_cache/upstream/`` with its provenance (``scripts/build_upstream.py``);
   (b) ``bundles/mhist_adapter_tpp`` tpp_pretrain.json: TPP of the Adapter with MAE on all training crops
-      (1000 iterations; the learning report ``tpp_report.json`` says how far the loss fell);
+      (500 epochs; the learning report ``tpp_report.json`` says how far the loss fell);
   (c) train.json + evaluate.json twice per seed on the same labelled crops: Adapter from its own init
-      and from (b); the task: does a crop of chest CT / brain MRI contain tumour (pyradiomics masks).
+      and from (b); the task: does a crop of brain MRI (a modality the upstream pool lacks) contain tumour
+      (pyradiomics masks; training patient brain1, test patient brain2).
 
 The table gives mean +- std over five seeds and the paired difference with its bootstrap interval and
 sign count (``tpp_monai.reporting``). Runs are shared with ``scripts/study.py``: after the study the
@@ -20,6 +21,7 @@ demo only reads them back. ``--quick``: a CI-sized variant (tiny model, few iter
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="~1-2 minute variant (tests)")
     p.add_argument("--out", default="demo_output", help="figures and results.md (default: %(default)s)")
-    p.add_argument("--work", default=None, help="runs folder (default: the study's .tpp_cache/study/tumour_crops_v2, "
+    p.add_argument("--work", default=None, help="runs folder (default: the study's .tpp_cache/study/<setting>, "
                                                  "so runs the study finished are re-used; --quick: <out>/bundle)")
     p.add_argument("--cache", default=None, help="demo data cache (default: .tpp_cache/demo_ct)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 2)")
@@ -96,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         plot_convergence(spec, arms, spec.metrics[0], out / "val_auc_curves.png"),
     ]
     n_tpp = len([r for r in read_jsonl(tpp_log) if r.get("kind") == "loss"])
+    splits = json.loads(Path(spec.datalist).read_text())
+    n_train, n_test = len(splits["training"]), len(splits["test"])
+    volumes = ", ".join(setting.get("volumes") or ("every volume",))
     drops = {}
     for sd in seeds:
         drops[sd] = loss_first_last_10pct(work / "tpp" / f"seed{sd}" / "logs" / "tpp_log.jsonl")
@@ -107,14 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# tpp-monai demo: does TPP help an Adapter tell tumour from no tumour with few labels?",
         "",
-        f"Settings: {'--quick' if a.quick else 'default (the study of docs/results/study_tumour_crops_v2)'}; "
+        f"Settings: {'--quick' if a.quick else 'default (the study of docs/results/study_' + setting['work'] + ')'}; "
         f"ViT-{setting['vit_size']} depth {setting['depth']}, {setting['image_size']} px, "
         f"{setting.get('patch_size', 16)}-px patches, MAE-pre-trained upstream "
-        f"on a pool without chest CT or MRI; downstream: crops of chest CT / brain MRI, label = the crop contains "
-        f"tumour (pyradiomics masks); {count} labelled crop(s) per class; TPP {setting['tpp_epochs']} epochs on all "
-        f"86 training crops; fine-tuning {setting['iterations']} iterations; seeds {list(seeds)}; "
-        f"{torch.get_num_threads()} CPU thread(s). Mean +- std over the {n} seeds; test split: 89 crops of two "
-        "other patients.",
+        f"on a pool without chest CT or MRI; downstream: crops of {volumes} (pyradiomics), label = the crop contains "
+        f"tumour (expert masks); {count} labelled crop(s) per class; TPP {setting['tpp_epochs']} epochs on all "
+        f"{n_train} training crops; fine-tuning {setting['iterations']} iterations; seeds {list(seeds)}; "
+        f"{torch.get_num_threads()} CPU thread(s). Mean +- std over the {n} seeds; test split: {n_test} crops of "
+        "other patients than the training crops.",
         "",
         "| method | AUC (%) | accuracy (%) | trainable (%) |",
         "|---|---|---|---|",

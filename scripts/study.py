@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     s = dict(QUICK if a.quick else FULL)
     ds = DATASETS[a.dataset]
     tag = a.dataset + ("_quick" if a.quick else "")
-    if a.dataset == "tumour_crops":  # the folder names carry the protocol's version (tumour_crops_v2)
+    if a.dataset == "tumour_crops":  # the folder names carry the protocol's version (tumour_crops_v3_mri)
         from tpp_monai.study import TUMOUR_CROPS_QUICK, TUMOUR_CROPS_SETTING
 
         tag = (TUMOUR_CROPS_QUICK if a.quick else TUMOUR_CROPS_SETTING)["work"]
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tumour_crops(a: argparse.Namespace, argv: list[str] | None, cache: Path, out: Path, work: Path) -> int:
-    """The protocol's study (docs/results/study_tumour_crops_v2/PROTOCOL.md): settings from the library."""
+    """The protocol's study (docs/results/study_<setting's work>/PROTOCOL.md): settings from the library."""
     import subprocess
 
     import torch
@@ -176,7 +176,11 @@ def _tumour_crops(a: argparse.Namespace, argv: list[str] | None, cache: Path, ou
     results = run_study(spec)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     cmd = "python scripts/study.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
-    md = write_report(spec, results, out, DATASETS["tumour_crops"]["title"], cmd.strip(), commit,
+    from tpp_monai.study import TUMOUR_CROPS_QUICK, TUMOUR_CROPS_SETTING
+
+    volumes = (TUMOUR_CROPS_QUICK if a.quick else TUMOUR_CROPS_SETTING).get("volumes")
+    title = DATASETS["tumour_crops"]["title"] + (f" ({', '.join(volumes)} only)" if volumes else "")
+    md = write_report(spec, results, out, title, cmd.strip(), commit,
                       (time.time() - t0) / 60, torch.get_num_threads())
     atomic_write(out / "results.json", json.dumps({"spec": spec.__dict__, "arms": results}, indent=1, default=str))
     print("\n" + md, flush=True)

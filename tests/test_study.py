@@ -273,3 +273,21 @@ def test_resumability_check_accepts_a_stamp_written_before_a_field_was_added(tmp
     other = StudySpec(bundle="b", dataset_dir="d", datalist="l", work=str(tmp_path), inits=("random",))
     with pytest.raises(ValueError, match="inits"):
         check_resumable(other)
+
+
+def test_write_volume_datalist_keeps_the_volumes_and_makes_paths_absolute(tmp_path):
+    """Version 3's task is version 2's datalist restricted to the MRI volumes, written beside the runs."""
+    from tpp_monai.study import write_volume_datalist
+
+    src = tmp_path / "cache" / "dl.json"
+    src.parent.mkdir()
+    src.write_text(json.dumps({
+        "training": [{"image": "crops/a.png", "label": 1, "volume": "brain1"},
+                     {"image": "crops/b.png", "label": 0, "volume": "lung2"}],
+        "test": [{"image": "/abs/c.png", "label": 0, "volume": "brain2"}]}))
+    out = write_volume_datalist(src, tmp_path / "work" / "dl_brain.json", ("brain1", "brain2"))
+    d = json.loads(out.read_text())
+    assert d["training"] == [{"image": str(src.parent.resolve() / "crops/a.png"), "label": 1, "volume": "brain1"}]
+    assert d["test"] == [{"image": "/abs/c.png", "label": 0, "volume": "brain2"}]
+    with pytest.raises(ValueError, match="no training entry of the volumes"):
+        write_volume_datalist(src, tmp_path / "x.json", ("breast1",))

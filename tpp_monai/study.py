@@ -355,21 +355,27 @@ def run_arm(spec: StudySpec, backbone: Path | str, fraction: float, seed: int, i
 #: spec fields that may change between runs into one work folder (more seeds or amounts add arms)
 EXTENDABLE = ("fractions", "seeds", "counts")
 
-#: The small-scale setting of the demo and the study, version 2 (fixed in
-#: docs/results/study_tumour_crops_v2/PROTOCOL.md before its run): a ViT-tiny pre-trained upstream with MAE
-#: on a pool without the downstream domain (64 px, 8-px patches: 64 tokens, 1400 iterations), TPP of the
-#: Adapter for 1000 iterations on all training crops, Adapter fine-tuning for 300 iterations on 1, 2, 4 or 8
-#: labelled crops per class (tumour / no tumour, pyradiomics masks), five seeds. ``quick``: CI-sized.
+#: The small-scale setting of the demo and the study, version 3 (fixed in
+#: docs/results/study_tumour_crops_v3_mri/PROTOCOL.md before its run): version 2's upstream ViT-tiny (MAE on a
+#: pool without the downstream domain: 64 px, 8-px patches, 1400 iterations) and task, restricted to the brain-MRI
+#: crops (``volumes``: the modality the pool lacks, where a mechanism pilot saw TPP's loss fall 4x more than on
+#: the chest-CT crops); TPP of the Adapter for the paper's 500 epochs (40 warm-up) on all 25 training crops,
+#: Adapter fine-tuning for 300 iterations on 4, 1 or 2 labelled crops per class, five seeds. ``quick``: CI-sized.
 TUMOUR_CROPS_SETTING: dict[str, Any] = dict(
     bundle="bundles/mhist_adapter_tpp", datalist_name="datalist_tumour_crops_cls.json", num_classes=2,
     class_names=["no_tumour", "tumour"], metrics=("auc", "acc"), per_class=True, lr=1e-3,
     image_size=64, patch_size=8, vit_size="tiny", depth=6, upstream_epochs=100, upstream_warmup_epochs=2,
-    tpp_epochs=200, tpp_warmup_epochs=16, tpp_batch_size=16, iterations=300, batch_size=8, val_every=50,
-    counts=(1, 2, 4, 8), seeds=(0, 1, 2, 3, 4), work="tumour_crops_v2")
+    tpp_epochs=500, tpp_warmup_epochs=40, tpp_batch_size=16, iterations=300, batch_size=8, val_every=50,
+    counts=(4, 1, 2), seeds=(0, 1, 2, 3, 4), volumes=("brain1", "brain2"), work="tumour_crops_v3_mri")
+#: Version 2 (docs/results/study_tumour_crops_v2/PROTOCOL.md, run in December 2026): chest CT and brain MRI crops,
+#: TPP 200 epochs = 1000 iterations; its TPP loss fell by ~1% and fine-tuning stayed at chance.
+TUMOUR_CROPS_V2: dict[str, Any] = dict(
+    TUMOUR_CROPS_SETTING, tpp_epochs=200, tpp_warmup_epochs=16, counts=(1, 2, 4, 8), volumes=None,
+    work="tumour_crops_v2")
 #: Version 1 (docs/results/study_tumour_crops/PROTOCOL.md, run in December 2026): kept so that study can be
 #: re-run (``tumour_crops_spec(..., **TUMOUR_CROPS_V1)``); its TPP loss did not fall and fine-tuning stayed at chance.
 TUMOUR_CROPS_V1: dict[str, Any] = dict(
-    TUMOUR_CROPS_SETTING, image_size=128, patch_size=16, upstream_epochs=12, upstream_warmup_epochs=2,
+    TUMOUR_CROPS_V2, image_size=128, patch_size=16, upstream_epochs=12, upstream_warmup_epochs=2,
     tpp_epochs=15, tpp_warmup_epochs=2, iterations=40, val_every=20, counts=(1, 4), work="tumour_crops")
 TUMOUR_CROPS_QUICK: dict[str, Any] = dict(
     TUMOUR_CROPS_SETTING, image_size=64, patch_size=16, depth=2, upstream_epochs=1, upstream_warmup_epochs=0,
@@ -380,11 +386,30 @@ UPSTREAM_BUNDLE = "bundles/demo_ct_adapter_tpp"
 UPSTREAM_CACHE = Path(".tpp_cache/upstream")
 
 
+def write_volume_datalist(datalist: str | os.PathLike, out: str | os.PathLike, volumes: Iterable[str]) -> Path:
+    """``datalist`` with only the entries of ``volumes`` (their ``"volume"`` field) in every split, written
+    atomically to ``out``; relative image / label paths are made absolute (against ``datalist``'s folder), as
+    the new file lives elsewhere."""
+    keep, base = set(volumes), Path(datalist).resolve().parent
+    absolute = lambda e: {k: str(base / v) if k in ("image", "label") and isinstance(v, str) else v  # noqa: E731
+                          for k, v in e.items()}
+    d = json.loads(Path(datalist).read_text())
+    sub = {k: [absolute(e) for e in v if e.get("volume") in keep] for k, v in d.items()}
+    if not sub.get("training"):
+        raise ValueError(f"{datalist} has no training entry of the volumes {sorted(keep)}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return Path(atomic_write(out, json.dumps(sub, indent=1)))
+
+
 def tumour_crops_spec(root: str | os.PathLike, cache: str | os.PathLike, pool: str | os.PathLike,
                       work: str | os.PathLike, quick: bool = False, **changes: Any) -> StudySpec:
     """The :data:`TUMOUR_CROPS_SETTING` study spec (bundles under the repository ``root``); the upstream backbone is cached under
     ``.tpp_cache/upstream/<model>-e<epochs>`` (shared by the demo, the study and scripts/build_upstream.py)."""
     s = dict(TUMOUR_CROPS_QUICK if quick else TUMOUR_CROPS_SETTING, **changes)
+    datalist = Path(cache) / s["datalist_name"]
+    if s.get("volumes"):  # the task restricted to some volumes (every split), written beside the runs
+        datalist = write_volume_datalist(datalist, Path(work) / f"datalist_{'_'.join(s['volumes'])}.json",
+                                         s["volumes"])
     patch = s.get("patch_size", 16)
     tag = f"vit-{s['vit_size']}-d{s['depth']}-{s['image_size']}px" + (f"-p{patch}" if patch != 16 else "") \
         + f"-e{s['upstream_epochs']}"
@@ -392,7 +417,7 @@ def tumour_crops_spec(root: str | os.PathLike, cache: str | os.PathLike, pool: s
     return StudySpec(
         bundle=str(root / s["bundle"]), upstream_bundle=str(root / UPSTREAM_BUNDLE), metrics=tuple(s["metrics"]),
         per_class=s["per_class"], lr=s["lr"],
-        dataset_dir=str(cache), datalist=str(Path(cache) / s["datalist_name"]), work=str(work),
+        dataset_dir=str(cache), datalist=str(datalist), work=str(work),
         fractions=(1.0,), counts=tuple(s["counts"]), seeds=tuple(s["seeds"]), iterations=s["iterations"],
         batch_size=s["batch_size"], val_every=s["val_every"], upstream_epochs=s["upstream_epochs"],
         upstream_warmup_epochs=s["upstream_warmup_epochs"], tpp_epochs=s["tpp_epochs"],
