@@ -179,7 +179,8 @@ def _tumour_crops(a: argparse.Namespace, argv: list[str] | None, cache: Path, ou
     from tpp_monai.study import TUMOUR_CROPS_QUICK, TUMOUR_CROPS_SETTING
 
     volumes = (TUMOUR_CROPS_QUICK if a.quick else TUMOUR_CROPS_SETTING).get("volumes")
-    title = DATASETS["tumour_crops"]["title"] + (f" ({', '.join(volumes)} only)" if volumes else "")
+    title = (f"tumour-crop classification, {', '.join(volumes)} (pyradiomics masks)" if volumes
+             else DATASETS["tumour_crops"]["title"])
     md = write_report(spec, results, out, title, cmd.strip(), commit,
                       (time.time() - t0) / 60, torch.get_num_threads())
     atomic_write(out / "results.json", json.dumps({"spec": spec.__dict__, "arms": results}, indent=1, default=str))
