@@ -164,7 +164,7 @@ def _tumour_crops(a: argparse.Namespace, argv: list[str] | None, cache: Path, ou
     from tpp_monai.safe_io import atomic_write
     from tpp_monai.data.demo_data import DemoDataError
     from tpp_monai.data.upstream_pool import build_upstream_pool
-    from tpp_monai.study import run_study, tumour_crops_spec
+    from tpp_monai.study import TUMOUR_CROPS_QUICK, TUMOUR_CROPS_SETTING, run_study, tumour_crops_spec
 
     try:
         pool = Path(build_upstream_pool()).resolve()
@@ -176,8 +176,6 @@ def _tumour_crops(a: argparse.Namespace, argv: list[str] | None, cache: Path, ou
     results = run_study(spec)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     cmd = "python scripts/study.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
-    from tpp_monai.study import TUMOUR_CROPS_QUICK, TUMOUR_CROPS_SETTING
-
     volumes = (TUMOUR_CROPS_QUICK if a.quick else TUMOUR_CROPS_SETTING).get("volumes")
     title = (f"tumour-crop classification, {', '.join(volumes)} (pyradiomics masks)" if volumes
              else DATASETS["tumour_crops"]["title"])

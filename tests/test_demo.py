@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -66,8 +67,6 @@ def test_build_upstream_quick_builds_or_reuses_the_demos_backbone(demo_cache):
     ckpt = Path(m.group(1))
     assert ckpt.is_file() and ckpt.name == "backbone_mae.pt"
     assert ckpt.parent.parent.parent == ROOT / ".tpp_cache" / "upstream"
-    import json
-
     prov = json.loads((ckpt.parent.parent / "provenance.json").read_text())
     assert prov["iterations"] >= 1 and prov["loss_first_10pct"] > 0
     assert re.search(rf"upstream MAE: {prov['iterations']} iterations", proc.stdout)

@@ -90,19 +90,25 @@ def label_subset(entries: list[dict], fraction: float, seed: int, min_count: int
     return [entries[i] for i in sorted(order[:k])]
 
 
-def write_subset_datalist(datalist: str | os.PathLike, out: str | os.PathLike, fraction: float, seed: int,
-                          split: str = "training", exact: int | None = None, per_class: bool = False) -> int:
-    """Copy ``datalist`` to ``out`` with its ``split`` reduced to a label subset; paths made absolute."""
+def read_datalist_absolute(datalist: str | os.PathLike) -> dict[str, Any]:
+    """``datalist``'s content with relative ``image`` / ``label`` paths made absolute (against its folder), for a
+    derived datalist written elsewhere."""
     src = Path(datalist)
-    obj = json.loads(src.read_text())
     base = src.parent
     absolute = {}
-    for name, entries in obj.items():
+    for name, entries in json.loads(src.read_text()).items():
         if not isinstance(entries, list):
             absolute[name] = entries
             continue
         absolute[name] = [{k: (str((base / v).resolve()) if k in ("image", "label") and isinstance(v, str)
                                and not os.path.isabs(v) else v) for k, v in e.items()} for e in entries]
+    return absolute
+
+
+def write_subset_datalist(datalist: str | os.PathLike, out: str | os.PathLike, fraction: float, seed: int,
+                          split: str = "training", exact: int | None = None, per_class: bool = False) -> int:
+    """Copy ``datalist`` to ``out`` with its ``split`` reduced to a label subset; paths made absolute."""
+    absolute = read_datalist_absolute(datalist)
     if per_class:  # the same rule within each class: balanced, nested subsets
         classes = sorted({e["label"] for e in absolute[split]})
         keep = {id(e) for c in classes
@@ -390,11 +396,9 @@ def write_volume_datalist(datalist: str | os.PathLike, out: str | os.PathLike, v
     """``datalist`` with only the entries of ``volumes`` (their ``"volume"`` field) in every split, written
     atomically to ``out``; relative image / label paths are made absolute (against ``datalist``'s folder), as
     the new file lives elsewhere."""
-    keep, base = set(volumes), Path(datalist).resolve().parent
-    absolute = lambda e: {k: str(base / v) if k in ("image", "label") and isinstance(v, str) else v  # noqa: E731
-                          for k, v in e.items()}
-    d = json.loads(Path(datalist).read_text())
-    sub = {k: [absolute(e) for e in v if e.get("volume") in keep] for k, v in d.items()}
+    keep = set(volumes)
+    sub = {k: [e for e in v if e.get("volume") in keep] if isinstance(v, list) else v
+           for k, v in read_datalist_absolute(datalist).items()}
     if not sub.get("training"):
         raise ValueError(f"{datalist} has no training entry of the volumes {sorted(keep)}")
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -229,8 +229,9 @@ def spawn_cpu(fn: Callable, world_size: int, *args: Any, start_method: str = "fo
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` CPU processes joined by gloo (tests and the
     benchmark; real runs use torchrun). ``fork`` (default) skips re-importing torch/MONAI in every child;
     each child computes with ``TPP_THREADS_PER_RANK`` threads (default 1; always 1 under ``fork``, see
-    :func:`threads_per_rank`). With ``"spawn"``, ``fn`` must be importable (a module-level function). ``timeout`` (seconds): a run still going then (a hung
-    collective) is killed and ``TimeoutError`` raised, so a test fails instead of blocking."""
+    :func:`threads_per_rank`). With ``"spawn"``, ``fn`` must be importable (a module-level function).
+    ``timeout`` (seconds): a run still going then (a hung collective) is killed and ``TimeoutError`` raised,
+    so a test fails instead of blocking."""
     import time
 
     import torch.multiprocessing as mp
