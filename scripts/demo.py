@@ -54,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    from tpp_monai.study import TUMOUR_CROPS_SETTING
+    from tpp_monai.study import tumour_crops_setting
 
+    setting = tumour_crops_setting(a.quick)
     work = Path(a.work).resolve() if a.work else (
-        out / "bundle" if a.quick else ROOT / ".tpp_cache/study" / TUMOUR_CROPS_SETTING["work"])
+        out / "bundle" if a.quick else ROOT / ".tpp_cache/study" / setting["work"])
 
     from tpp_monai.data.demo_data import DEFAULT_CACHE, DemoDataError, build_demo_cache
     from tpp_monai.data.upstream_pool import build_upstream_pool
@@ -73,11 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     from tpp_monai.bundle import trainable_report
     from tpp_monai.reporting import paired_difference
     from tpp_monai.study import (
-        TUMOUR_CROPS_QUICK, TUMOUR_CROPS_SETTING, bundle_network, loss_first_last_10pct, plot_convergence, plot_losses,
-        read_jsonl, run_study, tpp_loss_change_text, tumour_crops_spec, upstream_log,
+        bundle_network, loss_first_last_10pct, plot_convergence, plot_losses, read_jsonl, run_study,
+        tpp_loss_change_text, tumour_crops_spec, upstream_log,
     )
 
-    setting = TUMOUR_CROPS_QUICK if a.quick else TUMOUR_CROPS_SETTING
     count = DEMO_COUNT_QUICK if a.quick else DEMO_COUNT
     seeds = tuple(a.seeds) if a.seeds else tuple(setting["seeds"])
     spec = tumour_crops_spec(ROOT, cache, pool, work, quick=a.quick, counts=(count,), seeds=seeds)

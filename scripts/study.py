@@ -36,8 +36,9 @@ DATASETS = {
                    title="head CT soft tissue + bone (InVesalius)"),
     "tumour": dict(datalist_name="datalist_tumour.json", num_classes=2, class_names=["background", "tumour"],
                    title="lung CT / brain MRI tumour (pyradiomics)"),
-    # the small-scale setting of issue 20 (tpp_monai.study.TUMOUR_CROPS_SETTING, PROTOCOL.md)
-    "tumour_crops": dict(title="tumour-crop classification, chest CT / brain MRI (pyradiomics masks)"),
+    # the small-scale settings of issue 20 (tpp_monai.study.tumour_crops_setting; each version's PROTOCOL.md)
+    "tumour_crops": dict(task="cls", title="tumour-crop classification, chest CT / brain MRI (pyradiomics masks)"),
+    "tumour_crops_seg": dict(task="seg", title="tumour-crop segmentation, chest CT / brain MRI (pyradiomics masks)"),
 }
 FULL = dict(image_size=96, vit_size="tiny", depth=6, upstream_epochs=30, tpp_epochs=20, iterations=240, batch=8,
             val_every=45, fractions=(0.1, 0.25, 1.0), seeds=(0, 1, 2))
@@ -78,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     s = dict(QUICK if a.quick else FULL)
     ds = DATASETS[a.dataset]
     tag = a.dataset + ("_quick" if a.quick else "")
-    if a.dataset == "tumour_crops":  # the folder names carry the protocol's version (tumour_crops_v3_mri)
-        from tpp_monai.study import TUMOUR_CROPS_QUICK, TUMOUR_CROPS_SETTING
+    if "task" in ds:  # the folder names carry the protocol's version (tumour_crops_v3_mri)
+        from tpp_monai.study import tumour_crops_setting
 
-        tag = (TUMOUR_CROPS_QUICK if a.quick else TUMOUR_CROPS_SETTING)["work"]
+        tag = tumour_crops_setting(a.quick, ds["task"])["work"]
     out = Path(a.out or f"docs/results/study_{tag}").resolve()
     work = Path(a.work or f".tpp_cache/study/{tag}").resolve()
     try:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except DemoDataError as e:
         print(f"error: could not build the demo data cache: {e}", file=sys.stderr)
         return 2
-    if a.dataset == "tumour_crops":
+    if "task" in ds:
         return _tumour_crops(a, argv, cache, out, work)
     spec = StudySpec(
         bundle=str(ROOT / a.bundle), dataset_dir=str(cache), datalist=a.datalist or str(cache / ds["datalist_name"]),
@@ -164,21 +165,22 @@ def _tumour_crops(a: argparse.Namespace, argv: list[str] | None, cache: Path, ou
     from tpp_monai.safe_io import atomic_write
     from tpp_monai.data.demo_data import DemoDataError
     from tpp_monai.data.upstream_pool import build_upstream_pool
-    from tpp_monai.study import TUMOUR_CROPS_QUICK, TUMOUR_CROPS_SETTING, run_study, tumour_crops_spec
+    from tpp_monai.study import run_study, tumour_crops_setting, tumour_crops_spec
 
     try:
         pool = Path(build_upstream_pool()).resolve()
     except DemoDataError as e:
         print(f"error: could not build the upstream pool: {e}", file=sys.stderr)
         return 2
-    spec = tumour_crops_spec(ROOT, cache, pool, work, quick=a.quick)
+    ds = DATASETS[a.dataset]
+    spec = tumour_crops_spec(ROOT, cache, pool, work, quick=a.quick, task=ds["task"])
     t0 = time.time()
     results = run_study(spec)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     cmd = "python scripts/study.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
-    volumes = (TUMOUR_CROPS_QUICK if a.quick else TUMOUR_CROPS_SETTING).get("volumes")
-    title = (f"tumour-crop classification, {', '.join(volumes)} (pyradiomics masks)" if volumes
-             else DATASETS["tumour_crops"]["title"])
+    volumes = tumour_crops_setting(a.quick, ds["task"]).get("volumes")
+    what = "classification" if ds["task"] == "cls" else "segmentation"
+    title = f"tumour-crop {what}, {', '.join(volumes)} (pyradiomics masks)" if volumes else ds["title"]
     md = write_report(spec, results, out, title, cmd.strip(), commit,
                       (time.time() - t0) / 60, torch.get_num_threads())
     atomic_write(out / "results.json", json.dumps({"spec": spec.__dict__, "arms": results}, indent=1, default=str))

@@ -291,3 +291,33 @@ def test_write_volume_datalist_keeps_the_volumes_and_makes_paths_absolute(tmp_pa
     assert d["test"] == [{"image": "/abs/c.png", "label": 0, "volume": "brain2"}]
     with pytest.raises(ValueError, match="no training entry of the volumes"):
         write_volume_datalist(src, tmp_path / "x.json", ("breast1",))
+
+
+def test_tumour_crops_seg_setting_follows_its_protocol(tmp_path):
+    """Version 4 (docs/results/study_tumour_crops_seg_v4_mri/PROTOCOL.md): the brain-MRI crops' tumour masks, the
+    demo's segmentation bundle (MAE decoder trained in TPP), the paper's 1000 / 40 TPP epochs, counts 4, 1, 2, five
+    seeds, Dice then HD95; the same cached upstream backbone as version 3's classification study."""
+    from tpp_monai.study import tumour_crops_setting, tumour_crops_spec
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    entry = lambda v, i: {"image": f"crops/{v}_{i}.png", "label": f"crops/{v}_{i}_seg.png", "volume": v}  # noqa: E731
+    lists = {"training": [entry("lung2", 0)] + [entry("brain1", i) for i in range(7)],
+             "test": [entry("brain2", 0), entry("lung1", 0)]}
+    for name in ("datalist_tumour_crops.json", "datalist_tumour_crops_cls.json"):
+        (cache / name).write_text(json.dumps(lists))
+    seg = tumour_crops_spec(ROOT, cache, tmp_path / "pool", tmp_path / "work", task="seg")
+    cls = tumour_crops_spec(ROOT, cache, tmp_path / "pool", tmp_path / "work")
+    assert Path(seg.bundle) == ROOT / "bundles/demo_ct_adapter_tpp" and Path(cls.bundle).name == "mhist_adapter_tpp"
+    assert seg.metrics == ("dice", "hd95") and not seg.per_class and seg.counts == (4, 1, 2)
+    assert seg.seeds == (0, 1, 2, 3, 4) and seg.tpp_epochs == 1000 and seg.tpp_warmup_epochs == 40
+    assert seg.iterations == 300 and seg.lr == 1e-3 and seg.overrides["class_names"] == ["background", "tumour"]
+    assert seg.upstream_dir == cls.upstream_dir and seg.upstream_settings() == cls.upstream_settings()
+    d = json.loads(Path(seg.datalist).read_text())
+    assert {e["volume"] for e in d["training"]} == {"brain1"} and len(d["training"]) == 7
+    assert [e["volume"] for e in d["test"]] == ["brain2"]
+    tpp = json.loads((Path(seg.bundle) / "configs" / "tpp_pretrain.json").read_text())
+    assert tpp["decoder_mode"] == "inherit_trainable"  # the paper's segmentation TPP (Table 11)
+    assert tumour_crops_setting(True, "seg")["metrics"] == ("dice", "hd95")
+    with pytest.raises(ValueError, match="unknown tumour-crop task"):
+        tumour_crops_setting(task="det")

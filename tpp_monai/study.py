@@ -387,6 +387,32 @@ TUMOUR_CROPS_QUICK: dict[str, Any] = dict(
     TUMOUR_CROPS_SETTING, image_size=64, patch_size=16, depth=2, upstream_epochs=1, upstream_warmup_epochs=0,
     tpp_epochs=2, tpp_warmup_epochs=0, iterations=4, batch_size=4, val_every=2, counts=(1, 2), seeds=(0, 1),
     work="tumour_crops_quick")
+#: The segmentation counterpart of version 3 (version 4, fixed in
+#: docs/results/study_tumour_crops_seg_v4_mri/PROTOCOL.md before its run): the same upstream ViT-tiny and brain-MRI
+#: volumes, the tumour *masks* of the crops (``datalist_tumour_crops.json``: brain1's 7 tumour crops for training,
+#: brain2's for test), the demo's ViT + Adapter + UNETR-decoder segmentation bundle, TPP as the paper does it for
+#: segmentation (MAE decoder inherited and trained, 1000 epochs, 40 warm-up), fine-tuning 300 iterations on 4, 1
+#: or 2 labelled crops, five seeds.
+TUMOUR_CROPS_SEG: dict[str, Any] = dict(
+    TUMOUR_CROPS_SETTING, bundle="bundles/demo_ct_adapter_tpp", datalist_name="datalist_tumour_crops.json",
+    class_names=["background", "tumour"], metrics=("dice", "hd95"), per_class=False, tpp_epochs=1000,
+    tpp_warmup_epochs=40, work="tumour_crops_seg_v4_mri")
+TUMOUR_CROPS_SEG_QUICK: dict[str, Any] = dict(
+    TUMOUR_CROPS_QUICK, **{k: TUMOUR_CROPS_SEG[k] for k in ("bundle", "datalist_name", "class_names", "metrics",
+                                                             "per_class")}, work="tumour_crops_seg_quick")
+#: task -> (full setting, CI-sized setting) of the demo's and the study's tumour-crop studies
+TUMOUR_CROPS_TASKS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "cls": (TUMOUR_CROPS_SETTING, TUMOUR_CROPS_QUICK), "seg": (TUMOUR_CROPS_SEG, TUMOUR_CROPS_SEG_QUICK)}
+
+
+def tumour_crops_setting(quick: bool = False, task: str = "cls") -> dict[str, Any]:
+    """The tumour-crop setting of ``task`` (``cls``: :data:`TUMOUR_CROPS_SETTING`, ``seg``:
+    :data:`TUMOUR_CROPS_SEG`), or its CI-sized variant with ``quick``."""
+    if task not in TUMOUR_CROPS_TASKS:
+        raise ValueError(f"unknown tumour-crop task {task!r}; use one of {sorted(TUMOUR_CROPS_TASKS)}")
+    return TUMOUR_CROPS_TASKS[task][1 if quick else 0]
+
+
 #: the bundle that pre-trains the backbone upstream (it has pretrain_backbone.json)
 UPSTREAM_BUNDLE = "bundles/demo_ct_adapter_tpp"
 UPSTREAM_CACHE = Path(".tpp_cache/upstream")
@@ -406,10 +432,11 @@ def write_volume_datalist(datalist: str | os.PathLike, out: str | os.PathLike, v
 
 
 def tumour_crops_spec(root: str | os.PathLike, cache: str | os.PathLike, pool: str | os.PathLike,
-                      work: str | os.PathLike, quick: bool = False, **changes: Any) -> StudySpec:
-    """The :data:`TUMOUR_CROPS_SETTING` study spec (bundles under the repository ``root``); the upstream backbone is cached under
-    ``.tpp_cache/upstream/<model>-e<epochs>`` (shared by the demo, the study and scripts/build_upstream.py)."""
-    s = dict(TUMOUR_CROPS_QUICK if quick else TUMOUR_CROPS_SETTING, **changes)
+                      work: str | os.PathLike, quick: bool = False, task: str = "cls", **changes: Any) -> StudySpec:
+    """The study spec of :func:`tumour_crops_setting` (bundles under the repository ``root``); the upstream backbone
+    is cached under ``.tpp_cache/upstream/<model>-e<epochs>`` (shared by the demo, the studies and
+    scripts/build_upstream.py: every task's setting has the same upstream model)."""
+    s = dict(tumour_crops_setting(quick, task), **changes)
     datalist = Path(cache) / s["datalist_name"]
     if s.get("volumes"):  # the task restricted to some volumes (every split), written beside the runs
         datalist = write_volume_datalist(datalist, Path(work) / f"datalist_{'_'.join(s['volumes'])}.json",
