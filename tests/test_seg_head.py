@@ -39,7 +39,30 @@ def test_bad_size_and_patch():
     with pytest.raises(ValueError, match="divisible by 16"):
         seg.decoder(torch.randn(1, 3, 40, 40), [torch.randn(1, 5, 192)] * 4)
     with pytest.raises(ValueError, match="patch_size 16"):
-        UNETRDecoder2D(embed_dim=192, patch_size=8)
+        UNETRDecoder2D(embed_dim=192, patch_size=4)
+
+
+def test_patch_8_decoder_makes_one_upsampling_fewer_with_unetrs_skip_resolutions():
+    """8-px patches (DINO's /8 ViTs, the study's ViT-tiny at 64 px): grid H/8; the skips sit where UNETR's do
+    (H/2, H/4, H/8), the deepest stage fuses at H/8, every stage gets gradient, any multiple of 8 works."""
+    torch.manual_seed(0)
+    vit = build_vit("tiny", depth=4, img_size=32, in_chans=3, patch_size=8).eval()
+    seg = build_vit_segmenter(vit, num_classes=2, feature_size=8)
+    x = torch.randn(2, 3, 40, 56)
+    feats, grid = seg.features(x)
+    assert grid == (5, 7)
+    z = [tokens_to_map(t, grid) for t in feats]
+    dec = seg.decoder
+    assert dec.encoder2(z[0]).shape[-2:] == (20, 28) and dec.encoder3(z[1]).shape[-2:] == (10, 14)
+    assert dec.encoder4(z[2]).shape[-2:] == (5, 7) and dec.decoder5(z[3], dec.encoder4(z[2])).shape[-2:] == (5, 7)
+    out = seg(x)
+    assert out.shape == (2, 2, 40, 56)
+    out.square().mean().backward()
+    for name in ("encoder1", "encoder2", "encoder3", "encoder4", "decoder5", "decoder4", "decoder3", "decoder2"):
+        g = [q.grad for q in getattr(dec, name).parameters() if q.grad is not None]
+        assert g and sum(float(t.abs().sum()) for t in g) > 0, name
+    with pytest.raises(ValueError, match="divisible by 8"):
+        dec(torch.randn(1, 3, 36, 36), [torch.randn(1, 16, 192)] * 4)
 
 
 def test_tokens_to_map_skips_prefix_tokens():

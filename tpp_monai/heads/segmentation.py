@@ -21,7 +21,12 @@ layer l4   ``UnetrUpBlock`` x4      H/8 -> H, fused with the skips
 out        ``UnetOutBlock``         H,    num_classes logits
 =========  =======================  ==============================
 
-Any input whose sides are divisible by 16 works.  The decoder is a task head: it is never a
+Any input whose sides are divisible by 16 works.  **Patch size 8** (DINO's ViT-S/8 and ViT-B/8, or the demo's
+ViT-tiny at 64 px; MONAI ``UNETR`` supports only 16): the token grid is already H/8, so the decoder makes one x2
+upsampling fewer. The same blocks are used; the deepest stage fuses at H/8 instead of upsampling into it
+(``encoder4`` and ``decoder5`` with ``upsample_kernel_size=1``: a 1x1 transposed conv that projects without
+changing the resolution), and ``encoder2`` / ``encoder3`` have one x2 block fewer (H/8 -> H/2, H/4). Every other
+stage, width and skip is UNETR's; inputs must be divisible by 8.  The decoder is a task head: it is never a
 target parameter, starts random and always trains.  Loss: ``monai.losses.DiceCELoss(
 to_onehot_y=True, softmax=True)`` on the logits with integer label maps of shape (B, 1, H, W).
 
@@ -76,7 +81,7 @@ class UNETRDecoder2D(nn.Module):
         num_classes: output channels (background included).
         layers: the four 1-based ViT layers to read, shallow to deep (default (4, 7, 10, 12), MONAI UNETR).
         feature_size: UNETR base width F (MONAI default 16).
-        patch_size: must be 16 (four x2 upsamplings).
+        patch_size: 16 (MONAI UNETR: four x2 upsamplings) or 8 (three; the deepest stage fuses without one).
         norm_name: MONAI norm for the conv blocks ("instance", "batch", ...).
         res_block: residual conv blocks, as in MONAI UNETR.
     """
@@ -93,23 +98,25 @@ class UNETRDecoder2D(nn.Module):
         res_block: bool = True,
     ) -> None:
         super().__init__()
-        if patch_size != 16:
-            raise ValueError(f"UNETRDecoder2D needs patch_size 16 (four x2 upsamplings), got {patch_size}")
+        if patch_size not in (8, 16):
+            raise ValueError(f"UNETRDecoder2D needs patch_size 16 (MONAI UNETR) or 8, got {patch_size}")
         if len(layers) != 4:
             raise ValueError(f"UNETRDecoder2D reads exactly 4 hidden states, got layers={tuple(layers)}")
         self.layers = tuple(int(i) for i in layers)
         self.patch_size = patch_size
         self.num_classes = num_classes
         f, d, sd = feature_size, embed_dim, 2
+        fewer = 1 if patch_size == 8 else 0  # x2 upsamplings the skips and the deepest stage do without
+        deep_up = 1 if patch_size == 8 else 2  # the deepest stage: fuse at H/8 (1) or upsample H/16 -> H/8 (2)
         self.encoder1 = UnetrBasicBlock(sd, in_channels, f, kernel_size=3, stride=1, norm_name=norm_name,
                                         res_block=res_block)
-        self.encoder2 = UnetrPrUpBlock(sd, d, f * 2, num_layer=2, kernel_size=3, stride=1, upsample_kernel_size=2,
+        self.encoder2 = UnetrPrUpBlock(sd, d, f * 2, num_layer=2 - fewer, kernel_size=3, stride=1, upsample_kernel_size=2,
                                        norm_name=norm_name, conv_block=True, res_block=res_block)
-        self.encoder3 = UnetrPrUpBlock(sd, d, f * 4, num_layer=1, kernel_size=3, stride=1, upsample_kernel_size=2,
+        self.encoder3 = UnetrPrUpBlock(sd, d, f * 4, num_layer=1 - fewer, kernel_size=3, stride=1, upsample_kernel_size=2,
                                        norm_name=norm_name, conv_block=True, res_block=res_block)
-        self.encoder4 = UnetrPrUpBlock(sd, d, f * 8, num_layer=0, kernel_size=3, stride=1, upsample_kernel_size=2,
+        self.encoder4 = UnetrPrUpBlock(sd, d, f * 8, num_layer=0, kernel_size=3, stride=1, upsample_kernel_size=deep_up,
                                        norm_name=norm_name, conv_block=True, res_block=res_block)
-        self.decoder5 = UnetrUpBlock(sd, d, f * 8, kernel_size=3, upsample_kernel_size=2, norm_name=norm_name,
+        self.decoder5 = UnetrUpBlock(sd, d, f * 8, kernel_size=3, upsample_kernel_size=deep_up, norm_name=norm_name,
                                      res_block=res_block)
         self.decoder4 = UnetrUpBlock(sd, f * 8, f * 4, kernel_size=3, upsample_kernel_size=2, norm_name=norm_name,
                                      res_block=res_block)
