@@ -196,7 +196,7 @@ def test_plan_train_tpp_predict(demo_raw, nnunet_fold, tmp_path):
     assert not rep["learned"] and "too few steps" in rep["warnings"][0]  # _debug: 4 steps, honestly reported
     assert "TPP report: loss" in log
     print("nnU-Net _debug TPP report:", {k: rep[k] for k in ("steps", "lr_sum", "loss_start", "loss_end")},
-          {k: round(v["rel_change"], 6) for k, v in rep["targets"].items()})
+          {k: f"{v['rel_change']:.3g}" for k, v in rep["targets"].items()})
     # fine-tuning variant: its own results folder; reuses the TPP-only twin's file instead of redoing TPP
     log = f["ft_log"]
     assert "loaded" in log and "skipped 10 (seg_outputs)" in log
