@@ -106,8 +106,8 @@ class UNETRDecoder2D(nn.Module):
         self.patch_size = patch_size
         self.num_classes = num_classes
         f, d, sd = feature_size, embed_dim, 2
-        fewer = 1 if patch_size == 8 else 0  # x2 upsamplings the skips and the deepest stage do without
-        deep_up = 1 if patch_size == 8 else 2  # the deepest stage: fuse at H/8 (1) or upsample H/16 -> H/8 (2)
+        fewer = 16 // patch_size - 1  # x2 upsamplings that the skips and the deepest stage go without (8 px: 1)
+        deep_up = 2 - fewer  # the deepest stage's upsampling: H/16 -> H/8 (2), or fusing at H/8 (1)
         self.encoder1 = UnetrBasicBlock(sd, in_channels, f, kernel_size=3, stride=1, norm_name=norm_name,
                                         res_block=res_block)
         self.encoder2 = UnetrPrUpBlock(sd, d, f * 2, num_layer=2 - fewer, kernel_size=3, stride=1, upsample_kernel_size=2,
